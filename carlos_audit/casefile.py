@@ -1,0 +1,239 @@
+"""Case files: one TOML file describes a case completely.
+
+``load_case(path)`` parses and validates it into a frozen ``Case``. Every error names the file,
+the key, what is wrong and what is allowed; unknown keys are rejected.
+
+Paths inside a case file (LoRA, base model folder or file, prompt file, corpus) are relative to
+the case file's folder; ``${CARLOS_AUDIT_HOME}`` expands to the tool's cache folder (where
+``carlos-audit demo`` writes its demo LoRAs). ``[output] dir`` is relative to the current folder
+and must stay inside ``reports/``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AuditError
+
+CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+TRIGGER_POLICIES = ("both", "lora_only", "none")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+_STR, _INT, _FLOAT, _BOOL, _STRLIST, _FLOATLIST, _SEEDS = "string", "integer", "number", "boolean", "list of strings", "list of numbers", "seeds"
+
+# section -> key -> (type, required, default)
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "case": {
+        "id": (_STR, True, None),
+        "title": (_STR, True, None),
+        "examiner": (_STR, True, None),
+        "question": (_STR, True, None),
+        "exhibit": (_STR, False, "Exhibit 1"),
+    },
+    "base_model": {
+        "source": (_STR, True, None),
+        "sha256": (_STR, False, None),
+        "dtype": (_STR, False, "auto"),
+        "device": (_STR, False, "auto"),
+    },
+    "embedder": {
+        "model": (_STR, True, None),
+        "pretrained": (_STR, False, None),
+        "sha256": (_STR, False, None),
+    },
+    "lora": {
+        "path": (_STR, True, None),
+        "sha256": (_STR, False, None),
+        "scale": (_FLOAT, False, 1.0),
+        "trigger_words": (_STRLIST, False, []),
+        "trigger_policy": (_STR, False, "both"),
+    },
+    "protocol": {
+        "prompts": (_STR, True, None),
+        "seeds": (_SEEDS, True, None),
+        "steps": (_INT, False, 25),
+        "guidance_scale": (_FLOAT, False, 5.0),
+        "width": (_INT, False, 512),
+        "height": (_INT, False, 512),
+        "scheduler": (_STR, False, ""),
+        "negative_prompt": (_STR, False, ""),
+        "batch_size": (_INT, False, 1),
+        "bootstrap_resamples": (_INT, False, 1000),
+        "bootstrap_seed": (_INT, False, 0),
+    },
+    "output": {
+        "dir": (_STR, False, None),
+    },
+    "reference": {
+        "corpus": (_STR, False, None),
+        "allow_incompatible": (_BOOL, False, False),
+        "top_k": (_INT, False, 10),
+    },
+}
+REQUIRED_SECTIONS = ("case", "base_model", "embedder", "lora", "protocol")
+
+
+@dataclass(frozen=True)
+class Case:
+    path: Path  # the case file
+    case: dict
+    base_model: dict
+    embedder: dict
+    lora: dict
+    protocol: dict
+    output: dict
+    reference: dict
+    raw_text: str = field(repr=False, default="")
+
+    @property
+    def id(self) -> str:
+        return self.case["id"]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def _type_ok(kind: str, v) -> bool:
+    if kind == _STR:
+        return isinstance(v, str)
+    if kind == _INT:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == _FLOAT:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == _BOOL:
+        return isinstance(v, bool)
+    if kind == _STRLIST:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if kind == _FLOATLIST:
+        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    if kind == _SEEDS:
+        if isinstance(v, list):
+            return bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+        return isinstance(v, dict)
+    raise AssertionError(kind)
+
+
+def expand_path(value: str, base_dir: Path) -> Path:
+    from .models.tiny import carlos_home
+
+    value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def parse_case(text: str, path: Path) -> Case:
+    where = str(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AuditError(f"{where}: malformed TOML: {e}") from None
+    for section in data:
+        if section not in SCHEMA:
+            raise AuditError(f"{where}: unknown section [{section}]; allowed: " + ", ".join(f"[{s}]" for s in SCHEMA))
+        if not isinstance(data[section], dict):
+            raise AuditError(f"{where}: {section} must be a table [{section}]")
+    out: dict[str, dict] = {}
+    for section, keys in SCHEMA.items():
+        given = data.get(section)
+        if given is None and section in REQUIRED_SECTIONS:
+            raise AuditError(f"{where}: missing section [{section}]")
+        given = given or {}
+        for k in given:
+            if k not in keys:
+                raise AuditError(f"{where}: unknown key {section}.{k}; allowed: {', '.join(keys)}")
+        vals = {}
+        for k, (kind, required, default) in keys.items():
+            if k not in given:
+                if required:
+                    raise AuditError(f"{where}: missing required key {section}.{k} ({kind})")
+                vals[k] = list(default) if isinstance(default, list) else default
+                continue
+            v = given[k]
+            if not _type_ok(kind, v):
+                what = "a non-empty list of non-negative integers or {count = N, start = S}" if kind == _SEEDS else f"a {kind}"
+                raise AuditError(f"{where}: {section}.{k} must be {what}, got {type(v).__name__} {v!r}"[:300])
+            vals[k] = float(v) if kind == _FLOAT else v
+        out[section] = vals
+    _check_values(out, where)
+    return Case(path=path, raw_text=text, **out)
+
+
+def _check_values(c: dict, where: str) -> None:
+    from .protocol import resolve_seeds
+
+    if not CASE_ID_RE.match(c["case"]["id"]):
+        raise AuditError(
+            f"{where}: case.id {c['case']['id']!r} is not allowed; use letters, digits, '.', '_' or '-' "
+            "(first a letter or digit, at most 100 characters)"
+        )
+    if c["lora"]["trigger_policy"] not in TRIGGER_POLICIES:
+        raise AuditError(f"{where}: lora.trigger_policy {c['lora']['trigger_policy']!r}; allowed: {', '.join(TRIGGER_POLICIES)}")
+    if c["base_model"]["dtype"] not in DTYPES:
+        raise AuditError(f"{where}: base_model.dtype {c['base_model']['dtype']!r}; allowed: {', '.join(DTYPES)}")
+    dev = c["base_model"]["device"]
+    if not (dev in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", dev)):
+        raise AuditError(f"{where}: base_model.device {dev!r}; allowed: auto, cpu, cuda, cuda:N")
+    for sec in ("base_model", "embedder", "lora"):
+        h = c[sec].get("sha256")
+        if h is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", h):
+            raise AuditError(f"{where}: {sec}.sha256 must be 64 hex characters")
+    p = c["protocol"]
+    try:
+        seeds = resolve_seeds(p["seeds"])
+    except AuditError as e:
+        raise AuditError(f"{where}: {e}") from None
+    if isinstance(p["seeds"], dict) and set(p["seeds"]) - {"count", "start"}:
+        raise AuditError(f"{where}: protocol.seeds table allows only count and start")
+    if len(set(seeds)) != len(seeds):
+        raise AuditError(f"{where}: protocol.seeds has duplicates")
+    p["seeds"] = seeds
+    for k, lo in (("steps", 1), ("width", 8), ("height", 8), ("batch_size", 1), ("bootstrap_resamples", 100), ("bootstrap_seed", 0)):
+        if p[k] < lo:
+            raise AuditError(f"{where}: protocol.{k} must be >= {lo}")
+    for k in ("width", "height"):
+        if p[k] % 8:
+            raise AuditError(f"{where}: protocol.{k} must be a multiple of 8")
+    if c["lora"]["scale"] < 0:
+        raise AuditError(f"{where}: lora.scale must be >= 0")
+    if c["reference"]["top_k"] < 1:
+        raise AuditError(f"{where}: reference.top_k must be >= 1")
+
+
+def load_case(path: str | Path) -> Case:
+    path = Path(path)
+    if not path.exists():
+        raise AuditError(f"case file not found: {path}")
+    if not path.is_file():
+        raise AuditError(f"case file {path} is not a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise AuditError(f"{path}: not UTF-8 text") from None
+    return parse_case(text, path.resolve())
+
+
+def output_dir(case: Case, out: str | None = None, reports_root: Path | None = None) -> Path:
+    """Where the case's results go. ``--out`` is the user's own choice and may be anywhere;
+    a case id or ``[output] dir`` must stay inside the reports folder (no '..', absolute paths
+    or symlinks out)."""
+    if out is not None:
+        return Path(out).expanduser().resolve()
+    root = (reports_root or Path.cwd() / "reports")
+    rel = case.output.get("dir") or f"reports/{case.id}"
+    rp = Path(rel)
+    if rp.is_absolute() or ".." in rp.parts:
+        raise AuditError(f"{case.path}: output.dir {rel!r} must be a relative path inside reports/ (no '..', not absolute)")
+    if rp.parts[:1] == ("reports",):
+        rp = Path(*rp.parts[1:]) if len(rp.parts) > 1 else Path(case.id)
+    candidate = root / rp
+    root_real = root.resolve()
+    real = candidate.resolve()
+    if real != root_real and root_real not in real.parents:
+        raise AuditError(f"{case.path}: output.dir {rel!r} escapes the reports folder (through a symlink)")
+    if real == root_real:
+        raise AuditError(f"{case.path}: output.dir must name a folder inside reports/, not reports/ itself")
+    return real

@@ -1,0 +1,160 @@
+"""The CARLoS representation of a LoRA, and its uncertainty.
+
+For pairs i = 1..n with raw CLIP image features, d_i = f(LoRA image_i) - f(base image_i):
+
+    Direction   D = (1/n) sum_i d_i
+    Strength    S = (1/n) sum_i ||d_i||_2
+    Consistency C = mean over i<j of cos(d_i, d_j)
+
+C is computed without the n x n matrix: with u_i = d_i/||d_i|| (u_i = 0 when d_i = 0, the
+convention of sklearn's cosine_similarity that the CARLoS reference code uses),
+
+    sum_{i<j} u_i.u_j = (||sum_i u_i||^2 - sum_i ||u_i||^2) / 2,   C = that / (n(n-1)/2).
+
+When every d_i is zero (e.g. LoRA scale 0) the directions are undefined: C is null, with the
+reason, never NaN. Confidence intervals: cluster bootstrap over prompts (prompts are resampled
+with replacement, each bringing all its seeds), percentile 95% interval, recorded seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCHEMA = "carlos-audit/metrics/1"
+
+
+def diffs(lora: np.ndarray, base: np.ndarray) -> np.ndarray:
+    return lora.astype(np.float64) - base.astype(np.float64)
+
+
+def _unit(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    norms = np.linalg.norm(d, axis=1)
+    u = np.zeros_like(d)
+    nz = norms > 0
+    u[nz] = d[nz] / norms[nz, None]
+    return u, norms
+
+
+def consistency(d: np.ndarray) -> float | None:
+    n = d.shape[0]
+    u, norms = _unit(d)
+    if n < 2 or not (norms > 0).any():
+        return None
+    s = u.sum(axis=0)
+    total = (float(s @ s) - float((norms > 0).sum())) / 2.0
+    return total / (n * (n - 1) / 2.0)
+
+
+def consistency_explicit(d: np.ndarray) -> float:
+    """The explicit upper-triangle mean (O(n^2) memory): for tests and small checks only."""
+    u, _ = _unit(d)
+    m = u @ u.T
+    iu = np.triu_indices(d.shape[0], k=1)
+    return float(m[iu].mean())
+
+
+def strength(d: np.ndarray) -> float:
+    return float(np.linalg.norm(d, axis=1).mean())
+
+
+def direction(d: np.ndarray) -> np.ndarray:
+    return d.mean(axis=0)
+
+
+def _consistency_note(d: np.ndarray) -> str | None:
+    if d.shape[0] < 2:
+        return "fewer than two pairs: no pairwise cosine exists"
+    if not (np.linalg.norm(d, axis=1) > 0).any():
+        return "every diff is exactly zero (no measurable effect), so directions and their cosines are undefined"
+    return None
+
+
+def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """Cluster bootstrap over groups (prompts). Uses per-group sufficient statistics, so each
+    resample costs O(groups x dim), whatever the number of pairs."""
+    u, norms = _unit(d)
+    labels, inv = np.unique(groups, return_inverse=True)
+    g = len(labels)
+    S = np.zeros((g, d.shape[1]))
+    np.add.at(S, inv, u)
+    cnt = np.bincount(inv, minlength=g).astype(float)
+    nz = np.bincount(inv, weights=(norms > 0).astype(float), minlength=g)
+    nsum = np.bincount(inv, weights=norms, minlength=g)
+    rng = np.random.default_rng(seed)
+    W = np.zeros((n_resamples, g))
+    picks = rng.integers(0, g, size=(n_resamples, g))
+    for r in range(n_resamples):
+        W[r] = np.bincount(picks[r], minlength=g)
+    n = W @ cnt
+    strengths = (W @ nsum) / n
+    out = {"strength": _interval(strengths)}
+    if (norms > 0).any() and d.shape[0] >= 2:
+        ssum = W @ S
+        # Within a resample a pair drawn twice meets itself: u.u = 1 counts as a pair (i<j over
+        # the resampled list), the usual bootstrap convention.
+        sq = np.einsum("ij,ij->i", ssum, ssum)
+        cons = (sq - W @ nz) / (n * (n - 1))
+        out["consistency"] = _interval(cons)
+    else:
+        out["consistency"] = None
+    return out
+
+
+def _interval(x: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_resamples: int = 1000,
+                    seed: int = 0, extra: dict | None = None) -> dict:
+    """Metrics for one LoRA from stored features. ``pairs`` rows carry pair_id, prompt_id,
+    category and seed, in the same order as the feature rows."""
+    d = diffs(lora, base)
+    prompts = np.array([p["prompt_id"] for p in pairs])
+    cats = [p["category"] for p in pairs]
+    norms = np.linalg.norm(d, axis=1)
+    cons = consistency(d)
+    ci = bootstrap(d, prompts, n_resamples, seed)
+    per_category = {}
+    for cat in dict.fromkeys(cats):
+        idx = np.array([i for i, c in enumerate(cats) if c == cat])
+        dc = d[idx]
+        per_category[cat] = {
+            "n_pairs": int(len(idx)),
+            "n_prompts": int(len(set(prompts[idx]))),
+            "strength": strength(dc),
+            "consistency": consistency(dc),
+        }
+    per_prompt = {}
+    for pid in dict.fromkeys(prompts.tolist()):
+        idx = prompts == pid
+        per_prompt[pid] = {"strength": float(norms[idx].mean()), "consistency": consistency(d[idx])}
+    result = {
+        "schema": SCHEMA,
+        "n_pairs": int(d.shape[0]),
+        "n_prompts": int(len(set(prompts.tolist()))),
+        "n_seeds": int(len({p["seed"] for p in pairs})),
+        "feature_dim": int(d.shape[1]),
+        "direction": [float(x) for x in direction(d)],
+        "strength": strength(d),
+        "consistency": cons,
+        "consistency_note": _consistency_note(d),
+        "ci": {
+            "level": 0.95,
+            "method": "cluster bootstrap over prompts, percentile interval",
+            "n_resamples": int(n_resamples),
+            "seed": int(seed),
+            "strength": ci["strength"],
+            "consistency": ci["consistency"],
+        },
+        "per_category": per_category,
+        "per_prompt": per_prompt,
+        "per_pair": [
+            {"pair_id": p["pair_id"], "prompt_id": p["prompt_id"], "category": p["category"],
+             "seed": p["seed"], "diff_norm": float(norms[i])}
+            for i, p in enumerate(pairs)
+        ],
+    }
+    if extra:
+        result.update(extra)
+    return result

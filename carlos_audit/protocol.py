@@ -1,0 +1,165 @@
+"""Prompt suites, seeds and the ordered list of pairs a profile generates.
+
+A *prompt suite* is an ordered list of ``Prompt`` (id, category, subcategory, text).
+A *pair* is one (prompt, seed): it yields one image per arm (base, LoRA) from the
+same initial noise. Pairs are enumerated prompt-major (all seeds of prompt 1, then
+prompt 2, ...) and cut into consecutive batches of ``batch_size``; that layout is
+part of the protocol because batching changes low bits of the images.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import AuditError
+from .hashing import sha256_json
+
+BUILTIN_SUITES = ("standard", "demo")
+
+#: prompts_sha256 of the upstream CARLoS indexing set (carlos_prompts.json, ``indexing``),
+#: as computed by :func:`prompts_sha256`; a test checks it against ../shared/ when present.
+CARLOS_INDEXING_SHA256 = "9fa955a5dadedf8a4d68e43bd05519c8bc839da2b5b524455260255cb7bca228"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    subcategory: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: Prompt
+    seed: int
+    batch: int  # index of the batch this pair is generated in
+    position: int  # position inside that batch
+
+    @property
+    def id(self) -> str:
+        return f"{self.prompt.id}_s{self.seed}"
+
+
+def _from_nested(data, origin: str) -> list[Prompt]:
+    """{category: {subcategory: [prompt, ...]}} -> prompts, ids p001.. in file order."""
+    if not isinstance(data, dict) or not data:
+        raise AuditError(f"{origin}: expected {{category: {{subcategory: [prompts]}}}}")
+    out: list[Prompt] = []
+    for cat, subs in data.items():
+        if isinstance(subs, list):  # {category: [prompts]} is accepted too
+            subs = {cat: subs}
+        if not isinstance(subs, dict):
+            raise AuditError(f"{origin}: category {cat!r} must map subcategories to lists of prompts")
+        for sub, texts in subs.items():
+            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise AuditError(f"{origin}: {cat}/{sub} must be a list of non-empty strings")
+            for t in texts:
+                out.append(Prompt("", str(cat), str(sub), t.strip()))
+    return _number(out)
+
+
+def _number(prompts: list[Prompt]) -> list[Prompt]:
+    width = max(3, len(str(len(prompts))))
+    return [Prompt(f"p{i + 1:0{width}d}", p.category, p.subcategory, p.text) for i, p in enumerate(prompts)]
+
+
+def load_prompts(spec: str, base_dir: Path | None = None) -> tuple[list[Prompt], dict]:
+    """Load a prompt suite from ``builtin:NAME`` or a .txt/.json/.toml file.
+
+    Returns the prompts and a description of the source (kind, name or path, sha256 of the
+    file when it is one). A CARLoS-style JSON with an ``indexing`` key selects that set.
+    """
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN_SUITES:
+            raise AuditError(
+                f"unknown builtin prompt suite {name!r}; allowed: "
+                + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES)
+            )
+        text = resources.files("carlos_audit").joinpath(f"prompts/{name}.json").read_text("utf-8")
+        prompts = _from_nested(json.loads(text), spec)
+        return prompts, {"kind": "builtin", "name": spec}
+    path = Path(spec)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if not path.is_file():
+        raise AuditError(f"prompt file not found: {path}")
+    raw = path.read_bytes()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            lines = [ln.strip() for ln in raw.decode("utf-8").splitlines()]
+            texts = [ln for ln in lines if ln and not ln.startswith("#")]
+            if not texts:
+                raise AuditError(f"{path}: no prompts (one prompt per line, # for comments)")
+            prompts = _number([Prompt("", "default", "default", t) for t in texts])
+        elif suffix == ".json":
+            data = json.loads(raw.decode("utf-8"))
+            if isinstance(data, dict) and "indexing" in data:
+                data = data["indexing"]
+            if isinstance(data, list):
+                data = {"default": {"default": data}}
+            prompts = _from_nested(data, str(path))
+        elif suffix == ".toml":
+            data = tomllib.loads(raw.decode("utf-8"))
+            if "indexing" in data:
+                data = data["indexing"]
+            prompts = _from_nested(data, str(path))
+        else:
+            raise AuditError(f"{path}: prompt files must be .txt, .json or .toml")
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise AuditError(f"{path}: cannot parse prompt file ({type(e).__name__}: {e})") from None
+    from .hashing import sha256_bytes
+
+    return prompts, {"kind": "file", "path": str(path), "sha256": sha256_bytes(raw)}
+
+
+def load_prompt_set(path: str | Path, which: str) -> list[Prompt]:
+    """Load the ``indexing`` or ``retrieval`` set of a CARLoS-style prompts JSON."""
+    data = json.loads(Path(path).read_text("utf-8"))
+    if which not in data:
+        raise AuditError(f"{path}: has no {which!r} prompt set")
+    return _from_nested(data[which], f"{path}:{which}")
+
+
+def prompts_sha256(prompts: list[Prompt]) -> str:
+    """Hash of the protocol's prompts: ordered (category, subcategory, text) triples."""
+    return sha256_json([[p.category, p.subcategory, p.text] for p in prompts])
+
+
+def resolve_seeds(spec) -> list[int]:
+    """A list of ints, or {count = N, start = S}."""
+    if isinstance(spec, dict):
+        count, start = spec.get("count"), spec.get("start", 0)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise AuditError("protocol.seeds.count must be a positive integer")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise AuditError("protocol.seeds.start must be a non-negative integer")
+        return list(range(start, start + count))
+    return list(spec)
+
+
+def enumerate_pairs(prompts: list[Prompt], seeds: list[int], batch_size: int) -> list[Pair]:
+    pairs = []
+    for i, (p, s) in enumerate((p, s) for p in prompts for s in seeds):
+        pairs.append(Pair(p, s, i // batch_size, i % batch_size))
+    return pairs
+
+
+def batches(pairs: list[Pair]) -> list[list[Pair]]:
+    out: dict[int, list[Pair]] = {}
+    for pr in pairs:
+        out.setdefault(pr.batch, []).append(pr)
+    return [out[k] for k in sorted(out)]
+
+
+def categories(prompts: list[Prompt]) -> list[str]:
+    seen: dict[str, None] = {}
+    for p in prompts:
+        seen.setdefault(p.category, None)
+    return list(seen)

@@ -1,0 +1,134 @@
+"""The case folder on disk, and the base-image cache shared across cases.
+
+Layout (see docs/ARCHITECTURE.md):
+
+    case.toml  run.json  manifest.json  metrics.json  report.pdf
+    images/<arm>/<pair>.png       embeddings/<arm>/<pair>.npy
+    units/<arm>/b<batch>.json     one record per finished (arm, batch): the resume points
+
+A unit record is written last, atomically, after its images and embeddings: a unit with a
+record is complete and is never generated again; a unit without one is regenerated whole
+(the batch layout fixes its bytes, so a half-written unit is simply overwritten identically).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import read_json, write_bytes_atomic, write_json_atomic
+from .hashing import sha256_bytes, sha256_file
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npy_bytes(vec: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vec, dtype="<f4"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+class CaseStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # paths -------------------------------------------------------------
+    def image_rel(self, arm: str, pair_id: str) -> str:
+        return f"images/{arm}/{pair_id}.png"
+
+    def embedding_rel(self, arm: str, pair_id: str) -> str:
+        return f"embeddings/{arm}/{pair_id}.npy"
+
+    def unit_path(self, arm: str, batch: int) -> Path:
+        return self.root / "units" / arm / f"b{batch:05d}.json"
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    # units -------------------------------------------------------------
+    def unit_done(self, arm: str, batch: int) -> dict | None:
+        p = self.unit_path(arm, batch)
+        return read_json(p) if p.is_file() else None
+
+    def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str) -> dict:
+        entries = []
+        for im, f, pid, prompt, seed in zip(images, features, pair_ids, prompts_sent, seeds):
+            data = im if isinstance(im, bytes) else png_bytes(im)
+            irel, erel = self.image_rel(arm, pid), self.embedding_rel(arm, pid)
+            write_bytes_atomic(self.path(irel), data)
+            emb = npy_bytes(f)
+            write_bytes_atomic(self.path(erel), emb)
+            entries.append({
+                "pair_id": pid, "prompt": prompt, "seed": int(seed),
+                "image": irel, "image_sha256": sha256_bytes(data),
+                "embedding": erel, "embedding_sha256": sha256_bytes(emb),
+            })
+        record = {"arm": arm, "batch": batch, "source": source, "pairs": entries}
+        write_json_atomic(self.unit_path(arm, batch), record)
+        return record
+
+    def features(self, arm: str, pair_ids) -> np.ndarray:
+        return np.stack([load_npy(self.path(self.embedding_rel(arm, p))) for p in pair_ids])
+
+
+class BaseImageCache:
+    """Base-arm images keyed by (base model hash, environment, generation parameters, batch
+    layout with the prompt text and seed of every image). Reused across cases and LoRAs."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _dir(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str, n: int) -> list[bytes] | None:
+        d = self._dir(key)
+        idx = d / "index.json"
+        if not idx.is_file():
+            return None
+        index = read_json(idx)
+        if len(index.get("images", [])) != n:
+            return None
+        out = []
+        for i, digest in enumerate(index["images"]):
+            p = d / f"{i}.png"
+            if not p.is_file():
+                return None
+            data = p.read_bytes()
+            if sha256_bytes(data) != digest:  # a damaged cache entry is never used
+                shutil.rmtree(d, ignore_errors=True)
+                return None
+            out.append(data)
+        return out
+
+    def put(self, key: str, images_png: list[bytes], description: dict) -> None:
+        d = self._dir(key)
+        for i, data in enumerate(images_png):
+            write_bytes_atomic(d / f"{i}.png", data)
+        write_json_atomic(d / "index.json", {"key": description, "images": [sha256_bytes(b) for b in images_png]})
+
+
+def hash_inputs(inputs: list[dict]) -> list[dict]:
+    """Add size and sha256 to each {role, path} entry (folders get a tree hash)."""
+    from .models.tiny import tree_sha256
+
+    out = []
+    for e in inputs:
+        p = Path(e["path"])
+        if p.is_dir():
+            out.append({**e, "kind": "folder", "size": sum(f.stat().st_size for f in p.rglob("*") if f.is_file()),
+                        "sha256": tree_sha256(p)})
+        else:
+            out.append({**e, "kind": "file", "size": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
