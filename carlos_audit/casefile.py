@@ -182,6 +182,7 @@ def _check_values(c: dict, where: str) -> None:
         if h is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", h):
             raise AuditError(f"{where}: {sec}.sha256 must be 64 hex characters")
     p = c["protocol"]
+    _check_prompts_spec(p["prompts"], Path(where).parent, where)
     try:
         seeds = resolve_seeds(p["seeds"])
     except AuditError as e:
@@ -201,6 +202,21 @@ def _check_values(c: dict, where: str) -> None:
         raise AuditError(f"{where}: lora.scale must be >= 0")
     if c["reference"]["top_k"] < 1:
         raise AuditError(f"{where}: reference.top_k must be >= 1")
+
+
+def _check_prompts_spec(spec: str, base_dir: Path, where: str) -> None:
+    from .protocol import BUILTIN_SUITES
+
+    if spec.startswith("builtin:"):
+        if spec.split(":", 1)[1] not in BUILTIN_SUITES:
+            raise AuditError(f"{where}: protocol.prompts {spec!r} is not a prompt set; allowed: "
+                             + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES) + ", or a .txt/.json/.toml file")
+        return
+    path = expand_path(spec, base_dir)
+    if not path.is_file():
+        raise AuditError(f"{where}: protocol.prompts file {path} does not exist")
+    if path.suffix.lower() not in (".txt", ".json", ".toml"):
+        raise AuditError(f"{where}: protocol.prompts must be builtin:NAME or a .txt/.json/.toml file, got {path.name}")
 
 
 def load_case(path: str | Path) -> Case:

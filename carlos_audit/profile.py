@@ -147,10 +147,16 @@ def _utc_now() -> str:
 
 def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: bool) -> dict:
     """Load through diffusers' load_lora_weights and check every module in the file was applied."""
+    import diffusers.utils.logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected; we check coverage ourselves
     try:
         pipe.load_lora_weights(str(path), adapter_name=adapter)
     except Exception as e:
         raise AuditError(f"LoRA {path.name} could not be loaded into the base model: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        dlog.set_verbosity(level)
     applied = applied_modules(pipe, adapter)
     in_file = {m["name"] for m in inspection.get("modules", [])}
     missing = sorted(in_file - applied) if in_file and all("." in n for n in in_file) else []

@@ -1,0 +1,116 @@
+"""Shared fixtures: the embedded tiny models and one demo case run, built once per session.
+
+Everything runs on the CPU with the tiny models built from code. ``CARLOS_AUDIT_HOME`` points at
+a per-session folder, so tests never touch the user's cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def pytest_configure(config):
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def carlos_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("carlos_home")
+    os.environ["CARLOS_AUDIT_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def demo_assets(carlos_home) -> dict:
+    from carlos_audit.demo import prepare_demo
+
+    return prepare_demo()
+
+
+@pytest.fixture(scope="session")
+def demo_case_dir(demo_assets, tmp_path_factory) -> Path:
+    """The committed demo case, run once (profile + everything run_full writes)."""
+    from carlos_audit.casefile import load_case
+    from carlos_audit.pipeline import run_full
+
+    out = tmp_path_factory.mktemp("cases") / "demo"
+    run_full(load_case(REPO / "casefiles" / "demo.toml"), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not (SHARED / "reference").is_dir():
+        pytest.skip(f"shared reference data not present at {SHARED}")
+    return SHARED
+
+
+def write_case(tmp_path: Path, demo_assets: dict, *, lora: str = "target", case_id: str = "t", prompts="builtin:demo",
+               seeds="{ count = 2, start = 0 }", scale: float = 1.0, batch_size: int = 4, steps: int = 4,
+               extra: str = "", trigger_policy: str = "both", trigger_words='["tgtstyle"]') -> Path:
+    """A small case file for tests, against the tiny models and a demo LoRA."""
+    lora_path = demo_assets["loras"].get(lora, lora)
+    text = f'''
+[case]
+id = "{case_id}"
+title = "test case"
+examiner = "pytest"
+question = "test"
+
+[base_model]
+source = "embedded:tiny-sd"
+dtype = "float32"
+device = "cpu"
+
+[embedder]
+model = "embedded:tiny-clip"
+
+[lora]
+path = "{lora_path}"
+scale = {scale}
+trigger_words = {trigger_words}
+trigger_policy = "{trigger_policy}"
+
+[protocol]
+prompts = "{prompts}"
+seeds = {seeds}
+steps = {steps}
+guidance_scale = 5.0
+width = 64
+height = 64
+scheduler = "DDIMScheduler"
+batch_size = {batch_size}
+bootstrap_resamples = 200
+{extra}
+'''
+    p = tmp_path / f"{case_id}.toml"
+    p.write_text(text)
+    return p
+
+
+def copy_case(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
