@@ -1,0 +1,153 @@
+"""Generation-free head-to-head of two LoRA files: how alike are their weight changes?
+
+Each LoRA module changes one layer's weight by
+
+    dW = s * U @ D,    s = alpha / rank (alpha absent or 0 -> alpha = rank, s = 1)
+
+with ``U`` the up factor (out x r) and ``D`` the down factor (r x in). peft/diffusers files
+call them ``lora_B`` (up) and ``lora_A`` (down) and store alpha in diffusers'
+``lora_adapter_metadata``; kohya files store it as a ``.alpha`` tensor. Conv LoRAs are
+flattened: down ``(r, in, kh, kw) -> (r, in*kh*kw)``, up ``(out, r, 1, 1) -> (out, r)``;
+LyCORIS ``lora_mid`` (tucker) factors are folded into an effective down factor, and LoHa, LoKr
+and full ``diff`` modules are expanded to dense ``dW`` (see ``lora_file.module_delta``).
+
+The Frobenius inner product of two low-rank changes is computed without forming ``dW``:
+
+    <U1 D1, U2 D2>_F = trace(D1^T U1^T U2 D2) = trace((D1 D2^T)^T (U1^T U2))
+                     = sum((U1^T U2) * (D1 D2^T))          (elementwise product)
+
+``U1^T U2`` and ``D1 D2^T`` are only r1 x r2, so ranks may differ and the cost is
+O((out + in) r1 r2) instead of O(out in (r1 + r2)).
+
+Modules are matched by canonical diffusers name (``lora_file``), so a kohya file and a
+diffusers file holding the same weights compare as identical. Over the shared modules:
+
+    cosine     = sum_m <dW_A,m, dW_B,m> / sqrt(sum_m |dW_A,m|^2 * sum_m |dW_B,m|^2)
+    norm_ratio = sqrt(sum_m |dW_B,m|^2) / sqrt(sum_m |dW_A,m|^2)
+
+i.e. the cosine and norm ratio of the two LoRAs seen as one long vector of all shared weight
+changes (big modules weigh more). Per-module cosines are reported too. Modules present in only
+one file do not enter these numbers and are listed instead.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .errors import AuditError
+from .hashing import sha256_file
+from .lora_file import (
+    TensorReader,
+    check_not_pickle,
+    delta_inner,
+    delta_shape,
+    detect_format,
+    module_delta,
+    payload_sha256,
+    read_header,
+    read_modules,
+)
+
+
+def _open(path: Path):
+    check_not_pickle(path)
+    header, payload_start, _ = read_header(path)
+    modules = read_modules(path, header, payload_start)
+    if not modules:
+        raise AuditError(f"{path}: no LoRA modules recognised; nothing to compare")
+    return header, payload_start, modules
+
+
+def _cosine(inner: float, sq_a: float, sq_b: float) -> float | None:
+    if sq_a <= 0 or sq_b <= 0:
+        return None
+    return max(-1.0, min(1.0, inner / math.sqrt(sq_a * sq_b)))
+
+
+def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
+    """Compare the weight changes of two LoRA safetensors files; a JSON-serialisable dict.
+
+    Keys: ``cosine`` and ``norm_ratio`` (over shared modules, defined in the module docstring;
+    None if undefined), ``payload_identical``, ``modules_compared``, ``modules_only_in_a``,
+    ``modules_only_in_b``, ``modules_skipped`` (shared modules left out, with the reason:
+    DoRA, tucker LoHa/LoKr, shape mismatch), ``per_module`` (``name, cosine, norm_a, norm_b``),
+    ``norm_a``, ``norm_b``, ``format_a``, ``format_b``, ``sha256_a``, ``sha256_b``,
+    ``payload_sha256_a``, ``payload_sha256_b``.
+
+    Pickle files are refused. Both files are opened read-only.
+    """
+    path_a, path_b = Path(path_a), Path(path_b)
+    header_a, start_a, modules_a = _open(path_a)
+    header_b, start_b, modules_b = _open(path_b)
+
+    shared = sorted(set(modules_a) & set(modules_b))
+    per_module, skipped = [], []
+    inner_total = sq_a_total = sq_b_total = 0.0
+    with TensorReader(path_a, header_a, start_a) as reader_a, TensorReader(path_b, header_b, start_b) as reader_b:
+        for name in shared:
+            delta_a = module_delta(reader_a, modules_a[name])
+            delta_b = module_delta(reader_b, modules_b[name])
+            reason = delta_a.get("unsupported") or delta_b.get("unsupported")
+            if reason is None and delta_shape(delta_a) != delta_shape(delta_b):
+                reason = f"shape mismatch {list(delta_shape(delta_a))} vs {list(delta_shape(delta_b))}"
+            if reason is not None:
+                skipped.append({"name": name, "reason": reason})
+                continue
+            inner = delta_inner(delta_a, delta_b)
+            sq_a = max(delta_inner(delta_a, delta_a), 0.0)
+            sq_b = max(delta_inner(delta_b, delta_b), 0.0)
+            inner_total += inner
+            sq_a_total += sq_a
+            sq_b_total += sq_b
+            per_module.append(
+                {
+                    "name": name,
+                    "cosine": _cosine(inner, sq_a, sq_b),
+                    "norm_a": math.sqrt(sq_a),
+                    "norm_b": math.sqrt(sq_b),
+                }
+            )
+
+    pay_a = payload_sha256(path_a, start_a)
+    pay_b = payload_sha256(path_b, start_b)
+    return {
+        "cosine": _cosine(inner_total, sq_a_total, sq_b_total),
+        "norm_ratio": math.sqrt(sq_b_total / sq_a_total) if sq_a_total > 0 else None,
+        "norm_a": math.sqrt(sq_a_total),
+        "norm_b": math.sqrt(sq_b_total),
+        "payload_identical": pay_a == pay_b,
+        "modules_compared": len(per_module),
+        "modules_only_in_a": sorted(set(modules_a) - set(modules_b)),
+        "modules_only_in_b": sorted(set(modules_b) - set(modules_a)),
+        "modules_skipped": skipped,
+        "per_module": per_module,
+        "path_a": str(path_a),
+        "path_b": str(path_b),
+        "format_a": detect_format(header_a),
+        "format_b": detect_format(header_b),
+        "sha256_a": sha256_file(path_a),
+        "sha256_b": sha256_file(path_b),
+        "payload_sha256_a": pay_a,
+        "payload_sha256_b": pay_b,
+    }
+
+
+def weights_reading(result: dict) -> str:
+    """A one-line reading of a ``compare_weights`` result, phrased as an indicator.
+
+    These readings describe what the numbers are consistent with; they are not conclusions
+    about copying, authorship or infringement.
+    """
+    if result.get("payload_identical"):
+        return "re-upload (tensor payload identical; metadata may differ)"
+    cosine, ratio = result.get("cosine"), result.get("norm_ratio")
+    if cosine is None:
+        return "no comparable modules (no shared LoRA modules with computable weight changes)"
+    if cosine >= 0.999:
+        if ratio is not None and abs(ratio - 1.0) > 0.01:
+            return "rescaled copy"
+        return "same weights (possibly different format)"
+    if cosine >= 0.5:
+        return "high but partial similarity (consistent with a merge or continued training)"
+    return "low similarity (consistent with independent training)"
