@@ -31,7 +31,7 @@ from .store import BaseImageCache, CaseStore, hash_inputs, png_bytes
 
 MANIFEST_SCHEMA = "carlos-audit/manifest/1"
 TARGET_ADAPTER = "target"
-CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "metrics.json", "comparison.json", "report.pdf",
+CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json", "report.pdf",
                   "report.pdf.sha256", "images", "embeddings", "units", "figures")
 
 
@@ -184,6 +184,33 @@ def applied_modules(pipe, adapter: str) -> set[str]:
     return names
 
 
+def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: bool = False,
+                allow_download: bool = False, allow_unsafe_pickle: bool = False):
+    """Base pipeline with the target LoRA as adapter "target", and the embedder; each checked
+    against the hashes the case expects, the LoRA checked for architecture and full coverage."""
+    from .environment import apply_determinism
+    from .models.loading import load_base_pipeline, load_embedder, set_scheduler
+
+    lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
+                            allow_download=allow_download, base_dir=case.base_dir)
+    want = case.base_model.get("sha256")
+    if want and lp.sha256 != want.lower():
+        raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
+    arch = inspection.get("architecture")
+    if arch and arch != lp.architecture:
+        raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
+    determinism = apply_determinism(lp.device)
+    if case.protocol["scheduler"]:
+        set_scheduler(lp.pipe, case.protocol["scheduler"])
+    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, allow_partial)
+    emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
+                        allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
+    want = case.embedder.get("sha256")
+    if want and emb.sha256 != want.lower():
+        raise AuditError(f"embedder {emb.identity}: hash {emb.sha256} does not match the expected {want.lower()}")
+    return lp, emb, load_state, determinism
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -264,9 +291,8 @@ def check_finite(arm: str, batch: list[Pair], images, feats: np.ndarray) -> None
 def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
              allow_unsafe_pickle: bool = False, allow_download: bool = False, argv: list[str] | None = None,
              progress: bool = True) -> dict:
-    from .environment import apply_determinism, capture, git_commit
+    from .environment import capture, git_commit
     from .metrics import compute_metrics
-    from .models.loading import load_base_pipeline, load_embedder, set_scheduler
     from .models.tiny import carlos_home
 
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -275,23 +301,9 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
     store = CaseStore(out)
     run_info = read_json(out / "run.json")
 
-    lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
-                            allow_download=allow_download, base_dir=case.base_dir)
-    want = case.base_model.get("sha256")
-    if want and lp.sha256 != want.lower():
-        raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
-    arch = inspection.get("architecture")
-    if arch and arch != lp.architecture:
-        raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
-    determinism = apply_determinism(lp.device)
-    if case.protocol["scheduler"]:
-        set_scheduler(lp.pipe, case.protocol["scheduler"])
-    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, allow_partial)
-    emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
-                        allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
-    want = case.embedder.get("sha256")
-    if want and emb.sha256 != want.lower():
-        raise AuditError(f"embedder {emb.identity}: hash {emb.sha256} does not match the expected {want.lower()}")
+    lp, emb, load_state, determinism = load_models(case, paths, inspection, allow_partial=allow_partial,
+                                                   allow_download=allow_download,
+                                                   allow_unsafe_pickle=allow_unsafe_pickle)
 
     pc = case.protocol
     params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
@@ -356,11 +368,17 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         "results": {"metrics.json": sha256_file(out / "metrics.json")},
         "environment": env,
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    write_manifest(out, manifest)
     if not manifest["custody_ok"]:
         changed = [c["role"] for c in custody if not c["unchanged"]]
         raise AuditError(f"input file(s) changed during the run ({', '.join(changed)}): the run is marked invalid in manifest.json")
     return {"out": str(out), "manifest": manifest, "metrics": metrics}
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """manifest.json and, beside it, its sha256 (sha256sum format) for verify."""
+    write_json_atomic(out / "manifest.json", manifest)
+    write_text_atomic(out / "manifest.json.sha256", f"{sha256_file(out / 'manifest.json')}  manifest.json\n")
 
 
 def collect_pairs(store: CaseStore, pairs: list[Pair], arms) -> list[dict]:

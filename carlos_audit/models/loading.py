@@ -62,10 +62,13 @@ def _architecture_of_pipe(pipe) -> str:
 
 
 def _hub_snapshot(repo_id: str, allow_download: bool) -> Path:
+    import os
+
     from huggingface_hub import snapshot_download
 
+    cache_dir = os.environ.get("HF_HUB_CACHE")  # read at call time, not at import
     try:
-        return Path(snapshot_download(repo_id, local_files_only=not allow_download))
+        return Path(snapshot_download(repo_id, local_files_only=not allow_download, cache_dir=cache_dir))
     except Exception as e:  # LocalEntryNotFoundError, offline errors, ...
         hint = "" if allow_download else " (only the local Hugging Face cache is searched; pass --allow-download to fetch it)"
         raise AuditError(f"base model {repo_id!r} is not available locally{hint}: {type(e).__name__}") from None

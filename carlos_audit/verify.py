@@ -1,0 +1,194 @@
+"""Re-check a finished case folder: stored files, metrics, and a regenerated sample.
+
+Checks, each reported pass/fail with the file or pair it concerns:
+
+1. ``manifest.json`` matches ``manifest.json.sha256`` (an edited manifest is named).
+2. Every stored image and embedding matches the sha256 the manifest records for it; the case
+   file copy, ``metrics.json`` and ``report.pdf`` match their recorded hashes.
+3. Metrics recomputed from the stored embeddings equal ``metrics.json`` (relative tolerance
+   1e-9 for floating-point summation order; identical on the same platform).
+4. A random sample of N pairs (sample seed recorded in the output) is regenerated from the
+   recorded inputs. On the same software and hardware the image hashes must match exactly.
+   Where the environment differs (package versions, device, dtype), exact equality is not
+   expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
+   the stored one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AuditError
+from .fileio import read_json
+from .hashing import sha256_bytes, sha256_file
+
+EMBEDDING_COSINE_TOLERANCE = 0.999
+METRICS_RTOL = 1e-9
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+def _close(a, b, path="") -> list[str]:
+    """Paths where two JSON-like values differ beyond METRICS_RTOL."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys differ"]
+        return [d for k in a for d in _close(a[k], b[k], f"{path}.{k}" if path else k)]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: lengths differ"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None or not math.isclose(a, b, rel_tol=METRICS_RTOL, abs_tol=1e-12):
+            return [f"{path}: {a!r} != {b!r}"]
+        return []
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def check_files(case_dir: Path, manifest: dict) -> list[Check]:
+    checks = []
+    bad, missing = [], []
+    for row in manifest["pairs"]:
+        for arm, e in row["arms"].items():
+            for kind in ("image", "embedding"):
+                p = case_dir / e[kind]
+                if not p.is_file():
+                    missing.append(e[kind])
+                elif sha256_file(p) != e[f"{kind}_sha256"]:
+                    bad.append(e[kind])
+    n = sum(2 * len(r["arms"]) for r in manifest["pairs"])
+    if bad or missing:
+        detail = "; ".join(filter(None, [
+            f"modified: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "") if bad else "",
+            f"missing: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else "") if missing else ""]))
+        checks.append(Check("stored images and embeddings", False, detail))
+    else:
+        checks.append(Check("stored images and embeddings", True, f"{n} files match their recorded sha256"))
+    for rel, digest in manifest.get("results", {}).items():
+        p = case_dir / rel
+        ok = p.is_file() and sha256_file(p) == digest
+        checks.append(Check(rel, ok, "matches its recorded sha256" if ok else f"{rel} was modified or is missing"))
+    casefile = next((i for i in manifest["inputs"] if i["role"] == "casefile"), None)
+    if casefile and (case_dir / "case.toml").is_file():
+        ok = sha256_file(case_dir / "case.toml") == casefile["sha256"]
+        checks.append(Check("case.toml", ok, "equals the case file as run" if ok else "case.toml was modified"))
+    pdf = case_dir / "report.pdf"
+    side = case_dir / "report.pdf.sha256"
+    if pdf.is_file() and side.is_file():
+        ok = side.read_text().split()[0] == sha256_file(pdf)
+        checks.append(Check("report.pdf", ok, "matches report.pdf.sha256" if ok else "report.pdf was modified (or its .sha256)"))
+    return checks
+
+
+def check_metrics(case_dir: Path, manifest: dict) -> Check:
+    from .metrics import compute_metrics
+    from .store import CaseStore
+
+    store = CaseStore(case_dir)
+    ids = [r["pair_id"] for r in manifest["pairs"]]
+    try:
+        base, lora = store.features("base", ids), store.features("lora", ids)
+        stored = read_json(case_dir / "metrics.json")
+    except (OSError, ValueError) as e:
+        return Check("metrics recomputed from embeddings", False, f"cannot read stored results: {e}")
+    p = manifest["protocol"]
+    again = compute_metrics(lora, base, manifest["pairs"], n_resamples=p["bootstrap_resamples"], seed=p["bootstrap_seed"])
+    core = {k: stored.get(k) for k in again}
+    diffs = _close(again, core)
+    if diffs:
+        return Check("metrics recomputed from embeddings", False, "metrics.json differs: " + "; ".join(diffs[:3]))
+    return Check("metrics recomputed from embeddings", True, f"strength {again['strength']:.6g}, consistency {again['consistency']} reproduced")
+
+
+def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
+    """Regenerate the batches holding a random sample of pairs and compare."""
+    from .casefile import parse_case
+    from .embed import image_features
+    from .environment import capture
+    from .generate import GenerationParams, generate_batch, set_adapter_state
+    from .profile import arms_for, intake, load_models
+    from .store import png_bytes
+
+    casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")
+    case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))
+    paths, inputs, inspection = intake(case)
+    recorded = {i["role"]: i["sha256"] for i in manifest["inputs"]}
+    changed = [i["role"] for i in inputs if recorded.get(i["role"]) not in (None, i["sha256"])]
+    if changed:
+        return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
+    lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
+    env_now = capture(lp.device, lp.dtype, determinism)
+    env_then = manifest["environment"]
+    same_platform = (env_now["packages"] == env_then["packages"] and env_now["device"] == env_then["device"]
+                     and env_now["dtype"] == env_then["dtype"] and env_now["machine"] == env_then["machine"])
+    p = manifest["protocol"]
+    params = GenerationParams(p["steps"], p["guidance_scale"], p["width"], p["height"], p["scheduler"], p["negative_prompt"])
+    rows = manifest["pairs"]
+    picked = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
+    arms = {a.name: a for a in arms_for(case)}
+    checks = []
+    by_batch: dict[int, list[dict]] = {}
+    for r in rows:
+        by_batch.setdefault(r["batch"], []).append(r)
+    for batch_idx in sorted({rows[i]["batch"] for i in picked}):
+        members = sorted(by_batch[batch_idx], key=lambda r: r["position"])
+        wanted = [rows[i] for i in picked if rows[i]["batch"] == batch_idx]
+        for arm_name, arm in arms.items():
+            set_adapter_state(lp.pipe, arm.adapter, arm.scale)
+            images = generate_batch(lp.pipe, [m["arms"][arm_name]["prompt"] for m in members], [m["seed"] for m in members], params)
+            feats = image_features(emb, images)
+            for m, im, f in zip(members, images, feats):
+                if m not in wanted:
+                    continue
+                rec = m["arms"][arm_name]
+                same_image = sha256_bytes(png_bytes(im)) == rec["image_sha256"]
+                stored = np.load(case_dir / rec["embedding"], allow_pickle=False)
+                cos = float(f @ stored / (np.linalg.norm(f) * np.linalg.norm(stored) or 1.0))
+                if same_platform:
+                    ok, detail = same_image, ("image hash identical" if same_image else "image hash differs on the same platform")
+                else:
+                    ok = cos >= EMBEDDING_COSINE_TOLERANCE
+                    detail = f"platform differs; embedding cosine {cos:.6f} (tolerance {EMBEDDING_COSINE_TOLERANCE})"
+                checks.append(Check(f"regenerate {m['pair_id']} [{arm_name}]", ok, detail))
+    return checks
+
+
+def verify_case(case_dir: Path, sample: int = 4, seed: int = 0) -> dict:
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        raise AuditError(f"case folder {case_dir} does not exist")
+    mpath = case_dir / "manifest.json"
+    if not mpath.is_file():
+        raise AuditError(f"{case_dir} has no manifest.json (not a finished case)")
+    checks = []
+    side = case_dir / "manifest.json.sha256"
+    if side.is_file():
+        ok = side.read_text().split()[0] == sha256_file(mpath)
+        checks.append(Check("manifest.json", ok, "matches manifest.json.sha256" if ok else "manifest.json was modified after the run"))
+    else:
+        checks.append(Check("manifest.json", False, "manifest.json.sha256 is missing"))
+    try:
+        manifest = read_json(mpath)
+    except ValueError as e:
+        raise AuditError(f"{mpath} is not valid JSON: {e}") from None
+    checks += check_files(case_dir, manifest)
+    checks.append(check_metrics(case_dir, manifest))
+    checks.append(Check("chain of custody", bool(manifest.get("custody_ok")),
+                        "inputs unchanged during the run" if manifest.get("custody_ok") else "an input changed during the run"))
+    if sample > 0:
+        checks += check_regenerated(case_dir, manifest, sample, seed)
+    return {"case_dir": str(case_dir), "sample": sample, "sample_seed": seed, "ok": all(c.ok for c in checks),
+            "checks": [c.as_dict() for c in checks]}
