@@ -63,6 +63,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "batch_size": (_INT, False, 1),
         "bootstrap_resamples": (_INT, False, 1000),
         "bootstrap_seed": (_INT, False, 0),
+        "scales": (_FLOATLIST, False, []),
     },
     "output": {
         "dir": (_STR, False, None),
@@ -71,6 +72,16 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "corpus": (_STR, False, None),
         "allow_incompatible": (_BOOL, False, False),
         "top_k": (_INT, False, 10),
+    },
+    "indicators": {
+        "trigger_dependence": (_BOOL, False, True),
+        "prompt_override": (_BOOL, False, True),
+        "effect_labels": (_BOOL, False, True),
+        "labels": (_STRLIST, False, []),
+        "top_labels": (_INT, False, 5),
+    },
+    "comparison": {
+        "loras": (_STRLIST, False, []),
     },
 }
 REQUIRED_SECTIONS = ("case", "base_model", "embedder", "lora", "protocol")
@@ -86,6 +97,8 @@ class Case:
     protocol: dict
     output: dict
     reference: dict
+    indicators: dict
+    comparison: dict
     raw_text: str = field(repr=False, default="")
 
     @property
@@ -156,7 +169,7 @@ def parse_case(text: str, path: Path) -> Case:
             if not _type_ok(kind, v):
                 what = "a non-empty list of non-negative integers or {count = N, start = S}" if kind == _SEEDS else f"a {kind}"
                 raise AuditError(f"{where}: {section}.{k} must be {what}, got {type(v).__name__} {v!r}"[:300])
-            vals[k] = float(v) if kind == _FLOAT else v
+            vals[k] = float(v) if kind == _FLOAT else [float(x) for x in v] if kind == _FLOATLIST else v
         out[section] = vals
     _check_values(out, where)
     return Case(path=path, raw_text=text, **out)
@@ -200,6 +213,12 @@ def _check_values(c: dict, where: str) -> None:
             raise AuditError(f"{where}: protocol.{k} must be a multiple of 8")
     if c["lora"]["scale"] < 0:
         raise AuditError(f"{where}: lora.scale must be >= 0")
+    if any(x < 0 for x in p["scales"]):
+        raise AuditError(f"{where}: protocol.scales must be non-negative numbers")
+    if len(set(p["scales"])) != len(p["scales"]):
+        raise AuditError(f"{where}: protocol.scales has duplicates")
+    if c["indicators"]["top_labels"] < 1:
+        raise AuditError(f"{where}: indicators.top_labels must be >= 1")
     if c["reference"]["top_k"] < 1:
         raise AuditError(f"{where}: reference.top_k must be >= 1")
 

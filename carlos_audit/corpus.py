@@ -39,6 +39,7 @@ SCHEMA = "carlos-audit/corpus/1"
 META_FILE = "corpus.json"
 ROWS_FILE = "rows.parquet"
 DIRECTIONS_FILE = "directions.npy"
+BUILD_CASES_DIR = "cases"
 CORPUS_FILES = (META_FILE, ROWS_FILE, DIRECTIONS_FILE)
 
 #: The fields two profiles must share to be comparable (same order as the manifest's ``signature``).
@@ -375,7 +376,8 @@ def _prepare_dest(dest: Path, overwrite: bool, protect: Path | None = None) -> N
     if dest.exists() and not dest.is_dir():
         raise AuditError(f"{dest} exists and is not a folder")
     if dest.exists():
-        entries = sorted(p.name for p in dest.iterdir())
+        # ``cases/`` holds the case folders of ``corpus build`` (kept, never replaced here)
+        entries = sorted(p.name for p in dest.iterdir() if p.name != BUILD_CASES_DIR)
         if entries and not overwrite:
             raise AuditError(f"{dest} exists and is not empty; pass --overwrite to replace a corpus there")
         foreign = [e for e in entries

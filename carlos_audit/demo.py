@@ -1,14 +1,29 @@
-"""What ``carlos-audit demo`` prepares: the embedded tiny models and the demo LoRAs."""
+"""What ``carlos-audit demo`` prepares: the embedded tiny models, the demo LoRAs, and a demo
+reference corpus profiled from those LoRAs under the demo protocol."""
 
 from __future__ import annotations
 
-from .models.demo_loras import build_demo_loras, demo_dir
+from pathlib import Path
+
+from .models.demo_loras import DEMO_VERSION, build_demo_loras, demo_dir
 from .models.tiny import carlos_home, ensure_tiny_clip, ensure_tiny_sd, tree_sha256
 
+DEMO_CASEFILE = Path(__file__).resolve().parent.parent / "casefiles" / "demo.toml"
 
-def prepare_demo() -> dict:
+
+def demo_corpus_dir() -> Path:
+    return carlos_home() / "demo" / f"corpus-v{DEMO_VERSION}"
+
+
+def prepare_demo(progress: bool = False, corpus: bool = True) -> dict:
+    from .corpus_build import build_corpus
+
     sd = ensure_tiny_sd()
     clip = ensure_tiny_clip()
     loras = build_demo_loras(demo_dir(), base_sha256=tree_sha256(sd))
-    return {"home": str(carlos_home()), "tiny_sd": str(sd), "tiny_clip": str(clip),
+    info = {"home": str(carlos_home()), "tiny_sd": str(sd), "tiny_clip": str(clip),
             "loras": {k: str(v) for k, v in loras.items()}}
+    if corpus:
+        build_corpus(demo_dir(), DEMO_CASEFILE, demo_corpus_dir(), name="demo corpus", progress=progress)
+        info["corpus"] = str(demo_corpus_dir())
+    return info

@@ -46,6 +46,7 @@ def capture(device: str, dtype: str, determinism: dict) -> dict:
         "device": device,
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "determinism": determinism,

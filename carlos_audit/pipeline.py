@@ -11,9 +11,29 @@ from pathlib import Path
 from .casefile import Case
 
 
-def run_full(case: Case, out: Path, **kwargs) -> dict:
+def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> dict:
+    """profile, indicators, head-to-head and corpus comparison (run_case) -> report."""
+    from .errors import AuditError
     from .profile import run_case
+    from .report import render_report
 
-    result = run_case(case, out, **kwargs)
+    try:
+        result = run_case(case, out, allow_incompatible=allow_incompatible, **kwargs)
+    except AuditError:
+        # an input changed during the run: the manifest is written (custody_ok false) and the
+        # exhibit is still rendered, marked invalid, before the error reaches the user
+        if _custody_failed(out):
+            render_report(out)
+        raise
     result.setdefault("written", [])
+    if (Path(out) / "comparison.json").is_file():
+        result["written"].append(str(Path(out) / "comparison.json"))
+    result["written"].append(str(render_report(out)))
     return result
+
+
+def _custody_failed(out: Path) -> bool:
+    from .fileio import read_json
+
+    manifest = Path(out) / "manifest.json"
+    return manifest.is_file() and (Path(out) / "metrics.json").is_file() and read_json(manifest).get("custody_ok") is False

@@ -44,17 +44,66 @@ class Arm:
     adapter: str | None
     scale: float
     with_triggers: bool
+    lora_sha256: str | None = None  # the adapter's file: two arms of the same file are one arm
 
     def prompt_for(self, text: str, triggers: list[str]) -> str:
         # the upstream CARLoS convention: ", <trigger>" appended for each trigger word
         return text + "".join(f", {t}" for t in triggers) if self.with_triggers else text
 
+    @property
+    def spec(self) -> tuple:
+        return (self.lora_sha256, self.scale if self.adapter else 0.0, self.with_triggers)
 
-def arms_for(case: Case) -> tuple[Arm, Arm]:
+
+def arms_for(case: Case, lora_sha256: str | None = None) -> tuple[Arm, Arm]:
     policy = case.lora["trigger_policy"]
-    base = Arm("base", None, 0.0, policy == "both")
-    lora = Arm("lora", TARGET_ADAPTER, case.lora["scale"], policy in ("both", "lora_only"))
+    has = bool(case.lora["trigger_words"])  # without trigger words the flag changes nothing
+    base = Arm("base", None, 0.0, has and policy == "both")
+    lora = Arm("lora", TARGET_ADAPTER, case.lora["scale"], has and policy in ("both", "lora_only"), lora_sha256)
     return base, lora
+
+
+@dataclass
+class ArmPlan:
+    """The arms a case generates (each spec once) and the profiles (base arm, LoRA arm) built
+    from them. A profile whose arms equal another's shares them: nothing is generated twice."""
+
+    arms: dict  # name -> Arm, unique specs, generation order
+    alias: dict  # requested name -> name of the arm that generates it
+    profiles: dict  # profile name -> (base arm name, LoRA arm name)
+
+    def add(self, arm: Arm) -> str:
+        for name, a in self.arms.items():
+            if a.spec == arm.spec:
+                self.alias[arm.name] = name
+                return name
+        self.arms[arm.name] = arm
+        self.alias[arm.name] = arm.name
+        return arm.name
+
+
+def plan_arms(case: Case, lora_sha256: str, comparisons: list[dict]) -> ArmPlan:
+    policy = case.lora["trigger_policy"]
+    has = bool(case.lora["trigger_words"])
+    trig = has and policy in ("both", "lora_only")
+    plan = ArmPlan({}, {}, {})
+    base_arm, lora_arm = arms_for(case, lora_sha256)
+    base, lora = plan.add(base_arm), plan.add(lora_arm)
+    plan.profiles["main"] = (base, lora)
+    for s in case.protocol["scales"]:
+        plan.profiles[f"scale:{s:g}"] = (base, plan.add(Arm(f"lora-s{s:g}", TARGET_ADAPTER, s, trig, lora_sha256)))
+    if case.indicators["trigger_dependence"]:
+        nb = plan.add(Arm("base-notrig", None, 0.0, False))
+        nl = plan.add(Arm("lora-notrig", TARGET_ADAPTER, case.lora["scale"], False, lora_sha256))
+        plan.profiles["trigger:without"] = (nb, nl)
+        if policy == "none":
+            plan.profiles["trigger:with"] = (plan.add(Arm("base-trig", None, 0.0, has)),
+                                             plan.add(Arm("lora-trig", TARGET_ADAPTER, case.lora["scale"], has, lora_sha256)))
+        else:
+            plan.profiles["trigger:with"] = (base, lora)
+    for c in comparisons:
+        plan.profiles[f"comparison:{c['adapter']}"] = (base, plan.add(Arm(c["adapter"], c["adapter"], case.lora["scale"], trig, c["sha256"])))
+    return plan
 
 
 # ----------------------------------------------------------------------------- intake
@@ -81,8 +130,11 @@ def resolve_inputs(case: Case) -> dict:
     pr = case.protocol["prompts"]
     if not pr.startswith("builtin:"):
         paths["prompts"] = expand_path(pr, case.base_dir)
-    if case.reference.get("corpus"):
-        paths["corpus"] = expand_path(case.reference["corpus"], case.base_dir)
+    for i, c in enumerate(case.comparison["loras"], start=1):
+        cp = expand_path(c, case.base_dir)
+        if not cp.is_file():
+            raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
+        paths[f"comparison_lora_{i}"] = cp
     return paths
 
 
@@ -93,9 +145,11 @@ def intake(case: Case, *, allow_unsafe_pickle: bool = False) -> tuple[dict, list
     for role, p in paths.items():
         if not p.exists():
             raise AuditError(f"{case.path}: {role} {p} does not exist")
-    lora_file.check_not_pickle(paths["lora"], allow_unsafe_pickle=allow_unsafe_pickle)
-    if paths["lora"].suffix.lower() == ".safetensors":
-        lora_file.validate_safetensors(paths["lora"])
+    for role, p in paths.items():
+        if role == "lora" or role.startswith("comparison_lora_"):
+            lora_file.check_not_pickle(p, allow_unsafe_pickle=allow_unsafe_pickle)
+            if p.suffix.lower() == ".safetensors":
+                lora_file.validate_safetensors(p)
     inputs = hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items()])
     by_role = {e["role"]: e for e in inputs}
     for role, section in (("lora", case.lora), ("base_model", case.base_model), ("embedder", case.embedder)):
@@ -184,6 +238,11 @@ def applied_modules(pipe, adapter: str) -> set[str]:
     return names
 
 
+#: The last loaded (pipeline, embedder), reused by the next case in the same process with the same
+#: base model and embedder (corpus builds, comparison LoRAs): only the LoRA adapter is swapped.
+_LOADED: dict = {}
+
+
 def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: bool = False,
                 allow_download: bool = False, allow_unsafe_pickle: bool = False):
     """Base pipeline with the target LoRA as adapter "target", and the embedder; each checked
@@ -191,8 +250,17 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     from .environment import apply_determinism
     from .models.loading import load_base_pipeline, load_embedder, set_scheduler
 
-    lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
-                            allow_download=allow_download, base_dir=case.base_dir)
+    key = (case.base_model["source"], case.base_model["dtype"], case.base_model["device"], str(case.base_dir),
+           case.embedder["model"], case.embedder.get("pretrained"), allow_download, allow_unsafe_pickle)
+    cached = _LOADED.get(key)
+    if cached is not None:
+        lp, emb = cached
+        lp.pipe.unload_lora_weights()  # removes the adapter layers; the base weights were never touched
+    else:
+        _LOADED.clear()
+        lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
+                                allow_download=allow_download, base_dir=case.base_dir)
+        emb = None
     want = case.base_model.get("sha256")
     if want and lp.sha256 != want.lower():
         raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
@@ -203,8 +271,10 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     if case.protocol["scheduler"]:
         set_scheduler(lp.pipe, case.protocol["scheduler"])
     load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, allow_partial)
-    emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
-                        allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
+    if emb is None:
+        emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
+                            allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
+        _LOADED[key] = (lp, emb)
     want = case.embedder.get("sha256")
     if want and emb.sha256 != want.lower():
         raise AuditError(f"embedder {emb.identity}: hash {emb.sha256} does not match the expected {want.lower()}")
@@ -290,7 +360,7 @@ def check_finite(arm: str, batch: list[Pair], images, feats: np.ndarray) -> None
 
 def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
              allow_unsafe_pickle: bool = False, allow_download: bool = False, argv: list[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, allow_incompatible: bool = False) -> dict:
     from .environment import capture, git_commit
     from .metrics import compute_metrics
     from .models.tiny import carlos_home
@@ -312,22 +382,6 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
     env_key = {k: env["packages"][k] for k in ("torch", "diffusers", "transformers", "peft")} | {"device": lp.device, "dtype": lp.dtype}
     session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
                       BaseImageCache(carlos_home() / "base-cache"), env_key, pc["batch_size"])
-    pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
-    base_arm, lora_arm = arms_for(case)
-    stats = {}
-    for arm in (base_arm, lora_arm):
-        stats[arm.name] = run_arm(session, arm, pairs, progress)
-
-    pair_rows = collect_pairs(store, pairs, (base_arm, lora_arm))
-    base_f = store.features("base", [p.id for p in pairs])
-    lora_f = store.features("lora", [p.id for p in pairs])
-    metrics = compute_metrics(lora_f, base_f, pair_rows, n_resamples=pc["bootstrap_resamples"], seed=pc["bootstrap_seed"])
-    write_json_atomic(out / "metrics.json", metrics)
-
-    end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
-    custody = []
-    for a, b in zip(inputs, end_inputs):
-        custody.append({**a, "sha256_end": b["sha256"], "unchanged": a["sha256"] == b["sha256"]})
     signature = {
         "base_model": lp.identity, "base_model_sha256": lp.sha256,
         "embedder": emb.identity, "embedder_sha256": emb.sha256, "feature": "raw_image_features",
@@ -336,6 +390,36 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         "steps": pc["steps"], "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
         "scheduler": params.scheduler,
     }
+    corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
+    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
+    if corpus_path is not None:
+        from .comparison import check_corpus_signature
+
+        check_corpus_signature(corpus_path, signature, allow_incompatible)
+    pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
+    lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
+    comparisons = load_comparisons(lp.pipe, paths, inputs, allow_partial, allow_unsafe_pickle)
+    plan = plan_arms(case, lora_sha, comparisons)
+    stats = {}
+    for arm in plan.arms.values():
+        stats[arm.name] = run_arm(session, arm, pairs, progress)
+
+    pair_rows = collect_pairs(store, pairs, plan.arms.values())
+    text_records = store_text_features(store, emb, prompts) if case.indicators["prompt_override"] else None
+    metrics = analyse(case, store, plan, pairs, pair_rows, emb, text_records)
+    write_json_atomic(out / "metrics.json", metrics)
+    if comparisons:
+        head_to_head(case, store, plan, pairs, pair_rows, paths, comparisons)
+    if corpus_path is not None:
+        from .comparison import compare_with_corpus
+
+        compare_with_corpus(out, corpus_path, top_k=case.reference["top_k"], allow_incompatible=allow_incompatible,
+                            signature=signature, lora_sha256=lora_sha)
+
+    end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
+    custody = []
+    for a, b in zip(inputs, end_inputs):
+        custody.append({**a, "sha256_end": b["sha256"], "unchanged": a["sha256"] == b["sha256"]})
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "case": dict(case.case),
@@ -360,12 +444,16 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
                      "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),
                      "seeds": list(pc["seeds"]), **params.as_dict(), "batch_size": pc["batch_size"],
                      "bootstrap_resamples": pc["bootstrap_resamples"], "bootstrap_seed": pc["bootstrap_seed"],
-                     "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers}
-                              for a in (base_arm, lora_arm)}},
+                     "scales": list(pc["scales"]),
+                     "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers,
+                                       "lora_sha256": a.lora_sha256} for a in plan.arms.values()},
+                     "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},
+        "comparison_loras": [{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
+        "text_features": text_records,
         "signature": signature,
         "prompts": [{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
         "pairs": pair_rows,
-        "results": {"metrics.json": sha256_file(out / "metrics.json")},
+        "results": {name: sha256_file(out / name) for name in ("metrics.json", "comparison.json") if (out / name).is_file()},
         "environment": env,
     }
     write_manifest(out, manifest)
@@ -373,6 +461,104 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         changed = [c["role"] for c in custody if not c["unchanged"]]
         raise AuditError(f"input file(s) changed during the run ({', '.join(changed)}): the run is marked invalid in manifest.json")
     return {"out": str(out), "manifest": manifest, "metrics": metrics}
+
+
+def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool) -> list[dict]:
+    """Load each comparison LoRA as its own adapter (cmp1, cmp2, ...); one with the target's
+    file hash needs no adapter (its arm is the target's arm)."""
+    from . import lora_file
+
+    sha = {e["role"]: e["sha256"] for e in inputs}
+    out = []
+    for role in sorted((r for r in paths if r.startswith("comparison_lora_")), key=lambda r: int(r.rsplit("_", 1)[1])):
+        adapter = "cmp" + role.rsplit("_", 1)[1]
+        p = paths[role]
+        entry = {"adapter": adapter, "path": str(p), "sha256": sha[role], "load": None}
+        if sha[role] != sha["lora"]:
+            inspection = lora_file.inspect_lora(p, allow_unsafe_pickle=allow_unsafe_pickle)
+            entry["load"] = load_lora(pipe, p, adapter, inspection, allow_partial)
+        out.append(entry)
+    return out
+
+
+def store_text_features(store: CaseStore, emb, prompts) -> dict:
+    """Raw text features of each prompt as the user wrote it (no trigger words)."""
+    from .embed import text_features
+    from .fileio import write_bytes_atomic
+    from .store import npy_bytes
+
+    feats = text_features(emb, [p.text for p in prompts])
+    records = {}
+    for p, f in zip(prompts, feats):
+        data = npy_bytes(f)
+        rel = f"embeddings/text/{p.id}.npy"
+        write_bytes_atomic(store.path(rel), data)
+        records[p.id] = {"path": rel, "sha256": sha256_bytes(data)}
+    return records
+
+
+def _diffs(store: CaseStore, plan: ArmPlan, profile: str, ids: list[str]) -> np.ndarray:
+    from .metrics import diffs
+
+    b, l = plan.profiles[profile]
+    return diffs(store.features(l, ids), store.features(b, ids))
+
+
+def analyse(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, emb, text_records) -> dict:
+    """metrics.json: the CARLoS representation of the main profile, then the indicators."""
+    from . import indicators as ind
+    from .embed import text_features
+    from .metrics import compute_metrics
+
+    pc = case.protocol
+    ids = [p.id for p in pairs]
+    prompt_ids = [p.prompt.id for p in pairs]
+    b, l = plan.profiles["main"]
+    base_f, lora_f = store.features(b, ids), store.features(l, ids)
+    metrics = compute_metrics(lora_f, base_f, pair_rows, n_resamples=pc["bootstrap_resamples"], seed=pc["bootstrap_seed"])
+    n, seed = pc["bootstrap_resamples"], pc["bootstrap_seed"]
+    d_main = _diffs(store, plan, "main", ids)
+    extra = {}
+    if pc["scales"]:
+        by_scale = {case.lora["scale"]: d_main}
+        by_scale.update({s: _diffs(store, plan, f"scale:{s:g}", ids) for s in pc["scales"]})
+        extra["dose_response"] = ind.dose_response(by_scale, prompt_ids, n, seed)
+    if "trigger:without" in plan.profiles:
+        shared = plan.profiles["trigger:with"] == plan.profiles["trigger:without"]
+        extra["trigger_dependence"] = ind.trigger_dependence(
+            _diffs(store, plan, "trigger:with", ids), _diffs(store, plan, "trigger:without", ids),
+            list(case.lora["trigger_words"]), prompt_ids, n, seed, shared)
+    if text_records is not None:
+        text = np.stack([np.load(store.path(text_records[p.prompt.id]["path"])) for p in pairs])
+        extra["prompt_override"] = ind.prompt_override(text, base_f, lora_f, prompt_ids, n, seed)
+    extra["scope"] = ind.scope(d_main, [p.prompt.category for p in pairs], prompt_ids, n, seed)
+    if case.indicators["effect_labels"]:
+        retrieval, _ = load_prompts("builtin:retrieval")
+        extra["effect_labels"] = ind.effect_labels(
+            np.array(metrics["direction"]), lambda texts: text_features(emb, texts), [p.text for p in retrieval],
+            list(case.indicators["labels"]), case.indicators["top_labels"])
+    metrics["indicators"] = extra
+    return metrics
+
+
+def head_to_head(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, paths: dict, comparisons: list[dict]) -> None:
+    """comparison.json ``head_to_head``: behaviour (shared base arm) and weights, per comparison LoRA."""
+    from .compare import behaviour, weights
+    from .fileio import update_json
+
+    ids = [p.id for p in pairs]
+    d_t = _diffs(store, plan, "main", ids)
+    results = []
+    for i, c in enumerate(comparisons, start=1):
+        prof = f"comparison:{c['adapter']}"
+        results.append({
+            "lora": {"path": c["path"], "file_name": Path(c["path"]).name, "sha256": c["sha256"]},
+            "arm": plan.profiles[prof][1],
+            "behaviour": behaviour(d_t, _diffs(store, plan, prof, ids), pair_rows,
+                                   case.protocol["bootstrap_resamples"], case.protocol["bootstrap_seed"]),
+            "weights": weights(paths["lora"], paths[f"comparison_lora_{i}"]),
+        })
+    update_json(store.path("comparison.json"), "head_to_head", results)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

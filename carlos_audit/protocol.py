@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import AuditError
 from .hashing import sha256_json
 
-BUILTIN_SUITES = ("standard", "demo")
+BUILTIN_SUITES = ("standard", "demo", "retrieval")
 
 #: prompts_sha256 of the upstream CARLoS indexing set (carlos_prompts.json, ``indexing``),
 #: as computed by :func:`prompts_sha256`; a test checks it against ../shared/ when present.

@@ -75,7 +75,7 @@ def test_missing_casefile_cli(tmp_path):
 
 
 def test_nonexistent_prompt_sets(tmp_path):
-    with pytest.raises(AuditError, match="unknown builtin prompt suite 'nope'; allowed: builtin:standard, builtin:demo"):
+    with pytest.raises(AuditError, match="unknown builtin prompt suite 'nope'; allowed: builtin:standard, builtin:demo, builtin:retrieval"):
         load_prompts("builtin:nope")
     with pytest.raises(AuditError, match="prompt file not found"):
         load_prompts("missing.json", tmp_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 RANK = 4
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 #: name -> (seed, effect, format, extra metadata)
 DEMO_LORAS = {
@@ -25,6 +25,8 @@ DEMO_LORAS = {
     "weak": (12, 0.3, "diffusers", {}),
     "strong": (13, 3.0, "diffusers", {}),
     "unrelated": (14, 1.0, "kohya", {}),
+    # a merge: 0.7 x target + 0.3 x unrelated, rank 8 (the factors concatenated)
+    "derivative": (None, None, "kohya", {"ss_network_dim": "8", "ss_network_alpha": "8"}),
     "hostile": (15, 1.0, "diffusers", {
         "ss_output_name": "<img src=\"http://127.0.0.1:9/pwn.png\"><style>@import url('http://127.0.0.1:9/x.css');</style><b>bold</b>",
         "modelspec.title": "</td><script>alert(1)</script>",
@@ -58,6 +60,14 @@ def lora_factors(seed: int, effect: float, modules) -> dict[str, tuple[np.ndarra
         up = rng.standard_normal((fout, RANK)) * (effect / np.sqrt(RANK))
         out[name] = (down.astype(np.float32), up.astype(np.float32))
     return out
+
+
+def merged_factors(modules) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """0.7 x target + 0.3 x unrelated as one rank-8 LoRA: up @ down = sum of the scaled updates."""
+    t = lora_factors(DEMO_LORAS["target"][0], DEMO_LORAS["target"][1], modules)
+    u = lora_factors(DEMO_LORAS["unrelated"][0], DEMO_LORAS["unrelated"][1], modules)
+    return {name: (np.concatenate([t[name][0], u[name][0]]), np.concatenate([0.7 * t[name][1], 0.3 * u[name][1]], axis=1))
+            for name in t}
 
 
 def to_diffusers(factors) -> dict[str, np.ndarray]:
@@ -96,7 +106,7 @@ def build_demo_loras(dest: Path, base_sha256: str | None = None) -> dict[str, Pa
         paths[name] = p
         if p.is_file():
             continue
-        factors = lora_factors(seed, effect, modules)
+        factors = merged_factors(modules) if seed is None else lora_factors(seed, effect, modules)
         meta = {"ss_network_dim": str(RANK), "ss_network_alpha": str(RANK), "ss_network_module": "networks.lora",
                 "ss_base_model_version": "embedded:tiny-sd", "ss_output_name": f"demo-{name}",
                 "carlos_audit.demo": f"seed={seed} effect={effect} version={DEMO_VERSION}"}
@@ -105,7 +115,8 @@ def build_demo_loras(dest: Path, base_sha256: str | None = None) -> dict[str, Pa
         meta.update(extra)
         if fmt == "diffusers":
             meta["format"] = "pt"
-        state = to_diffusers(factors) if fmt == "diffusers" else to_kohya(factors)
+        rank = next(iter(factors.values()))[0].shape[0]
+        state = to_diffusers(factors) if fmt == "diffusers" else to_kohya(factors, alpha=rank)
         write_lora(p, state, meta)
     return paths
 

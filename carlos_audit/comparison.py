@@ -1,0 +1,81 @@
+"""Compare a profiled case with its reference corpus: signature check, percentiles, neighbours.
+
+Reads ``metrics.json`` and ``manifest.json`` of the case and writes ``comparison.json``:
+
+    {"corpus": {path, name, n, signature, compatible, differing_fields, unverifiable_fields,
+                allow_incompatible, excluded_row},
+     "target": {strength_percentile, consistency_percentile, neighbours: [...]},
+     "corpus_points": {strength: [...], consistency: [...]}}
+
+The target's own row is left out when the corpus holds the same LoRA file (same sha256).
+No torch import: this step only touches stored numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AuditError
+from .fileio import read_json, write_json_atomic
+
+SCHEMA = "carlos-audit/comparison/1"
+
+
+def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, allow_incompatible: bool = False,
+                        signature: dict | None = None, lora_sha256: str | None = None) -> dict:
+    """``signature`` and ``lora_sha256`` come from the case's manifest.json unless given (as the
+    profile step does, before the manifest is written)."""
+    from .corpus import load_corpus, neighbours_for_vector, require_compatible
+
+    case_dir = Path(case_dir)
+    metrics = read_json(case_dir / "metrics.json")
+    if signature is None or lora_sha256 is None:
+        manifest = read_json(case_dir / "manifest.json")
+        signature, lora_sha256 = manifest["signature"], manifest["lora"]["sha256"]
+    if not Path(corpus_path).exists():
+        raise AuditError(f"reference corpus {corpus_path} does not exist")
+    corpus = load_corpus(corpus_path)
+    compat = require_compatible(corpus.signature, signature, allow_incompatible=allow_incompatible)
+    exclude = None
+    if "lora_sha256" in corpus.rows.column_names:
+        shas = corpus.column("lora_sha256").to_pylist()
+        hits = [i for i, s in enumerate(shas) if s and s == lora_sha256]
+        if hits:
+            exclude = corpus.ids[hits[0]]
+    target = neighbours_for_vector(corpus, metrics["direction"], metrics["strength"], metrics["consistency"],
+                                   top_k=top_k, exclude_id=exclude)
+    keep = np.ones(corpus.n, dtype=bool)
+    if exclude is not None:
+        keep[corpus.index_of(exclude)] = False
+    cons = np.asarray(corpus.consistency, dtype=float)[keep]
+    result = {
+        "schema": SCHEMA,
+        "corpus": {
+            "path": str(Path(corpus_path).resolve()), "name": corpus.meta.get("name"), "n": corpus.n,
+            "signature": corpus.signature, "compatible": not compat["differing"],
+            "differing_fields": compat["differing"], "unverifiable_fields": compat["unverifiable"],
+            "allow_incompatible": bool(allow_incompatible), "excluded_row": exclude,
+            "corpus_sha256": {k: corpus.meta.get(k) for k in ("directions_sha256", "rows_sha256")},
+        },
+        "target": target,
+        "corpus_points": {
+            "strength": [float(x) for x in np.asarray(corpus.strength, dtype=float)[keep]],
+            "consistency": [None if np.isnan(x) else float(x) for x in cons],
+        },
+    }
+    path = case_dir / "comparison.json"
+    merged = read_json(path) if path.is_file() else {}
+    merged.update(result)  # keeps ``head_to_head`` written by the profile step
+    write_json_atomic(path, merged)
+    return result
+
+
+def check_corpus_signature(corpus_path: Path, case_signature: dict, allow_incompatible: bool) -> dict:
+    """Refuse before any generation when the corpus was profiled differently."""
+    from .corpus import load_corpus, require_compatible
+
+    if not (Path(corpus_path) / "corpus.json").is_file():
+        raise AuditError(f"reference corpus {corpus_path} is not a corpus (no corpus.json)")
+    return require_compatible(load_corpus(corpus_path).signature, case_signature, allow_incompatible=allow_incompatible)

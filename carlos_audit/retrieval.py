@@ -1,0 +1,154 @@
+"""CARLoS text retrieval: find corpus LoRAs whose Direction matches a text query.
+
+    signature(q) = mean over retrieval prompts p of  CLIP_txt(p + " " + q) - CLIP_txt(p)
+    score(LoRA)  = cos(signature(q), Direction(LoRA))
+
+on raw (unnormalised) text features of the embedder the corpus was profiled with. LoRAs with
+strength above ``max_strength`` or consistency below ``min_consistency`` are dropped first.
+Defaults: the upstream values 9.8 / 0.041 for a corpus profiled like CARLoS (openai ViT-B/32,
+CARLoS indexing prompts). Elsewhere the same *fractions* of the corpus are cut: 9.8 is the
+97.2th percentile of strength and 0.041 the 27.6th percentile of consistency in the public
+CARLoS database, so the defaults are those percentiles of the corpus at hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AuditError
+
+CARLOS_MAX_STRENGTH = 9.8
+CARLOS_MIN_CONSISTENCY = 0.041
+STRENGTH_PERCENTILE = 97.2
+CONSISTENCY_PERCENTILE = 27.6
+HF_CLIP_PREFIX = "hf-transformers:"
+
+
+def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_download: bool = False):
+    """A function texts -> (n, d) raw text features, for the embedder a corpus was built with."""
+    from .embed import text_features
+    from .models.loading import load_embedder
+
+    if identity == "embedded:tiny-clip":
+        emb = load_embedder("embedded:tiny-clip", None)
+        return lambda texts: text_features(emb, texts)
+    if identity.startswith("open_clip:"):
+        name, _, tag = identity[len("open_clip:"):].partition("/")
+        if tag.startswith("file:"):
+            if not checkpoint:
+                raise AuditError(f"the corpus embedder {identity} was loaded from a checkpoint file; pass --embedder-checkpoint PATH to that file")
+            tag = checkpoint
+        emb = load_embedder(name, tag, allow_download=allow_download)
+        return lambda texts: text_features(emb, texts)
+    if identity.startswith(HF_CLIP_PREFIX):
+        return _hf_text_encoder(identity[len(HF_CLIP_PREFIX):], allow_download)
+    raise AuditError(f"cannot load the text tower of embedder {identity!r}")
+
+
+def _hf_text_encoder(repo: str, allow_download: bool):
+    import torch
+    from transformers import CLIPModel, CLIPTokenizer
+
+    try:
+        model = CLIPModel.from_pretrained(repo, local_files_only=not allow_download).eval()
+        tok = CLIPTokenizer.from_pretrained(repo, local_files_only=not allow_download)
+    except Exception:
+        cache = "models--" + repo.replace("/", "--")
+        raise AuditError(
+            f"the corpus was profiled with {repo} (transformers CLIPModel); its text tower is not in the local "
+            f"Hugging Face cache ({cache}: config.json, model weights, tokenizer files); "
+            "download it there, or pass --allow-download") from None
+
+    def encode(texts):
+        out = []
+        for i in range(0, len(texts), 64):
+            batch = tok(texts[i:i + 64], padding=True, truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                f = model.get_text_features(**batch)
+            out.append((f if torch.is_tensor(f) else f.pooler_output).float().numpy())
+        return np.concatenate(out)
+
+    return encode
+
+
+def query_signature(encode, prompts: list[str], query: str) -> np.ndarray:
+    with_q = encode([f"{p} {query}" for p in prompts]).astype(np.float64)
+    plain = encode(prompts).astype(np.float64)
+    return (with_q - plain).mean(axis=0)
+
+
+def default_filters(corpus) -> dict:
+    from .protocol import CARLOS_INDEXING_SHA256
+
+    sig = corpus.signature or {}
+    if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256 and sig.get("embedder") == HF_CLIP_PREFIX + "openai/clip-vit-base-patch32":
+        return {"max_strength": CARLOS_MAX_STRENGTH, "min_consistency": CARLOS_MIN_CONSISTENCY, "source": "CARLoS upstream thresholds"}
+    s = np.asarray(corpus.strength, dtype=float)
+    c = np.asarray(corpus.consistency, dtype=float)
+    return {"max_strength": float(np.nanpercentile(s, STRENGTH_PERCENTILE)) if np.isfinite(s).any() else None,
+            "min_consistency": float(np.nanpercentile(c, CONSISTENCY_PERCENTILE)) if np.isfinite(c).any() else None,
+            "source": f"corpus percentiles (strength p{STRENGTH_PERCENTILE}, consistency p{CONSISTENCY_PERCENTILE})"}
+
+
+def retrieval_prompts(corpus, prompts_spec: str | None):
+    from .protocol import CARLOS_INDEXING_SHA256, load_prompt_set, load_prompts, prompts_sha256
+
+    sig = corpus.signature or {}
+    if prompts_spec is None:
+        if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256:
+            raise AuditError("this corpus was profiled with the CARLoS indexing prompts; pass --prompts "
+                             "carlos_prompts.json so its retrieval set is used")
+        prompts_spec = "builtin:retrieval"
+    if prompts_spec.endswith(".json") and Path(prompts_spec).is_file():
+        import json
+
+        if "retrieval" in json.loads(Path(prompts_spec).read_text("utf-8")):
+            prompts = load_prompt_set(prompts_spec, "retrieval")
+            return prompts, {"source": f"{prompts_spec} (retrieval set)", "n": len(prompts), "sha256": prompts_sha256(prompts)}
+    prompts, _ = load_prompts(prompts_spec)
+    return prompts, {"source": prompts_spec, "n": len(prompts), "sha256": prompts_sha256(prompts)}
+
+
+def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | None = None,
+             min_consistency: float | None = None, prompts: str | None = None,
+             embedder_checkpoint: str | None = None, allow_download: bool = False) -> dict:
+    from .corpus import load_corpus
+
+    if not query.strip():
+        raise AuditError("the query is empty")
+    corpus = load_corpus(corpus_path)
+    filters = default_filters(corpus)
+    if max_strength is not None:
+        filters["max_strength"], filters["source"] = max_strength, "given"
+    if min_consistency is not None:
+        filters["min_consistency"], filters["source"] = min_consistency, "given"
+    prompt_list, prompt_info = retrieval_prompts(corpus, prompts)
+    identity = (corpus.signature or {}).get("embedder")
+    if not identity:
+        raise AuditError(f"corpus {corpus_path} does not record its embedder; text retrieval needs it")
+    encode = text_encoder_for(identity, checkpoint=embedder_checkpoint, allow_download=allow_download)
+    sig = query_signature(encode, [p.text for p in prompt_list], query)
+    d = np.asarray(corpus.directions, dtype=np.float64)
+    if d.shape[1] != sig.size:
+        raise AuditError(f"the text features have {sig.size} dimensions but the corpus directions {d.shape[1]}")
+    norms = np.linalg.norm(d, axis=1) * (np.linalg.norm(sig) or 1.0)
+    scores = np.divide(d @ sig, norms, out=np.zeros(len(d)), where=norms > 0)
+    s = np.asarray(corpus.strength, dtype=float)
+    c = np.asarray(corpus.consistency, dtype=float)
+    keep = np.ones(len(d), dtype=bool)
+    if filters["max_strength"] is not None:
+        keep &= s <= filters["max_strength"]
+    if filters["min_consistency"] is not None:
+        keep &= np.nan_to_num(c, nan=-np.inf) >= filters["min_consistency"]
+    idx = np.flatnonzero(keep)
+    ids = corpus.ids
+    order = sorted(idx, key=lambda i: (-scores[i], ids[i]))[:top_k]
+    names = corpus.column("name").to_pylist()
+    return {
+        "query": query, "corpus": str(corpus_path), "embedder": identity, "filters": filters,
+        "prompts": prompt_info, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
+        "results": [{"id": ids[i], "name": names[i], "score": float(scores[i]), "strength": float(s[i]),
+                     "consistency": None if np.isnan(c[i]) else float(c[i])} for i in order],
+    }
