@@ -1,0 +1,202 @@
+"""The report's figures, drawn with matplotlib (Agg, no pyplot) into the case folder.
+
+Every figure is an SVG written with fixed settings, so the same stored results always give the
+same bytes: ``svg.hashsalt`` fixes the ids matplotlib writes, ``metadata={"Date": None}`` drops
+the timestamp, and text is drawn as paths (``svg.fonttype = "path"``), so the PDF needs no
+extra font and no text from a prompt or corpus is ever interpreted (``text.parse_math`` off).
+
+Also here: the pictures of the image evidence (display copies of pairs for the body, and one
+contact sheet of thumbnails per prompt for the appendix), written as deterministic JPEG/PNG.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from matplotlib.figure import Figure  # noqa: E402
+
+from ..fileio import write_bytes_atomic  # noqa: E402
+
+RC = {
+    "svg.hashsalt": "carlos-audit",
+    "svg.fonttype": "path",
+    "text.parse_math": False,
+    "text.usetex": False,
+    "font.family": "DejaVu Sans",
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "path.simplify": False,
+}
+TARGET_COLOUR = "#b2182b"
+BAR_COLOUR = "#4a6fa5"
+CORPUS_COLOUR = "#9a9a9a"
+
+
+def svg_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    with matplotlib.rc_context(RC):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": "carlos-audit"})
+    return buf.getvalue()
+
+
+def _new_figure(width_in: float, height_in: float) -> Figure:
+    with matplotlib.rc_context(RC):
+        return Figure(figsize=(width_in, height_in), layout="constrained")
+
+
+def _label(text: str, limit: int = 28) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- results figures
+
+
+def per_category_figure(per_category: dict) -> Figure:
+    """Strength and consistency per prompt category, as two horizontal bar panels."""
+    names = sorted(per_category)
+    with matplotlib.rc_context(RC):
+        fig = _new_figure(6.8, 0.9 + 0.24 * max(len(names), 2))
+        ax_s, ax_c = fig.subplots(1, 2, sharey=True)
+        y = list(range(len(names)))
+        strengths = [per_category[n]["strength"] for n in names]
+        cons = [per_category[n]["consistency"] for n in names]
+        ax_s.barh(y, strengths, color=BAR_COLOUR, height=0.6)
+        ax_s.set_yticks(y, [f"{_label(n)} (n={per_category[n]['n_pairs']})" for n in names])
+        ax_s.invert_yaxis()
+        ax_s.set_title("Strength per category")
+        ax_s.set_xlabel("mean L2 norm of diffs")
+        ax_c.barh(y, [0.0 if c is None else c for c in cons], color=BAR_COLOUR, height=0.6)
+        for yi, c in zip(y, cons):
+            if c is None:
+                ax_c.text(0, yi, " undefined", va="center", fontsize=7)
+        ax_c.axvline(0, color="black", linewidth=0.6)
+        ax_c.set_title("Consistency per category")
+        ax_c.set_xlabel("mean pairwise cosine of diffs")
+        for ax in (ax_s, ax_c):
+            ax.grid(axis="x", linewidth=0.3, color="#cccccc")
+            ax.set_axisbelow(True)
+    return fig
+
+
+def diff_norm_figure(diff_norms: list[float], strength: float) -> Figure:
+    """Histogram of the per-pair diff norms ||d_i||, with their mean (the Strength) marked."""
+    with matplotlib.rc_context(RC):
+        fig = _new_figure(6.8, 2.4)
+        ax = fig.subplots()
+        bins = min(60, max(8, int(len(diff_norms) ** 0.5) * 2))
+        ax.hist(diff_norms, bins=bins, color=BAR_COLOUR, edgecolor="white", linewidth=0.4)
+        ax.axvline(strength, color=TARGET_COLOUR, linewidth=1.2)
+        ax.annotate(f"Strength (mean) = {strength:.4f}", xy=(strength, 1), xycoords=("data", "axes fraction"),
+                    xytext=(4, -10), textcoords="offset points", color=TARGET_COLOUR, fontsize=7.5)
+        ax.set_xlabel("||d_i||, the size of the LoRA's effect on one pair (same prompt, same seed)")
+        ax.set_ylabel("number of pairs")
+        ax.set_title(f"Distribution of the effect size over all {len(diff_norms)} pairs")
+    return fig
+
+
+def corpus_scatter_figure(points: dict, target_strength: float, target_consistency: float | None) -> Figure:
+    """Strength vs consistency of every reference-corpus LoRA, the examined LoRA highlighted."""
+    xs, ys = [], []
+    for s, c in zip(points.get("strength", []), points.get("consistency", [])):
+        if s is not None and c is not None:
+            xs.append(float(s))
+            ys.append(float(c))
+    with matplotlib.rc_context(RC):
+        fig = _new_figure(6.8, 3.4)
+        ax = fig.subplots()
+        ax.scatter(xs, ys, s=9, color=CORPUS_COLOUR, alpha=0.7, linewidths=0, label=f"reference corpus ({len(xs)} LoRAs)")
+        if target_consistency is not None:
+            ax.scatter([target_strength], [target_consistency], s=90, marker="*", color=TARGET_COLOUR,
+                       edgecolors="black", linewidths=0.5, label="the examined LoRA", zorder=3)
+        else:
+            ax.axvline(target_strength, color=TARGET_COLOUR, linewidth=1.2, label="the examined LoRA (consistency undefined)")
+        ax.set_xlabel("Strength (mean L2 norm of diffs)")
+        ax.set_ylabel("Consistency (mean pairwise cosine)")
+        ax.set_title("The examined LoRA against the reference corpus")
+        ax.grid(linewidth=0.3, color="#dddddd")
+        ax.set_axisbelow(True)
+        ax.legend(loc="best", fontsize=7, frameon=False)
+    return fig
+
+
+def write_result_figures(case_dir: Path, metrics: dict, comparison: dict | None) -> dict:
+    """Draw every results figure into ``figures/``; returns {name: path relative to the case}."""
+    out = {}
+    figs = {
+        "per_category": per_category_figure(metrics.get("per_category") or {}),
+        "diff_norms": diff_norm_figure([p["diff_norm"] for p in metrics.get("per_pair", [])], metrics["strength"]),
+    }
+    points = (comparison or {}).get("corpus_points")
+    if points and points.get("strength"):
+        figs["corpus_scatter"] = corpus_scatter_figure(points, metrics["strength"], metrics.get("consistency"))
+    for name, fig in figs.items():
+        rel = f"figures/{name}.svg"
+        write_bytes_atomic(case_dir / rel, svg_bytes(fig))
+        out[name] = rel
+    return out
+
+
+# ----------------------------------------------------------------------------- image evidence
+
+THUMB_PX = 64          # contact-sheet thumbnail edge, pixels
+SHEET_MAX_COLUMNS = 16  # seeds per contact sheet row; more seeds -> more sheets
+SHEET_GAP = 4
+DISPLAY_MAX_PX = 256    # body images larger than this are shown as a downscaled copy
+
+
+def _open_rgb(data: bytes):
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im.convert("RGB")
+
+
+def thumbnail(data: bytes, px: int = THUMB_PX):
+    from PIL import Image
+
+    im = _open_rgb(data)
+    if im.width == px and im.height == px:
+        return im
+    im.thumbnail((px, px), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    canvas = Image.new("RGB", (px, px), "white")
+    canvas.paste(im, ((px - im.width) // 2, (px - im.height) // 2))
+    return canvas
+
+
+def contact_sheet(columns: list[tuple[bytes, bytes]]) -> bytes:
+    """One JPEG: a column per seed, base thumbnail on top, LoRA thumbnail below."""
+    from PIL import Image
+
+    n = len(columns)
+    w = n * THUMB_PX + (n - 1) * SHEET_GAP
+    h = 2 * THUMB_PX + SHEET_GAP
+    sheet = Image.new("RGB", (w, h), "white")
+    for i, (base, lora) in enumerate(columns):
+        x = i * (THUMB_PX + SHEET_GAP)
+        sheet.paste(thumbnail(base), (x, 0))
+        sheet.paste(thumbnail(lora), (x, THUMB_PX + SHEET_GAP))
+    buf = io.BytesIO()
+    sheet.save(buf, format="JPEG", quality=85, optimize=False, progressive=False, subsampling=0)
+    return buf.getvalue()
+
+
+def display_copy(data: bytes) -> bytes | None:
+    """A downscaled PNG for the body when the original is larger than DISPLAY_MAX_PX; else None."""
+    from PIL import Image
+
+    im = _open_rgb(data)
+    if max(im.size) <= DISPLAY_MAX_PX:
+        return None
+    im.thumbnail((DISPLAY_MAX_PX, DISPLAY_MAX_PX), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
