@@ -104,8 +104,23 @@ def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
     if ci["consistency"]:
         cons += f"  95% CI [{ci['consistency'][0]:.4f}, {ci['consistency'][1]:.4f}]"
     click.echo(f"  consistency {cons}")
+    for h in _head_to_head(result["out"]):
+        b, w = h["behaviour"], h["weights"]
+        ci = b["direction_cosine_ci"] or [None, None]
+        click.echo(f"  vs {_label(h['lora']['file_name'])}: behaviour direction cosine {_fmt(b['direction_cosine'])} "
+                   f"[{_fmt(ci[0])}, {_fmt(ci[1])}]; weights cosine {_fmt(w.get('cosine'))}, "
+                   f"norm ratio {_fmt(w.get('norm_ratio'))} ({w['reading']})")
     for extra in result.get("written", []):
         click.echo(f"  wrote {extra}")
+
+
+def _head_to_head(case_dir) -> list:
+    from pathlib import Path
+
+    from .fileio import read_json
+
+    p = Path(case_dir) / "comparison.json"
+    return read_json(p).get("head_to_head", []) if p.is_file() else []
 
 
 @main.command()
@@ -123,6 +138,49 @@ def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download
                               ("--allow-unsafe-pickle", allow_unsafe_pickle)) if on]
     argv = ["carlos-audit", "run", casefile] + (["--out", out] if out else []) + flags
     _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+
+
+@main.command()
+@click.argument("casefile", type=click.Path(dir_okay=False))
+@click.option("--with", "with_loras", multiple=True, type=click.Path(dir_okay=False),
+              help="A comparison LoRA (repeatable), added to the case's [comparison] loras.")
+@run_options
+def compare(casefile, with_loras, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
+            allow_incompatible):
+    """Head-to-head: the case's LoRA against comparison LoRAs, in behaviour and in weights.
+
+    Runs the case (sharing its base arm with every comparison LoRA) and prints both analyses.
+
+    \b
+    Example:
+        carlos-audit compare casefiles/demo.toml
+        carlos-audit compare my_case.toml --with suspect_copy.safetensors
+    """
+    casefile = _with_comparisons(casefile, with_loras) if with_loras else casefile
+    argv = ["carlos-audit", "compare", casefile] + [a for p in with_loras for a in ("--with", p)]
+    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+
+
+def _with_comparisons(casefile: str, loras) -> str:
+    """A copy of the case file beside it with the extra comparison LoRAs (the original is never modified)."""
+    import tomllib
+    from pathlib import Path
+
+    from .corpus_build import _dump_toml
+    from .errors import AuditError
+
+    src = Path(casefile)
+    if not src.is_file():
+        raise AuditError(f"case file not found: {src}")
+    try:
+        data = tomllib.loads(src.read_text("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise AuditError(f"{src}: malformed TOML: {e}") from None
+    data.setdefault("comparison", {}).setdefault("loras", [])
+    data["comparison"]["loras"] += [str(Path(p).resolve()) for p in loras]
+    dst = src.with_name(src.stem + ".compare.toml")
+    dst.write_text(_dump_toml(data))
+    return str(dst)
 
 
 @main.command()
