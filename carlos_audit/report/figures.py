@@ -127,6 +127,112 @@ def corpus_scatter_figure(points: dict, target_strength: float, target_consisten
     return fig
 
 
+# ----------------------------------------------------------------------------- beyond the paper
+
+
+def _ci_err(values, cis):
+    """(values, yerr) for errorbar: points without a CI get a zero-length bar."""
+    lo, hi = [], []
+    for v, ci in zip(values, cis):
+        if v is None or not ci:
+            lo.append(0.0)
+            hi.append(0.0)
+        else:
+            lo.append(max(0.0, v - ci[0]))
+            hi.append(max(0.0, ci[1] - v))
+    return [lo, hi]
+
+
+def dose_response_figure(dose: dict) -> Figure:
+    """Strength and consistency against the LoRA scale, 95% CIs as error bars; (0, 0) for strength
+    is exact by construction (adapter weight 0 reproduces the base images)."""
+    pts = sorted((p for p in dose.get("points", []) if p.get("strength") is not None), key=lambda p: float(p["scale"]))
+    xs = [float(p["scale"]) for p in pts]
+    ss = [float(p["strength"]) for p in pts]
+    with matplotlib.rc_context(RC):
+        fig = _new_figure(6.8, 2.6)
+        ax_s, ax_c = fig.subplots(1, 2)
+        ax_s.plot([0.0] + xs, [0.0] + ss, color=BAR_COLOUR, linewidth=0.8)
+        ax_s.errorbar(xs, ss, yerr=_ci_err(ss, [p.get("strength_ci") for p in pts]), fmt="o", color=BAR_COLOUR,
+                      markersize=4, capsize=3, elinewidth=0.8, label="measured (95% CI)")
+        ax_s.plot([0.0], [0.0], marker="D", markersize=5, color="black", linestyle="none",
+                  label="scale 0: exactly 0 (by construction)")
+        s1 = dose.get("strength_at_scale_1")
+        half = dose.get("half_strength_scale")
+        if s1 and half is not None:
+            ax_s.plot([0.0, half, half], [s1 / 2, s1 / 2, 0.0], color=TARGET_COLOUR, linewidth=0.8, linestyle="--",
+                      label=f"half of the strength at scale 1: scale {half:.2f}")
+        ax_s.set_xlabel("LoRA scale chosen by the user")
+        ax_s.set_ylabel("Strength")
+        ax_s.set_title("Strength against scale")
+        ax_s.set_xlim(left=-0.05 * max(xs + [1.0]))
+        ax_s.set_ylim(bottom=0.0)
+        ax_s.legend(loc="upper left", fontsize=6.5, frameon=False)
+        cp = [p for p in pts if p.get("consistency") is not None]
+        cx = [float(p["scale"]) for p in cp]
+        cy = [float(p["consistency"]) for p in cp]
+        ax_c.plot(cx, cy, color=BAR_COLOUR, linewidth=0.8)
+        ax_c.errorbar(cx, cy, yerr=_ci_err(cy, [p.get("consistency_ci") for p in cp]), fmt="o", color=BAR_COLOUR,
+                      markersize=4, capsize=3, elinewidth=0.8)
+        ax_c.set_xlabel("LoRA scale chosen by the user")
+        ax_c.set_ylabel("Consistency")
+        ax_c.set_title("Consistency against scale (undefined at 0)")
+        ax_c.set_xlim(ax_s.get_xlim())
+        for ax in (ax_s, ax_c):
+            ax.grid(linewidth=0.3, color="#dddddd")
+            ax.set_axisbelow(True)
+    return fig
+
+
+def values_histogram_figure(values: list[float], *, xlabel: str, title: str, marks: list[tuple[str, float, str]],
+                            xlim: tuple[float, float] | None = None, height: float = 2.0) -> Figure:
+    """A small histogram of per-pair values with labelled vertical marks (label, x, colour)."""
+    with matplotlib.rc_context(RC):
+        fig = _new_figure(6.8, height)
+        ax = fig.subplots()
+        bins = min(40, max(8, int(len(values) ** 0.5) * 2))
+        ax.hist(values, bins=bins, range=xlim, color=BAR_COLOUR, edgecolor="white", linewidth=0.4)
+        for k, (label, x, colour) in enumerate(marks):
+            ax.axvline(x, color=colour, linewidth=1.1, linestyle="-" if k == 0 else "--", label=label)
+        if marks:
+            ax.legend(loc="upper left", fontsize=7, frameon=False)
+        if xlim is not None:
+            ax.set_xlim(*xlim)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("number of pairs")
+        ax.set_title(title)
+    return fig
+
+
+def _indicator_figures(metrics: dict, comparison: dict | None) -> dict:
+    figs = {}
+    ind = metrics.get("indicators") if isinstance(metrics.get("indicators"), dict) else {}
+    dose = ind.get("dose_response")
+    if isinstance(dose, dict) and any(p.get("strength") is not None for p in dose.get("points") or []):
+        figs["dose_response"] = dose_response_figure(dose)
+    po = ind.get("prompt_override")
+    if isinstance(po, dict) and po.get("per_pair") and po.get("mean") is not None:
+        vals = [float(v) for v in po["per_pair"] if v is not None]
+        figs["prompt_override"] = values_histogram_figure(
+            vals, xlabel="cos(prompt, LoRA image) − cos(prompt, base image), one value per pair",
+            title=f"Prompt override over {len(vals)} pairs (below 0: the LoRA image matches the prompt less)",
+            marks=[(f"mean = {float(po['mean']):.3g}", float(po["mean"]), TARGET_COLOUR), ("0 (no change)", 0.0, "black")])
+    for i, h in enumerate((comparison or {}).get("head_to_head") or [], start=1):
+        b = h.get("behaviour") if isinstance(h, dict) else None
+        vals = [float(v) for v in ((b or {}).get("per_pair_cosine") or {}).get("values", {}).values() if v is not None]
+        if not vals:
+            continue
+        marks = []
+        if (b.get("per_pair_cosine") or {}).get("mean") is not None:
+            marks.append((f"mean per-pair cosine = {b['per_pair_cosine']['mean']:.3f}", float(b["per_pair_cosine"]["mean"]), TARGET_COLOUR))
+        if b.get("direction_cosine") is not None:
+            marks.append((f"direction cosine = {b['direction_cosine']:.3f}", float(b["direction_cosine"]), "black"))
+        figs[f"h2h_{i}"] = values_histogram_figure(
+            vals, xlabel="cosine between the two LoRAs' changes to the same pair (same prompt, same seed)",
+            title=f"Per-pair agreement of the two LoRAs over {len(vals)} pairs", marks=marks, xlim=(-1.0, 1.0))
+    return figs
+
+
 def write_result_figures(case_dir: Path, metrics: dict, comparison: dict | None) -> dict:
     """Draw every results figure into ``figures/``; returns {name: path relative to the case}."""
     out = {}
@@ -137,6 +243,7 @@ def write_result_figures(case_dir: Path, metrics: dict, comparison: dict | None)
     points = (comparison or {}).get("corpus_points")
     if points and points.get("strength"):
         figs["corpus_scatter"] = corpus_scatter_figure(points, metrics["strength"], metrics.get("consistency"))
+    figs.update(_indicator_figures(metrics, comparison))
     for name, fig in figs.items():
         rel = f"figures/{name}.svg"
         write_bytes_atomic(case_dir / rel, svg_bytes(fig))

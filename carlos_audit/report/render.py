@@ -4,6 +4,9 @@
         read       manifest.json, metrics.json, comparison.json (optional)
         check      every image in the manifest is in the case folder with its recorded sha256
         draw       figures/*.svg (matplotlib), figures/sheets/*.jpg (thumbnails, one per prompt)
+        sections   arms and profiles (2.5), further indicators from metrics.json ``indicators`` (3A),
+                   head-to-head from comparison.json ``head_to_head`` (5A, with triptychs of the
+                   comparison arm's images, hash-checked); each omitted when its data is absent
         render     templates/report.html.j2 (Jinja2, autoescape) -> HTML -> PDF/A-3b (weasyprint)
         write      report.pdf and report.pdf.sha256 (sha256sum format)
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -284,8 +288,8 @@ def _self_reported(lora: dict) -> dict:
 
 
 def _comparison(comparison: dict | None) -> dict:
-    if not comparison:
-        return {"configured": False}
+    if not comparison or not (comparison.get("corpus") or comparison.get("target")):
+        return {"configured": False}  # no file, or only ``head_to_head`` (no reference corpus)
     corpus = comparison.get("corpus") or {}
     target = comparison.get("target") or {}
     neighbours = []
@@ -314,6 +318,231 @@ def _comparison(comparison: dict | None) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- beyond the paper
+
+
+N_LABELS_SHOWN = 10       # effect labels listed (all are in metrics.json)
+N_MODULE_NAMES = 5        # module names listed when two LoRA files differ in their modules
+
+
+def _num_or_none(x):
+    try:
+        return None if x is None else float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pair_ci(ci) -> list[float] | None:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num_or_none(v) is not None for v in ci):
+        return [float(ci[0]), float(ci[1])]
+    return None
+
+
+def _indicators(metrics: dict) -> dict:
+    """The indicators beyond the paper (metrics.json ``indicators``), each None when absent."""
+    ind = metrics.get("indicators")
+    out = {"present": False, "dose": None, "trigger": None, "override": None, "scope": None, "labels": None}
+    if not isinstance(ind, dict):
+        return out
+
+    dr = ind.get("dose_response")
+    if isinstance(dr, dict) and dr.get("points"):
+        s1 = _num_or_none(dr.get("strength_at_scale_1"))
+        points = []
+        for p in sorted(dr["points"], key=lambda p: float(p["scale"])):
+            s = _num_or_none(p.get("strength"))
+            points.append({"scale": float(p["scale"]), "strength": s, "strength_ci": _pair_ci(p.get("strength_ci")),
+                           "consistency": _num_or_none(p.get("consistency")),
+                           "consistency_ci": _pair_ci(p.get("consistency_ci")),
+                           "share": (s / s1 * 100.0) if (s is not None and s1) else None})
+        out["dose"] = {"points": points, "strength_at_scale_1": s1,
+                       "half_strength_scale": _num_or_none(dr.get("half_strength_scale")),
+                       "increasing": bool(dr.get("strength_strictly_increasing")),
+                       "definition": str(dr.get("definition", ""))}
+
+    td = ind.get("trigger_dependence")
+    if isinstance(td, dict):
+        words = [_clip(w, 60)[0] for w in (td.get("trigger_words") or [])][:20]
+        out["trigger"] = {"ratio": _num_or_none(td.get("ratio")), "ratio_ci": _pair_ci(td.get("ratio_ci")),
+                          "strength_with": _num_or_none(td.get("strength_with")),
+                          "strength_without": _num_or_none(td.get("strength_without")),
+                          "words": words, "note": td.get("note"), "definition": str(td.get("definition", ""))}
+
+    po = ind.get("prompt_override")
+    if isinstance(po, dict) and _num_or_none(po.get("mean")) is not None:
+        vals = [float(v) for v in po.get("per_pair") or [] if _num_or_none(v) is not None]
+        ci = _pair_ci(po.get("ci"))
+        out["override"] = {"mean": float(po["mean"]), "ci": ci, "n": len(vals),
+                           "n_negative": sum(v < 0 for v in vals),
+                           "min": min(vals) if vals else None, "max": max(vals) if vals else None,
+                           "ci_excludes_zero": bool(ci and (ci[1] < 0 or ci[0] > 0)),
+                           "definition": str(po.get("definition", ""))}
+
+    sc = ind.get("scope")
+    if isinstance(sc, dict):
+        per = sc.get("per_category_strength") or {}
+        total = sum(float(v) for v in per.values() if _num_or_none(v) is not None)
+        rows = [{"name": _clip(k, 60)[0], "strength": _num_or_none(v),
+                 "share": (float(v) / total * 100.0) if (total > 0 and _num_or_none(v) is not None) else None}
+                for k, v in sorted(per.items(), key=lambda kv: str(kv[0]))]
+        out["scope"] = {"concentration": _num_or_none(sc.get("concentration")), "ci": _pair_ci(sc.get("ci")),
+                        "rows": rows, "note": sc.get("note"), "definition": str(sc.get("definition", ""))}
+
+    el = ind.get("effect_labels")
+    if isinstance(el, dict):
+        top = [{"label": _clip(r.get("label", ""), 60)[0], "group": _clip(r.get("group", ""), 40)[0],
+                "score": _num_or_none(r.get("score"))} for r in (el.get("top") or [])[:N_LABELS_SHOWN] if isinstance(r, dict)]
+        out["labels"] = {"top": top, "n_top": len(el.get("top") or []), "vocabulary_size": el.get("vocabulary_size"),
+                         "note": el.get("note"), "definition": str(el.get("definition", ""))}
+
+    out["present"] = any(out[k] is not None for k in ("dose", "trigger", "override", "scope", "labels"))
+    return out
+
+
+def _profile_purpose(name: str, adapters: dict) -> str:
+    if name == "main":
+        return "the CARLoS profile (sections 1 and 3)"
+    if name.startswith("scale:"):
+        return f"dose-response at LoRA scale {name.split(':', 1)[1]}"
+    if name == "trigger:with":
+        return "trigger dependence: trigger words in the prompt"
+    if name == "trigger:without":
+        return "trigger dependence: no trigger words in either arm"
+    if name.startswith("comparison:"):
+        adapter = name.split(":", 1)[1]
+        return f"head-to-head with {adapters.get(adapter, adapter)}"
+    return ""
+
+
+def _arms_plan(manifest: dict) -> dict:
+    """Method: the arms generated and the profiles (base arm, LoRA arm) that use them."""
+    proto = manifest.get("protocol") or {}
+    arms = proto.get("arms") or {}
+    profiles = proto.get("profiles") or ({"main": ["base", "lora"]} if {"base", "lora"} <= set(arms) else {})
+    aliases = proto.get("arm_aliases") or {}
+    lora_name = (manifest.get("lora") or {}).get("file_name") or "the examined LoRA"
+    adapters = {"target": f"the examined LoRA ({_clip(lora_name, 60)[0]})"}
+    for c in manifest.get("comparison_loras") or []:
+        if isinstance(c, dict) and c.get("adapter"):
+            adapters[str(c["adapter"])] = f"comparison LoRA {_clip(PurePosixPath(str(c.get('path', ''))).name or c['adapter'], 60)[0]}"
+    def order(name: str):
+        kind, _, rest = name.partition(":")
+        rank = {"main": 0, "scale": 1, "trigger": 2, "comparison": 3}.get(kind, 4)
+        try:
+            sub = (float(rest), "") if kind == "scale" else (0.0, rest)
+        except ValueError:
+            sub = (0.0, rest)
+        return (rank, sub, name)
+
+    profiles = {k: profiles[k] for k in sorted(profiles, key=order)}
+    used: dict[str, list[str]] = {}
+    for prof, pair in profiles.items():
+        for a in pair:
+            used.setdefault(a, []).append(prof)
+    first_use = {}
+    for prof, pair in profiles.items():
+        for a in pair:
+            first_use.setdefault(a, len(first_use))
+    rows = []
+    for name in sorted(arms, key=lambda n: (first_use.get(n, len(first_use)), n)):
+        a = arms[name]
+        adapter = a.get("adapter")
+        rows.append({"name": name, "adapter": "none (base weights)" if adapter is None else adapters.get(adapter, str(adapter)),
+                     "scale": a.get("scale"), "triggers": bool(a.get("with_triggers")),
+                     "profiles": used.get(name, [])})
+    profile_rows = [{"name": p, "base": pair[0], "lora": pair[1], "purpose": _profile_purpose(p, adapters)}
+                    for p, pair in profiles.items() if isinstance(pair, (list, tuple)) and len(pair) == 2]
+    shared = [{"arm": a, "profiles": ps} for a, ps in used.items() if len(ps) > 1]
+    renamed = [{"requested": k, "generated": v} for k, v in aliases.items() if k != v]
+    return {"rows": rows, "profiles": profile_rows, "shared": shared, "aliases": renamed}
+
+
+# ----------------------------------------------------------------------------- head-to-head
+
+
+def _arm_image(case_dir: Path, row: dict, arm: str, rel_display: str, mismatches: list[dict]) -> dict | None:
+    """One image of a pair for a triptych: checked against its recorded hash, a display copy when large."""
+    rec = (row.get("arms") or {}).get(arm)
+    if not isinstance(rec, dict) or not rec.get("image"):
+        return None
+    path = _case_file(case_dir, rec["image"])
+    if not path.is_file():
+        raise AuditError(f"case folder {case_dir} lacks {rec['image']} (pair {row['pair_id']}, arm {arm}); the report needs every image it shows")
+    data = path.read_bytes()
+    actual = sha256_bytes(data)
+    if arm not in ("base", "lora") and actual != rec.get("image_sha256"):  # base and LoRA: image_evidence
+        mismatches.append({"pair_id": row["pair_id"], "arm": arm, "path": rec["image"],
+                           "recorded": rec.get("image_sha256"), "actual": actual})
+    rel = rec["image"]
+    copy = figures.display_copy(data)
+    if copy is not None:
+        rel = rel_display
+        write_bytes_atomic(case_dir / rel, copy)
+    return {"src": quote(rel), "hash": _short(rec.get("image_sha256"))}
+
+
+def _head_to_head(case_dir: Path, manifest: dict, comparison: dict | None, figs: dict, prompt_text: dict,
+                  mismatches: list[dict]) -> list[dict]:
+    """comparison.json ``head_to_head``: one entry per comparison LoRA, with its triptychs."""
+    h2h = (comparison or {}).get("head_to_head")
+    if not isinstance(h2h, list):
+        return []
+    rows_by_id = {r["pair_id"]: r for r in manifest["pairs"]}
+    out = []
+    for i, h in enumerate(h2h, start=1):
+        if not isinstance(h, dict):
+            continue
+        arm = str(h.get("arm", ""))
+        lora = h.get("lora") or {}
+        b = h.get("behaviour") or {}
+        w = h.get("weights") or {}
+        ppc = b.get("per_pair_cosine") or {}
+        values = ppc.get("values") or {}
+        q = ppc.get("quantiles") or {}
+
+        def triptychs(ids, group):
+            cards = []
+            for k, pid in enumerate(ids or []):
+                row = rows_by_id.get(pid)
+                if row is None:
+                    continue
+                imgs = {role: _arm_image(case_dir, row, a, f"figures/display/h2h{i:02d}_{group}{k:02d}_{role}.png", mismatches)
+                        for role, a in (("base", "base"), ("target", "lora"), ("cmp", arm))}
+                if any(v is None for v in imgs.values()):
+                    continue
+                text, cut = _clip(prompt_text.get(row["prompt_id"], ""), 110)
+                cards.append({"pair_id": row["pair_id"], "prompt_id": row["prompt_id"], "seed": row["seed"],
+                              "prompt": text + ("…" if cut else ""), "cosine": _num_or_none(values.get(pid)), **imgs})
+            return cards
+
+        def names(key):
+            v = w.get(key) or []
+            return {"n": len(v), "first": [_clip(x, 100)[0] for x in v[:N_MODULE_NAMES]]}
+
+        st, co = b.get("strength") or {}, b.get("consistency") or {}
+        name, cut = _clip(lora.get("file_name") or f"comparison LoRA {i}", 120)
+        out.append({
+            "index": i, "arm": arm, "file_name": name + ("…" if cut else ""), "sha256": str(lora.get("sha256") or ""),
+            "direction_cosine": _num_or_none(b.get("direction_cosine")), "direction_cosine_ci": _pair_ci(b.get("direction_cosine_ci")),
+            "per_pair_mean": _num_or_none(ppc.get("mean")),
+            "quantiles": [(k, _num_or_none(q.get(k))) for k in ("p05", "p25", "p50", "p75", "p95") if k in q],
+            "n_pairs": len(values),
+            "per_category": [{"name": _clip(c, 60)[0], "cosine": _num_or_none(v)}
+                             for c, v in sorted((b.get("per_category_cosine") or {}).items(), key=lambda kv: str(kv[0]))],
+            "strength": {"target": _num_or_none(st.get("target")), "comparison": _num_or_none(st.get("comparison"))},
+            "consistency": {"target": _num_or_none(co.get("target")), "comparison": _num_or_none(co.get("comparison"))},
+            "weights": {"present": bool(w), "cosine": _num_or_none(w.get("cosine")), "norm_ratio": _num_or_none(w.get("norm_ratio")),
+                        "payload_identical": w.get("payload_identical"), "modules_compared": w.get("modules_compared"),
+                        "only_a": names("modules_only_in_a"), "only_b": names("modules_only_in_b"),
+                        "format_a": w.get("format_a"), "format_b": w.get("format_b"),
+                        "reading": _clip(w.get("reading") or "", 200)[0]},
+            "figure": figs.get(f"h2h_{i}"),
+            "agree_most": triptychs(b.get("agree_most"), "m"),
+            "agree_least": triptychs(b.get("agree_least"), "l"),
+        })
+    return out
+
+
 def build_context(case_dir: Path, manifest: dict, metrics: dict, comparison: dict | None,
                   figs: dict, evidence: dict, attachments: list[dict]) -> dict:
     run = manifest.get("run", {})
@@ -322,6 +551,10 @@ def build_context(case_dir: Path, manifest: dict, metrics: dict, comparison: dic
     prompts = manifest.get("prompts", [])
     prompt_text = {p["id"]: p["text"] for p in prompts}
     rows_by_id = {r["pair_id"]: r for r in manifest["pairs"]}
+
+    # head-to-head first: its triptych images are hash-checked and join the mismatches below
+    head_to_head = _head_to_head(case_dir, manifest, comparison, figs, prompt_text, evidence["mismatches"])
+    n_cmp_images_checked = sum(len(t) for h in head_to_head for t in (h["agree_most"], h["agree_least"]))
 
     sample, largest, smallest = select_body_pairs(manifest, metrics)
     cards = lambda ids: [_pair_card(rows_by_id[i], prompt_text.get(rows_by_id[i]["prompt_id"], ""), evidence) for i in ids]  # noqa: E731
@@ -428,6 +661,10 @@ def build_context(case_dir: Path, manifest: dict, metrics: dict, comparison: dic
         "package_rows": _flatten((manifest.get("environment") or {}).get("packages", {})),
         "known_errors": known.get("entries", []),
         "arms": proto.get("arms", {}),
+        "arms_plan": _arms_plan(manifest),
+        "indicators": _indicators(metrics),
+        "head_to_head": head_to_head,
+        "n_cmp_images_checked": n_cmp_images_checked,
     }
 
 
@@ -458,7 +695,26 @@ def _jinja_env():
         n = int(text)
         return text + ("th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th"))
 
+    def sig(x, digits: int = 3):
+        """A small number with `digits` significant digits, never in exponent form."""
+        if x is None:
+            return "n/a"
+        x = float(x)
+        if x == 0:
+            return "0"
+        places = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+        return f"{x:.{min(places, 12)}f}"
+
+    def percent(x):
+        return "n/a" if x is None else f"{float(x):.0f}%"
+
+    def g(x):
+        return "n/a" if x is None else f"{float(x):g}"
+
     env.filters["num"] = num
+    env.filters["g"] = g
+    env.filters["sig"] = sig
+    env.filters["percent"] = percent
     env.filters["pct"] = pct
     env.filters["trim"] = trim
     env.filters["short"] = _short
@@ -472,6 +728,19 @@ def render_html(context: dict) -> str:
 def render_report(case_dir: Path) -> Path:
     """Render ``report.pdf`` (and ``report.pdf.sha256``) from a finished case folder's stored
     results. Raises AuditError for a folder that is not a finished case."""
+    case_dir = Path(case_dir).resolve()
+    html, attach_data, epoch = prepare_html(case_dir)
+    pdf = write_pdf(html, case_dir, attach_data, epoch)
+
+    out = case_dir / "report.pdf"
+    write_bytes_atomic(out, pdf)
+    write_text_atomic(case_dir / "report.pdf.sha256", f"{sha256_bytes(pdf)}  report.pdf\n")
+    return out
+
+
+def prepare_html(case_dir: Path) -> tuple[str, dict[str, bytes], int]:
+    """Everything before the PDF: check the images, draw the figures, render the HTML.
+    Returns (html, the files to embed {name: bytes}, the document date as a Unix time)."""
     case_dir = Path(case_dir).resolve()
     if not (TEMPLATES_DIR / TEMPLATE).is_file():
         raise AuditError(f"report templates not found in {TEMPLATES_DIR}: carlos-audit renders reports from a source "
@@ -501,13 +770,7 @@ def render_report(case_dir: Path) -> Path:
     attachments = [{"name": n, "size": len(d), "sha256": sha256_bytes(d)} for n, d in attach_data.items()]
 
     context = build_context(case_dir, manifest, metrics, comparison, figs, evidence, attachments)
-    html = render_html(context)
-    pdf = write_pdf(html, case_dir, attach_data, epoch)
-
-    out = case_dir / "report.pdf"
-    write_bytes_atomic(out, pdf)
-    write_text_atomic(case_dir / "report.pdf.sha256", f"{sha256_bytes(pdf)}  report.pdf\n")
-    return out
+    return render_html(context), attach_data, epoch
 
 
 def write_pdf(html: str, case_dir: Path, attach_data: dict[str, bytes], epoch: int) -> bytes:
@@ -523,7 +786,7 @@ def write_pdf(html: str, case_dir: Path, attach_data: dict[str, bytes], epoch: i
     when = datetime.fromtimestamp(epoch, tz=timezone.utc).replace(tzinfo=None)
     descriptions = {"manifest.json": "the run's manifest: protocol, inputs, every pair and its hashes",
                     "metrics.json": "the CARLoS metrics and their confidence intervals",
-                    "comparison.json": "the comparison with the reference corpus"}
+                    "comparison.json": "the comparison with the reference corpus and the head-to-head comparisons"}
     try:
         css = CSS(url=TEMPLATES_URL + STYLESHEET, url_fetcher=fetcher)
         doc = HTML(string=html, base_url=CASE_URL, url_fetcher=fetcher)
