@@ -27,6 +27,7 @@ from carlos_audit.lora_file import (
     trigger_word_hints,
     validate_safetensors,
 )
+from lora_writers import write_kohya, write_peft
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0"
 # module -> (in_features, out_features); attn2.to_k reads the text encoder (cross-attention dim 32)
@@ -44,27 +45,6 @@ def make_factors(seed=0, modules=MODULES, rank=RANK):
         name: (rng.standard_normal((rank, n_in)).astype(np.float32), rng.standard_normal((n_out, rank)).astype(np.float32))
         for name, (n_in, n_out) in modules.items()
     }
-
-
-def write_peft(path, factors, metadata=None):
-    tensors = {}
-    for name, (down, up) in factors.items():
-        tensors[f"unet.{name}.lora_A.weight"] = down
-        tensors[f"unet.{name}.lora_B.weight"] = up
-    save_file(tensors, str(path), metadata=metadata)
-    return path
-
-
-def write_kohya(path, factors, alpha=None, metadata=None):
-    tensors = {}
-    for name, (down, up) in factors.items():
-        key = "lora_unet_" + name.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = down
-        tensors[f"{key}.lora_up.weight"] = up
-        if alpha is not None:
-            tensors[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
 
 
 def write_raw(path, header, payload=b"", declared_length=None):

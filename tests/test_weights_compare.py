@@ -11,6 +11,7 @@ from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
 from carlos_audit.lora_file import delta_inner
 from carlos_audit.weights_compare import compare_weights, weights_reading
+from lora_writers import write_kohya, write_peft
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0"
 MODULES = {
@@ -33,27 +34,6 @@ def make_factors(seed=0, rank=4, conv=False):
             rng.standard_normal((64, rank, 1, 1)).astype(np.float32),
         )
     return factors
-
-
-def write_peft(path, factors, metadata=None):
-    tensors = {}
-    for name, (down, up) in factors.items():
-        tensors[f"unet.{name}.lora_A.weight"] = down
-        tensors[f"unet.{name}.lora_B.weight"] = up
-    save_file(tensors, str(path), metadata=metadata)
-    return path
-
-
-def write_kohya(path, factors, alpha=None, metadata=None):
-    tensors = {}
-    for name, (down, up) in factors.items():
-        key = "lora_unet_" + name.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = down
-        tensors[f"{key}.lora_up.weight"] = up
-        if alpha is not None:
-            tensors[f"{key}.alpha"] = np.array(alpha, dtype=np.float32)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
 
 
 @pytest.fixture
