@@ -348,21 +348,34 @@ def corpus_add(corpus_path, case_dir, row_id, name, allow_incompatible):
               help="Template case file: its protocol, base model and embedder are used for every LoRA.")
 @click.option("--name", default=None, help="Corpus name (default: DEST's folder name).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def corpus_build(lora_dir, dest, template, name, no_progress):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the work units run: this process, or Ray tasks (pip install .[ray]). Same bytes either way.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="GPUs each Ray task reserves (0.5: two workers share a GPU).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads of every generating process (default: this process's); CPU results depend on it.")
+def corpus_build(lora_dir, dest, template, name, no_progress, engine, ray_address, gpus_per_task, threads):
     """Profile every .safetensors LoRA in LORA_DIR under one protocol into corpus DEST.
 
     The base arm is generated once and shared; a build that stops resumes where it was.
+    DEST/build.json records the hook-counted work against the minimum (L + 1) x P x S images.
 
     \b
     Example:
         carlos-audit corpus build loras/ --casefile casefiles/demo.toml corpora/mine
+        carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --gpus-per-task 1
     """
     from .corpus_build import build_corpus
 
     _quiet_libraries()
-    result = build_corpus(lora_dir, template, dest, name=name, progress=not no_progress)
+    result = build_corpus(lora_dir, template, dest, name=name, progress=not no_progress, engine=engine,
+                          ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads)
     click.echo(f"corpus {result['corpus']}: {result['n']} rows "
                f"({len(result['added'])} added, {len(result['already_present'])} already present)")
+    if result.get("build"):
+        img = result["build"]["images"]
+        click.echo(f"images generated {img['generated']} (minimum (L + 1) x P x S = {img['minimum']}); see {dest}/build.json")
 
 
 @main.command()
@@ -561,6 +574,49 @@ def verify(case_dir, sample, seed, as_json):
     if not result["ok"]:
         failed = [c["check"] for c in result["checks"] if not c["ok"]]
         raise VerificationFailed(f"verification failed: {', '.join(failed[:6])}")
+
+
+# --- scale-out (engines/, plan) ---
+
+
+@main.command("plan")
+@click.argument("casefile", metavar="CASEFILE_OR_TEMPLATE", type=click.Path(dir_okay=False))
+@click.option("--loras", "n_loras", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of LoRAs the corpus build will profile with this template.")
+@click.option("--measure-images", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Images to generate (timed) with the template's base model and protocol on this device; 0: counts only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON object.")
+def plan_command(casefile, n_loras, measure_images, as_json):
+    """Images, UNet passes and device-hours of a corpus build, before starting it.
+
+    Counts are exact for a build of N LoRAs with one shared base arm: (N + 1) x prompts x seeds
+    images. Device time is measured: a few images are generated and CLIP-encoded on this device.
+
+    \b
+    Example:
+        carlos-audit plan casefiles/demo.toml --loras 740 --measure-images 8
+    """
+    from .budget import plan
+
+    _quiet_libraries()
+    r = plan(casefile, n_loras, measure_images)
+    if as_json:
+        _print_json(r)
+        return
+    c = r["counts"]
+    click.echo(f"build of {c['n_loras']} LoRAs x {c['n_prompts']} prompts x {c['n_seeds']} seeds "
+               f"(batch {c['batch_size']}, {c['steps']} steps{', CFG' if c['cfg'] else ''})")
+    click.echo(f"  images               {c['images']:>14,}  = (L + 1) x P x S  (base arm per LoRA: {c['images_if_base_per_lora']:,})")
+    click.echo(f"  UNet forward calls   {c['unet_forward_calls']:>14,}  (one per step per batch)")
+    click.echo(f"  UNet image-steps     {c['unet_image_steps']:>14,}  (latent evaluations {c['unet_latent_evaluations']:,})")
+    click.echo(f"  VAE decodes          {c['vae_decoded_images']:>14,}")
+    click.echo(f"  CLIP image encodings {c['clip_image_encodings']:>14,}")
+    m, e = r["measurement"], r["estimate"]
+    if m:
+        click.echo(f"measured on {m['device']} ({m['dtype']}), {m['images']} images in {m['batches']} batches: "
+                   f"{m['generation_s_per_image']:.4g} s/image generation, {m['clip_s_per_image']:.4g} s/image CLIP")
+        click.echo(f"estimated device time: {e['device_hours']:.4g} device-hours "
+                   f"(generation {e['generation_hours']:.4g} h, CLIP {e['clip_hours']:.4g} h; I/O, metrics not included)")
 
 
 if __name__ == "__main__":  # pragma: no cover

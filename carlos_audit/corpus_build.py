@@ -1,8 +1,10 @@
 """Build a corpus by profiling every LoRA file in a folder under one protocol.
 
 Each LoRA becomes a case folder ``DEST/cases/<id>/`` run from the template case file with only
-``[lora] path`` and ``[case] id`` changed; the base arm is generated once (the base-image cache
-serves every later LoRA). Resumable: a finished case is added once; an unfinished one resumes.
+``[lora] path`` and ``[case] id`` changed; the base arm is computed once for the whole build
+(``DEST/cases/_shared/``) and copied into every case folder. The work runs as units on an engine
+(engines/: this process, or Ray). Resumable: a finished case is added once; an unfinished one
+resumes from its finished units.
 """
 
 from __future__ import annotations
@@ -64,11 +66,22 @@ def _dump_toml(data: dict) -> str:
 
 
 def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str | None = None,
-                 progress: bool = True, allow_partial: bool = False) -> dict:
+                 progress: bool = True, allow_partial: bool = False, engine: str = "local",
+                 ray_address: str | None = None, gpus_per_task: float = 0, threads: int | None = None,
+                 _unit_fn=None) -> dict:
+    """Profile every LoRA of ``lora_dir`` into corpus ``dest`` as work units (engines/): the base
+    arm once for the whole build, one unit per (LoRA, batch), then metrics and manifest per LoRA,
+    on ``engine`` ("local": this process; "ray": Ray tasks). Rows are added in sorted LoRA order;
+    with the same ``threads`` (torch CPU threads of every generating process, default: this
+    process's) the corpus bytes do not depend on the engine. Writes DEST/build.json."""
     from .corpus import add_case, create_empty, load_corpus
-    from .profile import run_case
+    from .engines import ENGINES
+    from .engines.build import build_record, default_threads, plan_build, run_plan
+    from .fileio import write_json_atomic
 
     lora_dir, dest = Path(lora_dir), Path(dest)
+    if engine not in ENGINES:
+        raise AuditError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
     if not lora_dir.is_dir():
         raise AuditError(f"LoRA folder {lora_dir} does not exist")
     loras = sorted(p for p in lora_dir.iterdir() if p.is_file() and p.suffix.lower() in LORA_SUFFIXES)
@@ -79,17 +92,27 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
         raise AuditError(f"LoRA file names map to the same row id: {', '.join(sorted(dupes))}")
-    added, skipped = [], []
-    for lora, rid in zip(loras, ids):
-        case_dir = dest / "cases" / rid
-        if (dest / "corpus.json").is_file() and rid in load_corpus(dest).ids:
-            skipped.append(rid)
-            continue
-        case = case_for_lora(template, lora, rid)
-        result = run_case(case, case_dir, progress=progress, allow_partial=allow_partial,
-                          argv=["carlos-audit", "corpus", "build", str(lora_dir), "--casefile", str(template_path), str(dest)])
+    present = set(load_corpus(dest).ids) if (dest / "corpus.json").is_file() else set()
+    skipped = [rid for rid in ids if rid in present]
+    todo = [(rid, lora, case_for_lora(template, lora, rid)) for lora, rid in zip(loras, ids) if rid not in present]
+    if not todo:
+        return {"corpus": str(dest), "added": [], "already_present": skipped, "n": load_corpus(dest).n, "build": None}
+    if engine == "ray":
+        from .engines.ray_engine import _import_ray
+
+        _import_ray()  # fail before preparing anything when Ray is missing
+    threads = threads or default_threads()
+    argv = ["carlos-audit", "corpus", "build", str(lora_dir), "--casefile", str(template_path), str(dest)]
+    plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv)
+    run = run_plan(plan, engine=engine, ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
+                   unit_fn=_unit_fn, progress=progress)
+    added = []
+    for rid, lora, _ in todo:  # sorted order, whatever order the engine finished in
+        fin = run["finalized"][rid]
         if not (dest / "corpus.json").is_file():
-            create_empty(dest, result["manifest"]["signature"], name or dest.name, dim=len(result["metrics"]["direction"]))
-        add_case(dest, case_dir, row_id=rid, name=lora.name)
+            create_empty(dest, fin["signature"], name or dest.name, dim=fin["dim"])
+        add_case(dest, dest / "cases" / rid, row_id=rid, name=lora.name)
         added.append(rid)
-    return {"corpus": str(dest), "added": added, "already_present": skipped, "n": load_corpus(dest).n}
+    record = build_record(plan, run, engine=engine, threads=threads, ray_address=ray_address, gpus_per_task=gpus_per_task)
+    write_json_atomic(dest / "build.json", record)
+    return {"corpus": str(dest), "added": added, "already_present": skipped, "n": load_corpus(dest).n, "build": record}

@@ -12,6 +12,7 @@ A run killed anywhere resumes: finished (arm, batch) units are never generated a
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -188,12 +189,21 @@ def prepare_case_dir(out: Path, case: Case, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not run.is_file():
         write_json_atomic(run, {"casefile_sha256": casefile_sha, "case_id": case.id, "started_utc": _utc_now(),
-                                "started_epoch": int(time.time())})
+                                "started_epoch": _now_epoch()})
         write_text_atomic(out / "case.toml", case.raw_text)
 
 
+def _now_epoch() -> int:
+    """The time recorded in run.json and the manifest: now, or SOURCE_DATE_EPOCH when it is set
+    (the reproducible-builds convention: two builds of the same corpus then write the same bytes)."""
+    sde = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if sde.isdigit():
+        return int(sde)
+    return int(time.time())
+
+
 def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_now_epoch()))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -275,6 +285,10 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
         emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
                             allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
         _LOADED[key] = (lp, emb)
+    from .cost import install_embedder_hooks, install_pipeline_hooks
+
+    install_pipeline_hooks(lp.pipe)  # counting only (cost.py); idempotent on the cached pipeline
+    install_embedder_hooks(emb)
     want = case.embedder.get("sha256")
     if want and emb.sha256 != want.lower():
         raise AuditError(f"embedder {emb.identity}: hash {emb.sha256} does not match the expected {want.lower()}")
@@ -310,38 +324,51 @@ def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> d
     """Generate and embed every batch of one arm that is not already done. Returns stats."""
     from tqdm import tqdm
 
-    from .embed import image_features
-    from PIL import Image
-    import io
-
     todo = [b for b in batches(pairs) if s.store.unit_done(arm.name, b[0].batch) is None]
     stats = {"generated_batches": 0, "cached_batches": 0, "skipped_batches": len(batches(pairs)) - len(todo)}
     bar = tqdm(todo, desc=f"{arm.name:>10}", unit="batch", disable=not progress, file=sys.stderr, leave=False)
     for batch in bar:
-        prompts_sent = [arm.prompt_for(p.prompt.text, s.triggers) for p in batch]
-        seeds = [p.seed for p in batch]
-        pngs = None
-        key = desc = None
-        if arm.adapter is None:
-            key, desc = _cache_key(s, prompts_sent, seeds)
-            pngs = s.cache.get(key, len(batch))
-        source = "base-cache" if pngs is not None else "generated"
-        if pngs is None:
-            set_adapter_state(s.pipe, arm.adapter, arm.scale)
-            images = generate_batch(s.pipe, prompts_sent, seeds, s.params)
-            pngs = [png_bytes(im) for im in images]
-            if key is not None:
-                s.cache.put(key, pngs, desc)
-            stats["generated_batches"] += 1
-        else:
-            stats["cached_batches"] += 1
-        # embed what was stored (decoded PNG), so embeddings are reproducible from the files alone
-        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
-        feats = image_features(s.embedder, images)
-        check_finite(arm.name, batch, images, feats)
-        s.store.write_unit(arm.name, batch[0].batch, pngs, feats, [p.id for p in batch], prompts_sent, seeds, source)
+        record = run_batch(s, arm, batch)
+        stats["cached_batches" if record["source"] == "base-cache" else "generated_batches"] += 1
     bar.close()
     return stats
+
+
+def run_batch(s: Session, arm: Arm, batch: list[Pair]) -> dict:
+    """One unit of work: one arm of one batch of pairs, generated (or, for an arm without adapter,
+    taken from the base-image cache), embedded and written to ``s.store``; its record is written
+    last. The one implementation used by ``run_arm`` and by the build engines (engines/units.py).
+    Returns the unit record, with the hook-counted ``cost`` of producing it."""
+    import io
+
+    from PIL import Image
+
+    from . import cost
+    from .embed import image_features
+
+    before = cost.snapshot()
+    prompts_sent = [arm.prompt_for(p.prompt.text, s.triggers) for p in batch]
+    seeds = [p.seed for p in batch]
+    pngs = None
+    key = desc = None
+    if arm.adapter is None:
+        key, desc = _cache_key(s, prompts_sent, seeds)
+        pngs = s.cache.get(key, len(batch))
+    source = "base-cache" if pngs is not None else "generated"
+    if pngs is None:
+        set_adapter_state(s.pipe, arm.adapter, arm.scale)
+        images = generate_batch(s.pipe, prompts_sent, seeds, s.params)
+        pngs = [png_bytes(im) for im in images]
+        if key is not None:
+            s.cache.put(key, pngs, desc)
+    # embed what was stored (decoded PNG), so embeddings are reproducible from the files alone
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
+    feats = image_features(s.embedder, images)
+    check_finite(arm.name, batch, images, feats)
+    spent = cost.delta(before)
+    spent["images_generated"] = len(batch) if source == "generated" else 0
+    return s.store.write_unit(arm.name, batch[0].batch, pngs, feats, [p.id for p in batch], prompts_sent, seeds, source,
+                              cost=spent)
 
 
 def check_finite(arm: str, batch: list[Pair], images, feats: np.ndarray) -> None:
@@ -358,12 +385,31 @@ def check_finite(arm: str, batch: list[Pair], images, feats: np.ndarray) -> None
 # ----------------------------------------------------------------------------- the run
 
 
+def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tuple[Session, dict]:
+    """The Session a run generates with, and the environment record of its manifest."""
+    from .environment import capture
+    from .models.tiny import carlos_home
+
+    pc = case.protocol
+    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
+                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
+    env = capture(lp.device, lp.dtype, determinism)
+    env_key = {k: env["packages"][k] for k in ("torch", "diffusers", "transformers", "peft")} | {"device": lp.device, "dtype": lp.dtype}
+    fastpath = getattr(lp, "fastpath", None)
+    if fastpath is not None:
+        env["fastpath"] = fastpath
+        if fastpath.get("active"):  # settings that change the numbers are part of the cache key
+            env_key["fastpath"] = fastpath
+    session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
+                      BaseImageCache(carlos_home() / "base-cache"), env_key, pc["batch_size"])
+    return session, env
+
+
 def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
              allow_unsafe_pickle: bool = False, allow_download: bool = False, argv: list[str] | None = None,
              progress: bool = True, allow_incompatible: bool = False) -> dict:
-    from .environment import capture, git_commit
-    from .metrics import compute_metrics
-    from .models.tiny import carlos_home
+    from .cost import case_cost
+    from .environment import git_commit
 
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
     prompts, prompt_source = load_prompts(case.protocol["prompts"], case.base_dir)
@@ -376,12 +422,8 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
                                                    allow_unsafe_pickle=allow_unsafe_pickle)
 
     pc = case.protocol
-    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
-                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
-    env = capture(lp.device, lp.dtype, determinism)
-    env_key = {k: env["packages"][k] for k in ("torch", "diffusers", "transformers", "peft")} | {"device": lp.device, "dtype": lp.dtype}
-    session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
-                      BaseImageCache(carlos_home() / "base-cache"), env_key, pc["batch_size"])
+    session, env = make_session(case, store, lp, emb, determinism)
+    params = session.params
     signature = {
         "base_model": lp.identity, "base_model_sha256": lp.sha256,
         "embedder": emb.identity, "embedder_sha256": emb.sha256, "feature": "raw_image_features",
@@ -450,6 +492,7 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
                      "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},
         "comparison_loras": [{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
         "text_features": text_records,
+        "cost": case_cost(store, plan, pairs),
         "signature": signature,
         "prompts": [{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
         "pairs": pair_rows,

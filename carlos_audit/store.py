@@ -61,7 +61,8 @@ class CaseStore:
         p = self.unit_path(arm, batch)
         return read_json(p) if p.is_file() else None
 
-    def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str) -> dict:
+    def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
+                   cost: dict | None = None) -> dict:
         entries = []
         for im, f, pid, prompt, seed in zip(images, features, pair_ids, prompts_sent, seeds):
             data = im if isinstance(im, bytes) else png_bytes(im)
@@ -75,6 +76,8 @@ class CaseStore:
                 "embedding": erel, "embedding_sha256": sha256_bytes(emb),
             })
         record = {"arm": arm, "batch": batch, "source": source, "pairs": entries}
+        if cost is not None:
+            record["cost"] = cost  # hook-counted work that produced this unit (cost.py)
         write_json_atomic(self.unit_path(arm, batch), record)
         return record
 

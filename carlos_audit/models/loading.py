@@ -29,6 +29,7 @@ class LoadedPipeline:
     path: str
     device: str
     dtype: str
+    fastpath: dict | None = None  # the settings fastpath.py applied (recorded in the manifest)
 
 
 def resolve_device(device: str) -> str:
@@ -119,7 +120,11 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
         pipe.safety_checker = None
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipe, identity, digest, _architecture_of_pipe(pipe), str(path), dev, dtype_name)
+    from ..fastpath import apply_fastpath
+
+    arch = _architecture_of_pipe(pipe)
+    fastpath = apply_fastpath(pipe, dev, dtype_name, arch)  # a no-op on the CPU
+    return LoadedPipeline(pipe, identity, digest, arch, str(path), dev, dtype_name, fastpath)
 
 
 def _single_file_is_sdxl(path: Path) -> bool:

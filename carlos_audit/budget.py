@@ -1,0 +1,102 @@
+"""``carlos-audit plan``: what a corpus build from a template will compute, and how long it will
+take on this device, before starting it.
+
+Counts follow the build's structure (engines/build.py): L LoRA arms plus ONE base arm shared by
+every LoRA, each of P prompts x S seeds, so (L + 1) x P x S images. Device time comes from a
+real, timed generation of a few images with the template's base model and protocol (its steps,
+size, guidance, scheduler and batch size) on the device the template names, plus their CLIP
+encoding: for a real model that is a real measurement on this machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+
+def counts(n_loras: int, n_prompts: int, n_seeds: int, batch_size: int, steps: int, cfg: bool) -> dict:
+    """The work of a build of ``n_loras`` LoRAs (exact: what the hooks of cost.py will count)."""
+    pairs = n_prompts * n_seeds
+    arms = n_loras + 1
+    batches_per_arm = math.ceil(pairs / batch_size)
+    images = arms * pairs
+    return {
+        "n_loras": n_loras, "n_prompts": n_prompts, "n_seeds": n_seeds, "batch_size": batch_size, "steps": steps,
+        "cfg": cfg, "arms": arms, "images": images, "images_if_base_per_lora": 2 * n_loras * pairs,
+        "unet_forward_calls": arms * batches_per_arm * steps,
+        "unet_image_steps": images * steps,
+        "unet_latent_evaluations": images * steps * (2 if cfg else 1),
+        "vae_decoded_images": images,
+        "clip_image_encodings": images,
+    }
+
+
+def measure(case, n_images: int) -> dict:
+    """Time the generation and CLIP encoding of ``n_images`` images of the case's first pairs,
+    in the protocol's batch layout, after a one-image warm-up (not timed)."""
+    from . import cost
+    from .embed import image_features
+    from .generate import GenerationParams, generate_batch
+    from .models.loading import load_base_pipeline, load_embedder, set_scheduler
+    from .protocol import enumerate_pairs, load_prompts
+
+    pc = case.protocol
+    t0 = time.perf_counter()
+    lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
+                            base_dir=case.base_dir)
+    if pc["scheduler"]:
+        set_scheduler(lp.pipe, pc["scheduler"])
+    emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device, base_dir=case.base_dir)
+    load_s = time.perf_counter() - t0
+    cost.install_pipeline_hooks(lp.pipe)
+    cost.install_embedder_hooks(emb)
+    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
+                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
+    prompts, _ = load_prompts(pc["prompts"], case.base_dir)
+    pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
+    chosen = [pairs[i % len(pairs)] for i in range(n_images)]  # more than the protocol has: wrap around
+    b = pc["batch_size"]
+    chunks = [chosen[i:i + b] for i in range(0, n_images, b)]
+    generate_batch(lp.pipe, [chosen[0].prompt.text], [chosen[0].seed], params)  # warm-up, not timed
+    before = cost.snapshot()
+    gen_s = clip_s = 0.0
+    for chunk in chunks:
+        t = time.perf_counter()
+        images = generate_batch(lp.pipe, [c.prompt.text for c in chunk], [c.seed for c in chunk], params)
+        gen_s += time.perf_counter() - t
+        t = time.perf_counter()
+        image_features(emb, images)
+        clip_s += time.perf_counter() - t
+    return {"device": lp.device, "dtype": lp.dtype, "base_model": lp.identity, "embedder": emb.identity,
+            "images": n_images, "batches": len(chunks), "load_s": round(load_s, 3),
+            "generation_s": gen_s, "clip_s": clip_s,
+            "generation_s_per_image": gen_s / n_images, "clip_s_per_image": clip_s / n_images,
+            "counted": cost.delta(before), "fastpath": lp.fastpath}
+
+
+def plan(case_path, n_loras: int, measure_images: int = 4) -> dict:
+    from .casefile import load_case
+    from .protocol import load_prompts
+
+    case = load_case(Path(case_path))
+    pc = case.protocol
+    prompts, _ = load_prompts(pc["prompts"], case.base_dir)
+    out = {"casefile": str(case_path),
+           "counts": counts(n_loras, len(prompts), len(pc["seeds"]), pc["batch_size"], pc["steps"], pc["guidance_scale"] > 1),
+           "measurement": None, "estimate": None}
+    if measure_images > 0:
+        m = measure(case, measure_images)
+        out["measurement"] = m
+        per_image = m["generation_s_per_image"] + m["clip_s_per_image"]
+        images = out["counts"]["images"]
+        out["estimate"] = {
+            "device_seconds_per_image": per_image,
+            "device_hours": images * per_image / 3600.0,
+            "generation_hours": images * m["generation_s_per_image"] / 3600.0,
+            "clip_hours": images * m["clip_s_per_image"] / 3600.0,
+            "note": "measured with the base weights (a LoRA adapter adds a little per UNet call) on one device; "
+                    "PNG/disk I/O, metrics and model loading are not included; divide by the number of workers "
+                    "for wall time",
+        }
+    return out

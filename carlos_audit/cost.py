@@ -1,0 +1,136 @@
+"""Exact cost accounting: what a run or a corpus build actually computed, counted by hooks.
+
+Forward pre-hooks on the loaded models count the work as it happens (never an estimate):
+
+    unet_forward_calls        calls of ``pipe.unet`` (one per denoising step per generated batch;
+                              with classifier-free guidance ONE call evaluates the conditional and
+                              the unconditional latents together, batched)
+    unet_latent_evaluations   latents the UNet evaluated, summed over calls (the batch dimension of
+                              the UNet input: 2 x images x steps with CFG, images x steps without)
+    unet_image_steps          images x denoising steps (latent evaluations / 2 when the pipeline
+                              ran with CFG): the figure to compare with images x steps
+    vae_decoder_calls         calls of ``pipe.vae.decoder``; ``vae_decoded_images`` the images
+                              (batch dimension) they decoded (tiled decoding would count tiles)
+    clip_forward_calls        calls of the embedder's image tower (``model.visual``, what
+                              ``encode_image`` runs); ``clip_image_encodings`` the images encoded
+    images_generated          images produced by the pipeline (``generate_batch``)
+
+Each unit record (``units/<arm>/b<batch>.json``) carries the counts of the work that produced it
+(``cost``); the manifest's ``cost`` section and a corpus build's ``build.json`` sum these records.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+FIELDS = ("images_generated", "unet_forward_calls", "unet_latent_evaluations", "unet_image_steps",
+          "vae_decoder_calls", "vae_decoded_images", "clip_forward_calls", "clip_image_encodings")
+
+#: process-wide counters, advanced by the hooks; read with ``snapshot`` and ``delta``
+COUNTS = {k: 0 for k in FIELDS}
+
+COUNTING = {
+    "method": "torch forward pre-hooks on pipe.unet, pipe.vae.decoder and the embedder's image tower (model.visual)",
+    "unet_forward_calls": "UNet calls: one per denoising step per generated batch (with CFG one call evaluates both halves, batched)",
+    "unet_latent_evaluations": "latents evaluated by the UNet (its input batch dimension summed over calls): 2 x images x steps with CFG",
+    "unet_image_steps": "images x denoising steps",
+    "vae_decoded_images": "images decoded by the VAE decoder",
+    "clip_image_encodings": "images encoded by the CLIP image tower",
+    "images_generated": "images produced by the diffusion pipeline (base images taken from a cache count 0)",
+}
+
+
+def snapshot() -> dict:
+    return dict(COUNTS)
+
+
+def delta(before: dict) -> dict:
+    return {k: COUNTS[k] - before.get(k, 0) for k in FIELDS}
+
+
+def zero() -> dict:
+    return {k: 0 for k in FIELDS}
+
+
+def add(into: dict, other: dict | None) -> dict:
+    for k in FIELDS:
+        into[k] = into.get(k, 0) + int((other or {}).get(k, 0))
+    return into
+
+
+def _batch_of(args, kwargs, name: str) -> int:
+    x = args[0] if args else kwargs.get(name)
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape else 0
+
+
+def install_pipeline_hooks(pipe) -> None:
+    """Count UNet and VAE-decoder work of ``pipe`` (idempotent: a cached pipeline keeps its hooks)."""
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    ref = weakref.ref(pipe)
+    if unet is not None and not getattr(unet, "_carlos_cost_hook", False):
+        def on_unet(module, args, kwargs):
+            n = _batch_of(args, kwargs, "sample")
+            p = ref()
+            cfg = bool(getattr(p, "do_classifier_free_guidance", False)) if p is not None else False
+            COUNTS["unet_forward_calls"] += 1
+            COUNTS["unet_latent_evaluations"] += n
+            COUNTS["unet_image_steps"] += n // 2 if cfg else n
+
+        unet.register_forward_pre_hook(on_unet, with_kwargs=True)
+        unet._carlos_cost_hook = True
+    decoder = getattr(vae, "decoder", None)
+    if decoder is not None and not getattr(decoder, "_carlos_cost_hook", False):
+        def on_decode(module, args, kwargs):
+            COUNTS["vae_decoder_calls"] += 1
+            COUNTS["vae_decoded_images"] += _batch_of(args, kwargs, "z")
+
+        decoder.register_forward_pre_hook(on_decode, with_kwargs=True)
+        decoder._carlos_cost_hook = True
+
+
+def install_embedder_hooks(embedder) -> None:
+    """Count image encodings of an open_clip embedder (``encode_image`` runs ``model.visual``)."""
+    visual = getattr(getattr(embedder, "model", None), "visual", None)
+    if visual is not None and not getattr(visual, "_carlos_cost_hook", False):
+        def on_visual(module, args, kwargs):
+            COUNTS["clip_forward_calls"] += 1
+            COUNTS["clip_image_encodings"] += _batch_of(args, kwargs, "x")
+
+        visual.register_forward_pre_hook(on_visual, with_kwargs=True)
+        visual._carlos_cost_hook = True
+
+
+# --------------------------------------------------------------------------- records -> sections
+
+
+def case_cost(store, plan, pairs) -> dict:
+    """The manifest's ``cost`` section, summed from the case's unit records.
+
+    ``total`` is the work done for this case; arms whose batches were ``shared`` (a corpus build
+    computes the base arm once for every LoRA) are summed in ``shared`` instead: counted once for
+    the whole build, in its build.json."""
+    from .protocol import batches
+
+    arms, total, shared = {}, zero(), zero()
+    unmeasured = 0
+    for arm in plan.arms.values():
+        agg = {"batches": 0, "images": 0, "sources": {}, **zero()}
+        for b in batches(pairs):
+            rec = store.unit_done(arm.name, b[0].batch) or {}
+            src = rec.get("source", "missing")
+            agg["batches"] += 1
+            agg["images"] += len(b)
+            agg["sources"][src] = agg["sources"].get(src, 0) + 1
+            c = rec.get("cost")
+            if c is None:
+                unmeasured += 1
+                continue
+            add(agg, c)
+            add(shared if src == "shared" else total, c)
+        agg["sources"] = dict(sorted(agg["sources"].items()))
+        arms[arm.name] = agg
+    return {"counting": COUNTING, "arms": arms, "total": total, "shared": shared,
+            "unmeasured_batches": unmeasured,
+            "note": "counts of the work that produced each stored unit (units/<arm>/b*.json `cost`); "
+                    "`shared` batches were computed once for a whole corpus build and are counted in its build.json"}

@@ -1,0 +1,190 @@
+"""A corpus build as work units: plan, run on an engine, account.
+
+Plan (in the driver, no model loaded):
+
+1. each LoRA gets its case folder ``DEST/cases/<id>/`` (case.toml, run.json), as before;
+2. arms without an adapter (the base arm) are computed ONCE for the whole build, in a shared
+   folder ``DEST/cases/_shared/<arm>-<key>/`` keyed by everything that determines their bytes
+   (base model, embedder, generation parameters, batch layout, the prompt text actually sent
+   and the seeds). With trigger policy "both" the base prompt carries the trigger words, so LoRAs
+   with different trigger words would get different base arms; in a corpus build every LoRA
+   takes its trigger words from the template, so there is one shared base arm per build;
+3. one unit per (LoRA, LoRA arm, batch) into the LoRA's case folder;
+4. one finalize unit per LoRA: copy the shared arm into the case folder, then metrics +
+   manifest by the existing profile code (``run_case`` with every unit done).
+
+The corpus rows are added by the caller in sorted LoRA order after every finalize unit, so the
+corpus bytes do not depend on the engine or on the order units complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import cost as cost_mod
+from ..errors import AuditError
+from .units import WorkUnit
+
+SHARED_DIR = "_shared"  # under DEST/cases/ (row ids never start with "_")
+BUILD_SCHEMA = "carlos-audit/build/1"
+
+
+@dataclass
+class BuildPlan:
+    dest: Path
+    rows: list  # [(row id, LoRA path, lora sha256)] in sorted order
+    arm_units: list = field(default_factory=list)
+    finalize_units: list = field(default_factory=list)
+    deps: dict = field(default_factory=dict)  # finalize key -> [arm unit keys]
+    shared: dict = field(default_factory=dict)  # shared id -> {"dir", "arm", "rows", "batches"}
+    n_prompts: int = 0
+    n_seeds: int = 0
+    n_batches: int = 0
+    steps: int = 0
+    n_lora_arms: int = 0
+
+    @property
+    def minimum_images(self) -> int:
+        """Images a build must generate: every LoRA arm, plus each shared arm once:
+        (L + 1) x P x S for L LoRAs sharing one base arm."""
+        return (self.n_lora_arms + len(self.shared)) * self.n_prompts * self.n_seeds
+
+
+def shared_arm_key(case, arm, prompts) -> str:
+    """What fixes the bytes of an arm without adapter, from the case alone (no model loaded)."""
+    from ..hashing import sha256_json
+
+    pc = case.protocol
+    return sha256_json({
+        "base_model": {k: case.base_model.get(k) for k in ("source", "sha256", "dtype", "device")},
+        "embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")},
+        "base_dir": str(case.base_dir),
+        "params": {k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "batch_size")},
+        "arm": {"scale": arm.scale, "with_triggers": arm.with_triggers},
+        "prompts_sent": [arm.prompt_for(p.text, list(case.lora["trigger_words"])) for p in prompts],
+        "seeds": list(pc["seeds"]),
+    })
+
+
+def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: list[str] | None = None) -> BuildPlan:
+    """``cases``: [(row id, LoRA path, Case)] in sorted order. Prepares the case folders."""
+    from ..hashing import sha256_file
+    from ..profile import plan_arms, prepare_case_dir
+    from ..protocol import batches, enumerate_pairs, load_prompts
+
+    plan = BuildPlan(Path(dest), [])
+    argv = tuple(argv or ())
+    for rid, lora, case in cases:
+        case_dir = plan.dest / "cases" / rid
+        prepare_case_dir(case_dir, case, force=False)
+        lora_sha = sha256_file(lora)
+        plan.rows.append((rid, lora, lora_sha))
+        prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
+        pc = case.protocol
+        pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
+        batch_ids = [b[0].batch for b in batches(pairs)]
+        plan.n_prompts, plan.n_seeds, plan.n_batches, plan.steps = len(prompts), len(pc["seeds"]), len(batch_ids), pc["steps"]
+        common = dict(case_id=rid, case_text=case.raw_text, case_path=str(case.path), lora_path=str(lora),
+                      lora_sha256=lora_sha, allow_partial=allow_partial)
+        arms = plan_arms(case, lora_sha, [])
+        shared, deps = [], []
+        for arm in arms.arms.values():
+            if arm.adapter is None:
+                sid = f"{arm.name}-{shared_arm_key(case, arm, prompts)[:16]}"
+                sdir = plan.dest / "cases" / SHARED_DIR / sid
+                if sid not in plan.shared:
+                    # computed with the first LoRA's session (adapters disabled: the base weights)
+                    plan.shared[sid] = {"dir": str(sdir), "arm": arm.name, "rows": [], "batches": batch_ids}
+                    for b in batch_ids:
+                        plan.arm_units.append(WorkUnit("arm", store=str(sdir), arm=arm.name, batch=b, **common))
+                plan.shared[sid]["rows"].append(rid)
+                shared.append((arm.name, str(sdir), f"{SHARED_DIR}/{sid}", tuple(batch_ids)))
+                deps += [f"{sid}/{arm.name}/b{b:05d}" for b in batch_ids]
+            else:
+                plan.n_lora_arms += 1
+                for b in batch_ids:
+                    u = WorkUnit("arm", store=str(case_dir), arm=arm.name, batch=b, **common)
+                    plan.arm_units.append(u)
+                    deps.append(u.key)
+        fin = WorkUnit("finalize", store=str(case_dir), shared=tuple(shared), argv=argv, **common)
+        plan.finalize_units.append(fin)
+        plan.deps[fin.key] = deps
+    # shared (base) units first, then the LoRA units, each in plan order
+    shared_dirs = {s["dir"] for s in plan.shared.values()}
+    plan.arm_units.sort(key=lambda u: u.store not in shared_dirs)
+    return plan
+
+
+def run_plan(plan: BuildPlan, *, engine: str = "local", ray_address: str | None = None, gpus_per_task: float = 0,
+             threads: int | None = None, unit_fn=None, progress: bool = True) -> dict:
+    """Run every unit of ``plan`` on ``engine``; returns {finalize results by row id, unit results, wall_s}."""
+    from .units import run_unit
+
+    unit_fn = unit_fn or run_unit
+    t0 = time.perf_counter()
+    if engine == "local":
+        from .local import run_local
+
+        arm_results, fin_results = run_local(plan, threads=threads, unit_fn=unit_fn, progress=progress)
+    elif engine == "ray":
+        from .ray_engine import run_ray
+
+        arm_results, fin_results = run_ray(plan, address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
+                                           unit_fn=unit_fn, progress=progress)
+    else:
+        raise AuditError(f"unknown engine {engine!r}; allowed: local, ray")
+    return {"arm_units": arm_results, "finalized": {r["case_id"]: r for r in fin_results},
+            "wall_s": time.perf_counter() - t0}
+
+
+def default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def build_cost(plan: BuildPlan) -> dict:
+    """Totals over the unit records of this build: each shared arm once, each LoRA arm once."""
+    from ..store import CaseStore
+
+    total, by_kind = cost_mod.zero(), {"shared": cost_mod.zero(), "lora": cost_mod.zero()}
+    unmeasured = 0
+    shared_dirs = {s["dir"] for s in plan.shared.values()}
+    for u in plan.arm_units:
+        rec = CaseStore(u.store).unit_done(u.arm, u.batch) or {}
+        c = rec.get("cost")
+        if c is None:
+            unmeasured += 1
+            continue
+        cost_mod.add(total, c)
+        cost_mod.add(by_kind["shared" if u.store in shared_dirs else "lora"], c)
+    return {"total": total, "shared_arms": by_kind["shared"], "lora_arms": by_kind["lora"], "unmeasured_units": unmeasured}
+
+
+def build_record(plan: BuildPlan, run: dict, *, engine: str, threads: int, ray_address, gpus_per_task) -> dict:
+    """build.json: what the build computed (hook counts summed from the unit records) against the
+    minimum (L + 1) x P x S images, and how this invocation ran."""
+    costs = build_cost(plan)
+    n_l = len(plan.rows)
+    pairs = plan.n_prompts * plan.n_seeds
+    executed = sum(1 for r in run["arm_units"] if r["status"] == "done")
+    return {
+        "schema": BUILD_SCHEMA,
+        "engine": engine, "ray_address": ray_address, "gpus_per_task": gpus_per_task, "torch_threads": threads,
+        "loras": [r[0] for r in plan.rows], "n_loras": n_l, "n_prompts": plan.n_prompts, "n_seeds": plan.n_seeds,
+        "steps": plan.steps,
+        "shared_arms": {k: {"folder": f"cases/{SHARED_DIR}/{k}", "arm": v["arm"], "used_by": v["rows"]} for k, v in plan.shared.items()},
+        "images": {
+            "minimum": plan.minimum_images,
+            "formula": "(L + 1) x P x S: each LoRA arm, and the base arm once per build",
+            "naive_per_lora_base": 2 * n_l * pairs,
+            "generated": costs["total"]["images_generated"],
+            "note": "generated < minimum when base images came from the base-image cache of an earlier run",
+        },
+        "cost": {"counting": cost_mod.COUNTING, **costs},
+        "this_invocation": {"arm_units": len(run["arm_units"]), "arm_units_executed": executed,
+                            "arm_units_already_done": len(run["arm_units"]) - executed,
+                            "cases_finalized": len(run["finalized"]), "wall_s": round(run["wall_s"], 3)},
+    }

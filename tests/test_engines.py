@@ -1,0 +1,199 @@
+"""Corpus builds as work units on the local and Ray engines (issue 8).
+
+A build of L = 3 demo LoRAs (copied into a tmp folder) under a tiny protocol: builtin:demo
+(8 prompts) x 2 seeds, 3 steps, batch 4. Every build starts from an empty base-image cache and
+with SOURCE_DATE_EPOCH set, at the same DEST path (moved aside afterwards), so two builds of the
+same inputs must write the same bytes everywhere in DEST except build.json (engine, wall time).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from carlos_audit.fileio import read_json
+from carlos_audit.hashing import sha256_file
+
+from conftest import write_case
+
+SDE = "1700000000"
+LORAS = ("strong", "target", "weak")
+L, P, S, STEPS, BATCH = 3, 8, 2, 3, 4
+
+
+@pytest.fixture(scope="module")
+def pinned_clock():
+    before = os.environ.get("SOURCE_DATE_EPOCH")
+    os.environ["SOURCE_DATE_EPOCH"] = SDE
+    yield SDE
+    if before is None:
+        os.environ.pop("SOURCE_DATE_EPOCH", None)
+    else:
+        os.environ["SOURCE_DATE_EPOCH"] = before
+
+
+@pytest.fixture(scope="module")
+def inputs(demo_assets, pinned_clock, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engines")
+    loras = tmp / "loras"
+    loras.mkdir()
+    for k in LORAS:
+        shutil.copy(demo_assets["loras"][k], loras / f"{k}.safetensors")
+    template = write_case(tmp, demo_assets, case_id="tmpl", steps=STEPS, batch_size=BATCH)
+    return tmp, loras, template
+
+
+def _build(inputs, home: Path, label: str, **kw) -> tuple[dict, Path]:
+    from carlos_audit.corpus_build import build_corpus
+
+    tmp, loras, template = inputs
+    dest = tmp / "dest"
+    shutil.rmtree(home / "base-cache", ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    result = build_corpus(loras, template, dest, threads=1, progress=False, **kw)
+    kept = tmp / f"built-{label}"
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.move(dest, kept)
+    return result, kept
+
+
+def _alive(pid: int, wait_s: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "build.json"}
+
+
+@pytest.fixture(scope="module")
+def local_build(inputs, carlos_home):
+    return _build(inputs, carlos_home, "local", engine="local")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(carlos_home, pinned_clock):
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"CARLOS_AUDIT_HOME": str(carlos_home), "OMP_WAIT_POLICY": "PASSIVE",
+                                       "SOURCE_DATE_EPOCH": SDE}})
+    yield ray
+    ray.shutdown()
+
+
+def test_build_generates_L_plus_1_times_P_times_S_images_counted_by_hooks(local_build):
+    result, dest = local_build
+    assert result["added"] == list(LORAS) and result["n"] == L
+    b = read_json(dest / "build.json")
+    images = (L + 1) * P * S
+    assert b["images"]["minimum"] == images == 64 and b["images"]["naive_per_lora_base"] == 2 * L * P * S
+    t = b["cost"]["total"]
+    assert t["images_generated"] == images
+    assert t["unet_forward_calls"] == (L + 1) * (P * S // BATCH) * STEPS  # one batched call per step (CFG inside)
+    assert t["unet_image_steps"] == images * STEPS
+    assert t["unet_latent_evaluations"] == 2 * images * STEPS  # guidance 5: cond + uncond latents
+    assert t["vae_decoded_images"] == images and t["vae_decoder_calls"] == (L + 1) * P * S // BATCH
+    assert t["clip_image_encodings"] == images  # the shared base arm is embedded once, not per LoRA
+    assert b["cost"]["shared_arms"]["images_generated"] == P * S
+    (sid, shared), = b["shared_arms"].items()
+    assert shared["used_by"] == list(LORAS)
+    for rid in LORAS:
+        m = read_json(dest / "cases" / rid / "manifest.json")
+        c = m["cost"]
+        assert c["arms"]["base"]["sources"] == {"shared": P * S // BATCH}
+        assert c["arms"]["lora"]["sources"] == {"generated": P * S // BATCH}
+        assert c["total"]["images_generated"] == P * S and c["shared"]["images_generated"] == P * S
+        rec = read_json(dest / "cases" / rid / "units" / "base" / "b00000.json")
+        assert rec["source"] == "shared" and rec["shared_from"] == f"_shared/{sid}"
+        # the copied base arm is the shared one, byte for byte
+        for p in rec["pairs"]:
+            assert sha256_file(dest / "cases" / rid / p["image"]) == p["image_sha256"]
+            assert sha256_file(dest / "cases" / "_shared" / sid / p["image"]) == p["image_sha256"]
+
+
+def test_interrupted_local_build_resumes_to_the_same_bytes(local_build, inputs, carlos_home):
+    """A build stopped after a few units resumes (CLI, --engine local) without redoing any unit."""
+    from carlos_audit.corpus_build import build_corpus
+    from carlos_audit.cli import main
+    from carlos_audit.engines.units import run_unit
+
+    tmp, loras, template = inputs
+    dest = tmp / "dest"
+    shutil.rmtree(carlos_home / "base-cache", ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    calls = []
+
+    def stop_after_six(unit, threads=None):
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        calls.append(unit.key)
+        return run_unit(unit, threads)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(loras, template, dest, threads=1, progress=False, _unit_fn=stop_after_six)
+    assert not (dest / "corpus.json").exists()
+    r = CliRunner().invoke(main, ["corpus", "build", str(loras), "--casefile", str(template), str(dest),
+                                  "--engine", "local", "--threads", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "images generated" in r.output
+    b = read_json(dest / "build.json")
+    assert b["this_invocation"]["arm_units_already_done"] == 6
+    assert b["images"]["generated"] == (L + 1) * P * S  # the whole build's records: nothing generated twice
+    assert _tree(dest) == _tree(local_build[1])
+    shutil.rmtree(dest)
+
+
+def test_ray_build_equals_local_build_byte_for_byte(local_build, inputs, carlos_home, ray_cluster):
+    result, dest = _build(inputs, carlos_home, "ray", engine="ray")
+    assert result["build"]["engine"] == "ray"
+    local = _tree(local_build[1])
+    assert _tree(dest) == local
+    for f in ("corpus.json", "rows.parquet", "directions.npy"):
+        assert f in local
+
+
+def test_killed_ray_worker_is_retried_and_the_corpus_is_unchanged(local_build, inputs, carlos_home, ray_cluster, tmp_path):
+    marker, retried = tmp_path / "killed-once", tmp_path / "retried"
+    victim = "target/lora/b00001"
+
+    def die_mid_unit_once(unit, threads=None):
+        # defined here so Ray ships it by value; kills the worker process (os._exit) after the
+        # unit's images and embeddings are written and before its record: a half-written unit
+        import os as _os
+
+        import carlos_audit.store as store
+        from carlos_audit.engines.units import run_unit
+
+        if unit.key == victim and marker.exists():
+            retried.write_text(str(_os.getpid()))
+        if unit.key == victim and not marker.exists():
+            marker.write_text(str(_os.getpid()))
+            real = store.write_json_atomic
+
+            def write(path, obj):
+                if "units" in str(path):
+                    _os._exit(1)
+                return real(path, obj)
+
+            store.write_json_atomic = write
+        return run_unit(unit, threads)
+
+    result, dest = _build(inputs, carlos_home, "ray-killed", engine="ray", _unit_fn=die_mid_unit_once)
+    killed_pid, retry_pid = int(marker.read_text()), int(retried.read_text())
+    assert killed_pid != retry_pid  # the unit ran again in another worker ...
+    assert not _alive(killed_pid)  # ... because the first one died mid-unit
+    assert read_json(dest / "cases" / "target" / "units" / "lora" / "b00001.json")["source"] == "generated"
+    assert _tree(dest) == _tree(local_build[1])
