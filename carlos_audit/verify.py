@@ -9,7 +9,8 @@ Checks, each reported pass/fail with the file or pair it concerns:
    1e-9 for floating-point summation order; identical on the same platform).
 4. A random sample of N pairs (sample seed recorded in the output) is regenerated from the
    recorded inputs. On the same software and hardware the image hashes must match exactly.
-   Where the environment differs (package versions, device, dtype), exact equality is not
+   Where the environment differs (package versions, device, dtype, machine, torch thread
+   count), exact equality is not
    expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
    the stored one.
 """
@@ -140,7 +141,8 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     env_now = capture(lp.device, lp.dtype, determinism)
     env_then = manifest["environment"]
     same_platform = (env_now["packages"] == env_then["packages"] and env_now["device"] == env_then["device"]
-                     and env_now["dtype"] == env_then["dtype"] and env_now["machine"] == env_then["machine"])
+                     and env_now["dtype"] == env_then["dtype"] and env_now["machine"] == env_then["machine"]
+                     and env_now.get("torch_threads") == env_then.get("torch_threads"))
     p = manifest["protocol"]
     params = GenerationParams(p["steps"], p["guidance_scale"], p["width"], p["height"], p["scheduler"], p["negative_prompt"])
     rows = manifest["pairs"]
