@@ -64,41 +64,41 @@ def _batch_of(args, kwargs, name: str) -> int:
     return int(shape[0]) if shape else 0
 
 
+def _hook_once(module, hook) -> None:
+    """Register a counting forward pre-hook on ``module`` unless one is there (cached models keep theirs)."""
+    if module is not None and not getattr(module, "_carlos_cost_hook", False):
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        module._carlos_cost_hook = True
+
+
 def install_pipeline_hooks(pipe) -> None:
     """Count UNet and VAE-decoder work of ``pipe`` (idempotent: a cached pipeline keeps its hooks)."""
-    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
     ref = weakref.ref(pipe)
-    if unet is not None and not getattr(unet, "_carlos_cost_hook", False):
-        def on_unet(module, args, kwargs):
-            n = _batch_of(args, kwargs, "sample")
-            p = ref()
-            cfg = bool(getattr(p, "do_classifier_free_guidance", False)) if p is not None else False
-            COUNTS["unet_forward_calls"] += 1
-            COUNTS["unet_latent_evaluations"] += n
-            COUNTS["unet_image_steps"] += n // 2 if cfg else n
 
-        unet.register_forward_pre_hook(on_unet, with_kwargs=True)
-        unet._carlos_cost_hook = True
-    decoder = getattr(vae, "decoder", None)
-    if decoder is not None and not getattr(decoder, "_carlos_cost_hook", False):
-        def on_decode(module, args, kwargs):
-            COUNTS["vae_decoder_calls"] += 1
-            COUNTS["vae_decoded_images"] += _batch_of(args, kwargs, "z")
+    def on_unet(module, args, kwargs):
+        n = _batch_of(args, kwargs, "sample")
+        p = ref()
+        cfg = bool(getattr(p, "do_classifier_free_guidance", False)) if p is not None else False
+        COUNTS["unet_forward_calls"] += 1
+        COUNTS["unet_latent_evaluations"] += n
+        COUNTS["unet_image_steps"] += n // 2 if cfg else n
 
-        decoder.register_forward_pre_hook(on_decode, with_kwargs=True)
-        decoder._carlos_cost_hook = True
+    def on_decode(module, args, kwargs):
+        COUNTS["vae_decoder_calls"] += 1
+        COUNTS["vae_decoded_images"] += _batch_of(args, kwargs, "z")
+
+    _hook_once(getattr(pipe, "unet", None), on_unet)
+    _hook_once(getattr(getattr(pipe, "vae", None), "decoder", None), on_decode)
 
 
 def install_embedder_hooks(embedder) -> None:
     """Count image encodings of an open_clip embedder (``encode_image`` runs ``model.visual``)."""
-    visual = getattr(getattr(embedder, "model", None), "visual", None)
-    if visual is not None and not getattr(visual, "_carlos_cost_hook", False):
-        def on_visual(module, args, kwargs):
-            COUNTS["clip_forward_calls"] += 1
-            COUNTS["clip_image_encodings"] += _batch_of(args, kwargs, "x")
 
-        visual.register_forward_pre_hook(on_visual, with_kwargs=True)
-        visual._carlos_cost_hook = True
+    def on_visual(module, args, kwargs):
+        COUNTS["clip_forward_calls"] += 1
+        COUNTS["clip_image_encodings"] += _batch_of(args, kwargs, "x")
+
+    _hook_once(getattr(getattr(embedder, "model", None), "visual", None), on_visual)
 
 
 # --------------------------------------------------------------------------- records -> sections

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-COUNTERS = {"images_embedded": 0}
-
 
 def image_features(embedder, images) -> np.ndarray:
     """(n, d) float32 raw image features, one batch exactly as given (batch layout is recorded)."""
@@ -14,7 +12,6 @@ def image_features(embedder, images) -> np.ndarray:
     x = torch.stack([embedder.preprocess(im) for im in images]).to(embedder.device)
     with torch.no_grad():
         f = embedder.model.encode_image(x, normalize=False)
-    COUNTERS["images_embedded"] += len(images)
     return f.float().cpu().numpy().astype(np.float32)
 
 

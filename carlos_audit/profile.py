@@ -324,8 +324,9 @@ def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> d
     """Generate and embed every batch of one arm that is not already done. Returns stats."""
     from tqdm import tqdm
 
-    todo = [b for b in batches(pairs) if s.store.unit_done(arm.name, b[0].batch) is None]
-    stats = {"generated_batches": 0, "cached_batches": 0, "skipped_batches": len(batches(pairs)) - len(todo)}
+    all_batches = batches(pairs)
+    todo = [b for b in all_batches if s.store.unit_done(arm.name, b[0].batch) is None]
+    stats = {"generated_batches": 0, "cached_batches": 0, "skipped_batches": len(all_batches) - len(todo)}
     bar = tqdm(todo, desc=f"{arm.name:>10}", unit="batch", disable=not progress, file=sys.stderr, leave=False)
     for batch in bar:
         record = run_batch(s, arm, batch)
@@ -551,7 +552,7 @@ def analyse(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, emb, 
     """metrics.json: the CARLoS representation of the main profile, then the indicators."""
     from . import indicators as ind
     from .embed import text_features
-    from .metrics import compute_metrics
+    from .metrics import compute_metrics, diffs
 
     pc = case.protocol
     ids = [p.id for p in pairs]
@@ -560,7 +561,7 @@ def analyse(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, emb, 
     base_f, lora_f = store.features(b, ids), store.features(l, ids)
     metrics = compute_metrics(lora_f, base_f, pair_rows, n_resamples=pc["bootstrap_resamples"], seed=pc["bootstrap_seed"])
     n, seed = pc["bootstrap_resamples"], pc["bootstrap_seed"]
-    d_main = _diffs(store, plan, "main", ids)
+    d_main = diffs(lora_f, base_f)
     extra = {}
     if pc["scales"]:
         by_scale = {case.lora["scale"]: d_main}
