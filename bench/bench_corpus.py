@@ -43,7 +43,7 @@ def _child(args: list[str]) -> dict:
 def phase_create(n: int, dest: str) -> dict:
     import numpy as np
 
-    from carlos_audit.corpus import create_corpus
+    from carlos_audit.corpus.write import create_corpus
 
     rng = np.random.default_rng(0)
     gen_s = 0.0
@@ -72,7 +72,8 @@ def phase_query(n: int, dest: str, queries: int) -> dict:
     import numpy as np
 
     t = time.perf_counter()
-    from carlos_audit.corpus import Corpus, neighbours
+    from carlos_audit.corpus.search import neighbours
+    from carlos_audit.corpus.store import Corpus
     import_s = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -121,7 +122,7 @@ def bench_carlos(tmp: Path) -> None:
         print(f"CARLoS reference absent ({CARLOS}): skipping the CLI figure")
         return
     sys.path.insert(0, str(REPO))
-    from carlos_audit.corpus import import_carlos_db
+    from carlos_audit.corpus.carlos import import_carlos_db
 
     t = time.perf_counter()
     c = import_carlos_db(CARLOS, tmp / "carlos")

@@ -2,7 +2,7 @@
 
 A long case is 280 prompts x 16 seeds = 4,480 pairs (8,960 images). This script writes a
 synthetic finished case folder (64x64 PNGs, fake raw features, metrics.json computed from them
-by carlos_audit.metrics, manifest.json with every pair), then times ``render_report`` and reports
+by carlos_audit.analysis.metrics, manifest.json with every pair), then times ``render_report`` and reports
 peak memory. Nothing is generated with a model and torch is not imported.
 
     .venv/bin/python bench/bench_report.py                    # 280 x 16, in a temp folder
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from carlos_audit.analysis.metrics import compute_metrics
 from carlos_audit.fileio import write_bytes_atomic, write_json_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
-from carlos_audit.metrics import compute_metrics
 
 CATEGORIES = ["people", "animals", "landscapes", "architecture", "objects", "food", "scenes", "fantasy", "vehicles", "art"]
 FEATURE_DIM = 768

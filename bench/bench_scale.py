@@ -45,9 +45,9 @@ def _quiet():
 
 
 def throughput(n_images: int = 16) -> dict:
-    from carlos_audit.generate import GenerationParams, generate_batch
+    from carlos_audit.case.protocol import enumerate_pairs, load_prompts
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
-    from carlos_audit.protocol import enumerate_pairs, load_prompts
+    from carlos_audit.run.generate import GenerationParams, generate_batch
 
     lp = load_base_pipeline("embedded:tiny-sd", dtype="float32", device="cpu")
     set_scheduler(lp.pipe, "DDIMScheduler")
@@ -67,10 +67,11 @@ def throughput(n_images: int = 16) -> dict:
 
 def time_split(tmp: Path, assets: dict) -> dict:
     """One case (8 prompts x 4 seeds, base + LoRA arm, empty base cache) then its report."""
-    from carlos_audit import embed, generate, profile, store
-    from carlos_audit.casefile import load_case
-    from carlos_audit.report import render_report
     from conftest import write_case
+
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.report import render_report
+    from carlos_audit.run import embed, generate, profile, store
 
     spent = {"generation": 0.0, "clip": 0.0, "io": 0.0, "metrics": 0.0}
 
@@ -110,9 +111,10 @@ def time_split(tmp: Path, assets: dict) -> dict:
 
 
 def build(tmp: Path, assets: dict, label: str, **kw) -> dict:
-    from carlos_audit.corpus_build import build_corpus
-    from carlos_audit.fileio import read_json
     from conftest import write_case
+
+    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.fileio import read_json
 
     loras = tmp / "loras"
     if not loras.is_dir():

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .models.demo_loras import DEMO_VERSION, build_demo_loras, demo_dir
-from .models.tiny import carlos_home, ensure_tiny_clip, ensure_tiny_sd, tree_sha256
+from carlos_audit.models.demo_loras import DEMO_VERSION, build_demo_loras, demo_dir
+from carlos_audit.models.tiny import (
+    carlos_home,
+    ensure_tiny_clip,
+    ensure_tiny_sd,
+    tree_sha256,
+)
 
 DEMO_CASEFILE = Path(__file__).resolve().parent.parent / "casefiles" / "demo.toml"
 
@@ -16,7 +21,7 @@ def demo_corpus_dir() -> Path:
 
 
 def prepare_demo(progress: bool = False, corpus: bool = True) -> dict:
-    from .corpus_build import build_corpus
+    from carlos_audit.corpus.build import build_corpus
 
     sd = ensure_tiny_sd()
     clip = ensure_tiny_clip()

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .casefile import Case
+from carlos_audit.case.casefile import Case
 
 
 def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> dict:
     """profile, indicators, head-to-head and corpus comparison (run_case) -> report."""
-    from .errors import AuditError
-    from .profile import run_case
-    from .report import render_report
+    from carlos_audit.errors import AuditError
+    from carlos_audit.report import render_report
+    from carlos_audit.run.profile import run_case
 
     try:
         result = run_case(case, out, allow_incompatible=allow_incompatible, **kwargs)
@@ -33,7 +33,7 @@ def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwarg
 
 
 def _custody_failed(out: Path) -> bool:
-    from .fileio import read_json
+    from carlos_audit.fileio import read_json
 
     manifest = Path(out) / "manifest.json"
     return manifest.is_file() and (Path(out) / "metrics.json").is_file() and read_json(manifest).get("custody_ok") is False

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AuditError
-from .fileio import read_json
-from .hashing import sha256_bytes, sha256_file
+from carlos_audit.errors import AuditError
+from carlos_audit.fileio import read_json
+from carlos_audit.hashing import sha256_bytes, sha256_file
 
 EMBEDDING_COSINE_TOLERANCE = 0.999
 METRICS_RTOL = 1e-9
@@ -102,8 +102,8 @@ def check_files(case_dir: Path, manifest: dict) -> list[Check]:
 
 
 def check_metrics(case_dir: Path, manifest: dict) -> Check:
-    from .metrics import compute_metrics
-    from .store import CaseStore
+    from carlos_audit.analysis.metrics import compute_metrics
+    from carlos_audit.run.store import CaseStore
 
     store = CaseStore(case_dir)
     ids = [r["pair_id"] for r in manifest["pairs"]]
@@ -123,12 +123,16 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
 
 def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
     """Regenerate the batches holding a random sample of pairs and compare."""
-    from .casefile import parse_case
-    from .embed import image_features
-    from .environment import capture
-    from .generate import GenerationParams, generate_batch, set_adapter_state
-    from .profile import arms_for, intake, load_models
-    from .store import png_bytes
+    from carlos_audit.case.casefile import parse_case
+    from carlos_audit.run.embed import image_features
+    from carlos_audit.run.environment import capture
+    from carlos_audit.run.generate import (
+        GenerationParams,
+        generate_batch,
+        set_adapter_state,
+    )
+    from carlos_audit.run.profile import arms_for, intake, load_models
+    from carlos_audit.run.store import png_bytes
 
     casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")
     case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))

@@ -53,7 +53,7 @@ def demo_assets(carlos_home) -> dict:
 @pytest.fixture(scope="session")
 def demo_case_dir(demo_assets, tmp_path_factory) -> Path:
     """The committed demo case, run once (profile + everything run_full writes)."""
-    from carlos_audit.casefile import load_case
+    from carlos_audit.case.casefile import load_case
     from carlos_audit.pipeline import run_full
 
     out = tmp_path_factory.mktemp("cases") / "demo"

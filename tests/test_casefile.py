@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
-from carlos_audit.casefile import load_case, output_dir
+from carlos_audit.case.casefile import load_case, output_dir
+from carlos_audit.case.protocol import (
+    CARLOS_INDEXING_SHA256,
+    load_prompts,
+    prompts_sha256,
+    resolve_seeds,
+)
 from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
-from carlos_audit.protocol import CARLOS_INDEXING_SHA256, load_prompts, prompts_sha256, resolve_seeds
-
-from conftest import REPO
 
 GOOD = (REPO / "casefiles" / "demo.toml").read_text()
 

@@ -15,8 +15,25 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from carlos_audit import corpus as C
+from carlos_audit.case.signature import (
+    check_compatible,
+    preset_signature,
+    require_compatible,
+    unverifiable_fields,
+)
 from carlos_audit.cli import main
+from carlos_audit.corpus import search as search_module
+from carlos_audit.corpus.carlos import export_carlos_csv, import_carlos_db
+from carlos_audit.corpus.cases import add_case
+from carlos_audit.corpus.search import (
+    nearest,
+    neighbours,
+    neighbours_for_vector,
+    percentile_rank,
+    stats,
+)
+from carlos_audit.corpus.store import Corpus
+from carlos_audit.corpus.write import create_corpus, create_empty
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 
@@ -53,7 +70,7 @@ def carlos_corpus(tmp_path_factory):
     needs_carlos()
     dest = tmp_path_factory.mktemp("carlos") / "corpus"
     before = sha256_file(CARLOS)
-    c = C.import_carlos_db(CARLOS, dest)
+    c = import_carlos_db(CARLOS, dest)
     assert sha256_file(CARLOS) == before, "import modified its source file"
     return c
 
@@ -102,7 +119,7 @@ def test_import_keeps_every_row_and_value_exactly(carlos_corpus, carlos_src):
     assert c.dtype == "float32"
     np.testing.assert_array_equal(np.asarray(c.directions, dtype=np.float64), source_dirs)
     assert c.meta["created_from"]["sha256"] == sha256_file(CARLOS)
-    assert c.signature == C.preset_signature("carlos-sdxl-vitb32")
+    assert c.signature == preset_signature("carlos-sdxl-vitb32")
     assert c.signature["seeds"] == list(range(16)) and c.signature["steps"] == 25
 
 
@@ -114,8 +131,8 @@ def test_directions_file_is_a_plain_npy_matrix(carlos_corpus):
 
 
 def test_csv_roundtrip_equals_parquet_import(carlos_corpus, tmp_path):
-    csv_path = C.export_carlos_csv(carlos_corpus, tmp_path / "carlos.csv")
-    c2 = C.import_carlos_db(csv_path, tmp_path / "from_csv", name=carlos_corpus.name)
+    csv_path = export_carlos_csv(carlos_corpus, tmp_path / "carlos.csv")
+    c2 = import_carlos_db(csv_path, tmp_path / "from_csv", name=carlos_corpus.name)
     assert c2.n == carlos_corpus.n and c2.dtype == carlos_corpus.dtype
     np.testing.assert_array_equal(np.asarray(c2.directions), np.asarray(carlos_corpus.directions))
     assert c2.rows.equals(carlos_corpus.rows)
@@ -144,7 +161,7 @@ def _independent_percentile(values, q):
 def test_neighbours_and_percentiles_match_plain_numpy(carlos_corpus, carlos_src):
     ids = [str(v) for v in carlos_src["version_id"]]
     picks = [ids[0], ids[1], ids[369], ids[-1]]
-    got = C.neighbours(carlos_corpus, picks, top_k=10)
+    got = neighbours(carlos_corpus, picks, top_k=10)
     assert list(got) == picks
     strengths = list(carlos_src["strength"])
     cons = list(carlos_src["consistency"])
@@ -165,7 +182,7 @@ def test_neighbours_and_percentiles_match_plain_numpy(carlos_corpus, carlos_src)
 
 def test_neighbours_top_k_larger_than_corpus(carlos_corpus):
     some = str(carlos_corpus.ids[5])
-    r = C.neighbours(carlos_corpus, [some], top_k=5000)[some]["neighbours"]
+    r = neighbours(carlos_corpus, [some], top_k=5000)[some]["neighbours"]
     assert len(r) == 739 and some not in {n["id"] for n in r}
 
 
@@ -185,7 +202,7 @@ def test_cli_neighbours_json_shape(carlos_corpus):
             assert set(n) == {"id", "name", "similarity", "strength", "consistency"}
             assert isinstance(n["id"], str) and isinstance(n["name"], str)
             assert isinstance(n["similarity"], float) and isinstance(n["strength"], float)
-    assert obj == C.neighbours(carlos_corpus, [a, b], top_k=3)
+    assert obj == neighbours(carlos_corpus, [a, b], top_k=3)
 
 
 def test_cli_unknown_id_is_one_line_error(carlos_corpus):
@@ -219,11 +236,11 @@ def test_cli_import(tmp_path):
     assert r.exit_code != 0 and "--overwrite" in r.stderr
     r = CliRunner().invoke(main, ["corpus", "import", str(CARLOS), str(dest), "--overwrite", "--preset", "none"])
     assert r.exit_code == 0, r.output
-    assert all(v is None for v in C.Corpus.open(dest).signature.values())
+    assert all(v is None for v in Corpus.open(dest).signature.values())
 
 
 def test_modules_do_not_import_torch():
-    code = "import carlos_audit.cli, carlos_audit.corpus, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import carlos_audit.cli, carlos_audit.corpus.store, sys; assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
@@ -232,9 +249,10 @@ def test_modules_do_not_import_torch():
 def test_query_path_stays_light(tmp_path):
     """Opening and querying a corpus imports neither torch nor pandas (keeps the CLI near 0.25 s)."""
     c, _ = _small_corpus(tmp_path)
-    code = ("import sys; from carlos_audit.cli import main; from carlos_audit import corpus as C; "
-            f"c = C.Corpus.open({str(c.path)!r}); C.neighbours(c, ['3', '4']); C.stats(c); "
-            "C.neighbours_for_vector(c, c.directions[1], 1.0, None, exclude_id='1'); "
+    code = ("import sys; from carlos_audit.cli import main; from carlos_audit.corpus.store import Corpus; "
+            "from carlos_audit.corpus.search import neighbours, neighbours_for_vector, stats; "
+            f"c = Corpus.open({str(c.path)!r}); neighbours(c, ['3', '4']); stats(c); "
+            "neighbours_for_vector(c, c.directions[1], 1.0, None, exclude_id='1'); "
             "bad = [m for m in ('torch', 'pandas') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
@@ -247,10 +265,10 @@ def test_query_path_stays_light(tmp_path):
 def test_hostile_description_text_is_kept_byte_identical(tmp_path):
     src = tmp_path / "hostile.parquet"
     t = _synthetic_parquet(src, n=len(HOSTILE), descriptions=HOSTILE)
-    c = C.import_carlos_db(src, tmp_path / "c", preset=None)
+    c = import_carlos_db(src, tmp_path / "c", preset=None)
     assert c.rows.column("description").to_pylist() == HOSTILE
-    csv_path = C.export_carlos_csv(c, tmp_path / "h.csv")
-    c2 = C.import_carlos_db(csv_path, tmp_path / "c2", preset=None)
+    csv_path = export_carlos_csv(c, tmp_path / "h.csv")
+    c2 = import_carlos_db(csv_path, tmp_path / "c2", preset=None)
     assert [s.encode() for s in c2.rows.column("description").to_pylist()] == [s.encode() for s in HOSTILE]
     assert c2.rows.equals(c.rows)
     np.testing.assert_array_equal(np.asarray(c2.directions), np.asarray(c.directions))
@@ -263,12 +281,12 @@ def test_float64_directions_stay_float64_and_exact(tmp_path):
     vals = np.asarray(t.column("direction").to_pylist(), dtype=np.float64)
     vals[0, 0] = 0.1  # not a float32 value
     pq.write_table(t.set_column(6, "direction", pa.array([list(r) for r in vals], pa.list_(pa.float64()))), src)
-    c = C.import_carlos_db(src, tmp_path / "c", preset=None)
+    c = import_carlos_db(src, tmp_path / "c", preset=None)
     assert c.dtype == "float64"
     np.testing.assert_array_equal(np.asarray(c.directions), vals)
     src32 = tmp_path / "f32.parquet"
     _synthetic_parquet(src32, dtype=pa.float32())
-    assert C.import_carlos_db(src32, tmp_path / "c32", preset=None).meta["created_from"]["source_direction_dtype"] == "float32"
+    assert import_carlos_db(src32, tmp_path / "c32", preset=None).meta["created_from"]["source_direction_dtype"] == "float32"
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -286,7 +304,7 @@ def test_import_refusals(tmp_path, mutate, message):
     t = _synthetic_parquet(src)
     pq.write_table(mutate(t), src)
     with pytest.raises(AuditError, match=message):
-        C.import_carlos_db(src, tmp_path / "c", preset=None)
+        import_carlos_db(src, tmp_path / "c", preset=None)
     assert not (tmp_path / "c" / "corpus.json").exists()
 
 
@@ -294,68 +312,68 @@ def test_import_refuses_wrong_dim_for_preset_and_non_empty_dest(tmp_path):
     src = tmp_path / "s.parquet"
     _synthetic_parquet(src)
     with pytest.raises(AuditError, match="expects 512"):
-        C.import_carlos_db(src, tmp_path / "c")
+        import_carlos_db(src, tmp_path / "c")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(AuditError, match="--overwrite"):
-        C.import_carlos_db(src, tmp_path / "busy", preset=None)
+        import_carlos_db(src, tmp_path / "busy", preset=None)
     with pytest.raises(AuditError, match="not part of a corpus"):
-        C.import_carlos_db(src, tmp_path / "busy", preset=None, overwrite=True)
+        import_carlos_db(src, tmp_path / "busy", preset=None, overwrite=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
 def test_csv_direction_forms(tmp_path):
     src = tmp_path / "s.parquet"
     _synthetic_parquet(src, n=3, dim=4)
-    c = C.import_carlos_db(src, tmp_path / "c", preset=None)
-    csv_path = C.export_carlos_csv(c, tmp_path / "s.csv")
+    c = import_carlos_db(src, tmp_path / "c", preset=None)
+    csv_path = export_carlos_csv(c, tmp_path / "s.csv")
     df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     for sep, name in ((" ", "space"), (",", "comma")):
         df2 = df.copy()
         df2["direction"] = [sep.join(str(x) for x in json.loads(v)) for v in df["direction"]]
         p = tmp_path / f"{name}.csv"
         df2.to_csv(p, index=False)
-        c2 = C.import_carlos_db(p, tmp_path / name, preset=None)
+        c2 = import_carlos_db(p, tmp_path / name, preset=None)
         np.testing.assert_array_equal(np.asarray(c2.directions), np.asarray(c.directions))
     df["direction"] = ["[1, 2"] + list(df["direction"][1:])
     df.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(AuditError, match="line 2"):
-        C.import_carlos_db(tmp_path / "bad.csv", tmp_path / "bad", preset=None)
+        import_carlos_db(tmp_path / "bad.csv", tmp_path / "bad", preset=None)
 
 
 def test_open_errors_are_one_line(tmp_path):
     with pytest.raises(AuditError, match="does not exist"):
-        C.Corpus.open(tmp_path / "nope")
+        Corpus.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(AuditError, match="corpus.json is missing"):
-        C.Corpus.open(tmp_path / "empty")
+        Corpus.open(tmp_path / "empty")
     src = tmp_path / "s.parquet"
     _synthetic_parquet(src)
-    c = C.import_carlos_db(src, tmp_path / "c", preset=None)
+    c = import_carlos_db(src, tmp_path / "c", preset=None)
     meta = (c.path / "corpus.json").read_text()
     (c.path / "corpus.json").write_text(meta[:40])
     with pytest.raises(AuditError, match="garbled"):
-        C.Corpus.open(c.path)
+        Corpus.open(c.path)
     (c.path / "corpus.json").write_text(meta)
     d = (c.path / "directions.npy").read_bytes()
     (c.path / "directions.npy").write_bytes(d[:-4])
     with pytest.raises(AuditError, match="truncated"):
-        C.Corpus.open(c.path)
+        Corpus.open(c.path)
     (c.path / "directions.npy").write_bytes(d[:-4] + b"\0\0\0\0")
     with pytest.raises(AuditError, match="does not match the sha256"):
-        C.Corpus.open(c.path)
+        Corpus.open(c.path)
     r = CliRunner().invoke(main, ["corpus", "stats", str(tmp_path / "empty")])
     assert r.exit_code != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("Error:")
 
 
 def test_percentile_rank_definition():
     v = [1.0, 2.0, 2.0, float("nan"), 5.0]
-    assert C.percentile_rank(v, 2.0) == 100 * 3 / 4
-    assert C.percentile_rank(v, 2.0, exclude_index=1) == 100 * 2 / 3
-    assert C.percentile_rank(v, 0.5) == 0.0
-    assert C.percentile_rank(v, None) is None
-    assert C.percentile_rank([1.0, None, 3.0], 3.0, exclude_index=2) == 100.0
-    assert C.percentile_rank([float("nan")], 1.0) is None
+    assert percentile_rank(v, 2.0) == 100 * 3 / 4
+    assert percentile_rank(v, 2.0, exclude_index=1) == 100 * 2 / 3
+    assert percentile_rank(v, 0.5) == 0.0
+    assert percentile_rank(v, None) is None
+    assert percentile_rank([1.0, None, 3.0], 3.0, exclude_index=2) == 100.0
+    assert percentile_rank([float("nan")], 1.0) is None
 
 
 def test_corpus_percentiles_follow_the_definition(tmp_path):
@@ -365,17 +383,17 @@ def test_corpus_percentiles_follow_the_definition(tmp_path):
         for name in ("strength", "consistency"):
             vals = getattr(c, name)
             v = None if np.isnan(vals[i]) else vals[i]
-            assert c._percentile(name, v, i) == C.percentile_rank(vals, v, exclude_index=i)
-            assert c._percentile(name, 3.0, None) == C.percentile_rank(vals, 3.0)
+            assert c._percentile(name, v, i) == percentile_rank(vals, v, exclude_index=i)
+            assert c._percentile(name, 3.0, None) == percentile_rank(vals, 3.0)
 
 
 def test_create_corpus_refuses_lossy_float32(tmp_path):
     d = np.full((2, 4), 0.1)
     with pytest.raises(AuditError, match="float64"):
-        C.create_corpus(tmp_path / "c", directions=d, rows={"id": ["a", "b"], "strength": [1.0, 2.0]},
+        create_corpus(tmp_path / "c", directions=d, rows={"id": ["a", "b"], "strength": [1.0, 2.0]},
                         signature=None, name="x", dtype="float32")
     assert not (tmp_path / "c").exists()
-    c = C.create_corpus(tmp_path / "c2", directions=d, rows={"id": ["a", "b"], "strength": [1.0, 2.0]},
+    c = create_corpus(tmp_path / "c2", directions=d, rows={"id": ["a", "b"], "strength": [1.0, 2.0]},
                         signature=None, name="x")
     assert c.dtype == "float64" and np.array_equal(np.asarray(c.directions), d)
 
@@ -387,20 +405,20 @@ def test_prefilter_is_exact_with_ties_and_small_chunks(tmp_path, monkeypatch):
     base[100:140] = base[7]  # exact duplicates of row 7 (ties broken by id)
     base[200:230] = base[7] * np.float32(1.0 + 1e-7)  # near-ties below float32 resolution
     ids = [f"r{(i * 7919) % n:05d}" for i in range(n)]
-    c = C.create_corpus(tmp_path / "c", directions=base, rows={"id": ids, "strength": rng.uniform(1, 9, n)},
+    c = create_corpus(tmp_path / "c", directions=base, rows={"id": ids, "strength": rng.uniform(1, 9, n)},
                         signature=None, name="ties")
-    monkeypatch.setattr(C, "_CHUNK_ELEMENTS", 997)
+    monkeypatch.setattr(search_module, "CHUNK_ELEMENTS", 997)  # nearest() reads it from search
     x = base.astype(np.float64)
     for q in (7, 100, 5, 2999):
-        got = C.nearest(c, x[q:q + 1], top_k=50, exclude_rows=[q])[0]
+        got = nearest(c, x[q:q + 1], top_k=50, exclude_rows=[q])[0]
         sims = (x @ x[q]) / (np.linalg.norm(x, axis=1) * np.linalg.norm(x[q]))
         order = sorted((i for i in range(n) if i != q), key=lambda i: (-sims[i], ids[i]))[:50]
         # identical up to float64 rounding: compare similarities, and ids where sims are distinct
         np.testing.assert_allclose([s for _, s in got], [sims[i] for i in order], rtol=0, atol=1e-12)
         assert {r for r, _ in got if abs(sims[r] - sims[order[-1]]) > 1e-12} == \
             {i for i in order if abs(sims[i] - sims[order[-1]]) > 1e-12}
-    batch = C.nearest(c, x[:5], top_k=5, exclude_rows=np.arange(5))
-    assert batch == [C.nearest(c, x[i:i + 1], top_k=5, exclude_rows=[i])[0] for i in range(5)]
+    batch = nearest(c, x[:5], top_k=5, exclude_rows=np.arange(5))
+    assert batch == [nearest(c, x[i:i + 1], top_k=5, exclude_rows=[i])[0] for i in range(5)]
 
 
 # ------------------------------------------------------------------ cases
@@ -412,7 +430,7 @@ def _case(tmp_path: Path, name: str, direction, strength=4.0, consistency=0.1, s
     (d / "metrics.json").write_text(json.dumps({"direction": [float(x) for x in direction], "strength": strength,
                                                 "consistency": consistency}))
     (d / "manifest.json").write_text(json.dumps({
-        "signature": signature if signature is not None else dict(C.preset_signature("carlos-sdxl-vitb32"),
+        "signature": signature if signature is not None else dict(preset_signature("carlos-sdxl-vitb32"),
                                                                   base_model_sha256="ab" * 32),
         "case": {"id": case_id or name, "title": "Case <b>title</b>"},
         "lora": {"path": f"/evidence/{name}.safetensors", "sha256": "cd" * 32},
@@ -423,91 +441,91 @@ def _case(tmp_path: Path, name: str, direction, strength=4.0, consistency=0.1, s
 def _small_corpus(tmp_path, n=20, dim=512):
     rng = np.random.default_rng(1)
     dirs = rng.standard_normal((n, dim)).astype(np.float32)
-    return C.create_corpus(tmp_path / "corpus", directions=dirs,
+    return create_corpus(tmp_path / "corpus", directions=dirs,
                            rows={"id": [str(i) for i in range(n)], "strength": rng.uniform(1, 9, n),
                                  "consistency": np.where(np.arange(n) % 7 == 0, np.nan, rng.uniform(0, .5, n)),
                                  "source": ["built"] * n},
-                           signature=C.preset_signature("carlos-sdxl-vitb32"), name="small"), dirs
+                           signature=preset_signature("carlos-sdxl-vitb32"), name="small"), dirs
 
 
 def test_add_case_appends_row_exactly(tmp_path):
     c, dirs = _small_corpus(tmp_path)
     direction = np.random.default_rng(9).standard_normal(512)  # float64, not float32 values
     case = _case(tmp_path, "case-001", direction, strength=3.25, consistency=None)
-    row = C.add_case(c.path, case)
+    row = add_case(c.path, case)
     assert row["id"] == "case-001" and row["row"] == 20 and row["source"] == "case"
     assert row["manifest_sha256"] == sha256_file(case / "manifest.json")
     assert row["lora_sha256"] == "cd" * 32 and row["name"] == "case-001.safetensors"
     assert row["differing"] == [] and row["unverifiable"] == ["base_model_sha256", "embedder_sha256"]
-    c2 = C.Corpus.open(c.path)
+    c2 = Corpus.open(c.path)
     assert c2.n == 21 and c2.dtype == "float64"
     np.testing.assert_array_equal(np.asarray(c2.directions[:20]), dirs.astype(np.float64))
     np.testing.assert_array_equal(np.asarray(c2.directions[20]), direction)
     assert c2.meta["directions_sha256"] == sha256_file(c2.path / "directions.npy")
-    r = C.neighbours(c2, ["case-001"], top_k=3)["case-001"]
+    r = neighbours(c2, ["case-001"], top_k=3)["case-001"]
     assert r["consistency_percentile"] is None and len(r["neighbours"]) == 3
-    v = C.neighbours_for_vector(c2, direction, 3.25, None, top_k=3, exclude_id="case-001")
+    v = neighbours_for_vector(c2, direction, 3.25, None, top_k=3, exclude_id="case-001")
     assert v == r
     with pytest.raises(AuditError, match="already has a row"):
-        C.add_case(c.path, case)
+        add_case(c.path, case)
 
 
 def test_add_case_refuses_differing_signature_naming_fields(tmp_path):
     c, _ = _small_corpus(tmp_path)
-    sig = dict(C.preset_signature("carlos-sdxl-vitb32"), steps=4, width=512, embedder_sha256=None)
+    sig = dict(preset_signature("carlos-sdxl-vitb32"), steps=4, width=512, embedder_sha256=None)
     case = _case(tmp_path, "odd", np.ones(512), signature=sig)
     with pytest.raises(AuditError) as e:
-        C.add_case(c.path, case)
+        add_case(c.path, case)
     msg = str(e.value)
     assert "steps" in msg and "width" in msg and "--allow-incompatible" in msg and "\n" not in msg
-    assert "embedder_sha256" not in msg.split(";")[0] and C.Corpus.open(c.path).n == 20
-    assert C.check_compatible(c.signature, sig) == ["steps", "width"]
-    assert "embedder_sha256" in C.unverifiable_fields(c.signature, sig)
+    assert "embedder_sha256" not in msg.split(";")[0] and Corpus.open(c.path).n == 20
+    assert check_compatible(c.signature, sig) == ["steps", "width"]
+    assert "embedder_sha256" in unverifiable_fields(c.signature, sig)
     r = CliRunner().invoke(main, ["corpus", "add", str(c.path), str(case)])
     assert r.exit_code != 0 and "steps" in r.stderr
     r = CliRunner().invoke(main, ["corpus", "add", str(c.path), str(case), "--allow-incompatible", "--id", "x1"])
     assert r.exit_code == 0, r.output
-    c2 = C.Corpus.open(c.path)
+    c2 = Corpus.open(c.path)
     assert c2.row(20)["id"] == "x1" and "steps, width" in c2.row(20)["note"]
     assert c2.dtype == "float32"  # ones are float32 values: no upcast
 
 
 def test_signature_compatibility_rules():
-    a = C.preset_signature("carlos-sdxl-vitb32")
+    a = preset_signature("carlos-sdxl-vitb32")
     b = dict(a, seeds=tuple(range(16)), guidance_scale=5, scheduler="DDIMScheduler", prompts_sha256=None)
-    assert C.check_compatible(a, b) == ["scheduler"]
-    assert "prompts_sha256" in C.unverifiable_fields(a, b)
-    assert C.require_compatible(a, b, allow_incompatible=True)["differing"] == ["scheduler"]
+    assert check_compatible(a, b) == ["scheduler"]
+    assert "prompts_sha256" in unverifiable_fields(a, b)
+    assert require_compatible(a, b, allow_incompatible=True)["differing"] == ["scheduler"]
     with pytest.raises(AuditError, match=r"scheduler .*--allow-incompatible"):
-        C.require_compatible(a, b)
+        require_compatible(a, b)
 
 
 def test_build_corpus_from_cases(tmp_path):
-    sig = dict(C.preset_signature("carlos-sdxl-vitb32"), base_model_sha256="ab" * 32)
-    c = C.create_empty(tmp_path / "mine", sig, "mine")
-    assert c.n == 0 and C.stats(c)["strength"] is None
-    assert C.neighbours_for_vector(c, np.ones(4), 1.0, 0.1)["neighbours"] == []
+    sig = dict(preset_signature("carlos-sdxl-vitb32"), base_model_sha256="ab" * 32)
+    c = create_empty(tmp_path / "mine", sig, "mine")
+    assert c.n == 0 and stats(c)["strength"] is None
+    assert neighbours_for_vector(c, np.ones(4), 1.0, 0.1)["neighbours"] == []
     rng = np.random.default_rng(4)
     for i in range(3):
-        C.add_case(c.path, _case(tmp_path, f"c{i}", rng.standard_normal(8).astype(np.float32), strength=i + 1.0))
-    c2 = C.Corpus.open(c.path)
+        add_case(c.path, _case(tmp_path, f"c{i}", rng.standard_normal(8).astype(np.float32), strength=i + 1.0))
+    c2 = Corpus.open(c.path)
     assert c2.n == 3 and c2.dim == 8 and c2.dtype == "float32" and c2.ids == ["c0", "c1", "c2"]
-    assert C.stats(c2)["sources"] == {"case": 3}
-    assert C.neighbours(c2, ["c1"])["c1"]["strength_percentile"] == 50.0
+    assert stats(c2)["sources"] == {"case": 3}
+    assert neighbours(c2, ["c1"])["c1"]["strength_percentile"] == 50.0
     with pytest.raises(AuditError, match="dim 8"):
-        C.add_case(c.path, _case(tmp_path, "wide", np.ones(9)))
+        add_case(c.path, _case(tmp_path, "wide", np.ones(9)))
     with pytest.raises(AuditError, match="all zero"):
-        C.add_case(c.path, _case(tmp_path, "flat", np.zeros(8)))
+        add_case(c.path, _case(tmp_path, "flat", np.zeros(8)))
 
 
 def test_neighbours_for_vector_edge_cases(tmp_path):
     c, dirs = _small_corpus(tmp_path)
-    r = C.neighbours_for_vector(c, dirs[3], 5.0, 0.2, top_k=4)
+    r = neighbours_for_vector(c, dirs[3], 5.0, 0.2, top_k=4)
     assert r["neighbours"][0]["id"] == "3" and r["neighbours"][0]["similarity"] == pytest.approx(1.0)
-    r = C.neighbours_for_vector(c, dirs[3], 5.0, 0.2, top_k=4, exclude_id="3")
+    r = neighbours_for_vector(c, dirs[3], 5.0, 0.2, top_k=4, exclude_id="3")
     assert "3" not in [n["id"] for n in r["neighbours"]]
-    assert C.neighbours_for_vector(c, np.zeros(512), 5.0, 0.2)["neighbours"] == []
+    assert neighbours_for_vector(c, np.zeros(512), 5.0, 0.2)["neighbours"] == []
     with pytest.raises(AuditError, match="512"):
-        C.neighbours_for_vector(c, np.ones(3), 5.0, 0.2)
+        neighbours_for_vector(c, np.ones(3), 5.0, 0.2)
     with pytest.raises(AuditError, match="unknown LoRA id"):
-        C.neighbours(c, ["3", "nope"])
+        neighbours(c, ["3", "nope"])

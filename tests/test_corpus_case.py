@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import write_case
 
-from carlos_audit import profile as profile_mod
-from carlos_audit.casefile import load_case
+from carlos_audit.case.casefile import load_case
 from carlos_audit.cli import main
-from carlos_audit.corpus import load_corpus
+from carlos_audit.corpus.store import load_corpus
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
-from carlos_audit.profile import run_case
-
-from conftest import write_case
+from carlos_audit.run import profile as profile_mod
+from carlos_audit.run.profile import run_case
 
 
 def test_demo_corpus_was_built_from_the_demo_loras(demo_assets):
@@ -26,7 +25,7 @@ def test_demo_corpus_was_built_from_the_demo_loras(demo_assets):
 
 
 def test_corpus_build_resumes_without_generating(demo_assets, monkeypatch):
-    from carlos_audit.corpus_build import build_corpus
+    from carlos_audit.corpus.build import build_corpus
     from carlos_audit.demo import DEMO_CASEFILE
     from carlos_audit.models.demo_loras import demo_dir
 
@@ -72,9 +71,9 @@ def test_allow_incompatible_is_recorded(demo_assets, tmp_path):
 
 
 def test_text_retrieval_end_to_end(demo_assets):
-    from carlos_audit.embed import text_features
+    from carlos_audit.case.protocol import load_prompts
     from carlos_audit.models.loading import load_embedder
-    from carlos_audit.protocol import load_prompts
+    from carlos_audit.run.embed import text_features
 
     r = CliRunner().invoke(main, ["retrieve", demo_assets["corpus"], "watercolor painting", "--top-k", "3",
                                   "--max-strength", "10", "--min-consistency", "0", "--json"])
@@ -99,7 +98,7 @@ def test_text_retrieval_end_to_end(demo_assets):
 
 
 def test_retrieval_on_the_carlos_preset_says_what_is_missing(shared_dir, tmp_path, monkeypatch):
-    from carlos_audit.corpus import import_carlos_db
+    from carlos_audit.corpus.carlos import import_carlos_db
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))

@@ -7,13 +7,12 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_case
 
-from carlos_audit.casefile import load_case
+from carlos_audit.case.casefile import load_case
 from carlos_audit.cli import main
 from carlos_audit.fileio import read_json
-from carlos_audit.profile import run_case
-
-from conftest import write_case
+from carlos_audit.run.profile import run_case
 
 P, S, STEPS, BATCH = 8, 2, 3, 4  # builtin:demo x 2 seeds
 NO_INDICATORS = "[indicators]\ntrigger_dependence = false\nprompt_override = false\neffect_labels = false\n"  # arms: base, lora
@@ -23,8 +22,7 @@ NO_INDICATORS = "[indicators]\ntrigger_dependence = false\nprompt_override = fal
 
 
 def test_manifest_cost_equals_images_times_steps(demo_assets, carlos_home, tmp_path):
-    from carlos_audit import generate
-
+    from carlos_audit.run import generate
     shutil.rmtree(carlos_home / "base-cache", ignore_errors=True)
     cf = write_case(tmp_path, demo_assets, case_id="cost", steps=STEPS, batch_size=BATCH, extra=NO_INDICATORS)
     before = dict(generate.COUNTERS)
@@ -56,9 +54,9 @@ def test_manifest_cost_equals_images_times_steps(demo_assets, carlos_home, tmp_p
 
 
 def test_without_cfg_latent_evaluations_equal_image_steps(demo_assets):
-    from carlos_audit import cost
-    from carlos_audit.generate import GenerationParams, generate_batch
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
+    from carlos_audit.run import cost
+    from carlos_audit.run.generate import GenerationParams, generate_batch
 
     lp = load_base_pipeline("embedded:tiny-sd", dtype="float32", device="cpu")
     set_scheduler(lp.pipe, "DDIMScheduler")
@@ -116,7 +114,7 @@ def test_plan_text_output_without_measurement(demo_assets, tmp_path):
     ("cuda:1", "float16", "other", False, "float16", "sdpa"),
 ])
 def test_fastpath_selection(device, dtype, arch, force, vae, attn):
-    from carlos_audit.fastpath import select
+    from carlos_audit.run.fastpath import select
 
     fp = select(device, dtype, arch, vae_force_upcast=force)
     assert fp.unet_dtype == dtype and fp.vae_dtype == vae and fp.attention == attn
@@ -126,7 +124,7 @@ def test_fastpath_selection(device, dtype, arch, force, vae, attn):
 
 
 def test_fastpath_compile_flag_and_off_switch():
-    from carlos_audit.fastpath import select
+    from carlos_audit.run.fastpath import select
 
     assert select("cuda", "float16", "sdxl", compile=True).compile_unet
     assert not select("cpu", "float32", "sd15", compile=True).compile_unet  # never on the CPU
@@ -136,9 +134,9 @@ def test_fastpath_compile_flag_and_off_switch():
 
 
 def test_cpu_images_identical_with_fastpath_selector_active(demo_assets, monkeypatch):
-    from carlos_audit.generate import GenerationParams, generate_batch
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
-    from carlos_audit.store import png_bytes
+    from carlos_audit.run.generate import GenerationParams, generate_batch
+    from carlos_audit.run.store import png_bytes
 
     params = GenerationParams(3, 5.0, 64, 64, "DDIMScheduler", "")
 
@@ -159,9 +157,9 @@ def test_vae_upcast_keeps_a_half_precision_pipeline_decoding_in_float32(demo_ass
     """The mechanism the SDXL fp16 path uses, exercised on the CPU in bfloat16."""
     import torch
 
-    from carlos_audit.fastpath import apply, select
-    from carlos_audit.generate import GenerationParams, generate_batch
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
+    from carlos_audit.run.fastpath import apply, select
+    from carlos_audit.run.generate import GenerationParams, generate_batch
 
     lp = load_base_pipeline("embedded:tiny-sd", dtype="float32", device="cpu")
     set_scheduler(lp.pipe, "DDIMScheduler")

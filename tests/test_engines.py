@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_case
 
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
-
-from conftest import write_case
 
 SDE = "1700000000"
 LORAS = ("strong", "target", "weak")
@@ -48,7 +47,7 @@ def inputs(demo_assets, pinned_clock, tmp_path_factory):
 
 
 def _build(inputs, home: Path, label: str, **kw) -> tuple[dict, Path]:
-    from carlos_audit.corpus_build import build_corpus
+    from carlos_audit.corpus.build import build_corpus
 
     tmp, loras, template = inputs
     dest = tmp / "dest"
@@ -126,8 +125,8 @@ def test_build_generates_L_plus_1_times_P_times_S_images_counted_by_hooks(local_
 
 def test_interrupted_local_build_resumes_to_the_same_bytes(local_build, inputs, carlos_home):
     """A build stopped after a few units resumes (CLI, --engine local) without redoing any unit."""
-    from carlos_audit.corpus_build import build_corpus
     from carlos_audit.cli import main
+    from carlos_audit.corpus.build import build_corpus
     from carlos_audit.engines.units import run_unit
 
     tmp, loras, template = inputs
@@ -174,7 +173,7 @@ def test_killed_ray_worker_is_retried_and_the_corpus_is_unchanged(local_build, i
         # unit's images and embeddings are written and before its record: a half-written unit
         import os as _os
 
-        import carlos_audit.store as store
+        import carlos_audit.run.store as store
         from carlos_audit.engines.units import run_unit
 
         if unit.key == victim and marker.exists():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from carlos_audit import profile as profile_mod
-from carlos_audit.casefile import load_case
-from carlos_audit.fileio import read_json
-from carlos_audit.profile import run_case
-
 from conftest import write_case
+
+from carlos_audit.case.casefile import load_case
+from carlos_audit.fileio import read_json
+from carlos_audit.run import profile as profile_mod
+from carlos_audit.run.profile import run_case
 
 
 class _Count:

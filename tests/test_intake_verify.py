@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, write_case
 from safetensors.numpy import load_file, save_file
 
-from carlos_audit import profile as profile_mod
-from carlos_audit.casefile import load_case
+from carlos_audit.case.casefile import load_case
 from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
-from carlos_audit.profile import run_case
+from carlos_audit.run import profile as profile_mod
+from carlos_audit.run.profile import run_case
 from carlos_audit.verify import verify_case
-
-from conftest import REPO, write_case
 
 
 def _hashes(paths):
@@ -225,7 +224,7 @@ def test_verify_detects_metrics_that_do_not_follow_from_the_embeddings(case_copy
     """An embedding replaced together with its manifest hash (and the manifest's own sha256):
     the file checks pass but the recomputed metrics expose the change."""
     from carlos_audit.fileio import read_json
-    from carlos_audit.profile import write_manifest
+    from carlos_audit.run.profile import write_manifest
 
     m = read_json(case_copy / "manifest.json")
     e = m["pairs"][0]["arms"]["lora"]

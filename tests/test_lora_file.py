@@ -10,24 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from lora_writers import write_kohya, write_peft
 from safetensors.numpy import save_file
 
 from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
-from carlos_audit.lora_file import (
-    TensorReader,
-    check_not_pickle,
+from carlos_audit.lora.fileformat import check_not_pickle, validate_safetensors
+from carlos_audit.lora.intake import (
     claimed_base_model_hash,
     compare_base_hash,
     detect_architecture,
-    detect_format,
     inspect_lora,
-    kohya_to_diffusers_name,
-    read_modules,
     trigger_word_hints,
-    validate_safetensors,
 )
-from lora_writers import write_kohya, write_peft
+from carlos_audit.lora.keys import kohya_to_diffusers_name
+from carlos_audit.lora.modules import TensorReader, detect_format, read_modules
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0"
 # module -> (in_features, out_features); attn2.to_k reads the text encoder (cross-attention dim 32)
@@ -284,10 +281,10 @@ def test_format_detection(keys, expected):
 
 
 def test_legacy_processor_names_map_to_modules():
-    from carlos_audit.lora_file import _parse_key
+    from carlos_audit.lora.keys import parse_key
 
-    assert _parse_key(f"unet.{ATTN}.attn1.processor.to_out_lora.up.weight") == ("legacy", f"unet.{ATTN}.attn1.to_out.0", "up")
-    assert _parse_key(f"{ATTN}.attn2.processor.to_k_lora.down.weight") == ("legacy", f"unet.{ATTN}.attn2.to_k", "down")
+    assert parse_key(f"unet.{ATTN}.attn1.processor.to_out_lora.up.weight") == ("legacy", f"unet.{ATTN}.attn1.to_out.0", "up")
+    assert parse_key(f"{ATTN}.attn2.processor.to_k_lora.down.weight") == ("legacy", f"unet.{ATTN}.attn2.to_k", "down")
 
 
 # ------------------------------------------------------------------------------- architecture
@@ -437,7 +434,7 @@ def test_bf16_tensors_are_read_without_torch(tmp_path):
 def test_intake_does_not_import_torch(tmp_path):
     p = write_kohya(tmp_path / "k.safetensors", make_factors(), alpha=4.0)
     code = (
-        "import sys; from carlos_audit.lora_file import inspect_lora; "
+        "import sys; from carlos_audit.lora.intake import inspect_lora; "
         f"inspect_lora({str(p)!r}); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

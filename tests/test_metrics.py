@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from carlos_audit.metrics import bootstrap, compute_metrics, consistency, consistency_explicit, direction, strength
+from carlos_audit.analysis.metrics import (
+    bootstrap,
+    compute_metrics,
+    consistency,
+    consistency_explicit,
+    direction,
+    strength,
+)
 
 
 def _pairs(n_prompts, n_seeds, cats=("a", "b")):

@@ -8,11 +8,16 @@ import shutil
 import pytest
 
 from carlos_audit.errors import AuditError
-from carlos_audit.generate import GenerationParams, generate_batch
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.models.loading import load_base_pipeline, load_embedder
-from carlos_audit.models.tiny import TINY_CLIP_CONFIG, ensure_tiny_clip, ensure_tiny_sd, tree_sha256
-from carlos_audit.store import png_bytes
+from carlos_audit.models.tiny import (
+    TINY_CLIP_CONFIG,
+    ensure_tiny_clip,
+    ensure_tiny_sd,
+    tree_sha256,
+)
+from carlos_audit.run.generate import GenerationParams, generate_batch
+from carlos_audit.run.store import png_bytes
 
 PARAMS = GenerationParams(3, 5.0, 64, 64, "DDIMScheduler", "")
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_case
 
-from carlos_audit import profile as profile_mod
-from carlos_audit.casefile import load_case
+from carlos_audit.case.casefile import load_case
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
-from carlos_audit.profile import run_case
-
-from conftest import write_case
+from carlos_audit.run import profile as profile_mod
+from carlos_audit.run.profile import run_case
 
 UNITS_PER_ARM = 4  # builtin:demo = 8 prompts x 2 seeds, batch 4
 
@@ -149,10 +148,10 @@ def test_diffusers_and_kohya_files_give_identical_images(reference_run, demo_ass
 
 
 def test_base_arm_is_bit_identical_to_a_pipeline_that_never_loaded_the_lora(reference_run):
-    from carlos_audit.generate import GenerationParams, generate_batch
-    from carlos_audit.models.loading import load_base_pipeline, set_scheduler
-    from carlos_audit.store import png_bytes
     from carlos_audit.hashing import sha256_bytes
+    from carlos_audit.models.loading import load_base_pipeline, set_scheduler
+    from carlos_audit.run.generate import GenerationParams, generate_batch
+    from carlos_audit.run.store import png_bytes
 
     _, out = reference_run
     m = read_json(out / "manifest.json")

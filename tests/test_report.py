@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, copy_case, write_case
 
-from carlos_audit.casefile import load_case
+from carlos_audit.case.casefile import load_case
 from carlos_audit.errors import AuditError
 from carlos_audit.pipeline import run_full
 from carlos_audit.report.render import make_url_fetcher, render_report
@@ -302,7 +301,7 @@ def test_hostile_metadata_renders_escaped_and_fetches_nothing(demo_assets, liste
 
 
 def test_input_changed_during_run_fails_custody_and_report_says_so(demo_assets, tmp_path, monkeypatch):
-    import carlos_audit.metrics as metrics_mod
+    import carlos_audit.analysis.metrics as metrics_mod
 
     lora = tmp_path / "lora_copy.safetensors"
     lora.write_bytes(Path(demo_assets["loras"]["target"]).read_bytes())

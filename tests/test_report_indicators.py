@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_case
 
 from carlos_audit.report.render import _jinja_env, prepare_html, render_report

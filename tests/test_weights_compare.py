@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from lora_writers import write_kohya, write_peft
 from safetensors.numpy import load_file, save_file
 
 from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
-from carlos_audit.lora_file import delta_inner
-from carlos_audit.weights_compare import compare_weights, weights_reading
-from lora_writers import write_kohya, write_peft
+from carlos_audit.lora.modules import delta_inner
+from carlos_audit.lora.weights import compare_weights, weights_reading
 
 ATTN = "down_blocks.1.attentions.0.transformer_blocks.0"
 MODULES = {

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cost as cost_mod
-from ..errors import AuditError
-from .units import WorkUnit
+from carlos_audit.engines.units import WorkUnit
+from carlos_audit.errors import AuditError
+from carlos_audit.run import cost as cost_mod
 
 SHARED_DIR = "_shared"  # under DEST/cases/ (row ids never start with "_")
 BUILD_SCHEMA = "carlos-audit/build/1"
@@ -54,7 +54,7 @@ class BuildPlan:
 
 def shared_arm_key(case, arm, prompts) -> str:
     """What fixes the bytes of an arm without adapter, from the case alone (no model loaded)."""
-    from ..hashing import sha256_json
+    from carlos_audit.hashing import sha256_json
 
     pc = case.protocol
     return sha256_json({
@@ -70,9 +70,9 @@ def shared_arm_key(case, arm, prompts) -> str:
 
 def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: list[str] | None = None) -> BuildPlan:
     """``cases``: [(row id, LoRA path, Case)] in sorted order. Prepares the case folders."""
-    from ..hashing import sha256_file
-    from ..profile import plan_arms, prepare_case_dir
-    from ..protocol import batches, enumerate_pairs, load_prompts
+    from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
+    from carlos_audit.hashing import sha256_file
+    from carlos_audit.run.profile import plan_arms, prepare_case_dir
 
     plan = BuildPlan(Path(dest), [])
     argv = tuple(argv or ())
@@ -120,16 +120,16 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
 def run_plan(plan: BuildPlan, *, engine: str = "local", ray_address: str | None = None, gpus_per_task: float = 0,
              threads: int | None = None, unit_fn=None, progress: bool = True) -> dict:
     """Run every unit of ``plan`` on ``engine``; returns {finalize results by row id, unit results, wall_s}."""
-    from .units import run_unit
+    from carlos_audit.engines.units import run_unit
 
     unit_fn = unit_fn or run_unit
     t0 = time.perf_counter()
     if engine == "local":
-        from .local import run_local
+        from carlos_audit.engines.local import run_local
 
         arm_results, fin_results = run_local(plan, threads=threads, unit_fn=unit_fn, progress=progress)
     elif engine == "ray":
-        from .ray_engine import run_ray
+        from carlos_audit.engines.ray_engine import run_ray
 
         arm_results, fin_results = run_ray(plan, address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
                                            unit_fn=unit_fn, progress=progress)
@@ -147,7 +147,7 @@ def default_threads() -> int:
 
 def build_cost(plan: BuildPlan) -> dict:
     """Totals over the unit records of this build: each shared arm once, each LoRA arm once."""
-    from ..store import CaseStore
+    from carlos_audit.run.store import CaseStore
 
     total, by_kind = cost_mod.zero(), {"shared": cost_mod.zero(), "lora": cost_mod.zero()}
     unmeasured = 0

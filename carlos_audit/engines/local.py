@@ -9,7 +9,7 @@ import sys
 def run_local(plan, *, threads: int | None, unit_fn, progress: bool = True) -> tuple[list, list]:
     from tqdm import tqdm
 
-    from .units import set_threads
+    from carlos_audit.engines.units import set_threads
 
     before = set_threads(threads)
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import AuditError
+from carlos_audit.errors import AuditError
 
 MAX_RETRIES = 3
 FORWARD_ENV = ("CARLOS_AUDIT_HOME", "OMP_WAIT_POLICY", "SOURCE_DATE_EPOCH", "HF_HOME", "HF_HUB_CACHE",
@@ -33,7 +33,7 @@ def _execute(unit_fn, unit, threads, *deps):
 
 
 def worker_env() -> dict:
-    from ..models.tiny import carlos_home
+    from carlos_audit.models.tiny import carlos_home
 
     env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
     env["CARLOS_AUDIT_HOME"] = str(carlos_home())

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import AuditError
+from carlos_audit.errors import AuditError
 
 #: The pipeline session of the last unit run in this process, reused by the next unit of the same
 #: LoRA case (profile.load_models keeps the pipeline loaded across cases; only the adapter swaps).
@@ -64,11 +64,11 @@ class _Context:
 
 
 def _context(unit: WorkUnit) -> _Context:
-    from ..casefile import parse_case
-    from ..hashing import sha256_bytes
-    from ..profile import intake, load_models, make_session, plan_arms
-    from ..protocol import batches, enumerate_pairs, load_prompts
-    from ..store import CaseStore
+    from carlos_audit.case.casefile import parse_case
+    from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
+    from carlos_audit.hashing import sha256_bytes
+    from carlos_audit.run.profile import intake, load_models, make_session, plan_arms
+    from carlos_audit.run.store import CaseStore
 
     key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial)
     ctx = _CURRENT.get("ctx")
@@ -91,7 +91,7 @@ def _context(unit: WorkUnit) -> _Context:
 
 def run_unit(unit: WorkUnit, threads: int | None = None) -> dict:
     """Run one unit (idempotent). Returns {unit, status, source, cost}."""
-    from ..store import CaseStore
+    from carlos_audit.run.store import CaseStore
 
     set_threads(threads)
     if unit.kind == "finalize":
@@ -100,7 +100,7 @@ def run_unit(unit: WorkUnit, threads: int | None = None) -> dict:
     done = store.unit_done(unit.arm, unit.batch)
     if done is not None:
         return {"unit": unit.key, "status": "already-done", "source": done.get("source"), "cost": done.get("cost")}
-    from ..profile import run_batch
+    from carlos_audit.run.profile import run_batch
 
     ctx = _context(unit)
     arm = ctx.plan.arms.get(unit.arm)
@@ -113,9 +113,9 @@ def run_unit(unit: WorkUnit, threads: int | None = None) -> dict:
 def materialize_shared(case_dir: Path, arm: str, shared_dir: Path, shared_id: str, batch_ids) -> int:
     """Copy a shared arm's units (images, embeddings, records) into a case folder, checking every
     file against its recorded sha256. The copied records say ``source: shared``. Returns copies."""
-    from ..fileio import write_bytes_atomic, write_json_atomic
-    from ..hashing import sha256_bytes
-    from ..store import CaseStore
+    from carlos_audit.fileio import write_bytes_atomic, write_json_atomic
+    from carlos_audit.hashing import sha256_bytes
+    from carlos_audit.run.store import CaseStore
 
     dst, src = CaseStore(case_dir), CaseStore(shared_dir)
     n = 0
@@ -138,10 +138,10 @@ def materialize_shared(case_dir: Path, arm: str, shared_dir: Path, shared_id: st
 
 def finalize_case(unit: WorkUnit) -> dict:
     """Shared arms into the case folder, then metrics + manifest by the existing profile code."""
-    from ..casefile import parse_case
-    from ..fileio import read_json
-    from ..hashing import sha256_file
-    from ..profile import run_case
+    from carlos_audit.case.casefile import parse_case
+    from carlos_audit.fileio import read_json
+    from carlos_audit.hashing import sha256_file
+    from carlos_audit.run.profile import run_case
 
     out = Path(unit.store)
     mf, sha = out / "manifest.json", out / "manifest.json.sha256"

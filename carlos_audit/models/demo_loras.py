@@ -37,10 +37,10 @@ DEMO_LORAS = {
 
 def target_modules(unet_config_dir: Path | None = None) -> list[tuple[str, int, int]]:
     """(module path, in_features, out_features) of every attention projection of the tiny UNet."""
-    from diffusers import UNet2DConditionModel
     import torch
+    from diffusers import UNet2DConditionModel
 
-    from .tiny import ensure_tiny_sd
+    from carlos_audit.models.tiny import ensure_tiny_sd
 
     unet = UNet2DConditionModel.from_pretrained(unet_config_dir or ensure_tiny_sd() / "unet")
     out = []
@@ -91,7 +91,7 @@ def to_kohya(factors, alpha: float = RANK) -> dict[str, np.ndarray]:
 def write_lora(path: Path, state: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     from safetensors.numpy import save
 
-    from ..fileio import write_bytes_atomic
+    from carlos_audit.fileio import write_bytes_atomic
 
     write_bytes_atomic(path, save({k: np.ascontiguousarray(v) for k, v in sorted(state.items())}, metadata=metadata))
 
@@ -122,6 +122,6 @@ def build_demo_loras(dest: Path, base_sha256: str | None = None) -> dict[str, Pa
 
 
 def demo_dir() -> Path:
-    from .tiny import carlos_home
+    from carlos_audit.models.tiny import carlos_home
 
     return carlos_home() / "demo" / f"loras-v{DEMO_VERSION}"

@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AuditError
-from ..hashing import sha256_file
-from .tiny import ensure_tiny_clip, ensure_tiny_sd, tree_sha256
-
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+from carlos_audit.errors import AuditError
+from carlos_audit.hashing import sha256_file
+from carlos_audit.lora.fileformat import PICKLE_EXTENSIONS
+from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd, tree_sha256
 
 
 @dataclass
@@ -77,8 +76,11 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> Path:
 
 def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto",
                        allow_download: bool = False, base_dir: Path | None = None) -> LoadedPipeline:
-    import torch
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        DiffusionPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     dev = resolve_device(device)
     dtype_name, torch_dtype = resolve_dtype(dtype, dev)
@@ -97,7 +99,7 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
             pipe = DiffusionPipeline.from_pretrained(p, local_files_only=True, **kwargs)
             path, identity, digest = p, f"dir:{p.name}", tree_sha256(p)
         elif p.is_file():
-            if p.suffix.lower() in PICKLE_SUFFIXES:
+            if p.suffix.lower() in PICKLE_EXTENSIONS:
                 raise AuditError(f"base model {p} is a pickle-based file; only .safetensors single files are accepted")
             if p.suffix.lower() != ".safetensors":
                 raise AuditError(f"base model {p}: single-file checkpoints must be .safetensors")
@@ -120,7 +122,7 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
         pipe.safety_checker = None
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    from ..fastpath import apply_fastpath
+    from carlos_audit.run.fastpath import apply_fastpath
 
     arch = _architecture_of_pipe(pipe)
     fastpath = apply_fastpath(pipe, dev, dtype_name, arch)  # a no-op on the CPU
@@ -177,7 +179,7 @@ def load_embedder(model: str, pretrained: str | None, *, device: str = "cpu",
             if base_dir is not None and not pp.is_absolute() and (base_dir / pp).exists():
                 pp = base_dir / pp
             if pp.exists():
-                if pp.suffix.lower() in PICKLE_SUFFIXES and not allow_unsafe_pickle:
+                if pp.suffix.lower() in PICKLE_EXTENSIONS and not allow_unsafe_pickle:
                     raise AuditError(f"embedder checkpoint {pp} is pickle-based; refused unless --allow-unsafe-pickle")
                 pre, identity, digest = str(pp), f"open_clip:{model}/file:{pp.name}", sha256_file(pp)
             elif not allow_download and not _open_clip_cached(model, pretrained):

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..hashing import sha256_file, sha256_json
+from carlos_audit.hashing import sha256_file, sha256_json
 
 TINY_SD_VERSION = 1
 TINY_CLIP_VERSION = 1
@@ -105,7 +105,12 @@ def _write_tokenizer(dest: Path) -> None:
 
 def _build_tiny_sd(dest: Path) -> None:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(SEED)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def render_report(case_dir: Path) -> Path:
-    from .render import render_report as _render
+    from carlos_audit.report.render import render_report as _render
 
     return _render(case_dir)
 

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from ..fileio import write_bytes_atomic  # noqa: E402
+from carlos_audit.fileio import write_bytes_atomic  # noqa: E402
 
 RC = {
     "svg.hashsalt": "carlos-audit",

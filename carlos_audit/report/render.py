@@ -30,11 +30,11 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlsplit
 from urllib.request import url2pathname
 
-from .. import __version__
-from ..errors import AuditError
-from ..fileio import read_json, write_bytes_atomic, write_text_atomic
-from ..hashing import sha256_bytes, sha256_file
-from . import figures
+from carlos_audit import __version__
+from carlos_audit.errors import AuditError
+from carlos_audit.fileio import read_json, write_bytes_atomic, write_text_atomic
+from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.report import figures
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 KNOWN_ERRORS = Path(__file__).resolve().parent / "known_errors.json"

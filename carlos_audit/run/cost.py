@@ -110,7 +110,7 @@ def case_cost(store, plan, pairs) -> dict:
     ``total`` is the work done for this case; arms whose batches were ``shared`` (a corpus build
     computes the base arm once for every LoRA) are summed in ``shared`` instead: counted once for
     the whole build, in its build.json."""
-    from .protocol import batches
+    from carlos_audit.case.protocol import batches
 
     arms, total, shared = {}, zero(), zero()
     unmeasured = 0

@@ -21,14 +21,24 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .casefile import Case, expand_path
-from .errors import AuditError
-from .fileio import read_json, write_json_atomic, write_text_atomic
-from .generate import GenerationParams, generate_batch, set_adapter_state
-from .hashing import sha256_bytes, sha256_file, sha256_json
-from .protocol import Pair, batches, enumerate_pairs, load_prompts, prompts_sha256
-from .store import BaseImageCache, CaseStore, hash_inputs, png_bytes
+from carlos_audit import __version__
+from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.case.protocol import (
+    Pair,
+    batches,
+    enumerate_pairs,
+    load_prompts,
+    prompts_sha256,
+)
+from carlos_audit.errors import AuditError
+from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
+from carlos_audit.hashing import sha256_bytes, sha256_file, sha256_json
+from carlos_audit.run.generate import (
+    GenerationParams,
+    generate_batch,
+    set_adapter_state,
+)
+from carlos_audit.run.store import BaseImageCache, CaseStore, hash_inputs, png_bytes
 
 MANIFEST_SCHEMA = "carlos-audit/manifest/1"
 TARGET_ADAPTER = "target"
@@ -140,7 +150,8 @@ def resolve_inputs(case: Case) -> dict:
 
 
 def intake(case: Case, *, allow_unsafe_pickle: bool = False) -> tuple[dict, list[dict], dict]:
-    from . import lora_file
+    from carlos_audit.lora.fileformat import check_not_pickle, validate_safetensors
+    from carlos_audit.lora.intake import inspect_lora
 
     paths = resolve_inputs(case)
     for role, p in paths.items():
@@ -148,16 +159,16 @@ def intake(case: Case, *, allow_unsafe_pickle: bool = False) -> tuple[dict, list
             raise AuditError(f"{case.path}: {role} {p} does not exist")
     for role, p in paths.items():
         if role == "lora" or role.startswith("comparison_lora_"):
-            lora_file.check_not_pickle(p, allow_unsafe_pickle=allow_unsafe_pickle)
+            check_not_pickle(p, allow_unsafe_pickle=allow_unsafe_pickle)
             if p.suffix.lower() == ".safetensors":
-                lora_file.validate_safetensors(p)
+                validate_safetensors(p)
     inputs = hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items()])
     by_role = {e["role"]: e for e in inputs}
     for role, section in (("lora", case.lora), ("base_model", case.base_model), ("embedder", case.embedder)):
         want = section.get("sha256")
         if want and role in by_role and by_role[role]["sha256"] != want.lower():
             raise AuditError(f"{role} {by_role[role]['path']}: sha256 {by_role[role]['sha256']} does not match the expected {want.lower()} in the case file")
-    inspection = lora_file.inspect_lora(paths["lora"], allow_unsafe_pickle=allow_unsafe_pickle)
+    inspection = inspect_lora(paths["lora"], allow_unsafe_pickle=allow_unsafe_pickle)
     return paths, inputs, inspection
 
 
@@ -257,8 +268,12 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
                 allow_download: bool = False, allow_unsafe_pickle: bool = False):
     """Base pipeline with the target LoRA as adapter "target", and the embedder; each checked
     against the hashes the case expects, the LoRA checked for architecture and full coverage."""
-    from .environment import apply_determinism
-    from .models.loading import load_base_pipeline, load_embedder, set_scheduler
+    from carlos_audit.models.loading import (
+        load_base_pipeline,
+        load_embedder,
+        set_scheduler,
+    )
+    from carlos_audit.run.environment import apply_determinism
 
     key = (case.base_model["source"], case.base_model["dtype"], case.base_model["device"], str(case.base_dir),
            case.embedder["model"], case.embedder.get("pretrained"), allow_download, allow_unsafe_pickle)
@@ -285,7 +300,7 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
         emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
                             allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
         _LOADED[key] = (lp, emb)
-    from .cost import install_embedder_hooks, install_pipeline_hooks
+    from carlos_audit.run.cost import install_embedder_hooks, install_pipeline_hooks
 
     install_pipeline_hooks(lp.pipe)  # counting only (cost.py); idempotent on the cached pipeline
     install_embedder_hooks(emb)
@@ -344,8 +359,8 @@ def run_batch(s: Session, arm: Arm, batch: list[Pair]) -> dict:
 
     from PIL import Image
 
-    from . import cost
-    from .embed import image_features
+    from carlos_audit.run import cost
+    from carlos_audit.run.embed import image_features
 
     before = cost.snapshot()
     prompts_sent = [arm.prompt_for(p.prompt.text, s.triggers) for p in batch]
@@ -388,8 +403,8 @@ def check_finite(arm: str, batch: list[Pair], images, feats: np.ndarray) -> None
 
 def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tuple[Session, dict]:
     """The Session a run generates with, and the environment record of its manifest."""
-    from .environment import capture
-    from .models.tiny import carlos_home
+    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.run.environment import capture
 
     pc = case.protocol
     params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
@@ -409,8 +424,8 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
 def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
              allow_unsafe_pickle: bool = False, allow_download: bool = False, argv: list[str] | None = None,
              progress: bool = True, allow_incompatible: bool = False) -> dict:
-    from .cost import case_cost
-    from .environment import git_commit
+    from carlos_audit.run.cost import case_cost
+    from carlos_audit.run.environment import git_commit
 
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
     prompts, prompt_source = load_prompts(case.protocol["prompts"], case.base_dir)
@@ -436,7 +451,7 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
     corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
     if corpus_path is not None:
-        from .comparison import check_corpus_signature
+        from carlos_audit.corpus.placement import check_corpus_signature
 
         check_corpus_signature(corpus_path, signature, allow_incompatible)
     pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
@@ -454,7 +469,7 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
     if comparisons:
         head_to_head(case, store, plan, pairs, pair_rows, paths, comparisons)
     if corpus_path is not None:
-        from .comparison import compare_with_corpus
+        from carlos_audit.corpus.placement import compare_with_corpus
 
         compare_with_corpus(out, corpus_path, top_k=case.reference["top_k"], allow_incompatible=allow_incompatible,
                             signature=signature, lora_sha256=lora_sha)
@@ -510,7 +525,7 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
 def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool) -> list[dict]:
     """Load each comparison LoRA as its own adapter (cmp1, cmp2, ...); one with the target's
     file hash needs no adapter (its arm is the target's arm)."""
-    from . import lora_file
+    from carlos_audit.lora.intake import inspect_lora
 
     sha = {e["role"]: e["sha256"] for e in inputs}
     out = []
@@ -519,7 +534,7 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool,
         p = paths[role]
         entry = {"adapter": adapter, "path": str(p), "sha256": sha[role], "load": None}
         if sha[role] != sha["lora"]:
-            inspection = lora_file.inspect_lora(p, allow_unsafe_pickle=allow_unsafe_pickle)
+            inspection = inspect_lora(p, allow_unsafe_pickle=allow_unsafe_pickle)
             entry["load"] = load_lora(pipe, p, adapter, inspection, allow_partial)
         out.append(entry)
     return out
@@ -527,9 +542,9 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool,
 
 def store_text_features(store: CaseStore, emb, prompts) -> dict:
     """Raw text features of each prompt as the user wrote it (no trigger words)."""
-    from .embed import text_features
-    from .fileio import write_bytes_atomic
-    from .store import npy_bytes
+    from carlos_audit.fileio import write_bytes_atomic
+    from carlos_audit.run.embed import text_features
+    from carlos_audit.run.store import npy_bytes
 
     feats = text_features(emb, [p.text for p in prompts])
     records = {}
@@ -542,7 +557,7 @@ def store_text_features(store: CaseStore, emb, prompts) -> dict:
 
 
 def _diffs(store: CaseStore, plan: ArmPlan, profile: str, ids: list[str]) -> np.ndarray:
-    from .metrics import diffs
+    from carlos_audit.analysis.metrics import diffs
 
     b, l = plan.profiles[profile]
     return diffs(store.features(l, ids), store.features(b, ids))
@@ -550,9 +565,9 @@ def _diffs(store: CaseStore, plan: ArmPlan, profile: str, ids: list[str]) -> np.
 
 def analyse(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, emb, text_records) -> dict:
     """metrics.json: the CARLoS representation of the main profile, then the indicators."""
-    from . import indicators as ind
-    from .embed import text_features
-    from .metrics import compute_metrics, diffs
+    from carlos_audit.analysis import indicators as ind
+    from carlos_audit.analysis.metrics import compute_metrics, diffs
+    from carlos_audit.run.embed import text_features
 
     pc = case.protocol
     ids = [p.id for p in pairs]
@@ -587,8 +602,8 @@ def analyse(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, emb, 
 
 def head_to_head(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, paths: dict, comparisons: list[dict]) -> None:
     """comparison.json ``head_to_head``: behaviour (shared base arm) and weights, per comparison LoRA."""
-    from .compare import behaviour, weights
-    from .fileio import update_json
+    from carlos_audit.analysis.head_to_head import behaviour, weights
+    from carlos_audit.fileio import update_json
 
     ids = [p.id for p in pairs]
     d_t = _diffs(store, plan, "main", ids)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .casefile import Case, load_case, parse_case
-from .errors import AuditError
+from carlos_audit.case.casefile import Case, load_case, parse_case
+from carlos_audit.errors import AuditError
 
 LORA_SUFFIXES = (".safetensors",)
 
@@ -74,10 +74,17 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     on ``engine`` ("local": this process; "ray": Ray tasks). Rows are added in sorted LoRA order;
     with the same ``threads`` (torch CPU threads of every generating process, default: this
     process's) the corpus bytes do not depend on the engine. Writes DEST/build.json."""
-    from .corpus import add_case, create_empty, load_corpus
-    from .engines import ENGINES
-    from .engines.build import build_record, default_threads, plan_build, run_plan
-    from .fileio import write_json_atomic
+    from carlos_audit.corpus.cases import add_case
+    from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.write import create_empty
+    from carlos_audit.engines import ENGINES
+    from carlos_audit.engines.build import (
+        build_record,
+        default_threads,
+        plan_build,
+        run_plan,
+    )
+    from carlos_audit.fileio import write_json_atomic
 
     lora_dir, dest = Path(lora_dir), Path(dest)
     if engine not in ENGINES:
@@ -98,7 +105,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     if not todo:
         return {"corpus": str(dest), "added": [], "already_present": skipped, "n": load_corpus(dest).n, "build": None}
     if engine == "ray":
-        from .engines.ray_engine import _import_ray
+        from carlos_audit.engines.ray_engine import _import_ray
 
         _import_ray()  # fail before preparing anything when Ray is missing
     threads = threads or default_threads()

@@ -26,7 +26,7 @@ from importlib import resources
 
 import numpy as np
 
-from .metrics import consistency, strength
+from carlos_audit.analysis.metrics import consistency, strength
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -135,7 +135,7 @@ def scope(d: np.ndarray, categories: list[str], prompt_ids, n_resamples: int, se
 
 
 def vocabulary(extra: list[str]) -> list[tuple[str, str]]:
-    data = json.loads(resources.files("carlos_audit").joinpath("prompts/vocabulary.json").read_text("utf-8"))
+    data = json.loads(resources.files("carlos_audit.case").joinpath("prompts/vocabulary.json").read_text("utf-8"))
     words = [(group, w) for group, ws in data.items() for w in ws]
     words += [("case", w) for w in extra if w not in {x for _, x in words}]
     return words

@@ -35,11 +35,15 @@ def counts(n_loras: int, n_prompts: int, n_seeds: int, batch_size: int, steps: i
 def measure(case, n_images: int) -> dict:
     """Time the generation and CLIP encoding of ``n_images`` images of the case's first pairs,
     in the protocol's batch layout, after a one-image warm-up (not timed)."""
-    from . import cost
-    from .embed import image_features
-    from .generate import GenerationParams, generate_batch
-    from .models.loading import load_base_pipeline, load_embedder, set_scheduler
-    from .protocol import enumerate_pairs, load_prompts
+    from carlos_audit.case.protocol import enumerate_pairs, load_prompts
+    from carlos_audit.models.loading import (
+        load_base_pipeline,
+        load_embedder,
+        set_scheduler,
+    )
+    from carlos_audit.run import cost
+    from carlos_audit.run.embed import image_features
+    from carlos_audit.run.generate import GenerationParams, generate_batch
 
     pc = case.protocol
     t0 = time.perf_counter()
@@ -76,8 +80,8 @@ def measure(case, n_images: int) -> dict:
 
 
 def plan(case_path, n_loras: int, measure_images: int = 4) -> dict:
-    from .casefile import load_case
-    from .protocol import load_prompts
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.case.protocol import load_prompts
 
     case = load_case(Path(case_path))
     pc = case.protocol

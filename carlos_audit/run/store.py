@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import read_json, write_bytes_atomic, write_json_atomic
-from .hashing import sha256_bytes, sha256_file
+from carlos_audit.fileio import read_json, write_bytes_atomic, write_json_atomic
+from carlos_audit.hashing import sha256_bytes, sha256_file
 
 
 def png_bytes(image) -> bytes:
@@ -124,7 +124,7 @@ class BaseImageCache:
 
 def hash_inputs(inputs: list[dict]) -> list[dict]:
     """Add size and sha256 to each {role, path} entry (folders get a tree hash)."""
-    from .models.tiny import tree_sha256
+    from carlos_audit.models.tiny import tree_sha256
 
     out = []
     for e in inputs:

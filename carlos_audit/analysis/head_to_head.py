@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .indicators import _ci, _resamples
-from .metrics import consistency, strength
+from carlos_audit.analysis.indicators import _ci, _resamples
+from carlos_audit.analysis.metrics import consistency, strength
 
 N_TRIPTYCHS = 3
 
@@ -59,7 +59,7 @@ def behaviour(d_target: np.ndarray, d_cmp: np.ndarray, pairs: list[dict], n_resa
 
 
 def weights(path_target, path_cmp) -> dict:
-    from .weights_compare import compare_weights, weights_reading
+    from carlos_audit.lora.weights import compare_weights, weights_reading
 
     r = compare_weights(path_target, path_cmp)
     keep = {k: r[k] for k in ("cosine", "norm_ratio", "payload_identical", "modules_compared",

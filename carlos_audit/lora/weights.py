@@ -35,17 +35,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import AuditError
-from .hashing import sha256_file
-from .lora_file import (
+from carlos_audit.errors import AuditError
+from carlos_audit.hashing import sha256_file
+from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
+from carlos_audit.lora.modules import (
     TensorReader,
-    check_not_pickle,
     delta_inner,
     delta_shape,
     detect_format,
     module_delta,
-    payload_sha256,
-    read_header,
     read_modules,
 )
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AuditError
-from .fileio import read_json, write_json_atomic
+from carlos_audit.errors import AuditError
+from carlos_audit.fileio import read_json, write_json_atomic
 
 SCHEMA = "carlos-audit/comparison/1"
 
@@ -27,7 +27,9 @@ def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, a
                         signature: dict | None = None, lora_sha256: str | None = None) -> dict:
     """``signature`` and ``lora_sha256`` come from the case's manifest.json unless given (as the
     profile step does, before the manifest is written)."""
-    from .corpus import load_corpus, neighbours_for_vector, require_compatible
+    from carlos_audit.case.signature import require_compatible
+    from carlos_audit.corpus.search import neighbours_for_vector
+    from carlos_audit.corpus.store import load_corpus
 
     case_dir = Path(case_dir)
     metrics = read_json(case_dir / "metrics.json")
@@ -74,7 +76,8 @@ def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, a
 
 def check_corpus_signature(corpus_path: Path, case_signature: dict, allow_incompatible: bool) -> dict:
     """Refuse before any generation when the corpus was profiled differently."""
-    from .corpus import load_corpus, require_compatible
+    from carlos_audit.case.signature import require_compatible
+    from carlos_audit.corpus.store import load_corpus
 
     if not (Path(corpus_path) / "corpus.json").is_file():
         raise AuditError(f"reference corpus {corpus_path} is not a corpus (no corpus.json)")

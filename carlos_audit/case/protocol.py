@@ -10,13 +10,14 @@ part of the protocol because batching changes low bits of the images.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import AuditError
-from .hashing import sha256_json
+import tomllib
+
+from carlos_audit.errors import AuditError
+from carlos_audit.hashing import sha256_json
 
 BUILTIN_SUITES = ("standard", "demo", "retrieval")
 
@@ -81,7 +82,7 @@ def load_prompts(spec: str, base_dir: Path | None = None) -> tuple[list[Prompt],
                 f"unknown builtin prompt suite {name!r}; allowed: "
                 + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES)
             )
-        text = resources.files("carlos_audit").joinpath(f"prompts/{name}.json").read_text("utf-8")
+        text = resources.files("carlos_audit.case").joinpath(f"prompts/{name}.json").read_text("utf-8")
         prompts = _from_nested(json.loads(text), spec)
         return prompts, {"kind": "builtin", "name": spec}
     path = Path(spec)
@@ -114,7 +115,7 @@ def load_prompts(spec: str, base_dir: Path | None = None) -> tuple[list[Prompt],
             raise AuditError(f"{path}: prompt files must be .txt, .json or .toml")
     except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise AuditError(f"{path}: cannot parse prompt file ({type(e).__name__}: {e})") from None
-    from .hashing import sha256_bytes
+    from carlos_audit.hashing import sha256_bytes
 
     return prompts, {"kind": "file", "path": str(path), "sha256": sha256_bytes(raw)}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AuditError
+from carlos_audit.errors import AuditError
 
 CARLOS_MAX_STRENGTH = 9.8
 CARLOS_MIN_CONSISTENCY = 0.041
@@ -28,8 +28,8 @@ HF_CLIP_PREFIX = "hf-transformers:"
 
 def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_download: bool = False):
     """A function texts -> (n, d) raw text features, for the embedder a corpus was built with."""
-    from .embed import text_features
-    from .models.loading import load_embedder
+    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.run.embed import text_features
 
     if identity == "embedded:tiny-clip":
         emb = load_embedder("embedded:tiny-clip", None)
@@ -80,7 +80,7 @@ def query_signature(encode, prompts: list[str], query: str) -> np.ndarray:
 
 
 def default_filters(corpus) -> dict:
-    from .protocol import CARLOS_INDEXING_SHA256
+    from carlos_audit.case.protocol import CARLOS_INDEXING_SHA256
 
     sig = corpus.signature or {}
     if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256 and sig.get("embedder") == HF_CLIP_PREFIX + "openai/clip-vit-base-patch32":
@@ -93,7 +93,12 @@ def default_filters(corpus) -> dict:
 
 
 def retrieval_prompts(corpus, prompts_spec: str | None):
-    from .protocol import CARLOS_INDEXING_SHA256, load_prompt_set, load_prompts, prompts_sha256
+    from carlos_audit.case.protocol import (
+        CARLOS_INDEXING_SHA256,
+        load_prompt_set,
+        load_prompts,
+        prompts_sha256,
+    )
 
     sig = corpus.signature or {}
     if prompts_spec is None:
@@ -114,7 +119,7 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
 def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | None = None,
              min_consistency: float | None = None, prompts: str | None = None,
              embedder_checkpoint: str | None = None, allow_download: bool = False) -> dict:
-    from .corpus import load_corpus
+    from carlos_audit.corpus.store import load_corpus
 
     if not query.strip():
         raise AuditError("the query is empty")

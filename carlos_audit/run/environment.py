@@ -59,7 +59,7 @@ def git_commit() -> str | None:
     import subprocess
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     if not (here / ".git").exists():
         return None
     try:

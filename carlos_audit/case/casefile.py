@@ -12,11 +12,12 @@ and must stay inside ``reports/``.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AuditError
+import tomllib
+
+from carlos_audit.errors import AuditError
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TRIGGER_POLICIES = ("both", "lora_only", "none")
@@ -131,7 +132,7 @@ def _type_ok(kind: str, v) -> bool:
 
 
 def expand_path(value: str, base_dir: Path) -> Path:
-    from .models.tiny import carlos_home
+    from carlos_audit.models.tiny import carlos_home
 
     value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
     p = Path(value).expanduser()
@@ -176,7 +177,7 @@ def parse_case(text: str, path: Path) -> Case:
 
 
 def _check_values(c: dict, where: str) -> None:
-    from .protocol import resolve_seeds
+    from carlos_audit.case.protocol import resolve_seeds
 
     if not CASE_ID_RE.match(c["case"]["id"]):
         raise AuditError(
@@ -224,7 +225,7 @@ def _check_values(c: dict, where: str) -> None:
 
 
 def _check_prompts_spec(spec: str, base_dir: Path, where: str) -> None:
-    from .protocol import BUILTIN_SUITES
+    from carlos_audit.case.protocol import BUILTIN_SUITES
 
     if spec.startswith("builtin:"):
         if spec.split(":", 1)[1] not in BUILTIN_SUITES:

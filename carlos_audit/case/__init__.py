@@ -1,0 +1,1 @@
+"""The case: case file (TOML -> frozen Case), prompt protocol (suites, seeds, pairs)."""

@@ -1,0 +1,177 @@
+"""Case runs: run, compare, demo, plan."""
+
+from __future__ import annotations
+
+import click
+
+from carlos_audit.cli.common import (
+    fmt,
+    main,
+    print_json,
+    quiet_libraries,
+    run_options,
+    safe_text,
+)
+
+
+def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
+    from carlos_audit.case.casefile import load_case, output_dir
+    from carlos_audit.pipeline import run_full
+
+    case = load_case(casefile)
+    target = output_dir(case, out)
+    quiet_libraries()
+    result = run_full(case, target, force=force, allow_partial=allow_partial,
+                      allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download,
+                      allow_incompatible=allow_incompatible, argv=argv, progress=not no_progress)
+    m = result["metrics"]
+    ci = m["ci"]
+    cons = "null (" + m["consistency_note"] + ")" if m["consistency"] is None else f"{m['consistency']:.4f}"
+    click.echo(f"case {case.id}: {m['n_pairs']} pairs -> {result['out']}")
+    click.echo(f"  strength    {m['strength']:.4f}  95% CI [{ci['strength'][0]:.4f}, {ci['strength'][1]:.4f}]")
+    if ci["consistency"]:
+        cons += f"  95% CI [{ci['consistency'][0]:.4f}, {ci['consistency'][1]:.4f}]"
+    click.echo(f"  consistency {cons}")
+    for h in _head_to_head(result["out"]):
+        b, w = h["behaviour"], h["weights"]
+        ci = b["direction_cosine_ci"] or [None, None]
+        click.echo(f"  vs {safe_text(h['lora']['file_name'])}: behaviour direction cosine {fmt(b['direction_cosine'])} "
+                   f"[{fmt(ci[0])}, {fmt(ci[1])}]; weights cosine {fmt(w.get('cosine'))}, "
+                   f"norm ratio {fmt(w.get('norm_ratio'))} ({w['reading']})")
+    for extra in result.get("written", []):
+        click.echo(f"  wrote {extra}")
+
+
+def _head_to_head(case_dir) -> list:
+    from pathlib import Path
+
+    from carlos_audit.fileio import read_json
+
+    p = Path(case_dir) / "comparison.json"
+    return read_json(p).get("head_to_head", []) if p.is_file() else []
+
+
+@main.command()
+@click.argument("casefile", type=click.Path(dir_okay=False))
+@run_options
+def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible):
+    """Profile the case's LoRA: paired generation, CLIP features, CARLoS metrics, report.
+
+    \b
+    Example:
+        carlos-audit run casefiles/demo.toml
+        carlos-audit run my_case.toml --out /evidence/case-17
+    """
+    flags = [f for f, on in (("--allow-partial", allow_partial), ("--allow-incompatible", allow_incompatible),
+                              ("--allow-unsafe-pickle", allow_unsafe_pickle)) if on]
+    argv = ["carlos-audit", "run", casefile] + (["--out", out] if out else []) + flags
+    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+
+
+@main.command()
+@click.argument("casefile", type=click.Path(dir_okay=False))
+@click.option("--with", "with_loras", multiple=True, type=click.Path(dir_okay=False),
+              help="A comparison LoRA (repeatable), added to the case's [comparison] loras.")
+@run_options
+def compare(casefile, with_loras, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
+            allow_incompatible):
+    """Head-to-head: the case's LoRA against comparison LoRAs, in behaviour and in weights.
+
+    Runs the case (sharing its base arm with every comparison LoRA) and prints both analyses.
+
+    \b
+    Example:
+        carlos-audit compare casefiles/demo.toml
+        carlos-audit compare my_case.toml --with suspect_copy.safetensors
+    """
+    casefile = _with_comparisons(casefile, with_loras) if with_loras else casefile
+    argv = ["carlos-audit", "compare", casefile] + [a for p in with_loras for a in ("--with", p)]
+    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+
+
+def _with_comparisons(casefile: str, loras) -> str:
+    """A copy of the case file beside it with the extra comparison LoRAs (the original is never modified)."""
+    from pathlib import Path
+
+    import tomllib
+
+    from carlos_audit.corpus.build import _dump_toml
+    from carlos_audit.errors import AuditError
+
+    src = Path(casefile)
+    if not src.is_file():
+        raise AuditError(f"case file not found: {src}")
+    try:
+        data = tomllib.loads(src.read_text("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise AuditError(f"{src}: malformed TOML: {e}") from None
+    data.setdefault("comparison", {}).setdefault("loras", [])
+    data["comparison"]["loras"] += [str(Path(p).resolve()) for p in loras]
+    dst = src.with_name(src.stem + ".compare.toml")
+    dst.write_text(_dump_toml(data))
+    return str(dst)
+
+
+@main.command()
+@click.option("--casefile", type=click.Path(dir_okay=False), default=None,
+              help="Case file to run (default: casefiles/demo.toml of this checkout).")
+@run_options
+def demo(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible):
+    """Build the embedded tiny models and demo LoRAs, then run the demo case.
+
+    \b
+    Example:
+        carlos-audit demo
+    """
+    from pathlib import Path
+
+    from carlos_audit.demo import prepare_demo
+
+    quiet_libraries()
+    default = Path(__file__).resolve().parents[2] / "casefiles" / "demo.toml"
+    casefile = casefile or str(default)
+    info = prepare_demo(progress=not no_progress)
+    click.echo(f"demo models, LoRAs and reference corpus ready in {info['home']}")
+    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible,
+         ["carlos-audit", "run", casefile])
+
+
+
+@main.command("plan")
+@click.argument("casefile", metavar="CASEFILE_OR_TEMPLATE", type=click.Path(dir_okay=False))
+@click.option("--loras", "n_loras", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Number of LoRAs the corpus build will profile with this template.")
+@click.option("--measure-images", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Images to generate (timed) with the template's base model and protocol on this device; 0: counts only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON object.")
+def plan_command(casefile, n_loras, measure_images, as_json):
+    """Images, UNet passes and device-hours of a corpus build, before starting it.
+
+    Counts are exact for a build of N LoRAs with one shared base arm: (N + 1) x prompts x seeds
+    images. Device time is measured: a few images are generated and CLIP-encoded on this device.
+
+    \b
+    Example:
+        carlos-audit plan casefiles/demo.toml --loras 740 --measure-images 8
+    """
+    from carlos_audit.run.budget import plan
+
+    quiet_libraries()
+    r = plan(casefile, n_loras, measure_images)
+    if as_json:
+        print_json(r)
+        return
+    c = r["counts"]
+    click.echo(f"build of {c['n_loras']} LoRAs x {c['n_prompts']} prompts x {c['n_seeds']} seeds "
+               f"(batch {c['batch_size']}, {c['steps']} steps{', CFG' if c['cfg'] else ''})")
+    click.echo(f"  images               {c['images']:>14,}  = (L + 1) x P x S  (base arm per LoRA: {c['images_if_base_per_lora']:,})")
+    click.echo(f"  UNet forward calls   {c['unet_forward_calls']:>14,}  (one per step per batch)")
+    click.echo(f"  UNet image-steps     {c['unet_image_steps']:>14,}  (latent evaluations {c['unet_latent_evaluations']:,})")
+    click.echo(f"  VAE decodes          {c['vae_decoded_images']:>14,}")
+    click.echo(f"  CLIP image encodings {c['clip_image_encodings']:>14,}")
+    m, e = r["measurement"], r["estimate"]
+    if m:
+        click.echo(f"measured on {m['device']} ({m['dtype']}), {m['images']} images in {m['batches']} batches: "
+                   f"{m['generation_s_per_image']:.4g} s/image generation, {m['clip_s_per_image']:.4g} s/image CLIP")
+        click.echo(f"estimated device time: {e['device_hours']:.4g} device-hours "
+                   f"(generation {e['generation_hours']:.4g} h, CLIP {e['clip_hours']:.4g} h; I/O, metrics not included)")

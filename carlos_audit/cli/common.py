@@ -1,0 +1,97 @@
+"""What every command module shares: the top-level group, error mapping, printing helpers.
+
+Only parsing, calling the library, printing and mapping errors to exit codes live in the CLI.
+Heavy libraries (torch, diffusers, open_clip) are imported inside the commands that need them,
+so ``carlos-audit --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from carlos_audit import __version__
+from carlos_audit.errors import AuditError
+
+
+class AuditGroup(click.Group):
+    """Turns AuditError (and a few OS errors) into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AuditError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; run the same command again to resume.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=AuditGroup)
+@click.version_option(__version__, prog_name="carlos-audit")
+def main():
+    """Audit a Stable Diffusion LoRA with the CARLoS representation.
+
+    \b
+    Example:
+        carlos-audit demo
+        carlos-audit run casefiles/demo.toml
+    """
+
+
+def print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def safe_text(text, width: int = 40, *, show_length: bool = False) -> str:
+    """Untrusted text (self-reported metadata, corpus names) made safe for one terminal line:
+    control and format characters replaced, cut to width (the full text is in --json)."""
+    s = "".join(ch if ch.isprintable() else "?" for ch in str(text if text is not None else ""))
+    if len(s) <= width:
+        return s
+    return s[: width - 1] + (f"… ({len(s)} chars; see --json)" if show_length else "…")
+
+
+def fmt(v, spec: str = ".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+_run_options = [
+    click.option("--out", type=click.Path(file_okay=False), default=None,
+                 help="Output folder (default: reports/<case id>, or [output] dir)."),
+    click.option("--force", is_flag=True, help="Replace a different case already in the output folder."),
+    click.option("--allow-partial", is_flag=True, help="Profile a LoRA even if some of its modules were not applied (flagged)."),
+    click.option("--allow-unsafe-pickle", is_flag=True, help="Accept pickle-based files (.ckpt/.pt/.bin): they can execute code."),
+    click.option("--allow-download", is_flag=True, help="Allow downloading model weights from a hub (default: local cache only)."),
+    click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+    click.option("--allow-incompatible", is_flag=True,
+                 help="Compare with a reference corpus profiled differently (the report says so prominently)."),
+]
+
+
+def run_options(f):
+    for opt in reversed(_run_options):
+        f = opt(f)
+    return f
+
+
+def quiet_libraries():
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "open_clip", "peft", "huggingface_hub", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+

@@ -1,0 +1,201 @@
+"""Reference corpora and text retrieval: corpus import|neighbours|stats|add|build, retrieve."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from carlos_audit.cli.common import fmt, main, print_json, quiet_libraries, safe_text
+
+
+@main.group()
+def corpus():
+    """Reference corpora of CARLoS profiles: import, neighbours, stats.
+
+    \b
+    Example:
+        carlos-audit corpus import ../shared/reference/carlos_sdxl_vitb32_metrics.parquet corpora/carlos
+        carlos-audit corpus neighbours corpora/carlos --lora-id 128461
+    """
+
+
+@corpus.command("import")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--preset", type=click.Choice(["carlos-sdxl-vitb32", "none"]), default="carlos-sdxl-vitb32",
+              show_default=True, help="Signature of the protocol the rows were profiled with ('none': unknown).")
+@click.option("--name", default=None, help="Corpus name (default: the source file's stem).")
+@click.option("--overwrite", is_flag=True, help="Replace a corpus already in DEST.")
+def corpus_import(src, dest, preset, name, overwrite):
+    """Import the public CARLoS metrics database (Parquet or CSV) into a corpus folder.
+
+    \b
+    Example:
+        carlos-audit corpus import ../shared/reference/carlos_sdxl_vitb32_metrics.parquet corpora/carlos
+    """
+    from carlos_audit.corpus.carlos import import_carlos_db
+
+    c = import_carlos_db(src, dest, None if preset == "none" else preset, overwrite=overwrite, name=name)
+    click.echo(f"imported {c.n} rows (dim {c.dim}, {c.dtype}) into {c.path}")
+
+
+@corpus.command("neighbours")
+@click.argument("corpus_path", metavar="CORPUS", type=click.Path(file_okay=False))
+@click.option("--lora-id", "lora_ids", multiple=True, required=True, help="Row id to look up (repeatable).")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON object instead of a table.")
+def corpus_neighbours(corpus_path, lora_ids, top_k, as_json):
+    """Nearest rows by cosine of directions, and strength/consistency percentiles.
+
+    \b
+    Example:
+        carlos-audit corpus neighbours corpora/carlos --lora-id 128461 --lora-id 135867 --top-k 5 --json
+    """
+    from carlos_audit.corpus.search import neighbours
+    from carlos_audit.corpus.store import Corpus
+
+    c = Corpus.open(corpus_path)
+    result = neighbours(c, list(lora_ids), top_k=top_k)
+    if as_json:
+        print_json(result)
+        return
+    for rid, r in result.items():
+        row = c.row(c.index_of(rid), ["name", "folder_name", "strength", "consistency"])
+        click.echo(f"{safe_text(rid, 24)}  {safe_text(row['name'] or row['folder_name'])}")
+        click.echo(f"  strength {fmt(row['strength'])} (percentile {fmt(r['strength_percentile'], '.1f')})  "
+                   f"consistency {fmt(row['consistency'])} (percentile {fmt(r['consistency_percentile'], '.1f')})")
+        click.echo(f"  {'rank':>4}  {'similarity':>10}  {'id':<12}  {'strength':>8}  {'consist.':>8}  name")
+        for i, nb in enumerate(r["neighbours"], 1):
+            click.echo(f"  {i:>4}  {nb['similarity']:>10.4f}  {safe_text(nb['id'], 12):<12}  {nb['strength']:>8.3f}  "
+                       f"{fmt(nb['consistency']):>8}  {safe_text(nb['name'])}")
+        click.echo("")
+
+
+@corpus.command("stats")
+@click.argument("corpus_path", metavar="CORPUS", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON object instead of a summary.")
+def corpus_stats(corpus_path, as_json):
+    """Size, signature, sources and distributions of a corpus.
+
+    \b
+    Example:
+        carlos-audit corpus stats corpora/carlos
+    """
+    from carlos_audit.corpus.search import stats
+
+    s = stats(corpus_path)
+    if as_json:
+        print_json(s)
+        return
+    click.echo(f"corpus {safe_text(s['name'], 60)} at {s['path']}")
+    click.echo(f"  rows {s['n']}, dim {s['dim']}, {s['dtype']}; preset {s['preset'] or '—'}")
+    click.echo("  sources: " + (", ".join(f"{safe_text(k, 30)} {v}" for k, v in s["sources"].items()) or "—"))
+    for key in ("strength", "consistency", "direction_norm"):
+        q = s[key]
+        if q is None:
+            click.echo(f"  {key}: —")
+            continue
+        click.echo(f"  {key}: min {q['min']:.4g}, p05 {q['quantiles']['p05']:.4g}, median {q['median']:.4g}, "
+                   f"p95 {q['quantiles']['p95']:.4g}, max {q['max']:.4g} (n={q['count']})")
+    click.echo("  signature:")
+    for k, v in s["signature"].items():
+        click.echo(f"    {k}: {safe_text(json.dumps(v), 70)}")
+    click.echo(f"  directions sha256 {s['directions_sha256']}")
+    click.echo(f"  rows sha256       {s['rows_sha256']}")
+
+
+@corpus.command("add")
+@click.argument("corpus_path", metavar="CORPUS", type=click.Path(file_okay=False))
+@click.argument("case_dir", type=click.Path(file_okay=False))
+@click.option("--id", "row_id", default=None, help="Row id (default: the case id).")
+@click.option("--name", default=None, help="Row name (default: the LoRA file name).")
+@click.option("--allow-incompatible", is_flag=True, help="Add even though the signatures differ (recorded in the row).")
+def corpus_add(corpus_path, case_dir, row_id, name, allow_incompatible):
+    """Append a finished case (metrics.json + manifest.json) to a corpus.
+
+    \b
+    Example:
+        carlos-audit corpus add corpora/mine reports/case-001
+    """
+    from carlos_audit.corpus.cases import add_case
+
+    row = add_case(corpus_path, case_dir, row_id=row_id, name=name, allow_incompatible=allow_incompatible)
+    click.echo(f"added {safe_text(row['id'], 60)} as row {row['row']} of {corpus_path}")
+    if row["differing"]:
+        click.echo("Warning: signatures differ in " + ", ".join(row["differing"]), err=True)
+    if row["unverifiable"]:
+        click.echo("Note: not verifiable (missing on one side): " + ", ".join(row["unverifiable"]), err=True)
+
+
+# --- corpus builds and text retrieval (corpus_build.py, retrieval.py) ---
+
+
+@corpus.command("build")
+@click.argument("lora_dir", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--casefile", "template", required=True, type=click.Path(dir_okay=False),
+              help="Template case file: its protocol, base model and embedder are used for every LoRA.")
+@click.option("--name", default=None, help="Corpus name (default: DEST's folder name).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the work units run: this process, or Ray tasks (pip install .[ray]). Same bytes either way.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="GPUs each Ray task reserves (0.5: two workers share a GPU).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads of every generating process (default: this process's); CPU results depend on it.")
+def corpus_build(lora_dir, dest, template, name, no_progress, engine, ray_address, gpus_per_task, threads):
+    """Profile every .safetensors LoRA in LORA_DIR under one protocol into corpus DEST.
+
+    The base arm is generated once and shared; a build that stops resumes where it was.
+    DEST/build.json records the hook-counted work against the minimum (L + 1) x P x S images.
+
+    \b
+    Example:
+        carlos-audit corpus build loras/ --casefile casefiles/demo.toml corpora/mine
+        carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --gpus-per-task 1
+    """
+    from carlos_audit.corpus.build import build_corpus
+
+    quiet_libraries()
+    result = build_corpus(lora_dir, template, dest, name=name, progress=not no_progress, engine=engine,
+                          ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads)
+    click.echo(f"corpus {result['corpus']}: {result['n']} rows "
+               f"({len(result['added'])} added, {len(result['already_present'])} already present)")
+    if result.get("build"):
+        img = result["build"]["images"]
+        click.echo(f"images generated {img['generated']} (minimum (L + 1) x P x S = {img['minimum']}); see {dest}/build.json")
+
+
+@main.command()
+@click.argument("corpus_path", metavar="CORPUS", type=click.Path(file_okay=False))
+@click.argument("query")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--max-strength", type=float, default=None, help="Drop LoRAs stronger than this (default: see docs).")
+@click.option("--min-consistency", type=float, default=None, help="Drop LoRAs less consistent than this.")
+@click.option("--prompts", default=None, help="Retrieval prompt set (builtin:NAME or a file; a CARLoS JSON gives its retrieval set).")
+@click.option("--embedder-checkpoint", default=None, help="Checkpoint file of the corpus's embedder, when it was a file.")
+@click.option("--allow-download", is_flag=True, help="Allow downloading the embedder's text tower.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def retrieve(corpus_path, query, top_k, max_strength, min_consistency, prompts, embedder_checkpoint, allow_download, as_json):
+    """CARLoS text retrieval: corpus LoRAs whose Direction matches a text QUERY.
+
+    \b
+    Example:
+        carlos-audit retrieve corpora/mine "watercolor painting" --top-k 5
+    """
+    from carlos_audit.corpus.retrieval import retrieve as do_retrieve
+
+    quiet_libraries()
+    result = do_retrieve(corpus_path, query, top_k=top_k, max_strength=max_strength, min_consistency=min_consistency,
+                         prompts=prompts, embedder_checkpoint=embedder_checkpoint, allow_download=allow_download)
+    if as_json:
+        print_json(result)
+        return
+    f = result["filters"]
+    click.echo(f"query {query!r}: {result['kept']} LoRAs kept by strength <= {fmt(f['max_strength'])} and "
+               f"consistency >= {fmt(f['min_consistency'])} ({f['source']})")
+    for r in result["results"]:
+        click.echo(f"  {r['score']:+.4f}  {safe_text(r['id'], 24)}  {safe_text(r['name'] or '', 40)}  "
+                   f"S={fmt(r['strength'])} C={fmt(r['consistency'])}")

@@ -1,0 +1,298 @@
+"""Intake of a LoRA file: architecture, self-reported metadata and claims, and ``inspect_lora``,
+the one report of a file that ``inspect`` and ``run`` use (validation and hashes in
+``fileformat.py``, key names in ``keys.py``, modules and weights in ``modules.py``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from carlos_audit.hashing import sha256_file
+from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
+from carlos_audit.lora.modules import (
+    TensorReader,
+    delta_inner,
+    detect_format,
+    group_modules,
+    module_delta,
+    read_modules,
+)
+
+# --------------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------------
+
+_ATTN2_KV = re.compile(r"^unet\..*\.attn2\.(to_k|to_v)$")
+_TRANSFORMER_INDEX = re.compile(r"^unet\..*\.transformer_blocks\.(\d+)\.")
+
+
+def detect_architecture(modules: dict[str, dict]) -> tuple[str, dict]:
+    """Guess the base-model family a LoRA was trained for: ``sdxl``, ``sd15`` or ``other``.
+
+    The rule, first match wins (canonical diffusers names are used, so kohya SDXL
+    ``input_blocks`` names count as the diffusers blocks they map to):
+
+    1. The cross-attention dim, i.e. the in-features of UNet ``attn2.to_k`` / ``attn2.to_v``
+       modules: 2048 -> ``sdxl``; 768 -> ``sd15``; any other single value (1024 is SD 2.x; 32 is
+       the project's tiny test model) or conflicting values -> ``other``.
+    2. No attn2 k/v module: ``text_encoder_2`` modules -> ``sdxl``.
+    3. ``unet.down_blocks.0.attentions`` modules (SDXL's first down block has none) -> ``sd15``.
+    4. ``transformer_blocks`` index >= 1 (SD 1.x has one transformer per attention, SDXL 2 or
+       10) -> ``sdxl``.
+    5. Otherwise ``other``.
+
+    Returns ``(architecture, evidence)``; evidence has ``rule`` (which step decided),
+    ``cross_attention_dims``, ``has_text_encoder_2``, ``has_down_blocks_0_attentions`` and
+    ``max_transformer_block_index``.
+    """
+    dims = sorted({m["in_features"] for n, m in modules.items() if _ATTN2_KV.match(n) and m["in_features"]})
+    has_te2 = any(n.startswith("text_encoder_2.") for n in modules)
+    has_db0_attn = any(n.startswith("unet.down_blocks.0.attentions.") for n in modules)
+    indices = [int(m[1]) for n in modules if (m := _TRANSFORMER_INDEX.match(n))]
+    evidence = {
+        "cross_attention_dims": dims,
+        "has_text_encoder_2": has_te2,
+        "has_down_blocks_0_attentions": has_db0_attn,
+        "max_transformer_block_index": max(indices) if indices else None,
+    }
+    if dims:
+        if dims == [2048]:
+            arch = "sdxl"
+        elif dims == [768]:
+            arch = "sd15"
+        else:
+            arch = "other"
+        evidence["rule"] = f"cross-attention dim {'/'.join(map(str, dims))} (attn2 to_k/to_v in-features)"
+    elif has_te2:
+        arch, evidence["rule"] = "sdxl", "text_encoder_2 modules present"
+    elif has_db0_attn:
+        arch, evidence["rule"] = "sd15", "unet down_blocks.0 has attentions"
+    elif indices and max(indices) >= 1:
+        arch, evidence["rule"] = "sdxl", "more than one transformer block per attention"
+    else:
+        arch, evidence["rule"] = "other", "no distinguishing modules"
+    return arch, evidence
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata (self-reported)
+# --------------------------------------------------------------------------------------------
+
+
+def claimed_base_model_hash(metadata: dict) -> dict | None:
+    """The base-model hash the file claims, or None.
+
+    ``ss_new_sd_model_hash`` (kohya: sha256 of the whole base checkpoint) is preferred;
+    ``ss_sd_model_hash`` is the legacy A1111 hash of a 64 KiB window, flagged
+    ``legacy: True`` because it cannot be compared with a sha256. Returns
+    ``{"value", "source", "legacy"}``.
+    """
+    for key, legacy in (("ss_new_sd_model_hash", False), ("ss_sd_model_hash", True)):
+        value = (metadata.get(key) or "").strip()
+        if value:
+            return {"value": value, "source": key, "legacy": legacy}
+    return None
+
+
+def _normalise_hex(value: str) -> str:
+    value = value.strip().lower()
+    return value[2:] if value.startswith("0x") else value
+
+
+def compare_base_hash(claimed: str | None, base_sha256: str | None) -> str:
+    """``"absent"`` if nothing is claimed, else ``"match"`` or ``"mismatch"``.
+
+    A claim shorter than 64 hex digits (e.g. a 10-digit AutoV2) matches if it is a prefix of
+    ``base_sha256`` and at least 10 digits long.
+    """
+    if not claimed or not claimed.strip():
+        return "absent"
+    if not base_sha256:
+        raise ValueError("base_sha256 is required to compare a claimed hash")
+    c, b = _normalise_hex(claimed), _normalise_hex(base_sha256)
+    if c == b or (10 <= len(c) < 64 and b.startswith(c)):
+        return "match"
+    return "mismatch"
+
+
+def trigger_word_hints(metadata: dict, top: int = 10) -> list[dict]:
+    """Candidate trigger words from self-reported metadata.
+
+    From ``modelspec.trigger_phrase``, kohya dataset folder names (``"10_sks dog"`` -> ``sks
+    dog``, the kohya "<repeats>_<instance> <class>" convention) and the ``top`` most frequent
+    caption tags in ``ss_tag_frequency``. Malformed JSON is ignored. Each hint is
+    ``{"text", "source"}`` plus ``"count"`` for tags.
+    """
+    hints = []
+    phrase = (metadata.get("modelspec.trigger_phrase") or "").strip()
+    if phrase:
+        hints.append({"text": phrase, "source": "modelspec.trigger_phrase"})
+    try:
+        frequency = json.loads(metadata.get("ss_tag_frequency") or "{}")
+    except ValueError:
+        frequency = {}
+    if not isinstance(frequency, dict):
+        frequency = {}
+    counts: Counter = Counter()
+    folders = []
+    for folder, tags in frequency.items():
+        m = re.match(r"^\d+_(.+)$", str(folder))
+        if m and m[1].strip():
+            folders.append(m[1].strip())
+        if isinstance(tags, dict):
+            for tag, count in tags.items():
+                if isinstance(count, int) and not isinstance(count, bool) and str(tag).strip():
+                    counts[str(tag).strip()] += count
+    for folder in sorted(set(folders)):
+        hints.append({"text": folder, "source": "ss_tag_frequency dataset folder"})
+    for tag, count in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))[:top]:
+        hints.append({"text": tag, "source": "ss_tag_frequency", "count": count})
+    return hints
+
+
+# --------------------------------------------------------------------------------------------
+# The intake report
+# --------------------------------------------------------------------------------------------
+
+
+def _fro(x: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(x * x)))
+
+
+def _summary(values: list) -> dict:
+    present = [v for v in values if v is not None]
+    counts = Counter(present)
+    return {
+        "min": min(present) if present else None,
+        "max": max(present) if present else None,
+        "distinct": sorted(counts),
+        "counts": {str(k): counts[k] for k in sorted(counts)},
+        "absent": len(values) - len(present),
+    }
+
+
+def _pickle_report(path: Path, base_model_sha256: str | None) -> dict:
+    digest = sha256_file(path)
+    return {
+        "path": str(path),
+        "file_name": path.name,
+        "size": path.stat().st_size,
+        "sha256": digest,
+        "autov2": digest[:10],
+        "payload_sha256": None,
+        "format": "pickle",
+        "architecture": "other",
+        "architecture_evidence": {"rule": "pickle file not opened (it is never unpickled here)"},
+        "module_count": 0,
+        "parameter_count": 0,
+        "modules": [],
+        "rank_summary": _summary([]),
+        "alpha_summary": _summary([]),
+        "weight_norm_total": None,
+        "metadata": {},
+        "claimed_base_model_hash": None,
+        "base_model_hash_check": "not_checked" if base_model_sha256 is None else "absent",
+        "trigger_word_hints": [],
+        "unrecognised_tensors": [],
+    }
+
+
+def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_model_sha256: str | None = None) -> dict:
+    """Validate, hash and describe a LoRA file; a JSON-serialisable dict.
+
+    Keys: ``path``, ``file_name``, ``size``, ``sha256``, ``autov2``, ``payload_sha256``,
+    ``format`` (see ``detect_format``), ``architecture`` and ``architecture_evidence`` (see
+    ``detect_architecture``), ``module_count``, ``parameter_count``, ``modules`` (list, sorted by
+    name, of ``name, kind, rank, alpha, alpha_source, scale, in_features, out_features,
+    kernel_size, parameter_count, down_norm, up_norm, delta_norm, tensors``), ``rank_summary``,
+    ``alpha_summary``, ``weight_norm_total`` (Frobenius norm of all module dW together; None if
+    no module could be computed), ``metadata`` (``__metadata__`` verbatim, SELF-REPORTED),
+    ``claimed_base_model_hash`` (see ``claimed_base_model_hash``), ``base_model_hash_check``
+    (``match | mismatch | absent``; ``legacy_not_comparable`` for a legacy-only claim;
+    ``not_checked`` without ``base_model_sha256``), ``trigger_word_hints``,
+    ``unrecognised_tensors``.
+
+    A pickle file allowed with ``allow_unsafe_pickle`` is hashed but not opened: format
+    ``pickle`` and no modules.
+    """
+    path = Path(path)
+    if check_not_pickle(path, allow_unsafe_pickle):
+        return _pickle_report(path, base_model_sha256)
+
+    header, payload_start, size = read_header(path)
+    metadata = dict(header.get("__metadata__") or {})
+    _, _, unrecognised = group_modules(header, str(path))
+    modules = read_modules(path, header, payload_start)
+    architecture, evidence = detect_architecture(modules)
+
+    rows, total_sq, any_delta = [], 0.0, False
+    with TensorReader(path, header, payload_start) as reader:
+        for name, m in modules.items():
+            down_norm = up_norm = delta_norm = None
+            delta = module_delta(reader, m)
+            if m["kind"] == "lora":  # the factors are the stored tensors, flattened
+                down_norm, up_norm = _fro(delta["down"]), _fro(delta["up"])
+            elif m["kind"] in ("lora_tucker", "dora"):
+                down_norm = _fro(reader.get(m["keys"]["down"]))
+                up_norm = _fro(reader.get(m["keys"]["up"]))
+            if "unsupported" not in delta:
+                delta_norm = math.sqrt(max(delta_inner(delta, delta), 0.0))
+                total_sq += delta_norm**2
+                any_delta = True
+            rows.append(
+                {
+                    "name": name,
+                    "kind": m["kind"],
+                    "rank": m["rank"],
+                    "alpha": m["alpha"],
+                    "alpha_source": m["alpha_source"],
+                    "scale": m["scale"],
+                    "in_features": m["in_features"],
+                    "out_features": m["out_features"],
+                    "kernel_size": m["kernel_size"],
+                    "parameter_count": m["parameter_count"],
+                    "down_norm": down_norm,
+                    "up_norm": up_norm,
+                    "delta_norm": delta_norm,
+                    "tensors": sorted(m["keys"].values()),
+                }
+            )
+
+    claim = claimed_base_model_hash(metadata)
+    if base_model_sha256 is None:
+        check = "not_checked"
+    elif claim is None:
+        check = "absent"
+    elif claim["legacy"]:
+        check = "legacy_not_comparable"
+    else:
+        check = compare_base_hash(claim["value"], base_model_sha256)
+
+    digest = sha256_file(path)
+    return {
+        "path": str(path),
+        "file_name": path.name,
+        "size": size,
+        "sha256": digest,
+        "autov2": digest[:10],
+        "payload_sha256": payload_sha256(path, payload_start),
+        "format": detect_format(header),
+        "architecture": architecture,
+        "architecture_evidence": evidence,
+        "module_count": len(rows),
+        "parameter_count": sum(r["parameter_count"] for r in rows),
+        "modules": rows,
+        "rank_summary": _summary([r["rank"] for r in rows]),
+        "alpha_summary": _summary([r["alpha"] for r in rows]),
+        "weight_norm_total": math.sqrt(total_sq) if any_delta else None,
+        "metadata": metadata,
+        "claimed_base_model_hash": claim,
+        "base_model_hash_check": check,
+        "trigger_word_hints": trigger_word_hints(metadata),
+        "unrecognised_tensors": unrecognised,
+    }
