@@ -71,7 +71,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
 
     from carlos_audit.case.casefile import load_case
     from carlos_audit.report import render_report
-    from carlos_audit.run import embed, generate, profile, store
+    from carlos_audit.run import embed, generate, load, profile, store
 
     spent = {"generation": 0.0, "clip": 0.0, "io": 0.0, "metrics": 0.0}
 
@@ -93,7 +93,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
     extra = "[indicators]\ntrigger_dependence = false\nprompt_override = false\neffect_labels = false\n"
     cf = write_case(tmp, assets, case_id="split", seeds="{ count = 4, start = 0 }", steps=STEPS, extra=extra)
     shutil.rmtree(HOME / "base-cache", ignore_errors=True)
-    profile._LOADED.clear()
+    load.LOADED.clear()
     try:
         t = time.perf_counter()
         profile.run_case(load_case(cf), tmp / "split", progress=False)

@@ -124,6 +124,7 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
 def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
     """Regenerate the batches holding a random sample of pairs and compare."""
     from carlos_audit.case.casefile import parse_case
+    from carlos_audit.run.arms import arms_for
     from carlos_audit.run.embed import image_features
     from carlos_audit.run.environment import capture
     from carlos_audit.run.generate import (
@@ -131,7 +132,8 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
         generate_batch,
         set_adapter_state,
     )
-    from carlos_audit.run.profile import arms_for, intake, load_models
+    from carlos_audit.run.intake import intake
+    from carlos_audit.run.load import load_models
     from carlos_audit.run.store import png_bytes
 
     casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from carlos_audit.analysis.indicators import _ci, _resamples
+from carlos_audit.analysis.indicators import percentile_ci, prompt_resamples
 from carlos_audit.analysis.metrics import consistency, strength
 
 N_TRIPTYCHS = 3
@@ -31,7 +31,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float | None:
 def behaviour(d_target: np.ndarray, d_cmp: np.ndarray, pairs: list[dict], n_resamples: int, seed: int) -> dict:
     prompt_ids = [p["prompt_id"] for p in pairs]
     cats = [p["category"] for p in pairs]
-    boots = _resamples(prompt_ids, n_resamples, seed)
+    boots = prompt_resamples(prompt_ids, n_resamples, seed)
     per_pair = [cosine(a, b) for a, b in zip(d_target, d_cmp)]
     valid = np.array([x for x in per_pair if x is not None])
     order = sorted((i for i, x in enumerate(per_pair) if x is not None), key=lambda i: (-per_pair[i], pairs[i]["pair_id"]))
@@ -42,7 +42,7 @@ def behaviour(d_target: np.ndarray, d_cmp: np.ndarray, pairs: list[dict], n_resa
         per_cat[c] = cosine(d_target[idx].mean(axis=0), d_cmp[idx].mean(axis=0))
     return {
         "direction_cosine": cosine(d_target.mean(axis=0), d_cmp.mean(axis=0)),
-        "direction_cosine_ci": _ci(cosine(d_target[b].mean(axis=0), d_cmp[b].mean(axis=0)) for b in boots),
+        "direction_cosine_ci": percentile_ci(cosine(d_target[b].mean(axis=0), d_cmp[b].mean(axis=0)) for b in boots),
         "per_pair_cosine": {
             "mean": float(valid.mean()) if valid.size else None,
             "quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"),

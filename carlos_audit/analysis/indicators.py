@@ -34,7 +34,7 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(x, n, out=np.zeros_like(x, dtype=np.float64), where=n > 0)
 
 
-def _resamples(prompt_ids: list[str], n: int, seed: int, strata: list[str] | None = None) -> list[np.ndarray]:
+def prompt_resamples(prompt_ids: list[str], n: int, seed: int, strata: list[str] | None = None) -> list[np.ndarray]:
     """Index arrays of pairs for each bootstrap resample (prompts drawn with replacement)."""
     rng = np.random.default_rng(seed)
     ids = np.array(prompt_ids)
@@ -52,7 +52,7 @@ def _resamples(prompt_ids: list[str], n: int, seed: int, strata: list[str] | Non
     return out
 
 
-def _ci(values) -> list[float] | None:
+def percentile_ci(values) -> list[float] | None:
     v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if v.size == 0:
         return None
@@ -62,12 +62,12 @@ def _ci(values) -> list[float] | None:
 
 def dose_response(diffs_by_scale: dict[float, np.ndarray], prompt_ids, n_resamples: int, seed: int) -> dict:
     rows = []
-    boots = _resamples(prompt_ids, n_resamples, seed)
+    boots = prompt_resamples(prompt_ids, n_resamples, seed)
     for scale in sorted(diffs_by_scale):
         d = diffs_by_scale[scale]
         rows.append({"scale": scale, "strength": strength(d), "consistency": consistency(d),
-                     "strength_ci": _ci(strength(d[b]) for b in boots),
-                     "consistency_ci": _ci(consistency(d[b]) for b in boots)})
+                     "strength_ci": percentile_ci(strength(d[b]) for b in boots),
+                     "consistency_ci": percentile_ci(consistency(d[b]) for b in boots)})
     s1 = next((r["strength"] for r in rows if r["scale"] == 1.0), None)
     half = None
     if s1:
@@ -85,9 +85,9 @@ def dose_response(diffs_by_scale: dict[float, np.ndarray], prompt_ids, n_resampl
 def trigger_dependence(d_with: np.ndarray, d_without: np.ndarray, trigger_words: list[str], prompt_ids,
                        n_resamples: int, seed: int, shared: bool) -> dict:
     sw, so = strength(d_with), strength(d_without)
-    boots = _resamples(prompt_ids, n_resamples, seed)
+    boots = prompt_resamples(prompt_ids, n_resamples, seed)
     ratio = so / sw if sw > 0 else None
-    ci = _ci((strength(d_without[b]) / strength(d_with[b])) if strength(d_with[b]) > 0 else None for b in boots)
+    ci = percentile_ci((strength(d_without[b]) / strength(d_with[b])) if strength(d_with[b]) > 0 else None for b in boots)
     return {"definition": "strength with no trigger words in either arm / strength with the trigger words",
             "trigger_words": trigger_words, "strength_with": sw, "strength_without": so,
             "ratio": ratio, "ratio_ci": ci,
@@ -97,9 +97,9 @@ def trigger_dependence(d_with: np.ndarray, d_without: np.ndarray, trigger_words:
 def prompt_override(text: np.ndarray, base: np.ndarray, lora: np.ndarray, prompt_ids, n_resamples: int, seed: int) -> dict:
     t, b, l = _unit_rows(text.astype(np.float64)), _unit_rows(base.astype(np.float64)), _unit_rows(lora.astype(np.float64))
     per_pair = np.einsum("ij,ij->i", t, l) - np.einsum("ij,ij->i", t, b)
-    boots = _resamples(prompt_ids, n_resamples, seed)
+    boots = prompt_resamples(prompt_ids, n_resamples, seed)
     return {"definition": "mean over pairs of cos(text(p), LoRA image) - cos(text(p), base image), normalised CLIP features",
-            "mean": float(per_pair.mean()), "ci": _ci(per_pair[bi].mean() for bi in boots),
+            "mean": float(per_pair.mean()), "ci": percentile_ci(per_pair[bi].mean() for bi in boots),
             "per_pair": [float(x) for x in per_pair]}
 
 
@@ -123,14 +123,14 @@ def scope(d: np.ndarray, categories: list[str], prompt_ids, n_resamples: int, se
         return [float(norms[sub == c].mean()) for c in cats]
 
     all_idx = np.arange(len(categories))
-    boots = _resamples(prompt_ids, n_resamples, seed, strata=categories)
+    boots = prompt_resamples(prompt_ids, n_resamples, seed, strata=categories)
     value = concentration(per_cat(all_idx))
     per_cat_prompts = {c: len({prompt_ids[i] for i in range(len(categories)) if categories[i] == c}) for c in cats}
     thin = sorted(c for c, k in per_cat_prompts.items() if k < 2)
     note = (f"categories with a single prompt ({', '.join(thin)}) cannot vary under the stratified bootstrap, "
             "so the interval understates the uncertainty") if thin else None
     return {"note": note,"definition": "1 - H(s)/log K over the categories' shares s of summed per-category strength (0 = even, 1 = one category)",
-            "concentration": value, "ci": _ci(concentration(per_cat(b)) for b in boots),
+            "concentration": value, "ci": percentile_ci(concentration(per_cat(b)) for b in boots),
             "per_category_strength": dict(zip(cats, per_cat(all_idx)))}
 
 

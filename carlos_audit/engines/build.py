@@ -72,7 +72,8 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
     """``cases``: [(row id, LoRA path, Case)] in sorted order. Prepares the case folders."""
     from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
     from carlos_audit.hashing import sha256_file
-    from carlos_audit.run.profile import plan_arms, prepare_case_dir
+    from carlos_audit.run.arms import plan_arms
+    from carlos_audit.run.intake import prepare_case_dir
 
     plan = BuildPlan(Path(dest), [])
     argv = tuple(argv or ())

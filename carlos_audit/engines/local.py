@@ -1,5 +1,5 @@
 """Run a build's units in this process, in plan order: shared (base) units, LoRA units, then
-the finalize unit of each LoRA. The pipeline stays loaded between units (profile._LOADED)."""
+the finalize unit of each LoRA. The pipeline stays loaded between units (run/load.py LOADED)."""
 
 from __future__ import annotations
 

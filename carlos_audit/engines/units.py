@@ -67,7 +67,10 @@ def _context(unit: WorkUnit) -> _Context:
     from carlos_audit.case.casefile import parse_case
     from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
     from carlos_audit.hashing import sha256_bytes
-    from carlos_audit.run.profile import intake, load_models, make_session, plan_arms
+    from carlos_audit.run.arms import plan_arms
+    from carlos_audit.run.intake import intake
+    from carlos_audit.run.load import load_models
+    from carlos_audit.run.profile import make_session
     from carlos_audit.run.store import CaseStore
 
     key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial)

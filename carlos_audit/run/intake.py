@@ -1,0 +1,119 @@
+"""Intake of a case: its input files resolved, refused when they cannot be examined soundly,
+hashed; the case folder prepared (a different case is never overwritten without --force)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.errors import AuditError
+from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
+from carlos_audit.hashing import sha256_bytes
+from carlos_audit.run.store import hash_inputs
+
+CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json", "report.pdf",
+                  "report.pdf.sha256", "images", "embeddings", "units", "figures")
+
+# ----------------------------------------------------------------------------- intake
+
+
+def resolve_inputs(case: Case) -> dict:
+    """Absolute paths of the case's input files, checked to exist."""
+    lora = expand_path(case.lora["path"], case.base_dir)
+    if not lora.exists():
+        raise AuditError(f"{case.path}: lora.path {lora} does not exist")
+    if lora.is_dir():
+        raise AuditError(f"{case.path}: lora.path {lora} is a directory, not a LoRA file")
+    paths = {"casefile": case.path, "lora": lora}
+    src = case.base_model["source"]
+    if not src.startswith("embedded:"):
+        bp = expand_path(src, case.base_dir)
+        if bp.exists():
+            paths["base_model"] = bp
+    pre = case.embedder.get("pretrained")
+    if pre:
+        ep = expand_path(pre, case.base_dir)
+        if ep.exists():
+            paths["embedder"] = ep
+    pr = case.protocol["prompts"]
+    if not pr.startswith("builtin:"):
+        paths["prompts"] = expand_path(pr, case.base_dir)
+    for i, c in enumerate(case.comparison["loras"], start=1):
+        cp = expand_path(c, case.base_dir)
+        if not cp.is_file():
+            raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
+        paths[f"comparison_lora_{i}"] = cp
+    return paths
+
+
+def intake(case: Case, *, allow_unsafe_pickle: bool = False) -> tuple[dict, list[dict], dict]:
+    from carlos_audit.lora.fileformat import check_not_pickle, validate_safetensors
+    from carlos_audit.lora.intake import inspect_lora
+
+    paths = resolve_inputs(case)
+    for role, p in paths.items():
+        if not p.exists():
+            raise AuditError(f"{case.path}: {role} {p} does not exist")
+    for role, p in paths.items():
+        if role == "lora" or role.startswith("comparison_lora_"):
+            check_not_pickle(p, allow_unsafe_pickle=allow_unsafe_pickle)
+            if p.suffix.lower() == ".safetensors":
+                validate_safetensors(p)
+    inputs = hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items()])
+    by_role = {e["role"]: e for e in inputs}
+    for role, section in (("lora", case.lora), ("base_model", case.base_model), ("embedder", case.embedder)):
+        want = section.get("sha256")
+        if want and role in by_role and by_role[role]["sha256"] != want.lower():
+            raise AuditError(f"{role} {by_role[role]['path']}: sha256 {by_role[role]['sha256']} does not match the expected {want.lower()} in the case file")
+    inspection = inspect_lora(paths["lora"], allow_unsafe_pickle=allow_unsafe_pickle)
+    return paths, inputs, inspection
+
+
+# ----------------------------------------------------------------------------- case folder
+
+
+def prepare_case_dir(out: Path, case: Case, force: bool) -> None:
+    """Refuse to overwrite a different case (or a folder that is not a case) without --force;
+    the same case resumes."""
+    casefile_sha = sha256_bytes(case.raw_text.encode("utf-8"))
+    run = out / "run.json"
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        same = run.is_file() and read_json(run).get("casefile_sha256") == casefile_sha
+        if not same:
+            if not force:
+                what = "a different case" if run.is_file() else "files that are not a carlos-audit case"
+                raise AuditError(f"output folder {out} holds {what}; pass --force to replace it, or choose another --out")
+            foreign = [p.name for p in out.iterdir() if p.name not in CASE_ARTIFACTS]
+            if foreign:
+                raise AuditError(f"output folder {out} holds files carlos-audit did not write ({', '.join(sorted(foreign)[:5])}); refusing even with --force")
+            for name in CASE_ARTIFACTS:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if not run.is_file():
+        write_json_atomic(run, {"casefile_sha256": casefile_sha, "case_id": case.id, "started_utc": utc_now(),
+                                "started_epoch": _now_epoch()})
+        write_text_atomic(out / "case.toml", case.raw_text)
+
+
+def _now_epoch() -> int:
+    """The time recorded in run.json and the manifest: now, or SOURCE_DATE_EPOCH when it is set
+    (the reproducible-builds convention: two builds of the same corpus then write the same bytes)."""
+    sde = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if sde.isdigit():
+        return int(sde)
+    return int(time.time())
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_now_epoch()))
+
+
