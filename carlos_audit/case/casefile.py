@@ -39,6 +39,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "sha256": (_STR, False, None),
         "dtype": (_STR, False, "auto"),
         "device": (_STR, False, "auto"),
+        "variant": (_STR, False, None),
+        "config": (_STR, False, None),
     },
     "embedder": {
         "model": (_STR, True, None),
