@@ -114,3 +114,22 @@ bootstrap_resamples = 200
 def copy_case(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def hub_layout(src: Path, cache: Path, repo: str = "someorg/tiny-sd", rev: str = "0123abcd") -> Path:
+    """A Hugging Face cache entry for ``src``: snapshot files are links into blobs/ (hard links of
+    the source files, so no copy is made)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / rev
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            blob = root / "blobs" / f"{f.relative_to(src).as_posix().replace('/', '_')}"
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            if not blob.exists():
+                os.link(f, blob)
+            link = snap / f.relative_to(src)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(rev)
+    return snap

@@ -11,6 +11,7 @@ and must stay inside ``reports/``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ def expand_path(value: str, base_dir: Path) -> Path:
 
     value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
     p = Path(value).expanduser()
-    return p if p.is_absolute() else base_dir / p
+    return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
 
 
 def parse_case(text: str, path: Path) -> Case:

@@ -243,3 +243,110 @@ def ensure_sd15_single_file(home: Path | None = None) -> Path:
         write_safetensors_streaming(tmp / "sd15-random.safetensors", shapes, make, "float16")
 
     return build_into(dest, build) / "sd15-random.safetensors"
+
+
+# ----------------------------------------------------------------------------- LoRA files
+
+
+def _sgm_prefix(name: str) -> str:
+    """diffusers UNet attention path -> SGM (kohya SDXL) block prefix, layers_per_block = 2."""
+    p = name.split(".")
+    if p[0] == "down_blocks":
+        return f"input_blocks.{3 * int(p[1]) + int(p[3]) + 1}.1." + ".".join(p[4:])
+    if p[0] == "mid_block":
+        return "middle_block.1." + ".".join(p[3:])
+    return f"output_blocks.{3 * int(p[1]) + int(p[3])}.1." + ".".join(p[4:])
+
+
+def kohya_default_modules(arch: str) -> dict[str, tuple[str, tuple]]:
+    """kohya's default LoRA targets for ``arch``: ``{kohya module name: (diffusers name, weight shape)}``.
+
+    Every Linear/Conv2d inside the UNet's transformer (attention) blocks, and the text encoders'
+    attention and MLP projections: 264 modules for SD 1.5, 986 for SDXL. SD 1.5 UNet names keep the
+    diffusers path; SDXL ones use the original ``input_blocks_*`` / ``middle_block_*`` /
+    ``output_blocks_*`` names, as kohya writes them.
+    """
+    import torch
+
+    from carlos_audit.models.loading import carried_config_dir
+
+    config_dir = carried_config_dir(arch)
+    out = {}
+    with torch.device("meta"):
+        unet = meta_component(config_dir, "unet")
+        for name, m in unet.named_modules():
+            if ".attentions." in f".{name}" and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                body = _sgm_prefix(name) if arch == "sdxl" else name
+                out["lora_unet_" + body.replace(".", "_")] = (f"unet.{name}", tuple(m.weight.shape))
+        encoders = (("text_encoder", "lora_te_"),) if arch == "sd15" else (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_"))
+        for component, prefix in encoders:
+            te = meta_component(config_dir, component)
+            for name, m in te.named_modules():
+                if isinstance(m, torch.nn.Linear) and (".self_attn." in name or ".mlp." in name):
+                    body = name if name.startswith("text_model.") else "text_model." + name
+                    out[prefix + body.replace(".", "_")] = (f"{component}.{name}", tuple(m.weight.shape))
+            del te
+    return out
+
+
+def write_kohya_lora(arch: str, path: Path, rank: int = 4, alpha: float = 2.0, metadata: dict | None = None,
+                     only: str | None = None, dtype: str = "float16") -> Path:
+    """A kohya LoRA with kohya's default module set (``only="unet"`` keeps the UNet modules), seeded."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for kohya, (_, shape) in kohya_default_modules(arch).items():
+        if only and not kohya.startswith(f"lora_{only}_"):
+            continue
+        extra = tuple(shape[2:]) and (1, 1)
+        down = random_tensor(kohya + ".down", (rank, shape[1]) + tuple(shape[2:]), torch.float32) * 5
+        up = random_tensor(kohya + ".up", (shape[0], rank) + extra, torch.float32) * 5
+        tensors[f"{kohya}.lora_down.weight"] = down.to(getattr(torch, dtype))
+        tensors[f"{kohya}.lora_up.weight"] = up.to(getattr(torch, dtype))
+        tensors[f"{kohya}.alpha"] = torch.tensor(alpha, dtype=getattr(torch, dtype))
+    save_file(tensors, str(path), metadata=metadata or {"ss_network_module": "networks.lora"})
+    return path
+
+
+def write_peft_lora(arch: str, path: Path, rank: int = 4, text_model_prefix: bool = True) -> Path:
+    """A diffusers/peft-format LoRA (``<component>.<path>.lora_A.weight``) on the UNet's cross-attention
+    and the first text encoder's attention, as diffusers saves it (``text_encoder.text_model.`` with
+    transformers 4, ``text_encoder.`` with transformers 5: ``text_model_prefix`` picks)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for kohya, (name, shape) in kohya_default_modules(arch).items():
+        component, body = name.split(".", 1)
+        if component == "unet" and ".attn2." not in body or component == "text_encoder_2" or len(shape) != 2:
+            continue
+        if component == "text_encoder" and ".self_attn." not in body:
+            continue
+        body = body.removeprefix("text_model.")
+        if component == "text_encoder" and text_model_prefix:
+            body = "text_model." + body
+        tensors[f"{component}.{body}.lora_A.weight"] = random_tensor(kohya + ".A", (rank, shape[1]), torch.float32) * 5
+        tensors[f"{component}.{body}.lora_B.weight"] = random_tensor(kohya + ".B", (shape[0], rank), torch.float32) * 5
+    save_file(tensors, str(path))
+    return path
+
+
+def write_lycoris_lora(arch: str, path: Path, kind: str, n_modules: int = 8) -> Path:
+    """A LyCORIS LoHa (``kind="loha"``) or LoKr (``"lokr"``) file in kohya naming on UNet linear modules."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    linear = [(k, s) for k, (_, s) in kohya_default_modules(arch).items() if k.startswith("lora_unet_") and len(s) == 2]
+    for kohya, (out_f, in_f) in linear[:n_modules]:
+        r = 4
+        if kind == "loha":
+            for w, shape in (("hada_w1_a", (out_f, r)), ("hada_w1_b", (r, in_f)), ("hada_w2_a", (out_f, r)), ("hada_w2_b", (r, in_f))):
+                tensors[f"{kohya}.{w}"] = random_tensor(kohya + w, shape, torch.float32) * 5
+        else:
+            tensors[f"{kohya}.lokr_w1"] = random_tensor(kohya + "w1", (4, 4), torch.float32) * 5
+            tensors[f"{kohya}.lokr_w2"] = random_tensor(kohya + "w2", (out_f // 4, in_f // 4), torch.float32) * 5
+        tensors[f"{kohya}.alpha"] = torch.tensor(float(r))
+    save_file(tensors, str(path))
+    return path

@@ -269,8 +269,8 @@ def _self_reported(lora: dict) -> dict:
     facts = [(label, inspection.get(key)) for label, key in (
         ("format", "format"), ("detected architecture", "architecture"), ("modules", "module_count"),
         ("parameters", "parameter_count"), ("payload sha256 (tensors only)", "payload_sha256"),
-        ("AutoV2 short hash", "autov2"), ("claimed base model hash", "claimed_base_model_hash"),
-        ("base model hash check", "base_model_hash_check")) if inspection.get(key) is not None]
+        ("AutoV2 short hash", "autov2")) if inspection.get(key) is not None]
+    facts += base_hash_facts(inspection)
     ranks = (inspection.get("rank_summary") or {}).get("distinct")
     if ranks:
         facts.append(("ranks", ", ".join(str(r) for r in ranks)))
@@ -279,12 +279,27 @@ def _self_reported(lora: dict) -> dict:
         shown = []
         for h in hints[:20]:
             if isinstance(h, dict):
-                shown.append(f"“{_clip(h.get('text', ''), 120)[0]}” ({h.get('count', '?')}× in {h.get('source', '?')})")
+                count = f"{h['count']}× in " if h.get("count") is not None else ""
+                shown.append(f"“{_clip(h.get('text', ''), 120)[0]}” ({count}{h.get('source', '?')})")
             else:
                 shown.append(f"“{_clip(h, 120)[0]}”")
         facts.append(("trigger word hints (SELF-REPORTED)", "; ".join(shown)))
     return {"present": True, "has_metadata": isinstance(meta, dict) and bool(meta), "rows": rows,
             "n_keys": len(meta) if isinstance(meta, dict) else 0, "facts": facts}
+
+
+def base_hash_facts(inspection: dict) -> list[tuple[str, str]]:
+    """The claimed base-model hash as text, and the check made during the run."""
+    claim = inspection.get("claimed_base_model_hash")
+    if not isinstance(claim, dict):
+        return []
+    text = f"{_clip(str(claim.get('value', '')), 120)[0]} ({claim.get('source')}{', legacy A1111 hash' if claim.get('legacy') else ''})"
+    words = {"match": "matches", "mismatch": "differs", "not_comparable": "cannot compare", "absent": "no claim",
+             "not_checked": "not checked", "legacy_not_comparable": "cannot compare"}
+    check = inspection.get("base_model_hash_check")
+    detail = inspection.get("base_model_hash_check_detail")
+    shown = words.get(check, str(check)) + (f": {detail}" if detail else "")
+    return [("claimed base model hash (SELF-REPORTED)", text), ("base model hash check", shown)]
 
 
 def _comparison(comparison: dict | None) -> dict:
@@ -613,8 +628,9 @@ def build_context(case_dir: Path, manifest: dict, metrics: dict, comparison: dic
     if metrics_recorded and metrics_recorded != metrics_actual:
         warnings.append("metrics.json in the case folder does not match the sha256 recorded in the manifest at the end of the run.")
     if load.get("partial"):
-        warnings.append(f"Only {load.get('applied')} of {load.get('in_file')} modules in the LoRA file were applied to the base model "
-                        "(run with --allow-partial). The profile describes the applied part only.")
+        warnings.append(f"{len(load.get('skipped') or load.get('unapplied') or [])} of {load.get('in_file')} modules in the LoRA file "
+                        f"were not applied to the base model ({load.get('applied')} applied; run with --allow-partial; reasons in "
+                        "section 2). The profile describes the applied part only.")
     cmp_ctx = _comparison(comparison)
     if cmp_ctx["configured"] and not cmp_ctx["compatible"]:
         warnings.append("The reference corpus was made with a different protocol (differing: "

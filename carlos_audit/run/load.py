@@ -199,6 +199,7 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     want = case.base_model.get("sha256")
     if want and lp.sha256 != want.lower():
         raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
+    inspection.update(claimed_base_hash_check(inspection, lp))
     arch = inspection.get("architecture")
     if arch and arch != lp.architecture:
         raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
@@ -220,3 +221,36 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     return lp, emb, load_state, determinism
 
 
+
+
+def claimed_base_hash_check(inspection: dict, lp) -> dict:
+    """The LoRA's self-reported base-model hash against the loaded base model.
+
+    ``base_model_hash_check`` is ``match`` / ``mismatch`` when the base is a single checkpoint file
+    (its sha256 is what kohya's ``ss_new_sd_model_hash`` claims), ``absent`` without a claim, and
+    ``not_comparable`` otherwise (a legacy 64 KiB A1111 hash, or a folder whose tree hash is not a
+    file hash); ``base_model_hash_check_detail`` says which, in words.
+    """
+    from carlos_audit.lora.intake import compare_base_hash
+
+    claim = inspection.get("claimed_base_model_hash")
+    if not claim:
+        return {"base_model_hash_check": "absent", "base_model_hash_check_detail": "the LoRA file claims no base-model hash"}
+    if claim.get("legacy"):
+        return {"base_model_hash_check": "not_comparable",
+                "base_model_hash_check_detail": f"cannot compare: {claim['source']} is the legacy A1111 hash of a 64 KiB window, not a sha256"}
+    if not lp.identity.startswith("file:"):
+        return {"base_model_hash_check": "not_comparable",
+                "base_model_hash_check_detail": f"cannot compare: the base model {lp.identity} is a folder (its tree hash is not a checkpoint-file sha256)"}
+    result = compare_base_hash(claim["value"], lp.sha256)
+    word = "matches" if result == "match" else "differs from"
+    return {"base_model_hash_check": result,
+            "base_model_hash_check_detail": f"the claimed {claim['source']} {word} the sha256 of {lp.identity[5:]}"}
+
+
+def base_model_record(case: Case, lp) -> dict:
+    """The manifest's ``base_model`` section: what was loaded, and every file that affects the images."""
+    return {"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
+            "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
+            "pipeline": type(lp.pipe).__name__, "variant": lp.variant, "config": case.base_model.get("config"),
+            "config_source": lp.config_source, "files": lp.files}
