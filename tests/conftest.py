@@ -31,9 +31,13 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_cuda = False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    run_real = "real" in (config.option.markexpr or "")
+    skip_real = pytest.mark.skip(reason="full-size SDXL fixtures: run with `make test-real` (pytest -m real)")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+        if "real" in item.keywords and not run_real:
+            item.add_marker(skip_real)
 
 
 @pytest.fixture(scope="session")
