@@ -137,3 +137,41 @@ def hub_layout(src: Path, cache: Path, repo: str = "someorg/tiny-sd", rev: str =
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(rev)
     return snap
+
+
+def full_size_case(tmp_path: Path, source, lora, extra_base: str = "", seeds: str = "[0]"):
+    """A 1-pair, 64 px, 2-step case on a full-size base model (tests/test_real_*.py)."""
+    from carlos_audit.case.casefile import load_case
+
+    text = f'''
+[case]
+id = "full-size"
+title = "full-size base model"
+examiner = "pytest"
+question = "test"
+
+[base_model]
+source = "{source}"
+dtype = "float32"
+device = "cpu"
+{extra_base}
+
+[embedder]
+model = "embedded:tiny-clip"
+
+[lora]
+path = "{lora}"
+
+[protocol]
+prompts = "builtin:demo"
+seeds = {seeds}
+steps = 2
+width = 64
+height = 64
+scheduler = "DDIMScheduler"
+batch_size = 1
+bootstrap_resamples = 50
+'''
+    cf = tmp_path / "case.toml"
+    cf.write_text(text)
+    return load_case(cf)

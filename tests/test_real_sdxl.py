@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from carlos_audit.case.casefile import load_case
 from carlos_audit.models.fixtures import ensure_random_pipeline, write_kohya_lora
 from carlos_audit.run import load as load_mod
+from conftest import full_size_case
 
 pytestmark = pytest.mark.real
 
@@ -20,37 +20,9 @@ def test_sdxl_kohya_with_both_text_encoders_is_fully_applied_and_verified(carlos
 
     folder = ensure_random_pipeline("sdxl")
     lora = write_kohya_lora("sdxl", tmp_path / "kohya-xl.safetensors")
-    cf = tmp_path / "case.toml"
-    cf.write_text(f'''
-[case]
-id = "real-sdxl"
-title = "full-size SDXL"
-examiner = "pytest"
-question = "test"
-
-[base_model]
-source = "{folder}"
-dtype = "float32"
-device = "cpu"
-
-[embedder]
-model = "embedded:tiny-clip"
-
-[lora]
-path = "{lora}"
-
-[protocol]
-prompts = "builtin:demo"
-seeds = [0]
-steps = 2
-width = 64
-height = 64
-batch_size = 1
-bootstrap_resamples = 50
-''')
     load_mod.LOADED.clear()
     try:
-        m = run_case(load_case(cf), tmp_path / "out", progress=False)["manifest"]
+        m = run_case(full_size_case(tmp_path, folder, lora), tmp_path / "out", progress=False)["manifest"]
         load = m["lora"]["load"]
         assert load["partial"] is False and load["applied"] == load["in_file"] == 986
         assert load["by_component"] == {"text_encoder": 72, "text_encoder_2": 192, "unet": 722}
