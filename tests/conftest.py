@@ -140,8 +140,13 @@ def hub_layout(src: Path, cache: Path, repo: str = "someorg/tiny-sd", rev: str =
 
 
 def full_size_case(tmp_path: Path, source, lora, extra_base: str = "", seeds: str = "[0]"):
-    """A 1-pair, 64 px, 2-step case on a full-size base model (tests/test_real_*.py)."""
+    """A 2-pair (2 prompts x 1 seed), 64 px, 2-step case on a full-size base model (tests/test_real_*.py)."""
+    import json
+
     from carlos_audit.case.casefile import load_case
+
+    (tmp_path / "prompts.json").write_text(json.dumps({"people": {"portraits": ["a portrait of an old man"]},
+                                                       "objects": {"vehicles": ["a red car on a street"]}}))
 
     text = f'''
 [case]
@@ -163,14 +168,14 @@ model = "embedded:tiny-clip"
 path = "{lora}"
 
 [protocol]
-prompts = "builtin:demo"
+prompts = "prompts.json"
 seeds = {seeds}
 steps = 2
 width = 64
 height = 64
 scheduler = "DDIMScheduler"
 batch_size = 1
-bootstrap_resamples = 50
+bootstrap_resamples = 100
 '''
     cf = tmp_path / "case.toml"
     cf.write_text(text)
