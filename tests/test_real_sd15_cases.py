@@ -44,7 +44,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
     sys.addaudithook(lambda event, args: attempts.append(event) if event in ("socket.connect", "socket.getaddrinfo") else None)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     (tmp_path / "a").mkdir()
-    res = runfull_size_case(full_size_case(tmp_path / "a", single, lora), tmp_path / "out-single", progress=False)
+    res = run_case(full_size_case(tmp_path / "a", single, lora), tmp_path / "out-single", progress=False)
     m = res["manifest"]
     assert attempts == []
     assert m["lora"]["load"]["partial"] is False and m["lora"]["load"]["applied"] == 264
@@ -52,7 +52,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
     assert m["base_model"]["config_source"] == "carried:sd15"
     names = {f["name"] for f in m["base_model"]["files"]}
     assert {"config/scheduler/scheduler_config.json", "config/tokenizer/vocab.json", "config/unet/config.json"} <= names
-    report = verifyfull_size_case(tmp_path / "out-single", sample=1)
+    report = verify_case(tmp_path / "out-single", sample=1)
     assert report["ok"], report
 
     load_mod.LOADED.clear()
@@ -60,7 +60,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
     hub_layout(ensure_random_pipeline("sd15"), hub, "someorg/sd15")
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     (tmp_path / "b").mkdir()
-    res2 = runfull_size_case(full_size_case(tmp_path / "b", "someorg/sd15", lora), tmp_path / "out-hub", progress=False)
+    res2 = run_case(full_size_case(tmp_path / "b", "someorg/sd15", lora), tmp_path / "out-hub", progress=False)
     m2 = res2["manifest"]
     assert m2["lora"]["inspection"]["base_model_hash_check"] == "not_comparable"
     for r1, r2 in zip(m["pairs"], m2["pairs"]):
@@ -76,12 +76,12 @@ def test_edited_config_is_named_by_verify(sd15, carlos_home, tmp_path, one_case_
     cfg = tmp_path / "cfg"
     shutil.copytree(carried_config_dir("sd15"), cfg)
     lora = write_kohya_lora("sd15", tmp_path / "u.safetensors", only="unet")
-    runfull_size_case(full_size_case(tmp_path, ensure_sd15_single_file(), lora, extra_base=f'config = "{cfg}"'), tmp_path / "out", progress=False)
+    run_case(full_size_case(tmp_path, ensure_sd15_single_file(), lora, extra_base=f'config = "{cfg}"'), tmp_path / "out", progress=False)
     sched = cfg / "scheduler" / "scheduler_config.json"
     data = json.loads(sched.read_text())
     data["beta_end"] = 0.02
     sched.write_text(json.dumps(data))
-    report = verifyfull_size_case(tmp_path / "out", sample=1)
+    report = verify_case(tmp_path / "out", sample=1)
     failed = [c for c in report["checks"] if not c["ok"]]
     assert failed and failed[0]["check"] == "base model files"
     assert "changed: config/scheduler/scheduler_config.json" in failed[0]["detail"]
