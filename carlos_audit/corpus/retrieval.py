@@ -100,10 +100,20 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
         prompts_sha256,
     )
 
+    from carlos_audit.corpus.public import public_prompt_sets
+
     sig = corpus.signature or {}
+    sets = public_prompt_sets(corpus)
+    if prompts_spec is None and sets and "retrieval" in sets:  # a fetched public corpus carries its retrieval set
+        from carlos_audit.case.protocol import prompts_from_triples
+
+        prompts = prompts_from_triples(sets["retrieval"], f"{corpus.path}:retrieval")
+        return prompts, {"source": f"{corpus.path} (retrieval set of the fetched wheel)", "n": len(prompts),
+                         "sha256": prompts_sha256(prompts)}
     if prompts_spec is None:
         if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256:
             raise AuditError("this corpus was profiled with the CARLoS indexing prompts; pass --prompts "
+                             "builtin:carlos-retrieval (after `carlos-audit corpus fetch carlos-public`) or a "
                              "carlos_prompts.json so its retrieval set is used")
         prompts_spec = "builtin:retrieval"
     if prompts_spec.endswith(".json") and Path(prompts_spec).is_file():
