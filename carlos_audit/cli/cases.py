@@ -220,3 +220,27 @@ def check_command(casefile, as_json):
             click.echo(f"  problem: {safe_text(prob, 160)}", err=True)
     if not r["ready"]:
         raise SystemExit(1)
+
+
+@main.command("init")
+@click.argument("lora", type=click.Path(dir_okay=False))
+@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15"]), default=None,
+              help="Protocol (default: from the detected architecture; refused for other or mixed LoRAs).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Case file to write (default: ./<LoRA name>.toml).")
+@click.option("--force", is_flag=True, help="Replace an existing case file.")
+def init_command(lora, preset, out, force):
+    """Write a ready case file for LORA: sha256 pinned, preset from its architecture, self-reported
+    trigger words proposed (commented), placeholders for examiner and question.
+
+    \b
+    Example:
+        carlos-audit init disputed.safetensors --out cases/disputed.toml
+    """
+    from carlos_audit.case.init import init_case
+
+    r = init_case(lora, preset=preset, out=out, force=force)
+    click.echo(f"wrote {r['casefile']} (preset {r['preset']}, {r['architecture']} LoRA, sha256 {r['sha256'][:16]}...)")
+    if r["trigger_hints"]:
+        click.echo("  SELF-REPORTED trigger words proposed (commented out): "
+                   + ", ".join(safe_text(h["text"], 30) for h in r["trigger_hints"][:5]))
+    click.echo("  fill in case.examiner and case.question, then: carlos-audit check " + r["casefile"])
