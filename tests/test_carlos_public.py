@@ -293,3 +293,49 @@ def test_hf_embedder_features_are_the_reference_computation(carlos_home, tmp_pat
         out = model.get_image_features(**proc(images=images, return_tensors="pt", padding=True))
     ref = (out if torch.is_tensor(out) else out.pooler_output).numpy()
     assert np.array_equal(ours, ref)
+
+
+# --------------------------------------------------------------------------- replication
+
+
+def test_replication_table_says_whether_published_values_are_inside():
+    from carlos_audit.analysis.metrics import compute_metrics
+    from carlos_audit.analysis.replication import replication_table
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((40, 16)).astype(np.float32)
+    lora = base + 2.0 * np.eye(16, dtype=np.float32)[0] + 0.3 * rng.standard_normal((40, 16)).astype(np.float32)
+    pairs = [{"pair_id": f"p{i // 4}_s{i % 4}", "prompt_id": f"p{i // 4}", "category": "c", "seed": i % 4} for i in range(40)]
+    m = compute_metrics(lora, base, pairs, n_resamples=300, seed=0)
+    d = lora.astype(np.float64) - base
+    ids = [p["prompt_id"] for p in pairs]
+    same = replication_table(d, ids, m, {"strength": m["strength"], "consistency": m["consistency"],
+                                         "direction": m["direction"]}, 300, 0)
+    assert [r["within"] for r in same["rows"]] == [True, True, True]
+    assert same["rows"][2]["measured"] == pytest.approx(1.0)
+    other = np.eye(16)[1] * 2.0
+    far = replication_table(d, ids, m, {"strength": m["strength"] * 3, "consistency": 0.999, "direction": other}, 300, 0)
+    assert [r["within"] for r in far["rows"]] == [False, False, False]
+
+
+def test_demo_case_replicates_its_own_corpus_row(demo_case_dir):
+    """The demo corpus holds the demo LoRA (same file sha256, same protocol): the report gets the
+    table, and every published value lies inside the run's intervals."""
+    from carlos_audit.fileio import read_json
+
+    rep = read_json(demo_case_dir / "comparison.json")["replication"]
+    assert rep["matched_by"] == "lora_sha256" and rep["row_id"] == "target"
+    assert [r["quantity"] for r in rep["rows"]] == ["strength", "consistency", "direction cosine"]
+    assert all(r["within"] for r in rep["rows"])
+    if shutil.which("pdftotext"):
+        text = subprocess.run(["pdftotext", str(demo_case_dir / "report.pdf"), "-"], capture_output=True, text=True).stdout
+        assert "Replication of the published profile" in text
+
+
+def test_replicate_id_must_name_a_row(demo_assets, tmp_path):
+    from conftest import write_case
+
+    cf = write_case(tmp_path, demo_assets, extra=f'[reference]\ncorpus = "{demo_assets["corpus"]}"\nreplicate_id = "nope"\n'
+                    "[indicators]\ntrigger_dependence = false\nprompt_override = false\neffect_labels = false")
+    r = CliRunner().invoke(main, ["run", str(cf), "--out", str(tmp_path / "o"), "--no-progress", "--allow-incompatible"])
+    assert r.exit_code != 0 and "replicate_id 'nope' is not a row" in r.output

@@ -248,6 +248,13 @@ def check_case(casefile) -> dict:
     for it in items:
         if it["status"] in ("missing", "invalid"):
             problems.append(f"{it['role']}: {it['status']}" + (f" ({it['detail']})" if it.get("detail") else ""))
+    if corpus is not None and corpus["status"] == "present" and case.reference.get("replicate_id"):
+        from carlos_audit.analysis.replication import check_replicate_id
+
+        try:
+            check_replicate_id(Path(corpus["path"]), case.reference["replicate_id"])
+        except AuditError as e:
+            problems.append(f"reference.replicate_id: {e}")
     if corpus is not None and corpus["compatible"] is False and not corpus["allow_incompatible"]:
         problems.append("reference_corpus: profiled differently in " + ", ".join(corpus["differing"]))
     unfilled = unfilled_fields(case)

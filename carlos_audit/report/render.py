@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 from urllib.request import url2pathname
 
 from carlos_audit import __version__
+from carlos_audit.analysis.replication import replication_context
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
@@ -641,6 +642,7 @@ def build_context(case_dir: Path, manifest: dict, metrics: dict, comparison: dic
         "ci": ci,
         "figures": figs,
         "comparison": cmp_ctx,
+        "replication": replication_context(comparison),
         "warnings": warnings,
         "custody_ok": custody_ok,
         "inputs": inputs,

@@ -186,6 +186,9 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         from carlos_audit.corpus.placement import check_corpus_signature
 
         check_corpus_signature(corpus_path, signature, allow_incompatible)
+        from carlos_audit.analysis.replication import check_replicate_id
+
+        check_replicate_id(corpus_path, case.reference["replicate_id"])
     pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
     lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
     comparisons = load_comparisons(lp.pipe, paths, inputs, allow_partial, allow_unsafe_pickle)
@@ -205,6 +208,9 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
 
         compare_with_corpus(out, corpus_path, top_k=case.reference["top_k"], allow_incompatible=allow_incompatible,
                             signature=signature, lora_sha256=lora_sha)
+        from carlos_audit.analysis.replication import write_replication
+
+        write_replication(case, store, plan, pairs, out, corpus_path, lora_sha)
 
     end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
     custody = []
