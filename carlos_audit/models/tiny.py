@@ -90,7 +90,7 @@ def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(vocab)}, [" ".join(m) for m in merges]
 
 
-def _write_tokenizer(dest: Path) -> None:
+def write_clip_tokenizer(dest: Path) -> None:
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_bpe_vocab()
@@ -163,7 +163,7 @@ def _build_tiny_sd(dest: Path) -> None:
         steps_offset=1,
     )
     tok_dir = dest / "_tok"
-    _write_tokenizer(tok_dir)
+    write_clip_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     pipe = StableDiffusionPipeline(
         unet=unet,
@@ -219,7 +219,7 @@ def _build_tiny_hf_clip(dest: Path) -> None:
     CLIPModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
                        image_mean=TINY_CLIP_PREPROCESS["mean"], image_std=TINY_CLIP_PREPROCESS["std"]).save_pretrained(dest)
-    _write_tokenizer(dest)
+    write_clip_tokenizer(dest)
 
 
 def ensure_tiny_hf_clip(home: Path | None = None) -> Path:
