@@ -9,9 +9,9 @@ Checks, each reported pass/fail with the file or pair it concerns:
    1e-9 for floating-point summation order; identical on the same platform).
 4. A random sample of N pairs (sample seed recorded in the output) is regenerated from the
    recorded inputs. On the same software and hardware the image hashes must match exactly.
-   Where the environment differs (package versions, device, dtype, machine, torch thread
-   count), exact equality is not
-   expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
+   Where the environment differs in what changes bits (``case/signature.bits_environment``:
+   package versions, device, dtype, machine, platform, torch thread count, fast path), exact
+   equality is not expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
    the stored one.
 """
 
@@ -124,6 +124,7 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
 def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
     """Regenerate the batches holding a random sample of pairs and compare."""
     from carlos_audit.case.casefile import parse_case
+    from carlos_audit.case.signature import environment_differences
     from carlos_audit.run.arms import arms_for
     from carlos_audit.run.embed import image_features
     from carlos_audit.run.environment import capture
@@ -144,11 +145,9 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     if changed:
         return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
     lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
-    env_now = capture(lp.device, lp.dtype, determinism)
-    env_then = manifest["environment"]
-    same_platform = (env_now["packages"] == env_then["packages"] and env_now["device"] == env_then["device"]
-                     and env_now["dtype"] == env_then["dtype"] and env_now["machine"] == env_then["machine"]
-                     and env_now.get("torch_threads") == env_then.get("torch_threads"))
+    env_now = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
+    differences = environment_differences(env_now, manifest["environment"])
+    same_platform = not differences
     p = manifest["protocol"]
     params = GenerationParams(p["steps"], p["guidance_scale"], p["width"], p["height"], p["scheduler"], p["negative_prompt"])
     rows = manifest["pairs"]
@@ -176,7 +175,8 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
                     ok, detail = same_image, ("image hash identical" if same_image else "image hash differs on the same platform")
                 else:
                     ok = cos >= EMBEDDING_COSINE_TOLERANCE
-                    detail = f"platform differs; embedding cosine {cos:.6f} (tolerance {EMBEDDING_COSINE_TOLERANCE})"
+                    detail = (f"platform differs ({', '.join(differences)}); embedding cosine {cos:.6f} "
+                              f"(tolerance {EMBEDDING_COSINE_TOLERANCE})")
                 checks.append(Check(f"regenerate {m['pair_id']} [{arm_name}]", ok, detail))
     return checks
 

@@ -110,7 +110,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
         _import_ray()  # fail before preparing anything when Ray is missing
     threads = threads or default_threads()
     argv = ["carlos-audit", "corpus", "build", str(lora_dir), "--casefile", str(template_path), str(dest)]
-    plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv)
+    plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv, threads=threads)
     run = run_plan(plan, engine=engine, ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
                    unit_fn=_unit_fn, progress=progress)
     added = []

@@ -5,8 +5,9 @@ Plan (in the driver, no model loaded):
 1. each LoRA gets its case folder ``DEST/cases/<id>/`` (case.toml, run.json), as before;
 2. arms without an adapter (the base arm) are computed ONCE for the whole build, in a shared
    folder ``DEST/cases/_shared/<arm>-<key>/`` keyed by everything that determines their bytes
-   (base model, embedder, generation parameters, batch layout, the prompt text actually sent
-   and the seeds). With trigger policy "both" the base prompt carries the trigger words, so LoRAs
+   (the reproducibility key of case/signature.py: base model, generation parameters, batch
+   layout, the prompt text actually sent, the seeds, the environment that changes bits, thread
+   count included; plus the embedder). With trigger policy "both" the base prompt carries the trigger words, so LoRAs
    with different trigger words would get different base arms; in a corpus build every LoRA
    takes its trigger words from the template, so there is one shared base arm per build;
 3. one unit per (LoRA, LoRA arm, batch) into the LoRA's case folder;
@@ -52,24 +53,38 @@ class BuildPlan:
         return (self.n_lora_arms + len(self.shared)) * self.n_prompts * self.n_seeds
 
 
-def shared_arm_key(case, arm, prompts) -> str:
-    """What fixes the bytes of an arm without adapter, from the case alone (no model loaded)."""
-    from carlos_audit.hashing import sha256_json
+def shared_arm_key(case, arm, pairs, environment: dict) -> str:
+    """What fixes the bytes of an arm without adapter, from the case alone (no model loaded): the
+    reproducibility key (case/signature.py) of the whole arm, with the base model as the case names
+    it, the embedder (the shared folder holds embeddings too), and ``environment``, the build's
+    (``planned_environment``)."""
+    from carlos_audit.case.signature import reproducibility_key
 
     pc = case.protocol
-    return sha256_json({
-        "base_model": {k: case.base_model.get(k) for k in ("source", "sha256", "dtype", "device")},
-        "embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")},
-        "base_dir": str(case.base_dir),
-        "params": {k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "batch_size")},
-        "arm": {"scale": arm.scale, "with_triggers": arm.with_triggers},
-        "prompts_sent": [arm.prompt_for(p.text, list(case.lora["trigger_words"])) for p in prompts],
-        "seeds": list(pc["seeds"]),
-    })
+    key, _ = reproducibility_key(
+        base_model={"source": case.base_model["source"], "sha256": case.base_model.get("sha256"),
+                    "base_dir": str(case.base_dir)},
+        params={k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt")},
+        batch_size=pc["batch_size"],
+        prompts_sent=[arm.prompt_for(p.prompt.text, list(case.lora["trigger_words"])) for p in pairs],
+        seeds=[p.seed for p in pairs], environment=environment,
+        extra={"embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")}})
+    return key
 
 
-def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: list[str] | None = None) -> BuildPlan:
-    """``cases``: [(row id, LoRA path, Case)] in sorted order. Prepares the case folders."""
+def planned_environment(case, threads: int | None) -> dict:
+    """The environment a build's units will run under, as far as the driver knows it: this
+    process's packages and machine, the case's device and dtype as written, ``threads``."""
+    from carlos_audit.run.environment import capture
+
+    env = capture(case.base_model["device"], case.base_model["dtype"], {})
+    return env | {"torch_threads": threads or env["torch_threads"]}
+
+
+def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: list[str] | None = None,
+               threads: int | None = None) -> BuildPlan:
+    """``cases``: [(row id, LoRA path, Case)] in sorted order; ``threads``: the torch threads every
+    unit runs with (default: this process's). Prepares the case folders."""
     from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
     from carlos_audit.hashing import sha256_file
     from carlos_audit.run.arms import plan_arms
@@ -93,7 +108,7 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
         shared, deps = [], []
         for arm in arms.arms.values():
             if arm.adapter is None:
-                sid = f"{arm.name}-{shared_arm_key(case, arm, prompts)[:16]}"
+                sid = f"{arm.name}-{shared_arm_key(case, arm, pairs, planned_environment(case, threads))[:16]}"
                 sdir = plan.dest / "cases" / SHARED_DIR / sid
                 if sid not in plan.shared:
                     # computed with the first LoRA's session (adapters disabled: the base weights)

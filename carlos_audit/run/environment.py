@@ -32,7 +32,10 @@ def apply_determinism(device: str) -> dict:
     }
 
 
-def capture(device: str, dtype: str, determinism: dict) -> dict:
+def capture(device: str, dtype: str, determinism: dict, fastpath: dict | None = None) -> dict:
+    """The environment record of a run (manifest ``environment``); ``fastpath``: the settings
+    run/fastpath.py applied, recorded when there are any. case/signature.bits_environment says
+    which of these fields change the numbers."""
     import torch
 
     env = {
@@ -51,6 +54,8 @@ def capture(device: str, dtype: str, determinism: dict) -> dict:
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "determinism": determinism,
     }
+    if fastpath is not None:
+        env["fastpath"] = fastpath
     return env
 
 

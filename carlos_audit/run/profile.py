@@ -28,9 +28,10 @@ from carlos_audit.case.protocol import (
     load_prompts,
     prompts_sha256,
 )
+from carlos_audit.case.signature import case_signature, reproducibility_key
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
-from carlos_audit.hashing import sha256_bytes, sha256_file, sha256_json
+from carlos_audit.hashing import sha256_bytes, sha256_file
 from carlos_audit.run.arms import Arm, plan_arms
 from carlos_audit.run.generate import (
     GenerationParams,
@@ -57,14 +58,14 @@ class Session:
     params: GenerationParams
     triggers: list[str]
     cache: BaseImageCache
-    env_key: dict
+    environment: dict  # the run's environment record (environment.capture + fast path)
     batch_size: int
 
-
-def _cache_key(s: Session, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
-    desc = {"base_model_sha256": s.base_info.sha256, "env": s.env_key, "params": s.params.as_dict(),
-            "batch_size": s.batch_size, "batch": [[p, int(sd)] for p, sd in zip(prompts_sent, seeds)]}
-    return sha256_json(desc), desc
+    def cache_key(self, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
+        """The base-image cache key of one batch: the reproducibility key (case/signature.py)."""
+        return reproducibility_key(base_model=self.base_info.sha256, params=self.params.as_dict(),
+                                   batch_size=self.batch_size, prompts_sent=prompts_sent, seeds=seeds,
+                                   environment=self.environment)
 
 
 def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> dict:
@@ -100,7 +101,7 @@ def run_batch(s: Session, arm: Arm, batch: list[Pair]) -> dict:
     pngs = None
     key = desc = None
     if arm.adapter is None:
-        key, desc = _cache_key(s, prompts_sent, seeds)
+        key, desc = s.cache_key(prompts_sent, seeds)
         pngs = s.cache.get(key, len(batch))
     source = "base-cache" if pngs is not None else "generated"
     if pngs is None:
@@ -141,15 +142,9 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     pc = case.protocol
     params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
                               type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
-    env = capture(lp.device, lp.dtype, determinism)
-    env_key = {k: env["packages"][k] for k in ("torch", "diffusers", "transformers", "peft")} | {"device": lp.device, "dtype": lp.dtype}
-    fastpath = getattr(lp, "fastpath", None)
-    if fastpath is not None:
-        env["fastpath"] = fastpath
-        if fastpath.get("active"):  # settings that change the numbers are part of the cache key
-            env_key["fastpath"] = fastpath
+    env = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
     session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
-                      BaseImageCache(carlos_home() / "base-cache"), env_key, pc["batch_size"])
+                      BaseImageCache(carlos_home() / "base-cache"), env, pc["batch_size"])
     return session, env
 
 
@@ -172,14 +167,8 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
     pc = case.protocol
     session, env = make_session(case, store, lp, emb, determinism)
     params = session.params
-    signature = {
-        "base_model": lp.identity, "base_model_sha256": lp.sha256,
-        "embedder": emb.identity, "embedder_sha256": emb.sha256, "feature": "raw_image_features",
-        "prompts_sha256": prompts_sha256(prompts), "seeds": list(pc["seeds"]),
-        "lora_scale": case.lora["scale"], "trigger_policy": case.lora["trigger_policy"],
-        "steps": pc["steps"], "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
-        "scheduler": params.scheduler,
-    }
+    signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
+                               embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=params.scheduler)
     corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
     if corpus_path is not None:
