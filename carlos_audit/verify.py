@@ -70,13 +70,15 @@ def check_files(case_dir: Path, manifest: dict) -> list[Check]:
                     missing.append(e[kind])
                 elif sha256_file(p) != e[f"{kind}_sha256"]:
                     bad.append(e[kind])
-    for pid, rec in (manifest.get("text_features") or {}).items():
+    text = list((manifest.get("text_features") or {}).values())
+    text += [manifest["label_signatures"]] if manifest.get("label_signatures") else []
+    for rec in text:
         p = case_dir / rec["path"]
         if not p.is_file():
             missing.append(rec["path"])
         elif sha256_file(p) != rec["sha256"]:
             bad.append(rec["path"])
-    n = sum(2 * len(r["arms"]) for r in manifest["pairs"]) + len(manifest.get("text_features") or {})
+    n = sum(2 * len(r["arms"]) for r in manifest["pairs"]) + len(text)
     if bad or missing:
         detail = "; ".join(filter(None, [
             f"modified: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "") if bad else "",
@@ -84,7 +86,7 @@ def check_files(case_dir: Path, manifest: dict) -> list[Check]:
         checks.append(Check("stored images and embeddings", False, detail))
     else:
         checks.append(Check("stored images and embeddings", True, f"{n} files match their recorded sha256"))
-    # (text features of the prompts are included in the count above)
+    # (text features of the prompts and the label signatures are included in the count above)
     for rel, digest in manifest.get("results", {}).items():
         p = case_dir / rel
         ok = p.is_file() and sha256_file(p) == digest

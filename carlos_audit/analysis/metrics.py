@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMA = "carlos-audit/metrics/1"
 
 
 def diffs(lora: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -87,26 +86,31 @@ def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) ->
         W[r] = np.bincount(picks[r], minlength=g)
     n = W @ cnt
     strengths = (W @ nsum) / n
-    out = {"strength": _interval(strengths)}
+    out = {"strength": percentile_ci(strengths)}
     if (norms > 0).any() and d.shape[0] >= 2:
         ssum = W @ S
         # Within a resample a pair drawn twice meets itself: u.u = 1 counts as a pair (i<j over
         # the resampled list), the usual bootstrap convention.
         sq = np.einsum("ij,ij->i", ssum, ssum)
         cons = (sq - W @ nz) / (n * (n - 1))
-        out["consistency"] = _interval(cons)
+        out["consistency"] = percentile_ci(cons)
     else:
         out["consistency"] = None
     return out
 
 
-def _interval(x: np.ndarray) -> list[float]:
-    lo, hi = np.percentile(x, [2.5, 97.5])
+def percentile_ci(values) -> list[float] | None:
+    """The 95% percentile interval [2.5th, 97.5th percentile] of the finite values; None when
+    there are none. The one CI helper of the metrics and the indicators."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return None
+    lo, hi = np.percentile(v, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 
 def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_resamples: int = 1000,
-                    seed: int = 0, extra: dict | None = None) -> dict:
+                    seed: int = 0) -> dict:
     """Metrics for one LoRA from stored features. ``pairs`` rows carry pair_id, prompt_id,
     category and seed, in the same order as the feature rows."""
     d = diffs(lora, base)
@@ -130,7 +134,6 @@ def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_
         idx = prompts == pid
         per_prompt[pid] = {"strength": float(norms[idx].mean()), "consistency": consistency(d[idx])}
     result = {
-        "schema": SCHEMA,
         "n_pairs": int(d.shape[0]),
         "n_prompts": int(len(set(prompts.tolist()))),
         "n_seeds": int(len({p["seed"] for p in pairs})),
@@ -155,6 +158,4 @@ def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_
             for i, p in enumerate(pairs)
         ],
     }
-    if extra:
-        result.update(extra)
     return result

@@ -29,10 +29,14 @@ SIGNATURE_FIELDS = (
 FEATURE = "raw_image_features"
 
 
+#: The named upstream protocols a corpus can be imported under (``corpus import --preset``).
+PRESETS = ("carlos-sdxl-vitb32",)
+
+
 def preset_signature(preset: str) -> dict:
     """The signature of a named upstream protocol (``carlos-sdxl-vitb32``)."""
-    if preset != "carlos-sdxl-vitb32":
-        raise AuditError(f"unknown corpus preset {preset!r} (known: carlos-sdxl-vitb32)")
+    if preset not in PRESETS:
+        raise AuditError(f"unknown corpus preset {preset!r} (known: {', '.join(PRESETS)})")
     return {
         "base_model": "hf:stabilityai/stable-diffusion-xl-base-1.0",
         "base_model_sha256": None,
@@ -49,9 +53,6 @@ def preset_signature(preset: str) -> dict:
         "height": 1024,
         "scheduler": "EulerDiscreteScheduler",
     }
-
-
-PRESETS = ("carlos-sdxl-vitb32",)
 
 
 def empty_signature() -> dict:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carlos_audit.corpus.store import BUILD_CASES_DIR
 from carlos_audit.engines.units import WorkUnit
 from carlos_audit.errors import AuditError
 from carlos_audit.run import cost as cost_mod
@@ -93,7 +94,7 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
     plan = BuildPlan(Path(dest), [])
     argv = tuple(argv or ())
     for rid, lora, case in cases:
-        case_dir = plan.dest / "cases" / rid
+        case_dir = plan.dest / BUILD_CASES_DIR / rid
         prepare_case_dir(case_dir, case, force=False)
         lora_sha = sha256_file(lora)
         plan.rows.append((rid, lora, lora_sha))
@@ -109,7 +110,7 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
         for arm in arms.arms.values():
             if arm.adapter is None:
                 sid = f"{arm.name}-{shared_arm_key(case, arm, pairs, planned_environment(case, threads))[:16]}"
-                sdir = plan.dest / "cases" / SHARED_DIR / sid
+                sdir = plan.dest / BUILD_CASES_DIR / SHARED_DIR / sid
                 if sid not in plan.shared:
                     # computed with the first LoRA's session (adapters disabled: the base weights)
                     plan.shared[sid] = {"dir": str(sdir), "arm": arm.name, "rows": [], "batches": batch_ids}
@@ -191,7 +192,7 @@ def build_record(plan: BuildPlan, run: dict, *, engine: str, threads: int, ray_a
         "engine": engine, "ray_address": ray_address, "gpus_per_task": gpus_per_task, "torch_threads": threads,
         "loras": [r[0] for r in plan.rows], "n_loras": n_l, "n_prompts": plan.n_prompts, "n_seeds": plan.n_seeds,
         "steps": plan.steps,
-        "shared_arms": {k: {"folder": f"cases/{SHARED_DIR}/{k}", "arm": v["arm"], "used_by": v["rows"]} for k, v in plan.shared.items()},
+        "shared_arms": {k: {"folder": f"{BUILD_CASES_DIR}/{SHARED_DIR}/{k}", "arm": v["arm"], "used_by": v["rows"]} for k, v in plan.shared.items()},
         "images": {
             "minimum": plan.minimum_images,
             "formula": "(L + 1) x P x S: each LoRA arm, and the base arm once per build",

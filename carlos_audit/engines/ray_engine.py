@@ -41,7 +41,7 @@ def worker_env() -> dict:
     return env
 
 
-def _import_ray():
+def import_ray():
     try:
         import ray
     except ImportError:
@@ -53,7 +53,7 @@ def run_ray(plan, *, address: str | None, gpus_per_task: float, threads: int | N
             progress: bool = True) -> tuple[list, list]:
     from tqdm import tqdm
 
-    ray = _import_ray()
+    ray = import_ray()
     started = False
     if not ray.is_initialized():
         ray.init(address=address, runtime_env={"env_vars": worker_env()}, include_dashboard=False,

@@ -20,7 +20,7 @@ from carlos_audit.errors import AuditError
 
 #: The pipeline session of the last unit run in this process, reused by the next unit of the same
 #: LoRA case (profile.load_models keeps the pipeline loaded across cases; only the adapter swaps).
-_CURRENT: dict = {}
+CURRENT: dict = {}
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,10 @@ def _context(unit: WorkUnit) -> _Context:
     from carlos_audit.run.store import CaseStore
 
     key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial)
-    ctx = _CURRENT.get("ctx")
+    ctx = CURRENT.get("ctx")
     if ctx is not None and ctx.key == key:
         return ctx
-    _CURRENT.clear()
+    CURRENT.clear()
     case = parse_case(unit.case_text, Path(unit.case_path))
     paths, inputs, inspection = intake(case)
     sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
@@ -88,7 +88,7 @@ def _context(unit: WorkUnit) -> _Context:
     session, _ = make_session(case, CaseStore(unit.store), lp, emb, determinism)
     pairs = enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"])
     ctx = _Context(key, session, plan_arms(case, sha, []), {b[0].batch: b for b in batches(pairs)})
-    _CURRENT["ctx"] = ctx
+    CURRENT["ctx"] = ctx
     return ctx
 
 
@@ -156,11 +156,11 @@ def finalize_case(unit: WorkUnit) -> dict:
     for arm, shared_dir, shared_id, batch_ids in unit.shared:
         materialize_shared(out, arm, Path(shared_dir), shared_id, batch_ids)
     case = parse_case(unit.case_text, Path(unit.case_path))
-    _CURRENT.clear()  # run_case reloads the adapter: the cached session is no longer trusted
+    CURRENT.clear()  # run_case reloads the adapter: the cached session is no longer trusted
     try:
         result = run_case(case, out, allow_partial=unit.allow_partial, argv=list(unit.argv), progress=False)
     finally:
-        _CURRENT.clear()
+        CURRENT.clear()
     m = result["manifest"]
     if m["lora"]["sha256"] != unit.lora_sha256:
         raise AuditError(f"LoRA {unit.lora_path} changed during the build")

@@ -12,6 +12,7 @@ from carlos_audit.case.casefile import Case, expand_path
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
+from carlos_audit.run.lock import LOCK_NAME
 from carlos_audit.run.store import hash_inputs
 
 CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json", "report.pdf",
@@ -82,13 +83,13 @@ def prepare_case_dir(out: Path, case: Case, force: bool) -> None:
     run = out / "run.json"
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         same = run.is_file() and read_json(run).get("casefile_sha256") == casefile_sha
         if not same:
             if not force:
                 what = "a different case" if run.is_file() else "files that are not a carlos-audit case"
                 raise AuditError(f"output folder {out} holds {what}; pass --force to replace it, or choose another --out")
-            foreign = [p.name for p in out.iterdir() if p.name not in CASE_ARTIFACTS]
+            foreign = [p.name for p in out.iterdir() if p.name not in CASE_ARTIFACTS and p.name != LOCK_NAME]
             if foreign:
                 raise AuditError(f"output folder {out} holds files carlos-audit did not write ({', '.join(sorted(foreign)[:5])}); refusing even with --force")
             for name in CASE_ARTIFACTS:
