@@ -209,29 +209,32 @@ def section_sizes(pdf) -> list[dict]:
     starts = []
     with pdf.open_outline() as outline:
         for item in outline.root:
-            dest = item.destination
-            page = None
-            if isinstance(dest, pikepdf.Array) and len(dest):
-                page = dest[0]
-            elif dest is not None:
-                try:
-                    resolved = pdf.Root.Names.Dests
-                    page = None if resolved is None else None
-                except AttributeError:
-                    page = None
-            if page is not None:
-                starts.append((pdf.pages.index(pikepdf.Page(page)), item.title))
+            try:  # weasyprint writes explicit destinations: [page /XYZ left top zoom]
+                starts.append((pdf.pages.index(pikepdf.Page(item.destination[0])), item.title))
+            except (TypeError, IndexError, ValueError, AttributeError):
+                continue
     starts.sort()
     counted: set = set()
+
+    def drawn(obj, resources) -> int:
+        """Bytes of the XObjects a content stream draws (each counted once in the file)."""
+        n = 0
+        xobjects = (resources or {}).get("/XObject") or {}
+        for operands, _ in pikepdf.parse_content_stream(obj, "Do"):
+            x = xobjects.get(str(operands[0])) if operands else None
+            if x is None or x.objgen in counted:
+                continue
+            counted.add(x.objgen)
+            n += len(x.read_raw_bytes())
+            if x.get("/Subtype") == "/Form":
+                n += drawn(x, x.get("/Resources") or resources)
+        return n
+
     per_page = []
     for page in pdf.pages:
-        n = sum(len(c.read_raw_bytes()) for c in ([page.obj.Contents] if isinstance(page.obj.get("/Contents"), pikepdf.Stream)
-                                                  else list(page.obj.get("/Contents") or [])))
-        for x in ((page.obj.get("/Resources") or {}).get("/XObject") or {}).values():
-            if x.objgen not in counted:
-                counted.add(x.objgen)
-                n += len(x.read_raw_bytes())
-        per_page.append(n)
+        contents = page.obj.get("/Contents")
+        streams = [contents] if isinstance(contents, pikepdf.Stream) else list(contents or [])
+        per_page.append(sum(len(c.read_raw_bytes()) for c in streams) + drawn(page, page.obj.get("/Resources")))
     bounds = starts + [(len(per_page), None)]
     sections = [{"title": "cover and contents", "bytes": sum(per_page[:bounds[0][0]])}] if starts else []
     for (start, title), (end, _) in zip(bounds, bounds[1:]):
