@@ -185,7 +185,7 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
                      and env_now["dtype"] == env_then["dtype"] and env_now["machine"] == env_then["machine"]
                      and env_now.get("torch_threads") == env_then.get("torch_threads"))
     p = manifest["protocol"]
-    params = GenerationParams(p["steps"], p["guidance_scale"], p["width"], p["height"], p["scheduler"], p["negative_prompt"])
+    params = GenerationParams.from_protocol(p, p["scheduler"])
     rows = manifest["pairs"]
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
     arms = {a.name: a for a in arms_for(case)}

@@ -67,6 +67,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "bootstrap_resamples": (_INT, False, 1000),
         "bootstrap_seed": (_INT, False, 0),
         "scales": (_FLOATLIST, False, []),
+        "seed_mode": (_STR, False, "per-image"),
     },
     "output": {
         "dir": (_STR, False, None),
@@ -75,6 +76,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "corpus": (_STR, False, None),
         "allow_incompatible": (_BOOL, False, False),
         "top_k": (_INT, False, 10),
+        "replicate_id": (_STR, False, None),
     },
     "indicators": {
         "trigger_dependence": (_BOOL, False, True),
@@ -267,6 +269,7 @@ def _check_values(c: dict, where: str) -> None:
     for k in ("width", "height"):
         if p[k] % 8:
             raise AuditError(f"{where}: protocol.{k} must be a multiple of 8")
+    _check_seed_mode(p, where)
     if c["lora"]["scale"] < 0:
         raise AuditError(f"{where}: lora.scale must be >= 0")
     if any(x < 0 for x in p["scales"]):
@@ -280,13 +283,26 @@ def _check_values(c: dict, where: str) -> None:
     _check_report_values(c, where)
 
 
+def _check_seed_mode(p: dict, where: str) -> None:
+    from carlos_audit.case.protocol import SEED_MODES
+
+    if p["seed_mode"] not in SEED_MODES:
+        raise AuditError(f"{where}: protocol.seed_mode {p['seed_mode']!r}; allowed: {', '.join(SEED_MODES)}")
+    if p["seed_mode"] == "carlos-batch":
+        seeds, b = p["seeds"], p["batch_size"]
+        if seeds != list(range(seeds[0], seeds[0] + len(seeds))) or len(seeds) % b:
+            raise AuditError(f"{where}: protocol.seed_mode \"carlos-batch\" needs consecutive seeds whose count is a "
+                             f"multiple of batch_size ({b}), e.g. seeds = {{ count = 16, start = 42 }}, batch_size = 4")
+
+
 def _check_prompts_spec(spec: str, base_dir: Path, where: str) -> None:
-    from carlos_audit.case.protocol import BUILTIN_SUITES
+    from carlos_audit.case.protocol import BUILTIN_SUITES, FETCHED_SUITES
 
     if spec.startswith("builtin:"):
-        if spec.split(":", 1)[1] not in BUILTIN_SUITES:
+        if spec.split(":", 1)[1] not in (*BUILTIN_SUITES, *FETCHED_SUITES):
             raise AuditError(f"{where}: protocol.prompts {spec!r} is not a prompt set; allowed: "
-                             + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES) + ", or a .txt/.json/.toml file")
+                             + ", ".join(f"builtin:{n}" for n in (*BUILTIN_SUITES, *FETCHED_SUITES))
+                             + ", or a .txt/.json/.toml file")
         return
     path = expand_path(spec, base_dir)
     if not path.is_file():

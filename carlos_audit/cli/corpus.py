@@ -40,6 +40,41 @@ def corpus_import(src, dest, preset, name, overwrite):
     click.echo(f"imported {c.n} rows (dim {c.dim}, {c.dtype}) into {c.path}")
 
 
+@corpus.command("fetch")
+@click.argument("which", type=click.Choice(["carlos-public"]))
+@click.argument("dest", required=False, type=click.Path(file_okay=False))
+@click.option("--wheel", type=click.Path(dir_okay=False), default=None,
+              help="The carlos 0.0.3 wheel brought by hand (checked against its pinned sha256).")
+@click.option("--overwrite", is_flag=True, help="Replace a corpus already in DEST.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was fetched and from where, as JSON.")
+def corpus_fetch(which, dest, wheel, overwrite, as_json):
+    """Fetch the public CARLoS corpus (740 SDXL LoRAs) and its prompt sets from the package index.
+
+    Downloads the official carlos 0.0.3 wheel with pip (an explicit download: no --allow-download
+    needed), refuses any other file, reads its metrics database and prompt module without
+    installing or executing anything, and imports the corpus with the carlos-sdxl-vitb32 preset
+    into DEST (default ${CARLOS_AUDIT_HOME}/corpora/carlos-public). Offline, bring the wheel with
+    `pip download carlos==0.0.3 --no-deps --python-version 3.9 --only-binary=:all: -d DIR` and pass --wheel.
+
+    \b
+    Example:
+        carlos-audit corpus fetch carlos-public
+        carlos-audit corpus fetch carlos-public corpora/carlos --wheel carlos-0.0.3-py3-none-any.whl
+    """
+    from carlos_audit.corpus.public import fetch_public
+
+    r = fetch_public(dest, wheel=wheel, overwrite=overwrite)
+    if as_json:
+        print_json(r)
+        return
+    src = r["origin"]["wheel_source"]
+    where = src.get("url") or src.get("path") or "the package index"
+    click.echo(f"fetched {r['n']} rows (dim {r['dim']}) into {r['corpus']}")
+    click.echo(f"  from {r['origin']['wheel']} (sha256 {r['origin']['wheel_sha256']}), {where}"
+               + (" (cached)" if src.get("cached") else ""))
+    click.echo("  prompt sets: builtin:carlos-indexing, builtin:carlos-retrieval")
+
+
 @corpus.command("neighbours")
 @click.argument("corpus_path", metavar="CORPUS", type=click.Path(file_okay=False))
 @click.option("--lora-id", "lora_ids", multiple=True, required=True, help="Row id to look up (repeatable).")

@@ -61,7 +61,7 @@ def shared_arm_key(case, arm, prompts) -> str:
         "base_model": {k: case.base_model.get(k) for k in ("source", "sha256", "dtype", "device")},
         "embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")},
         "base_dir": str(case.base_dir),
-        "params": {k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "batch_size")},
+        "params": {k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "batch_size", "seed_mode")},
         "arm": {"scale": arm.scale, "with_triggers": arm.with_triggers},
         "prompts_sent": [arm.prompt_for(p.text, list(case.lora["trigger_words"])) for p in prompts],
         "seeds": list(pc["seeds"]),

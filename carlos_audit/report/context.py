@@ -140,7 +140,10 @@ def images(inp: ReportInputs, copy: str) -> dict:
 
 
 def comparisons(inp: ReportInputs, copy: str) -> dict:
+    from carlos_audit.analysis.replication import replication_context
+
     return {"head_to_head": inp.head_to_head,
+            "replication": replication_context(inp.comparison),
             "n_cmp_images_checked": sum(len(t) for h in inp.head_to_head for t in (h["agree_most"], h["agree_least"]))}
 
 
