@@ -56,6 +56,8 @@ MEASURE_TEXT = {
     "whitened": "cosine after centring and Ledoit-Wolf whitening on the corpus",
 }
 THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+#: false-match rates at which the measures are compared (the thresholds differ per measure)
+OPERATING_RATES = (0.01, 0.001, 0.0001)
 RECALL_K = (1, 5, 10)
 N_SPLITS = 20
 SPLIT_SEED = 0
@@ -247,7 +249,19 @@ def compute_validation(corpus, n_splits: int = N_SPLITS) -> tuple[dict, np.ndarr
     for m, rec in measures.items():
         if rec is not None:
             rec["false_match_table"] = [dict(_rates(tables, rec, t), threshold=t) for t in THRESHOLDS]
+            rec["at_false_match_rate"] = [_operating_point(tables, rec, r) for r in OPERATING_RATES]
     return record, tables, w_arr
+
+
+def _operating_point(tables: np.ndarray, rec: dict, rate: float) -> dict:
+    """The lowest threshold whose unrelated share is at most ``rate``, and the related share there."""
+    o, nu = rec["offset"], rec["unrelated_pairs"]
+    if nu == 0:
+        return {"rate": rate, "threshold": None, "related_share": None}
+    unrelated = tables[o:o + nu]
+    allowed = int(math.floor(rate * nu))
+    t = float(np.nextafter(unrelated[nu - allowed - 1], np.float32(np.inf))) if allowed < nu else float(unrelated[0])
+    return dict(_rates(tables, rec, t), rate=rate, threshold=t)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -356,7 +370,7 @@ def corpus_section(v: Validation) -> dict:
         "model_id_groups": rec["model_id_groups"], "rows_without_model_id": rec["rows_without_model_id"],
         "files": rec["files"], "stored": v.stored,
         "measures": {m: None if r is None else {k: r[k] for k in ("description", "unrelated_pairs", "related_pairs",
-                                                                   "recall", "false_match_table")}
+                                                                   "recall", "false_match_table", "at_false_match_rate")}
                      for m, r in rec["measures"].items()},
         "whitening": rec["whitening"],
         "split_evaluation": {k: split[k] for k in ("n_splits", "seed", "protocol", "measures", "whitened_minus_cosine")
@@ -386,3 +400,14 @@ def calibrate_head_to_head(v: Validation, head_to_head: list, comparable: bool) 
             v.false_match("cosine", b.get("direction_cosine")) or {}, comparable=bool(comparable),
             ci_low=v.false_match("cosine", ci[0]), ci_high=v.false_match("cosine", ci[1])) \
             if b.get("direction_cosine") is not None else None
+
+
+def calibrate(corpus, direction, target: dict, head_to_head: list | None, *, comparable: bool) -> dict:
+    """The false-match rates of a case's similarities against ``corpus`` (entries changed in
+    place); returns the ``corpus.error_rates`` section of comparison.json."""
+    c = as_corpus(corpus)
+    v = corpus_validation(c)
+    calibrate_neighbours(v, direction, target.get("neighbours") or [],
+                         lambda rid: np.asarray(c.directions[c.index_of(rid)], dtype=np.float64))
+    calibrate_head_to_head(v, head_to_head, comparable)
+    return corpus_section(v)
