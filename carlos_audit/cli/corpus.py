@@ -58,9 +58,13 @@ def corpus_neighbours(corpus_path, lora_ids, top_k, as_json):
     """
     from carlos_audit.corpus.search import neighbours
     from carlos_audit.corpus.store import Corpus
+    from carlos_audit.corpus.validate import calibrate_neighbours, corpus_validation
 
     c = Corpus.open(corpus_path)
     result = neighbours(c, list(lora_ids), top_k=top_k)
+    v = corpus_validation(c)
+    for rid, r in result.items():
+        calibrate_neighbours(v, c, c.directions[c.index_of(rid)], r["neighbours"])
     if as_json:
         print_json(result)
         return
@@ -69,10 +73,12 @@ def corpus_neighbours(corpus_path, lora_ids, top_k, as_json):
         click.echo(f"{safe_text(rid, 24)}  {safe_text(row['name'] or row['folder_name'])}")
         click.echo(f"  strength {fmt(row['strength'])} (percentile {fmt(r['strength_percentile'], '.1f')})  "
                    f"consistency {fmt(row['consistency'])} (percentile {fmt(r['consistency_percentile'], '.1f')})")
-        click.echo(f"  {'rank':>4}  {'similarity':>10}  {'id':<12}  {'strength':>8}  {'consist.':>8}  name")
+        click.echo(f"  {'rank':>4}  {'similarity':>10}  {'unrelated>=':>11}  {'id':<12}  {'strength':>8}  {'consist.':>8}  name")
         for i, nb in enumerate(r["neighbours"], 1):
-            click.echo(f"  {i:>4}  {nb['similarity']:>10.4f}  {safe_text(nb['id'], 12):<12}  {nb['strength']:>8.3f}  "
-                       f"{fmt(nb['consistency']):>8}  {safe_text(nb['name'])}")
+            share = (nb["false_match"] or {}).get("unrelated_share")
+            click.echo(f"  {i:>4}  {nb['similarity']:>10.4f}  {'—' if share is None else f'{100 * share:.3g}%':>11}  "
+                       f"{safe_text(nb['id'], 12):<12}  {nb['strength']:>8.3f}  {fmt(nb['consistency']):>8}  {safe_text(nb['name'])}")
+        click.echo(f"  unrelated>=: share of unrelated corpus pairs ({v.record['basis']}) at or above that similarity")
         click.echo("")
 
 

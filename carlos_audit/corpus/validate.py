@@ -378,12 +378,13 @@ def corpus_section(v: Validation) -> dict:
     }
 
 
-def calibrate_neighbours(v: Validation, direction, neighbours: list[dict], directions_of) -> None:
-    """Give each neighbour entry its false-match rate, and its whitened similarity with its own
-    rate. ``directions_of(id)`` returns a corpus row's direction."""
+def calibrate_neighbours(v: Validation, corpus: Corpus, direction, neighbours: list[dict]) -> None:
+    """Give each neighbour entry (rows of ``corpus``) its false-match rate, and its whitened
+    similarity with its own rate."""
     for nb in neighbours:
         nb["false_match"] = v.false_match("cosine", nb.get("similarity"))
-        w = v.similarity("whitened", direction, directions_of(nb["id"])) if v.available("whitened") else None
+        row = np.asarray(corpus.directions[corpus.index_of(nb["id"])], dtype=np.float64)
+        w = v.similarity("whitened", direction, row) if v.available("whitened") else None
         nb["whitened"] = {"similarity": w, "false_match": v.false_match("whitened", w)}
 
 
@@ -407,7 +408,6 @@ def calibrate(corpus, direction, target: dict, head_to_head: list | None, *, com
     place); returns the ``corpus.error_rates`` section of comparison.json."""
     c = as_corpus(corpus)
     v = corpus_validation(c)
-    calibrate_neighbours(v, direction, target.get("neighbours") or [],
-                         lambda rid: np.asarray(c.directions[c.index_of(rid)], dtype=np.float64))
+    calibrate_neighbours(v, c, direction, target.get("neighbours") or [])
     calibrate_head_to_head(v, head_to_head, comparable)
     return corpus_section(v)
