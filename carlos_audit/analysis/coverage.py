@@ -140,3 +140,20 @@ def coverage(shape: Shape, n_prompts: int, n_seeds: int, reps: int, *, seed: int
         out[key] = {"truth": truth[key], "coverage": hits[key] / reps, "above_truth": miss_low[key] / reps,
                     "mean_estimate": float(np.mean(estimates[key])), "mean_width": float(np.mean(widths[key]))}
     return out
+
+
+#: Below this many prompts the measured coverage of the 95% strength interval falls short of
+#: 0.90 for heavy-tailed effects (docs/VALIDATION.md, bench/bench_coverage.py).
+MIN_PROMPTS_NOMINAL = 56
+SHORT_COVERAGE_TEXT = "about 75-90%"
+
+
+def interval_warning(metrics: dict) -> str | None:
+    """A warning for a case whose intervals fall in the zone where simulation found them too narrow."""
+    n = metrics.get("n_prompts")
+    if not isinstance(n, int) or n >= MIN_PROMPTS_NOMINAL:
+        return None
+    return (f"This case used {n} prompts. In simulations with a known truth (docs/VALIDATION.md), 95% intervals "
+            f"from fewer than {MIN_PROMPTS_NOMINAL} prompts covered the true strength in only {SHORT_COVERAGE_TEXT} of "
+            f"cases when the LoRA's effect varies from prompt to prompt with heavy tails: read the strength "
+            f"interval as too narrow, and use {MIN_PROMPTS_NOMINAL} or more prompts for a firmer one.")

@@ -35,6 +35,7 @@ from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
 from carlos_audit.report import figures
+from carlos_audit.report.error_rates import error_rates_context
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 KNOWN_ERRORS = Path(__file__).resolve().parent / "known_errors.json"
@@ -665,6 +666,7 @@ def build_context(case_dir: Path, manifest: dict, metrics: dict, comparison: dic
         "indicators": _indicators(metrics),
         "head_to_head": head_to_head,
         "n_cmp_images_checked": n_cmp_images_checked,
+        "error_rates": error_rates_context(comparison, metrics),
     }
 
 
