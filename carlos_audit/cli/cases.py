@@ -15,6 +15,7 @@ from carlos_audit.cli.common import (
 
 
 def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
+    from carlos_audit.analysis.coverage import interval_warning
     from carlos_audit.case.casefile import load_case, output_dir
     from carlos_audit.pipeline import run_full
 
@@ -35,12 +36,20 @@ def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
     if ci["consistency"]:
         cons += f"  95% CI [{ci['consistency'][0]:.4f}, {ci['consistency'][1]:.4f}]"
     click.echo(f"  consistency {cons}")
+    warning = interval_warning(m)
+    if warning:
+        click.echo("Warning: " + warning, err=True)
     for h in _head_to_head(result["out"]):
         b, w = h["behaviour"], h["weights"]
         ci = b["direction_cosine_ci"] or [None, None]
         click.echo(f"  vs {safe_text(h['lora']['file_name'])}: behaviour direction cosine {fmt(b['direction_cosine'])} "
                    f"[{fmt(ci[0])}, {fmt(ci[1])}]; weights cosine {fmt(w.get('cosine'))}, "
                    f"norm ratio {fmt(w.get('norm_ratio'))} ({w['reading']})")
+        fm = b.get("direction_cosine_false_match")
+        if fm:
+            click.echo(f"    direction cosine >= {fm['similarity']:.3f} in {100 * (fm['unrelated_share'] or 0):.3g}% of "
+                       f"unrelated corpus pairs ({fm['unrelated_at_least']} of {fm['unrelated_pairs']})"
+                       + ("" if fm.get("comparable") else "; the corpus used another protocol"))
     for extra in result.get("written", []):
         click.echo(f"  wrote {extra}")
 

@@ -141,9 +141,11 @@ def images(inp: ReportInputs, copy: str) -> dict:
 
 def comparisons(inp: ReportInputs, copy: str) -> dict:
     from carlos_audit.analysis.replication import replication_context
+    from carlos_audit.report.error_rates import error_rates_context
 
     return {"head_to_head": inp.head_to_head,
             "replication": replication_context(inp.comparison),
+            "error_rates": error_rates_context(inp.comparison, inp.metrics),
             "n_cmp_images_checked": sum(len(t) for h in inp.head_to_head for t in (h["agree_most"], h["agree_least"]))}
 
 
