@@ -34,6 +34,7 @@ from carlos_audit import __version__
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.kit.paths import portable_command
 from carlos_audit.report import figures
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
@@ -628,7 +629,7 @@ def build_context(case_dir: Path, manifest: dict, metrics: dict, comparison: dic
         "tool": manifest.get("tool", {}),
         "run": run,
         "document_date": _iso(run["source_date_epoch"]),
-        "command": shlex.join(str(a) for a in run.get("command", [])),
+        "command": shlex.join(portable_command(run.get("command", []))),
         "lora": lora,
         "lora_size": next((i.get("size") for i in inputs if i.get("role") == "lora"), None),
         "self_reported": _self_reported(lora),
