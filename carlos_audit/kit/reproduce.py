@@ -97,9 +97,9 @@ def check_inputs(kit: dict, given: dict[str, Path]) -> list[dict]:
         want = by_role[role]
         if not path.exists():
             raise AuditError(f"{role} {path} does not exist")
-        got = tree_sha256(path) if path.is_dir() else sha256_file(path)
         if role == "corpus":
             continue  # a corpus is checked by its directions and rows hashes (compare.py)
+        got = tree_sha256(path) if path.is_dir() else sha256_file(path)
         checked.append({"role": role, "name": path.name, "sha256": got, "kit_sha256": want["sha256"], "same": got == want["sha256"]})
         if got != want["sha256"]:
             wrong.append(f"{role} {path.name} (sha256 {got[:16]}…, the kit's {want['name']} has {str(want['sha256'])[:16]}…)")
@@ -224,7 +224,15 @@ def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None,
     manifest = read_json(kit_dir / "results" / "manifest.json")
     comparison = read_json(kit_dir / "results" / "comparison.json") if (kit_dir / "results" / "comparison.json").is_file() else None
 
-    generated = _regenerate(case, manifest, out, sample, sample_seed, threads, progress)
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        generated = _regenerate(case, manifest, out, sample, sample_seed, progress)
+    finally:
+        torch.set_num_threads(threads_before)
     result = _compare(kit, manifest, comparison, kit_dir, out, generated, given.get("corpus"))
     result.update({
         "schema": REPRO_SCHEMA,
@@ -244,12 +252,9 @@ def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None,
     return result
 
 
-def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed: int, threads: int | None,
-                progress: bool) -> dict:
+def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed: int, progress: bool) -> dict:
     """Generate (into out/case) the arms of the kit's case for every pair or for the batches
     holding a stratified sample; returns what was generated and the environment."""
-    import torch
-
     from carlos_audit.case.protocol import enumerate_pairs, load_prompts, prompts_sha256
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.environment import capture
@@ -258,8 +263,6 @@ def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed
     from carlos_audit.run.profile import load_comparisons, make_session, run_arm
     from carlos_audit.run.store import CaseStore
 
-    if threads is not None:
-        torch.set_num_threads(int(threads))
     paths, inputs, inspection = intake(case)
     prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
     if prompts_sha256(prompts) != manifest["protocol"]["prompts_sha256"]:
