@@ -18,7 +18,6 @@ A refused input or a damaged kit is an error (exit 1) and nothing is generated.
 from __future__ import annotations
 
 import random
-import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -188,17 +187,11 @@ def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
-        foreign = [p.name for p in out.iterdir() if p.name not in OUT_ARTIFACTS]
         if not force:
             raise AuditError(f"output folder {out} is not empty; pass --force to replace a previous reproduction, or choose another --out")
-        if foreign:
-            raise AuditError(f"output folder {out} holds files carlos-audit did not write ({', '.join(sorted(foreign)[:5])}); refusing even with --force")
-        for name in OUT_ARTIFACTS:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        from carlos_audit.run.intake import clear_artifacts
+
+        clear_artifacts(out, OUT_ARTIFACTS)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -257,7 +250,6 @@ def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed
     holding a stratified sample; returns what was generated and the environment."""
     from carlos_audit.case.protocol import enumerate_pairs, load_prompts, prompts_sha256
     from carlos_audit.run.arms import plan_arms
-    from carlos_audit.run.environment import capture
     from carlos_audit.run.intake import intake, utc_now
     from carlos_audit.run.load import load_models
     from carlos_audit.run.profile import load_comparisons, make_session, run_arm
