@@ -107,7 +107,7 @@ def _with_comparisons(casefile: str, loras) -> str:
 
     import tomllib
 
-    from carlos_audit.corpus.build import _dump_toml
+    from carlos_audit.corpus.build import dump_toml
     from carlos_audit.errors import AuditError
 
     src = Path(casefile)
@@ -120,7 +120,7 @@ def _with_comparisons(casefile: str, loras) -> str:
     data.setdefault("comparison", {}).setdefault("loras", [])
     data["comparison"]["loras"] += [str(Path(p).resolve()) for p in loras]
     dst = src.with_name(src.stem + ".compare.toml")
-    dst.write_text(_dump_toml(data))
+    dst.write_text(dump_toml(data))
     return str(dst)
 
 

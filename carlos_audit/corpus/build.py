@@ -37,10 +37,10 @@ def case_for_lora(template: Case, lora: Path, row_id: str) -> Case:
     data.pop("comparison", None)
     data["protocol"].pop("scales", None)
     data["indicators"] = {"trigger_dependence": False, "prompt_override": False, "effect_labels": False}
-    return parse_case(_dump_toml(data), template.path)
+    return parse_case(dump_toml(data), template.path)
 
 
-def _dump_toml(data: dict) -> str:
+def dump_toml(data: dict) -> str:
     """A small TOML writer for case files (tables of scalars, lists and inline seed tables)."""
     import json
 

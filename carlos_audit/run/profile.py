@@ -32,6 +32,7 @@ from carlos_audit.case.signature import seed_mode_signature
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file, sha256_json
+from carlos_audit.kit.paths import portable_command
 from carlos_audit.run.arms import Arm, plan_arms
 from carlos_audit.run.generate import (
     GenerationParams,
@@ -221,7 +222,7 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         "case": dict(case.case),
         "tool": {"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
         "run": {"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
-                "finished_utc": utc_now(), "command": argv or ["carlos-audit", "run", str(case.path)],
+                "finished_utc": utc_now(), "command": portable_command(argv or ["carlos-audit", "run", str(case.path)]),
                 "stats": stats},
         "inputs": custody,
         "custody_ok": all(c["unchanged"] for c in custody),
