@@ -118,6 +118,7 @@ class Comparison(Record):
     corpus: dict | None = field(default=None, metadata=OPTIONAL)
     target: dict | None = field(default=None, metadata=OPTIONAL)
     corpus_points: dict | None = field(default=None, metadata=OPTIONAL)
+    replication: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = COMPARISON_SCHEMA
 
 

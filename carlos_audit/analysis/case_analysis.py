@@ -100,14 +100,16 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
     if manifest.comparison_loras:
         comparison.head_to_head = head_to_head(store, manifest)
     if case.reference.get("corpus"):
+        from carlos_audit.analysis.replication import replication
         from carlos_audit.corpus.placement import place_in_corpus
 
-        placement = place_in_corpus(expand_path(case.reference["corpus"], case.base_dir), metrics,
-                                    top_k=case.reference["top_k"], signature=manifest.signature,
-                                    lora_sha256=manifest.lora["sha256"],
+        corpus_path = expand_path(case.reference["corpus"], case.base_dir)
+        placement = place_in_corpus(corpus_path, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
+                                    lora_sha256=manifest.lora["sha256"], head_to_head=comparison.head_to_head,
                                     allow_incompatible=allow_incompatible or case.reference["allow_incompatible"])
         comparison.corpus, comparison.target, comparison.corpus_points = (
             placement["corpus"], placement["target"], placement["corpus_points"])
+        comparison.replication = replication(store, manifest, metrics, corpus_path, case.reference.get("replicate_id"))
     if comparison.head_to_head is None and comparison.corpus is None:
         return metrics, None
     return metrics, comparison

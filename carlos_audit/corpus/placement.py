@@ -4,7 +4,7 @@ From the case's metrics, signature and LoRA hash, the corpus part of ``compariso
 (records.Comparison, written by the analysis step):
 
     {"corpus": {path, name, n, signature, compatible, differing_fields, unverifiable_fields,
-                allow_incompatible, excluded_row, corpus_sha256},
+                allow_incompatible, excluded_row, corpus_sha256, error_rates},
      "target": {strength_percentile, consistency_percentile, neighbours: [...]},
      "corpus_points": {strength: [...], consistency: [...]}}
 
@@ -22,12 +22,14 @@ from carlos_audit.errors import AuditError
 
 
 def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: dict, lora_sha256: str,
-                    allow_incompatible: bool = False) -> dict:
+                    allow_incompatible: bool = False, head_to_head: list | None = None) -> dict:
     """``metrics``: the case's records.Metrics. Refuses a corpus profiled differently (unless
-    ``allow_incompatible``)."""
+    ``allow_incompatible``). The corpus's false-match rates are added to the neighbours and, in
+    place, to the ``head_to_head`` entries (corpus/validate.calibrate)."""
     from carlos_audit.case.signature import require_compatible
     from carlos_audit.corpus.search import neighbours_for_vector
     from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.validate import calibrate
 
     if not Path(corpus_path).exists():
         raise AuditError(f"reference corpus {corpus_path} does not exist")
@@ -45,7 +47,7 @@ def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: d
     if exclude is not None:
         keep[corpus.index_of(exclude)] = False
     cons = np.asarray(corpus.consistency, dtype=float)[keep]
-    return {
+    result = {
         "corpus": {
             "path": str(Path(corpus_path).resolve()), "name": corpus.meta.get("name"), "n": corpus.n,
             "signature": corpus.signature, "compatible": not compat["differing"],
@@ -59,6 +61,9 @@ def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: d
             "consistency": [None if np.isnan(x) else float(x) for x in cons],
         },
     }
+    result["corpus"]["error_rates"] = calibrate(corpus, metrics.direction, target, head_to_head,
+                                                comparable=not compat["differing"])
+    return result
 
 
 def check_corpus_signature(corpus_path: Path, case_signature: dict, allow_incompatible: bool) -> dict:

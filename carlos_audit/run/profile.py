@@ -32,6 +32,7 @@ from carlos_audit.case.signature import case_signature, reproducibility_key
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
+from carlos_audit.kit.paths import portable_command
 from carlos_audit.records import Manifest
 from carlos_audit.run.arms import Arm, plan_arms
 from carlos_audit.run.embed import store_label_signatures, store_text_features
@@ -141,8 +142,7 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     from carlos_audit.run.environment import capture
 
     pc = case.protocol
-    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
-                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
+    params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     env = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
     session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
                       BaseImageCache(carlos_home() / "base-cache"), env, pc["batch_size"])
@@ -184,6 +184,9 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
         from carlos_audit.corpus.placement import check_corpus_signature
 
         check_corpus_signature(corpus_path, signature, allow_incompatible)
+        from carlos_audit.analysis.replication import check_replicate_id
+
+        check_replicate_id(corpus_path, case.reference["replicate_id"])
     pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
     lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
     comparisons = load_comparisons(lp.pipe, paths, inputs, allow_partial, allow_unsafe_pickle)
@@ -200,7 +203,8 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
         case=dict(case.case),
         tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
         run={"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
-             "finished_utc": None, "command": argv or ["carlos-audit", "run", str(case.path)], "stats": stats},
+             "finished_utc": None, "command": portable_command(argv or ["carlos-audit", "run", str(case.path)]),
+             "stats": stats},
         inputs=inputs,  # with their end hashes once the results are written (custody)
         custody_ok=False,
         base_model={"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
