@@ -13,7 +13,7 @@ Checks, each reported pass/fail with the file or pair it concerns:
 4. A random sample of N pairs (sample seed recorded in the output) is regenerated from the
    recorded inputs. On the same software and hardware the image hashes must match exactly.
    Where the environment differs in what changes bits (``case/signature.bits_environment``:
-   package versions, device, dtype, machine, platform, torch thread count, fast path), exact
+   package versions, python, machine, platform, device, dtype, torch threads, CUDA, GPU, fast path), exact
    equality is not expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
    the stored one.
 """

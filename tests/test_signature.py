@@ -29,14 +29,15 @@ def _key(env: dict, **kw) -> str:
 def test_every_field_that_changes_bits_changes_the_key():
     base = _key(ENV)
     changed = [dict(ENV, torch_threads=2), dict(ENV, device="cuda"), dict(ENV, dtype="float16"),
-               dict(ENV, machine="aarch64"), dict(ENV, platform="Darwin-23.1-arm64"),
+               dict(ENV, machine="aarch64"), dict(ENV, platform="Darwin-23.1-arm64"), dict(ENV, python="3.12.0"),
+               dict(ENV, gpu="NVIDIA H100"),
                dict(ENV, packages=dict(ENV["packages"], torch="2.5.0")),
                dict(ENV, packages=dict(ENV["packages"], pillow="11.0.0")),
                dict(ENV, fastpath={"active": True, "sdpa": True})]
     keys = [_key(e) for e in changed]
     assert base not in keys and len(set(keys)) == len(keys)
     assert [environment_differences(ENV, e) for e in changed] == [
-        ["torch_threads"], ["device"], ["dtype"], ["machine"], ["platform"], ["packages.torch"],
+        ["torch_threads"], ["device"], ["dtype"], ["machine"], ["platform"], ["python"], ["gpu"], ["packages.torch"],
         ["packages.pillow"], ["fastpath"]]
     for kw in ({"seeds": [0, 2]}, {"prompts_sent": ["a cat", "a dog tgtstyle"]}, {"batch_size": 1},
                {"params": {"steps": 5, "guidance_scale": 5.0}}, {"base_model": "cd" * 32}):
@@ -44,7 +45,7 @@ def test_every_field_that_changes_bits_changes_the_key():
 
 
 def test_what_does_not_change_bits_leaves_the_key_alone():
-    same = [dict(ENV, python="3.12.0", omp_wait_policy="PASSIVE", determinism={"x": 1}),
+    same = [dict(ENV, processor="x86_64", omp_wait_policy="PASSIVE", determinism={"x": 1}),
             dict(ENV, packages=dict(ENV["packages"], weasyprint="63.0")),
             dict(ENV, fastpath={"active": False, "reason": "cpu"})]
     for env in same:

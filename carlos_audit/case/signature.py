@@ -5,9 +5,9 @@
   it), the named upstream presets, and the compatibility check a corpus and a case go through.
 * The **reproducibility key** of a batch of images: everything that fixes their bytes (base
   model, generation parameters, batch layout, prompts sent, seeds, and the environment that
-  changes bits: package versions, device, dtype, machine, platform, torch thread count, fast
-  path). The base-image cache, the corpus build's shared base arm and ``verify``'s "same
-  platform" decision all use it.
+  changes bits: package versions, python, machine, platform, device, dtype, torch thread count,
+  CUDA, GPU, fast path). The base-image cache, the corpus build's shared base arm, ``verify``'s
+  "same platform" decision and the kit's "can change numbers" flags (kit/envlock.py) all use it.
 """
 
 from __future__ import annotations
@@ -90,18 +90,20 @@ def case_signature(case, prompts, *, base_model: str, base_model_sha256: str | N
 # --------------------------------------------------------------------------- reproducibility
 
 #: Packages whose version can change the bytes of an image or an embedding (PNG encoding
-#: included); the report-only ones (weasyprint) are left out.
+#: included). run/environment.capture records them; the kit's environment lock flags them.
 BIT_PACKAGES = ("carlos-audit", "torch", "torchvision", "diffusers", "transformers", "peft", "open_clip_torch",
-                "safetensors", "numpy", "pillow")
+                "safetensors", "numpy", "pillow", "scipy", "accelerate", "tokenizers")
 
-#: Fields of an environment record (run/environment.capture) that change bits.
-BIT_ENVIRONMENT_FIELDS = ("packages", "device", "dtype", "machine", "platform", "torch_threads", "fastpath")
+#: Fields of an environment record (run/environment.capture) that can change bits.
+BIT_ENVIRONMENT_FIELDS = ("packages", "python", "machine", "platform", "device", "dtype", "torch_threads", "cuda",
+                          "gpu", "fastpath")
 
 
 def bits_environment(env: dict) -> dict:
-    """The part of an environment record (manifest ``environment``) that changes the numbers:
-    versions of BIT_PACKAGES, device, dtype, machine, platform, torch thread count and the fast
-    path settings when a fast path is active. Missing fields read as None (older manifests)."""
+    """The part of an environment record (manifest ``environment``) that can change the numbers:
+    versions of BIT_PACKAGES, python, machine, platform, device, dtype, torch thread count, CUDA
+    version, GPU, and the fast path settings when a fast path is active. Missing fields read as
+    None (older manifests)."""
     packages = env.get("packages") or {}
     fastpath = env.get("fastpath")
     values = dict(env, packages={p: packages.get(p) for p in BIT_PACKAGES},

@@ -38,14 +38,14 @@ def capture(device: str, dtype: str, determinism: dict, fastpath: dict | None = 
     which of these fields change the numbers."""
     import torch
 
+    from carlos_audit.case.signature import BIT_PACKAGES
+
     env = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
-        "packages": {d: _version(d) for d in (
-            "carlos-audit", "torch", "torchvision", "diffusers", "transformers", "peft", "open_clip_torch",
-            "safetensors", "numpy", "pillow", "weasyprint")},
+        "packages": {d: _version(d) for d in BIT_PACKAGES + ("weasyprint",)},
         "device": device,
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
