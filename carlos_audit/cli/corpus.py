@@ -6,6 +6,7 @@ import json
 
 import click
 
+from carlos_audit.case.signature import PRESETS
 from carlos_audit.cli.common import fmt, main, print_json, quiet_libraries, safe_text
 
 
@@ -23,7 +24,7 @@ def corpus():
 @corpus.command("import")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["carlos-sdxl-vitb32", "none"]), default="carlos-sdxl-vitb32",
+@click.option("--preset", type=click.Choice([*PRESETS, "none"]), default="carlos-sdxl-vitb32",
               show_default=True, help="Signature of the protocol the rows were profiled with ('none': unknown).")
 @click.option("--name", default=None, help="Corpus name (default: the source file's stem).")
 @click.option("--overwrite", is_flag=True, help="Replace a corpus already in DEST.")
