@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -243,8 +244,10 @@ def test_installed_wheel_renders_a_report(demo_case_dir, tmp_path):
     """Build the wheel, install it (no dependencies) into a fresh venv that borrows this
     environment's libraries, and render a report from outside the checkout: the templates ship
     inside the wheel, and rendering imports no torch."""
+    src = tmp_path / "src"  # build from a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "reports", "build", "*.egg-info", "__pycache__"))
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
                    check=True, capture_output=True)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
