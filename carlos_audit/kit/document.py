@@ -61,6 +61,7 @@ def _jinja_env(templates_dir: Path):
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["f"] = _fmt
+    env.filters["cos"] = lambda x: "n/a" if x is None else f"{float(x):.10f}"
     env.filters["json"] = lambda x: json.dumps(x, sort_keys=True)
     return env
 
