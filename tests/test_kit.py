@@ -183,8 +183,11 @@ def test_reproduce_under_another_thread_count_names_the_difference(kit, demo_ass
     assert rows["torch_threads"] == {"what": "torch_threads", "kit": then, "here": other, "numeric": True}
     all_same = all(i["image_identical"] for i in rep["images"])
     assert (rep["verdict"] == "identical") == all_same
+    # measured (docs/REPRODUCIBILITY.md): a thread count changes low bits, never the reading
+    assert rep["verdict"] in ("identical", "within tolerance") and rep["reasons"] == []
     for i in rep["images"]:
-        assert i["image_identical"] or (i["pixels"]["psnr_db"] > 0 and i["feature_cosine"] < 1.0 + 1e-12)
+        assert i["feature_cosine"] >= 0.999
+        assert i["image_identical"] or i["pixels"]["psnr_db"] > 40
 
 
 def test_reproduce_reports_different_results(kit, demo_assets, tmp_path):
