@@ -120,7 +120,8 @@ def test_import_keeps_every_row_and_value_exactly(carlos_corpus, carlos_src):
     np.testing.assert_array_equal(np.asarray(c.directions, dtype=np.float64), source_dirs)
     assert c.meta["created_from"]["sha256"] == sha256_file(CARLOS)
     assert c.signature == preset_signature("carlos-sdxl-vitb32")
-    assert c.signature["seeds"] == list(range(16)) and c.signature["steps"] == 25
+    assert c.signature["seeds"] == list(range(42, 58)) and c.signature["steps"] == 25
+    assert c.signature["seed_mode"] == "carlos-batch/4"
 
 
 def test_directions_file_is_a_plain_npy_matrix(carlos_corpus):

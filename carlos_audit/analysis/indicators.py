@@ -26,7 +26,7 @@ from importlib import resources
 
 import numpy as np
 
-from carlos_audit.analysis.metrics import consistency, strength
+from carlos_audit.analysis.metrics import bootstrap_consistency, consistency, strength
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -67,7 +67,7 @@ def dose_response(diffs_by_scale: dict[float, np.ndarray], prompt_ids, n_resampl
         d = diffs_by_scale[scale]
         rows.append({"scale": scale, "strength": strength(d), "consistency": consistency(d),
                      "strength_ci": percentile_ci(strength(d[b]) for b in boots),
-                     "consistency_ci": percentile_ci(consistency(d[b]) for b in boots)})
+                     "consistency_ci": percentile_ci(bootstrap_consistency(d, prompt_ids, boots))})
     s1 = next((r["strength"] for r in rows if r["scale"] == 1.0), None)
     half = None
     if s1:

@@ -12,7 +12,7 @@ from carlos_audit.errors import AuditError
 SIGNATURE_FIELDS = (
     "base_model", "base_model_sha256", "embedder", "embedder_sha256", "feature", "prompts_sha256",
     "seeds", "lora_scale", "trigger_policy", "steps", "guidance_scale", "width", "height",
-    "scheduler",
+    "scheduler", "seed_mode",
 )
 
 
@@ -25,7 +25,12 @@ def _carlos_indexing_sha256():
 
 
 def preset_signature(preset: str) -> dict:
-    """The signature of a named upstream protocol (``carlos-sdxl-vitb32``)."""
+    """The signature of a named upstream protocol (``carlos-sdxl-vitb32``): what the reference
+    code of the official ``carlos`` 0.0.3 wheel does (carlos/index.py, carlos/config.py): SDXL base
+    1.0 in fp16, 25 steps, the pipeline's default guidance (5.0), scheduler (Euler) and size
+    (1024), LoRA scale 1.0 with ", <trigger>" appended on the LoRA side only, CLIPModel
+    get_image_features on CLIPProcessor output, and ``torch.manual_seed(s)`` for each batch of 4
+    images of a prompt, s = 42, 46, 50, 54 (images 42..57 here)."""
     if preset != "carlos-sdxl-vitb32":
         raise AuditError(f"unknown corpus preset {preset!r} (known: carlos-sdxl-vitb32)")
     return {
@@ -35,7 +40,7 @@ def preset_signature(preset: str) -> dict:
         "embedder_sha256": None,
         "feature": "raw_image_features",
         "prompts_sha256": _carlos_indexing_sha256(),
-        "seeds": list(range(16)),
+        "seeds": list(range(42, 58)),
         "lora_scale": 1.0,
         "trigger_policy": "lora_only",
         "steps": 25,
@@ -43,7 +48,14 @@ def preset_signature(preset: str) -> dict:
         "width": 1024,
         "height": 1024,
         "scheduler": "EulerDiscreteScheduler",
+        "seed_mode": seed_mode_signature("carlos-batch", 4),
     }
+
+
+def seed_mode_signature(seed_mode: str, batch_size: int) -> str:
+    """The signature's ``seed_mode``: "per-image", or "carlos-batch/<n>" (one generator per batch
+    of n images: the batch size is then part of the noise)."""
+    return seed_mode if seed_mode == "per-image" else f"{seed_mode}/{batch_size}"
 
 
 PRESETS = ("carlos-sdxl-vitb32",)

@@ -15,10 +15,14 @@ from carlos_audit.cli.common import (
 
 
 def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
+    from carlos_audit.analysis.coverage import interval_warning
     from carlos_audit.case.casefile import load_case, output_dir
     from carlos_audit.pipeline import run_full
 
+    from carlos_audit.case.check import require_filled
+
     case = load_case(casefile)
+    require_filled(case)
     target = output_dir(case, out)
     quiet_libraries()
     result = run_full(case, target, force=force, allow_partial=allow_partial,
@@ -32,12 +36,20 @@ def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
     if ci["consistency"]:
         cons += f"  95% CI [{ci['consistency'][0]:.4f}, {ci['consistency'][1]:.4f}]"
     click.echo(f"  consistency {cons}")
+    warning = interval_warning(m)
+    if warning:
+        click.echo("Warning: " + warning, err=True)
     for h in _head_to_head(result["out"]):
         b, w = h["behaviour"], h["weights"]
         ci = b["direction_cosine_ci"] or [None, None]
         click.echo(f"  vs {safe_text(h['lora']['file_name'])}: behaviour direction cosine {fmt(b['direction_cosine'])} "
                    f"[{fmt(ci[0])}, {fmt(ci[1])}]; weights cosine {fmt(w.get('cosine'))}, "
                    f"norm ratio {fmt(w.get('norm_ratio'))} ({w['reading']})")
+        fm = b.get("direction_cosine_false_match")
+        if fm:
+            click.echo(f"    direction cosine >= {fm['similarity']:.3f} in {100 * (fm['unrelated_share'] or 0):.3g}% of "
+                       f"unrelated corpus pairs ({fm['unrelated_at_least']} of {fm['unrelated_pairs']})"
+                       + ("" if fm.get("comparable") else "; the corpus used another protocol"))
     for extra in result.get("written", []):
         click.echo(f"  wrote {extra}")
 
@@ -175,3 +187,69 @@ def plan_command(casefile, n_loras, measure_images, as_json):
                    f"{m['generation_s_per_image']:.4g} s/image generation, {m['clip_s_per_image']:.4g} s/image CLIP")
         click.echo(f"estimated device time: {e['device_hours']:.4g} device-hours "
                    f"(generation {e['generation_hours']:.4g} h, CLIP {e['clip_hours']:.4g} h; I/O, metrics not included)")
+
+
+@main.command("check")
+@click.argument("casefile", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON object.")
+def check_command(casefile, as_json):
+    """Check a case before spending GPU hours: inputs, corpus compatibility, plan. Loads no weights.
+
+    Exit 0 only when `run` could start; otherwise each missing input is named with the command
+    that supplies it.
+
+    \b
+    Example:
+        carlos-audit check casefiles/carlos-sdxl.toml
+    """
+    from carlos_audit.case.check import check_case
+
+    r = check_case(casefile)
+    if as_json:
+        print_json(r)
+    else:
+        click.echo(f"case {safe_text(r['case_id'], 60)}: {'ready to run' if r['ready'] else 'NOT ready'}")
+        for it in r["inputs"]:
+            where = it.get("path") or it.get("source") or ""
+            click.echo(f"  {it['role']:<18} {it['status']:<9} {safe_text(where, 70)}")
+            if it.get("status") in ("missing", "invalid") and it.get("detail"):
+                click.echo(f"  {'':<18} {safe_text(it['detail'], 110)}")
+            if it.get("supply"):
+                click.echo(f"  {'':<18} supply: {it['supply']}")
+        c = r["corpus"]
+        if c and c["status"] == "present":
+            click.echo(f"  corpus {safe_text(c['name'], 30)} ({c['n']} rows): "
+                       + ("compatible" if c["compatible"] else "INCOMPATIBLE in " + ", ".join(c["differing"])))
+            for f in c["fields"]:
+                click.echo(f"    {f['field']:<18} {f['status']:<12} case {safe_text(f['case'], 44)}")
+        p = r["plan"]
+        click.echo(f"  plan: {p['n_arms']} arms x {p['n_prompts']} prompts x {p['n_seeds']} seeds = {p['images']:,} images, "
+                   f"{p['unet_forward_calls']:,} UNet calls; device-hours: {p['device_hours_how']}")
+        for prob in r["problems"]:
+            click.echo(f"  problem: {safe_text(prob, 160)}", err=True)
+    if not r["ready"]:
+        raise SystemExit(1)
+
+
+@main.command("init")
+@click.argument("lora", type=click.Path(dir_okay=False))
+@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15"]), default=None,
+              help="Protocol (default: from the detected architecture; refused for other or mixed LoRAs).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Case file to write (default: ./<LoRA name>.toml).")
+@click.option("--force", is_flag=True, help="Replace an existing case file.")
+def init_command(lora, preset, out, force):
+    """Write a ready case file for LORA: sha256 pinned, preset from its architecture, self-reported
+    trigger words proposed (commented), placeholders for examiner and question.
+
+    \b
+    Example:
+        carlos-audit init disputed.safetensors --out cases/disputed.toml
+    """
+    from carlos_audit.case.init import init_case
+
+    r = init_case(lora, preset=preset, out=out, force=force)
+    click.echo(f"wrote {r['casefile']} (preset {r['preset']}, {r['architecture']} LoRA, sha256 {r['sha256'][:16]}...)")
+    if r["trigger_hints"]:
+        click.echo("  SELF-REPORTED trigger words proposed (commented out): "
+                   + ", ".join(safe_text(h["text"], 30) for h in r["trigger_hints"][:5]))
+    click.echo("  fill in case.examiner and case.question, then: carlos-audit check " + r["casefile"])

@@ -105,9 +105,12 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     if not todo:
         return {"corpus": str(dest), "added": [], "already_present": skipped, "n": load_corpus(dest).n, "build": None}
     if engine == "ray":
-        from carlos_audit.engines.ray_engine import _import_ray
+        from carlos_audit.engines.ray_connect import check_cluster, resolve_address
+        from carlos_audit.engines.ray_engine import import_ray
 
-        _import_ray()  # fail before preparing anything when Ray is missing
+        import_ray()  # fail before preparing anything when Ray is missing or the cluster refuses us
+        if resolve_address(ray_address):
+            check_cluster(resolve_address(ray_address))
     threads = threads or default_threads()
     argv = ["carlos-audit", "corpus", "build", str(lora_dir), "--casefile", str(template_path), str(dest)]
     plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv)

@@ -30,6 +30,7 @@ def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, a
     from carlos_audit.case.signature import require_compatible
     from carlos_audit.corpus.search import neighbours_for_vector
     from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.validate import calibrate
 
     case_dir = Path(case_dir)
     metrics = read_json(case_dir / "metrics.json")
@@ -69,6 +70,8 @@ def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, a
     }
     path = case_dir / "comparison.json"
     merged = read_json(path) if path.is_file() else {}
+    result["corpus"]["error_rates"] = calibrate(corpus, metrics["direction"], target, merged.get("head_to_head"),
+                                                comparable=not compat["differing"])
     merged.update(result)  # keeps ``head_to_head`` written by the profile step
     write_json_atomic(path, merged)
     return result

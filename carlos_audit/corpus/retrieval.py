@@ -31,6 +31,8 @@ def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_down
     from carlos_audit.models.loading import load_embedder
     from carlos_audit.run.embed import text_features
 
+    if identity == "embedded:tiny-hf-clip":
+        return _hf_text_encoder(identity, allow_download)
     if identity == "embedded:tiny-clip":
         emb = load_embedder("embedded:tiny-clip", None)
         return lambda texts: text_features(emb, texts)
@@ -48,29 +50,18 @@ def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_down
 
 
 def _hf_text_encoder(repo: str, allow_download: bool):
-    import torch
-    from transformers import CLIPModel, CLIPTokenizer
+    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.run.embed import text_features
 
     try:
-        model = CLIPModel.from_pretrained(repo, local_files_only=not allow_download).eval()
-        tok = CLIPTokenizer.from_pretrained(repo, local_files_only=not allow_download)
-    except Exception:
+        emb = load_embedder(repo if repo.startswith("embedded:") else "hf:" + repo, None, allow_download=allow_download)
+    except AuditError:
         cache = "models--" + repo.replace("/", "--")
         raise AuditError(
             f"the corpus was profiled with {repo} (transformers CLIPModel); its text tower is not in the local "
             f"Hugging Face cache ({cache}: config.json, model weights, tokenizer files); "
             "download it there, or pass --allow-download") from None
-
-    def encode(texts):
-        out = []
-        for i in range(0, len(texts), 64):
-            batch = tok(texts[i:i + 64], padding=True, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                f = model.get_text_features(**batch)
-            out.append((f if torch.is_tensor(f) else f.pooler_output).float().numpy())
-        return np.concatenate(out)
-
-    return encode
+    return lambda texts: text_features(emb, texts)
 
 
 def query_signature(encode, prompts: list[str], query: str) -> np.ndarray:
@@ -100,10 +91,20 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
         prompts_sha256,
     )
 
+    from carlos_audit.corpus.public import public_prompt_sets
+
     sig = corpus.signature or {}
+    sets = public_prompt_sets(corpus)
+    if prompts_spec is None and sets and "retrieval" in sets:  # a fetched public corpus carries its retrieval set
+        from carlos_audit.case.protocol import prompts_from_triples
+
+        prompts = prompts_from_triples(sets["retrieval"], f"{corpus.path}:retrieval")
+        return prompts, {"source": f"{corpus.path} (retrieval set of the fetched wheel)", "n": len(prompts),
+                         "sha256": prompts_sha256(prompts)}
     if prompts_spec is None:
         if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256:
             raise AuditError("this corpus was profiled with the CARLoS indexing prompts; pass --prompts "
+                             "builtin:carlos-retrieval (after `carlos-audit corpus fetch carlos-public`) or a "
                              "carlos_prompts.json so its retrieval set is used")
         prompts_spec = "builtin:retrieval"
     if prompts_spec.endswith(".json") and Path(prompts_spec).is_file():

@@ -33,7 +33,10 @@ META_FILE = "corpus.json"
 ROWS_FILE = "rows.parquet"
 DIRECTIONS_FILE = "directions.npy"
 BUILD_CASES_DIR = "cases"
-CORPUS_FILES = (META_FILE, ROWS_FILE, DIRECTIONS_FILE)
+# known error rates, derived from the files above and recomputed when they change (validate.py)
+TABLES_FILE = "error_tables.npy"
+WHITENING_FILE = "whitening.npy"
+CORPUS_FILES = (META_FILE, ROWS_FILE, DIRECTIONS_FILE, TABLES_FILE, WHITENING_FILE)
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()),

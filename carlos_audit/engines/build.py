@@ -61,7 +61,7 @@ def shared_arm_key(case, arm, prompts) -> str:
         "base_model": {k: case.base_model.get(k) for k in ("source", "sha256", "dtype", "device")},
         "embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")},
         "base_dir": str(case.base_dir),
-        "params": {k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "batch_size")},
+        "params": {k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "batch_size", "seed_mode")},
         "arm": {"scale": arm.scale, "with_triggers": arm.with_triggers},
         "prompts_sent": [arm.prompt_for(p.text, list(case.lora["trigger_words"])) for p in prompts],
         "seeds": list(pc["seeds"]),
@@ -71,12 +71,14 @@ def shared_arm_key(case, arm, prompts) -> str:
 def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: list[str] | None = None) -> BuildPlan:
     """``cases``: [(row id, LoRA path, Case)] in sorted order. Prepares the case folders."""
     from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
+    from carlos_audit.engines.inputs import planned_inputs
     from carlos_audit.hashing import sha256_file
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.intake import prepare_case_dir
 
     plan = BuildPlan(Path(dest), [])
     argv = tuple(argv or ())
+    inputs = planned_inputs(cases[0][2]) if cases else ()  # the same template for every LoRA
     for rid, lora, case in cases:
         case_dir = plan.dest / "cases" / rid
         prepare_case_dir(case_dir, case, force=False)
@@ -88,7 +90,7 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
         batch_ids = [b[0].batch for b in batches(pairs)]
         plan.n_prompts, plan.n_seeds, plan.n_batches, plan.steps = len(prompts), len(pc["seeds"]), len(batch_ids), pc["steps"]
         common = dict(case_id=rid, case_text=case.raw_text, case_path=str(case.path), lora_path=str(lora),
-                      lora_sha256=lora_sha, allow_partial=allow_partial)
+                      lora_sha256=lora_sha, allow_partial=allow_partial, inputs=inputs)
         arms = plan_arms(case, lora_sha, [])
         shared, deps = [], []
         for arm in arms.arms.values():
@@ -120,7 +122,8 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
 
 def run_plan(plan: BuildPlan, *, engine: str = "local", ray_address: str | None = None, gpus_per_task: float = 0,
              threads: int | None = None, unit_fn=None, progress: bool = True) -> dict:
-    """Run every unit of ``plan`` on ``engine``; returns {finalize results by row id, unit results, wall_s}."""
+    """Run every unit of ``plan`` on ``engine``; returns {finalize results by row id, unit results,
+    per-node stats of this invocation, wall_s}."""
     from carlos_audit.engines.units import run_unit
 
     unit_fn = unit_fn or run_unit
@@ -128,15 +131,15 @@ def run_plan(plan: BuildPlan, *, engine: str = "local", ray_address: str | None 
     if engine == "local":
         from carlos_audit.engines.local import run_local
 
-        arm_results, fin_results = run_local(plan, threads=threads, unit_fn=unit_fn, progress=progress)
+        arm_results, fin_results, nodes = run_local(plan, threads=threads, unit_fn=unit_fn, progress=progress)
     elif engine == "ray":
         from carlos_audit.engines.ray_engine import run_ray
 
-        arm_results, fin_results = run_ray(plan, address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
+        arm_results, fin_results, nodes = run_ray(plan, address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
                                            unit_fn=unit_fn, progress=progress)
     else:
         raise AuditError(f"unknown engine {engine!r}; allowed: local, ray")
-    return {"arm_units": arm_results, "finalized": {r["case_id"]: r for r in fin_results},
+    return {"arm_units": arm_results, "finalized": {r["case_id"]: r for r in fin_results}, "nodes": nodes,
             "wall_s": time.perf_counter() - t0}
 
 
@@ -171,6 +174,7 @@ def build_record(plan: BuildPlan, run: dict, *, engine: str, threads: int, ray_a
     n_l = len(plan.rows)
     pairs = plan.n_prompts * plan.n_seeds
     executed = sum(1 for r in run["arm_units"] if r["status"] == "done")
+    nodes = run.get("nodes", {})
     return {
         "schema": BUILD_SCHEMA,
         "engine": engine, "ray_address": ray_address, "gpus_per_task": gpus_per_task, "torch_threads": threads,
@@ -187,5 +191,7 @@ def build_record(plan: BuildPlan, run: dict, *, engine: str, threads: int, ray_a
         "cost": {"counting": cost_mod.COUNTING, **costs},
         "this_invocation": {"arm_units": len(run["arm_units"]), "arm_units_executed": executed,
                             "arm_units_already_done": len(run["arm_units"]) - executed,
-                            "cases_finalized": len(run["finalized"]), "wall_s": round(run["wall_s"], 3)},
+                            "cases_finalized": len(run["finalized"]), "wall_s": round(run["wall_s"], 3),
+                            "nodes": nodes,
+                            "images_generated": sum(n["images_generated"] for n in nodes.values())},
     }

@@ -12,10 +12,11 @@ from carlos_audit.case.casefile import Case, expand_path
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
+from carlos_audit.report import REPORT_FILES
 from carlos_audit.run.store import hash_inputs
 
-CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json", "report.pdf",
-                  "report.pdf.sha256", "images", "embeddings", "units", "figures")
+CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json",
+                  "images", "embeddings", "units", "figures") + REPORT_FILES
 
 # ----------------------------------------------------------------------------- intake
 

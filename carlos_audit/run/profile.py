@@ -28,6 +28,7 @@ from carlos_audit.case.protocol import (
     load_prompts,
     prompts_sha256,
 )
+from carlos_audit.case.signature import seed_mode_signature
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file, sha256_json
@@ -140,8 +141,7 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     from carlos_audit.run.environment import capture
 
     pc = case.protocol
-    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
-                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
+    params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     env = capture(lp.device, lp.dtype, determinism)
     env_key = {k: env["packages"][k] for k in ("torch", "diffusers", "transformers", "peft")} | {"device": lp.device, "dtype": lp.dtype}
     fastpath = getattr(lp, "fastpath", None)
@@ -179,7 +179,7 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         "prompts_sha256": prompts_sha256(prompts), "seeds": list(pc["seeds"]),
         "lora_scale": case.lora["scale"], "trigger_policy": case.lora["trigger_policy"],
         "steps": pc["steps"], "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
-        "scheduler": params.scheduler,
+        "scheduler": params.scheduler, "seed_mode": seed_mode_signature(pc["seed_mode"], pc["batch_size"]),
     }
     corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
@@ -187,6 +187,9 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         from carlos_audit.corpus.placement import check_corpus_signature
 
         check_corpus_signature(corpus_path, signature, allow_incompatible)
+        from carlos_audit.analysis.replication import check_replicate_id
+
+        check_replicate_id(corpus_path, case.reference["replicate_id"])
     pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
     lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
     comparisons = load_comparisons(lp.pipe, paths, inputs, allow_partial, allow_unsafe_pickle)
@@ -206,6 +209,9 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
 
         compare_with_corpus(out, corpus_path, top_k=case.reference["top_k"], allow_incompatible=allow_incompatible,
                             signature=signature, lora_sha256=lora_sha)
+        from carlos_audit.analysis.replication import write_replication
+
+        write_replication(case, store, plan, pairs, out, corpus_path, lora_sha)
 
     end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
     custody = []
