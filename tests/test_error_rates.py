@@ -221,7 +221,8 @@ def test_interval_warning_for_few_prompts():
     from carlos_audit.analysis.coverage import MIN_PROMPTS_NOMINAL, interval_warning
 
     assert interval_warning({"n_prompts": MIN_PROMPTS_NOMINAL}) is None
-    assert f"{MIN_PROMPTS_NOMINAL} or more prompts" in interval_warning({"n_prompts": 8})
+    assert "from 8 prompts covered the true strength in only 76% to 91%" in interval_warning({"n_prompts": 8})
+    assert "from 20 prompts" in interval_warning({"n_prompts": 55})
 
 
 # ------------------------------------------------------------------ weight-space reading
