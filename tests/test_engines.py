@@ -85,12 +85,24 @@ def local_build(inputs, carlos_home):
 
 @pytest.fixture(scope="module")
 def ray_cluster(carlos_home, pinned_clock):
+    """Ray started in this process, on loopback only (see ray_cluster.py), its own temp dir."""
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"CARLOS_AUDIT_HOME": str(carlos_home), "OMP_WAIT_POLICY": "PASSIVE",
-                                       "SOURCE_DATE_EPOCH": SDE}})
-    yield ray
-    ray.shutdown()
+    from ray_cluster import loopback_env, ray_sockets, short_tmp
+
+    tmp = short_tmp()
+    with loopback_env(tmp):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1", _temp_dir=str(tmp / "ray"),
+                 runtime_env={"env_vars": {"CARLOS_AUDIT_HOME": str(carlos_home), "OMP_WAIT_POLICY": "PASSIVE",
+                                           "SOURCE_DATE_EPOCH": SDE}})
+        try:
+            yield ray
+            socks = ray_sockets(tmp)
+            assert socks["listening"], "no Ray sockets found: the check would prove nothing"
+            assert socks["non_loopback"] == [], socks["non_loopback"]
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_build_generates_L_plus_1_times_P_times_S_images_counted_by_hooks(local_build):
@@ -135,11 +147,11 @@ def test_interrupted_local_build_resumes_to_the_same_bytes(local_build, inputs, 
     shutil.rmtree(dest, ignore_errors=True)
     calls = []
 
-    def stop_after_six(unit, threads=None):
+    def stop_after_six(unit, threads=None, *case_files):
         if len(calls) == 6:
             raise KeyboardInterrupt
         calls.append(unit.key)
-        return run_unit(unit, threads)
+        return run_unit(unit, threads, *case_files)
 
     with pytest.raises(KeyboardInterrupt):
         build_corpus(loras, template, dest, threads=1, progress=False, _unit_fn=stop_after_six)
@@ -168,27 +180,20 @@ def test_killed_ray_worker_is_retried_and_the_corpus_is_unchanged(local_build, i
     marker, retried = tmp_path / "killed-once", tmp_path / "retried"
     victim = "target/lora/b00001"
 
-    def die_mid_unit_once(unit, threads=None):
+    def die_mid_unit_once(unit, threads=None, *case_files):
         # defined here so Ray ships it by value; kills the worker process (os._exit) after the
-        # unit's images and embeddings are written and before its record: a half-written unit
+        # unit's images and embeddings are computed and before its result reaches the driver
         import os as _os
 
-        import carlos_audit.run.store as store
         from carlos_audit.engines.units import run_unit
 
+        result = run_unit(unit, threads, *case_files)
         if unit.key == victim and marker.exists():
             retried.write_text(str(_os.getpid()))
         if unit.key == victim and not marker.exists():
             marker.write_text(str(_os.getpid()))
-            real = store.write_json_atomic
-
-            def write(path, obj):
-                if "units" in str(path):
-                    _os._exit(1)
-                return real(path, obj)
-
-            store.write_json_atomic = write
-        return run_unit(unit, threads)
+            _os._exit(1)
+        return result
 
     result, dest = _build(inputs, carlos_home, "ray-killed", engine="ray", _unit_fn=die_mid_unit_once)
     killed_pid, retry_pid = int(marker.read_text()), int(retried.read_text())

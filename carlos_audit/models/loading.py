@@ -80,6 +80,7 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
         path = ensure_tiny_sd()
         pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
         identity, digest = source, tree_sha256(path)
+        path = f"$CARLOS_AUDIT_HOME/models/{path.name}"  # built from code on each machine: no machine path recorded
     else:
         p = Path(source)
         if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
