@@ -153,20 +153,15 @@ def _device_item(case) -> dict:
 
 
 def expected_signature(case, prompts, base_identity: str, embedder_identity: str) -> dict:
-    """The signature ``run`` will record, as far as it is known without loading weights (model
-    hashes and the pipeline's default scheduler are then null: unverifiable, not differing)."""
-    from carlos_audit.case.protocol import prompts_sha256
-    from carlos_audit.case.signature import seed_mode_signature
+    """The signature ``run`` will record (case/signature.case_signature), as far as it is known
+    without loading weights: model hashes only when the case pins them, the scheduler only when the
+    case names it; otherwise null (unverifiable, not differing). Without prompts, no prompt hash."""
+    from carlos_audit.case.signature import case_signature
 
-    pc = case.protocol
-    return {
-        "base_model": base_identity, "base_model_sha256": case.base_model.get("sha256"),
-        "embedder": embedder_identity, "embedder_sha256": case.embedder.get("sha256"), "feature": "raw_image_features",
-        "prompts_sha256": prompts_sha256(prompts) if prompts else None, "seeds": list(pc["seeds"]),
-        "lora_scale": case.lora["scale"], "trigger_policy": case.lora["trigger_policy"], "steps": pc["steps"],
-        "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
-        "scheduler": pc["scheduler"] or None, "seed_mode": seed_mode_signature(pc["seed_mode"], pc["batch_size"]),
-    }
+    sig = case_signature(case, prompts or [], base_model=base_identity, base_model_sha256=case.base_model.get("sha256"),
+                         embedder=embedder_identity, embedder_sha256=case.embedder.get("sha256"),
+                         scheduler=case.protocol["scheduler"] or None)
+    return sig if prompts else dict(sig, prompts_sha256=None)
 
 
 def _corpus_section(case, signature: dict) -> dict | None:
