@@ -199,7 +199,7 @@ def test_cli_neighbours_json_shape(carlos_corpus):
         assert entry["consistency_percentile"] is None or isinstance(entry["consistency_percentile"], float)
         assert len(entry["neighbours"]) == 3
         for n in entry["neighbours"]:
-            assert set(n) == {"id", "name", "similarity", "strength", "consistency"}
+            assert set(n) == {"id", "name", "similarity", "strength", "consistency", "false_match", "whitened"}
             assert isinstance(n["id"], str) and isinstance(n["name"], str)
             assert isinstance(n["similarity"], float) and isinstance(n["strength"], float)
     assert obj == neighbours(carlos_corpus, [a, b], top_k=3)
