@@ -33,6 +33,7 @@ from carlos_audit.corpus.search import (
     stats,
 )
 from carlos_audit.corpus.store import Corpus
+from carlos_audit.corpus.validate import calibrated_neighbours
 from carlos_audit.corpus.write import create_corpus, create_empty
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
@@ -200,10 +201,13 @@ def test_cli_neighbours_json_shape(carlos_corpus):
         assert entry["consistency_percentile"] is None or isinstance(entry["consistency_percentile"], float)
         assert len(entry["neighbours"]) == 3
         for n in entry["neighbours"]:
-            assert set(n) == {"id", "name", "similarity", "strength", "consistency"}
+            assert set(n) == {"id", "name", "similarity", "strength", "consistency", "false_match", "whitened"}
             assert isinstance(n["id"], str) and isinstance(n["name"], str)
             assert isinstance(n["similarity"], float) and isinstance(n["strength"], float)
-    assert obj == neighbours(carlos_corpus, [a, b], top_k=3)
+    assert obj == calibrated_neighbours(carlos_corpus, [a, b], top_k=3)
+    plain = neighbours(carlos_corpus, [a, b], top_k=3)  # the search itself is unchanged by the calibration
+    assert [[{k: n[k] for k in plain[a]["neighbours"][0]} for n in obj[x]["neighbours"]] for x in (a, b)] == \
+        [plain[x]["neighbours"] for x in (a, b)]
 
 
 def test_cli_unknown_id_is_one_line_error(carlos_corpus):

@@ -206,11 +206,9 @@ def test_interval_coverage_stays_in_band_on_a_small_configuration():
     the tool's 95% intervals (150 replicates, 400 resamples) stays within [0.88, 0.995]. The
     interval that counted pairs of copies of one prompt covered the consistency in 4-74% of such
     cases (docs/VALIDATION.md)."""
-    from carlos_audit.analysis.coverage import Shape, coverage
+    from carlos_audit.analysis.coverage import Generator, Shape, coverage
 
     shape = Shape("test", effect=0.15, prompt_share=0.4, dof=None, lowrank=0, dim=64)
-    from carlos_audit.analysis.coverage import Generator
-
     parts = Generator(shape).truth_parts(draws=40_000)
     r = coverage(shape, 20, 4, 150, n_resamples=400, parts=parts)
     for key in ("strength", "consistency"):

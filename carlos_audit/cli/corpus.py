@@ -92,15 +92,11 @@ def corpus_neighbours(corpus_path, lora_ids, top_k, as_json):
     Example:
         carlos-audit corpus neighbours corpora/carlos --lora-id 128461 --lora-id 135867 --top-k 5 --json
     """
-    from carlos_audit.corpus.search import neighbours
     from carlos_audit.corpus.store import Corpus
-    from carlos_audit.corpus.validate import calibrate_neighbours, corpus_validation
+    from carlos_audit.corpus.validate import BASIS_ALL, calibrated_neighbours
 
     c = Corpus.open(corpus_path)
-    result = neighbours(c, list(lora_ids), top_k=top_k)
-    v = corpus_validation(c)
-    for rid, r in result.items():
-        calibrate_neighbours(v, c, c.directions[c.index_of(rid)], r["neighbours"])
+    result = calibrated_neighbours(c, list(lora_ids), top_k=top_k)
     if as_json:
         print_json(result)
         return
@@ -114,7 +110,8 @@ def corpus_neighbours(corpus_path, lora_ids, top_k, as_json):
             share = (nb["false_match"] or {}).get("unrelated_share")
             click.echo(f"  {i:>4}  {nb['similarity']:>10.4f}  {'—' if share is None else f'{100 * share:.3g}%':>11}  "
                        f"{safe_text(nb['id'], 12):<12}  {nb['strength']:>8.3f}  {fmt(nb['consistency']):>8}  {safe_text(nb['name'])}")
-        click.echo(f"  unrelated>=: share of unrelated corpus pairs ({v.record['basis']}) at or above that similarity")
+        basis = next((nb["false_match"]["basis"] for nb in r["neighbours"] if nb["false_match"]), BASIS_ALL)
+        click.echo(f"  unrelated>=: share of unrelated corpus pairs ({basis}) at or above that similarity")
         click.echo("")
 
 

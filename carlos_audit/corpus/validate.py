@@ -388,6 +388,18 @@ def calibrate_neighbours(v: Validation, corpus: Corpus, direction, neighbours: l
         nb["whitened"] = {"similarity": w, "false_match": v.false_match("whitened", w)}
 
 
+def calibrated_neighbours(corpus, ids, top_k: int = 10) -> dict:
+    """``search.neighbours`` with each neighbour's false-match rate and whitened similarity."""
+    from carlos_audit.corpus.search import neighbours
+
+    c = as_corpus(corpus)
+    result = neighbours(c, ids, top_k=top_k)
+    v = corpus_validation(c)
+    for rid, r in result.items():
+        calibrate_neighbours(v, c, c.directions[c.index_of(rid)], r["neighbours"])
+    return result
+
+
 def calibrate_head_to_head(v: Validation, head_to_head: list, comparable: bool) -> None:
     """Give each head-to-head direction cosine (and its CI bounds) the corpus's false-match rate.
     ``comparable`` is False when the corpus was profiled under another protocol (then the rate
