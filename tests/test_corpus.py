@@ -384,8 +384,8 @@ def test_corpus_percentiles_follow_the_definition(tmp_path):
         for name in ("strength", "consistency"):
             vals = getattr(c, name)
             v = None if np.isnan(vals[i]) else vals[i]
-            assert c._percentile(name, v, i) == percentile_rank(vals, v, exclude_index=i)
-            assert c._percentile(name, 3.0, None) == percentile_rank(vals, 3.0)
+            assert c.percentile(name, v, i) == percentile_rank(vals, v, exclude_index=i)
+            assert c.percentile(name, 3.0, None) == percentile_rank(vals, 3.0)
 
 
 def test_create_corpus_refuses_lossy_float32(tmp_path):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from carlos_audit.analysis.indicators import percentile_ci, prompt_resamples
-from carlos_audit.analysis.metrics import consistency, strength
+from carlos_audit.analysis.indicators import prompt_resamples
+from carlos_audit.analysis.metrics import consistency, percentile_ci, strength
 
 N_TRIPTYCHS = 3
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMA = "carlos-audit/metrics/1"
 CI_METHOD = ("cluster bootstrap over prompts, percentile interval; consistency resampled with the protocol's "
              "mix of same-prompt and different-prompt pairs, no pair of copies of one prompt")
 
@@ -106,9 +105,9 @@ def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) ->
         W[r] = np.bincount(picks[r], minlength=g)
     n = W @ cnt
     strengths = (W @ nsum) / n
-    out = {"strength": _interval(strengths)}
+    out = {"strength": percentile_ci(strengths)}
     if (norms > 0).any() and d.shape[0] >= 2:
-        out["consistency"] = _interval(_resampled_consistency(W, S, cnt, nz))
+        out["consistency"] = percentile_ci(_resampled_consistency(W, S, cnt, nz))
     else:
         out["consistency"] = None
     return out
@@ -143,13 +142,18 @@ def _resampled_consistency(W: np.ndarray, S: np.ndarray, cnt: np.ndarray, nz: np
     return (n_w * c_w + n_b * c_b) / (n_w + n_b)
 
 
-def _interval(x: np.ndarray) -> list[float]:
-    lo, hi = np.percentile(x, [2.5, 97.5])
+def percentile_ci(values) -> list[float] | None:
+    """The 95% percentile interval [2.5th, 97.5th percentile] of the finite values; None when
+    there are none. The one CI helper of the metrics and the indicators."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return None
+    lo, hi = np.percentile(v, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 
 def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_resamples: int = 1000,
-                    seed: int = 0, extra: dict | None = None) -> dict:
+                    seed: int = 0) -> dict:
     """Metrics for one LoRA from stored features. ``pairs`` rows carry pair_id, prompt_id,
     category and seed, in the same order as the feature rows."""
     d = diffs(lora, base)
@@ -173,7 +177,6 @@ def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_
         idx = prompts == pid
         per_prompt[pid] = {"strength": float(norms[idx].mean()), "consistency": consistency(d[idx])}
     result = {
-        "schema": SCHEMA,
         "n_pairs": int(d.shape[0]),
         "n_prompts": int(len(set(prompts.tolist()))),
         "n_seeds": int(len({p["seed"] for p in pairs})),
@@ -198,6 +201,4 @@ def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_
             for i, p in enumerate(pairs)
         ],
     }
-    if extra:
-        result.update(extra)
     return result

@@ -10,7 +10,7 @@ and direction are set against the measured ones and the case's 95% intervals.
   cone when that cosine is at least the 2.5th percentile of the cosines between the resampled
   and the measured direction.
 
-Written as ``replication`` in comparison.json; the report draws it as a table
+The ``replication`` part of comparison.json (analysis/case_analysis); the report draws it as a table
 (``templates/sections/replication.html.j2``).
 """
 
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json, write_json_atomic
 
 
 def find_row(corpus, lora_sha256: str, replicate_id: str | None) -> tuple[int, str] | None:
@@ -54,7 +53,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 def replication_table(d: np.ndarray, prompt_ids: list[str], metrics: dict, published: dict,
                       n_resamples: int, seed: int) -> dict:
     """Published vs measured, from the case's per-pair diffs ``d`` (pairs x dim)."""
-    from carlos_audit.analysis.indicators import percentile_ci, prompt_resamples
+    from carlos_audit.analysis.indicators import prompt_resamples
+    from carlos_audit.analysis.metrics import percentile_ci
     from carlos_audit.analysis.metrics import direction
 
     measured_dir = np.asarray(metrics["direction"], dtype=np.float64)
@@ -75,13 +75,14 @@ def replication_table(d: np.ndarray, prompt_ids: list[str], metrics: dict, publi
     return {"rows": rows, "n_resamples": n_resamples, "seed": seed}
 
 
-def write_replication(case, store, plan, pairs, out: Path, corpus_path: Path, lora_sha256: str) -> dict | None:
-    """Add ``replication`` to comparison.json when the case's LoRA is a row of its corpus."""
+def replication(store, manifest, metrics, corpus_path: Path, replicate_id: str | None) -> dict | None:
+    """comparison.json ``replication`` when the case's LoRA is a row of its corpus (None otherwise),
+    from the stored features (``store``), the case's records.Manifest and records.Metrics."""
     from carlos_audit.analysis.metrics import diffs
     from carlos_audit.corpus.store import load_corpus
 
     corpus = load_corpus(corpus_path)
-    hit = find_row(corpus, lora_sha256, case.reference.get("replicate_id"))
+    hit = find_row(corpus, manifest.lora["sha256"], replicate_id)
     if hit is None:
         return None
     i, how = hit
@@ -89,18 +90,13 @@ def write_replication(case, store, plan, pairs, out: Path, corpus_path: Path, lo
     cons = row["consistency"]
     published = {"strength": float(row["strength"]), "direction": np.asarray(corpus.directions[i], dtype=np.float64),
                  "consistency": None if cons is None or np.isnan(cons) else float(cons)}
-    ids = [p.id for p in pairs]
-    b, lo = plan.profiles["main"]
+    ids = [r["pair_id"] for r in manifest.pairs]
+    b, lo = manifest.protocol["profiles"]["main"]
     d = diffs(store.features(lo, ids), store.features(b, ids))
-    pc = case.protocol
-    table = replication_table(d, [p.prompt.id for p in pairs], read_json(out / "metrics.json"), published,
-                              pc["bootstrap_resamples"], pc["bootstrap_seed"])
-    result = {"row_id": corpus.ids[i], "name": row["name"], "matched_by": how, **table}
-    path = out / "comparison.json"
-    merged = read_json(path) if path.is_file() else {}
-    merged["replication"] = result
-    write_json_atomic(path, merged)
-    return result
+    p = manifest.protocol
+    table = replication_table(d, [r["prompt_id"] for r in manifest.pairs], metrics.to_json(), published,
+                              p["bootstrap_resamples"], p["bootstrap_seed"])
+    return {"row_id": corpus.ids[i], "name": row["name"], "matched_by": how, **table}
 
 
 def replication_context(comparison: dict | None) -> dict | None:

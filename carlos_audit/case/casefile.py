@@ -345,3 +345,68 @@ def output_dir(case: Case, out: str | None = None, reports_root: Path | None = N
     if real == root_real:
         raise AuditError(f"{case.path}: output.dir must name a folder inside reports/, not reports/ itself")
     return real
+
+
+# ----------------------------------------------------------------------------- derived case files
+
+
+def dump_case(data: dict) -> str:
+    """A small TOML writer for case files (tables of scalars, lists and inline seed tables)."""
+    import json
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        raise TypeError(type(v))
+
+    out = []
+    for section, table in data.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {val(v)}" for k, v in table.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def absolute_paths(case: Case) -> dict:
+    """The case file's tables with every relative input path made absolute against the case
+    file's folder, so that the text means the same case wherever it is stored."""
+    data = tomllib.loads(case.raw_text)
+
+    def rebase(table: str, key: str, only_existing: bool = False):
+        v = data.get(table, {}).get(key)
+        if isinstance(v, str) and "${" not in v and not v.startswith("builtin:"):
+            p = expand_path(v, case.base_dir)
+            if not only_existing or p.exists():
+                data[table][key] = str(p)
+
+    rebase("lora", "path")
+    rebase("protocol", "prompts")
+    rebase("reference", "corpus")
+    rebase("base_model", "source", only_existing=True)  # "hf:...", "embedded:..." are not paths
+    rebase("embedder", "pretrained", only_existing=True)
+    if "comparison" in data:
+        data["comparison"]["loras"] = [v if "${" in v else str(expand_path(v, case.base_dir))
+                                       for v in data["comparison"].get("loras", [])]
+    return data
+
+
+def derive_case(data: dict, folder: Path) -> Case:
+    """A case from tables built by the tool (absolute paths), stored content-addressed in
+    ``folder`` (never beside the user's case file; the same tables give the same file)."""
+    from carlos_audit.fileio import write_text_atomic
+    from carlos_audit.hashing import sha256_bytes
+
+    text = dump_case(data)
+    path = Path(folder) / f"{sha256_bytes(text.encode('utf-8'))[:24]}.toml"
+    case = parse_case(text, path)
+    if not path.is_file():
+        write_text_atomic(path, text)
+    return case

@@ -183,10 +183,3 @@ def batches(pairs: list[Pair]) -> list[list[Pair]]:
     for pr in pairs:
         out.setdefault(pr.batch, []).append(pr)
     return [out[k] for k in sorted(out)]
-
-
-def categories(prompts: list[Prompt]) -> list[str]:
-    seen: dict[str, None] = {}
-    for p in prompts:
-        seen.setdefault(p.category, None)
-    return list(seen)

@@ -14,14 +14,12 @@ from carlos_audit.cli.common import (
 )
 
 
-def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
+def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
     from carlos_audit.analysis.coverage import interval_warning
-    from carlos_audit.case.casefile import load_case, output_dir
+    from carlos_audit.case.casefile import output_dir
+    from carlos_audit.case.check import require_filled
     from carlos_audit.pipeline import run_full
 
-    from carlos_audit.case.check import require_filled
-
-    case = load_case(casefile)
     require_filled(case)
     target = output_dir(case, out)
     quiet_libraries()
@@ -39,7 +37,7 @@ def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
     warning = interval_warning(m)
     if warning:
         click.echo("Warning: " + warning, err=True)
-    for h in _head_to_head(result["out"]):
+    for h in (result["comparison"] or {}).get("head_to_head", []):
         b, w = h["behaviour"], h["weights"]
         ci = b["direction_cosine_ci"] or [None, None]
         click.echo(f"  vs {safe_text(h['lora']['file_name'])}: behaviour direction cosine {fmt(b['direction_cosine'])} "
@@ -54,15 +52,6 @@ def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
         click.echo(f"  wrote {extra}")
 
 
-def _head_to_head(case_dir) -> list:
-    from pathlib import Path
-
-    from carlos_audit.fileio import read_json
-
-    p = Path(case_dir) / "comparison.json"
-    return read_json(p).get("head_to_head", []) if p.is_file() else []
-
-
 @main.command()
 @click.argument("casefile", type=click.Path(dir_okay=False))
 @run_options
@@ -74,10 +63,19 @@ def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download
         carlos-audit run casefiles/demo.toml
         carlos-audit run my_case.toml --out /evidence/case-17
     """
+    from carlos_audit.case.casefile import load_case
+
+    argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)
+    _run(load_case(casefile), out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
+         allow_incompatible, argv)
+
+
+def _argv(command: str, casefile: str, extra: list[str], out, allow_partial, allow_incompatible,
+          allow_unsafe_pickle) -> list[str]:
+    """The command line recorded in the manifest: one that reproduces the run."""
     flags = [f for f, on in (("--allow-partial", allow_partial), ("--allow-incompatible", allow_incompatible),
                               ("--allow-unsafe-pickle", allow_unsafe_pickle)) if on]
-    argv = ["carlos-audit", "run", casefile] + (["--out", out] if out else []) + flags
-    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+    return ["carlos-audit", command, casefile] + extra + (["--out", out] if out else []) + flags
 
 
 @main.command()
@@ -96,32 +94,32 @@ def compare(casefile, with_loras, out, force, allow_partial, allow_unsafe_pickle
         carlos-audit compare casefiles/demo.toml
         carlos-audit compare my_case.toml --with suspect_copy.safetensors
     """
-    casefile = _with_comparisons(casefile, with_loras) if with_loras else casefile
-    argv = ["carlos-audit", "compare", casefile] + [a for p in with_loras for a in ("--with", p)]
-    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+    from carlos_audit.case.casefile import load_case
+
+    case = load_case(casefile)
+    if with_loras:
+        case = _with_comparisons(case, with_loras)
+    argv = _argv("compare", casefile, [a for p in with_loras for a in ("--with", p)], out, allow_partial,
+                 allow_incompatible, allow_unsafe_pickle)
+    _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
 
 
-def _with_comparisons(casefile: str, loras) -> str:
-    """A copy of the case file beside it with the extra comparison LoRAs (the original is never modified)."""
+def _with_comparisons(case, loras):
+    """The case with extra comparison LoRAs: a derived case file (absolute paths) stored in the
+    tool's home, content-addressed; the user's case file and its folder are never written."""
     from pathlib import Path
 
-    import tomllib
-
-    from carlos_audit.corpus.build import dump_toml
+    from carlos_audit.case.casefile import absolute_paths, derive_case
     from carlos_audit.errors import AuditError
+    from carlos_audit.models.tiny import carlos_home
 
-    src = Path(casefile)
-    if not src.is_file():
-        raise AuditError(f"case file not found: {src}")
-    try:
-        data = tomllib.loads(src.read_text("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise AuditError(f"{src}: malformed TOML: {e}") from None
+    for p in loras:
+        if not Path(p).is_file():
+            raise AuditError(f"comparison LoRA {p} does not exist or is not a file")
+    data = absolute_paths(case)
     data.setdefault("comparison", {}).setdefault("loras", [])
     data["comparison"]["loras"] += [str(Path(p).resolve()) for p in loras]
-    dst = src.with_name(src.stem + ".compare.toml")
-    dst.write_text(dump_toml(data))
-    return str(dst)
+    return derive_case(data, carlos_home() / "derived-cases")
 
 
 @main.command()
@@ -135,17 +133,16 @@ def demo(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
     Example:
         carlos-audit demo
     """
-    from pathlib import Path
-
-    from carlos_audit.demo import prepare_demo
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.demo import DEMO_CASEFILE, prepare_demo
 
     quiet_libraries()
-    default = Path(__file__).resolve().parents[2] / "casefiles" / "demo.toml"
-    casefile = casefile or str(default)
+    casefile = casefile or str(DEMO_CASEFILE)
     info = prepare_demo(progress=not no_progress)
     click.echo(f"demo models, LoRAs and reference corpus ready in {info['home']}")
-    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible,
-         ["carlos-audit", "run", casefile])
+    argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)
+    _run(load_case(casefile), out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
+         allow_incompatible, argv)
 
 
 

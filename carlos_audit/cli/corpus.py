@@ -6,6 +6,7 @@ import json
 
 import click
 
+from carlos_audit.case.signature import PRESETS
 from carlos_audit.cli.common import fmt, main, print_json, quiet_libraries, safe_text
 
 
@@ -23,7 +24,7 @@ def corpus():
 @corpus.command("import")
 @click.argument("src", type=click.Path(dir_okay=False))
 @click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["carlos-sdxl-vitb32", "none"]), default="carlos-sdxl-vitb32",
+@click.option("--preset", type=click.Choice([*PRESETS, "none"]), default="carlos-sdxl-vitb32",
               show_default=True, help="Signature of the protocol the rows were profiled with ('none': unknown).")
 @click.option("--name", default=None, help="Corpus name (default: the source file's stem).")
 @click.option("--overwrite", is_flag=True, help="Replace a corpus already in DEST.")
@@ -248,7 +249,9 @@ def corpus_add(corpus_path, case_dir, row_id, name, allow_incompatible):
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where the work units run: this process, or Ray tasks (pip install .[ray]). Same bytes either way.")
-@click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
+@click.option("--ray-address", default=None,
+              help="host:port of a cluster started with `ray start --head` (or RAY_ADDRESS); default: start Ray here. "
+                   "See docs/SCALE.md.")
 @click.option("--gpus-per-task", type=click.FloatRange(min=0), default=0, show_default=True,
               help="GPUs each Ray task reserves (0.5: two workers share a GPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -263,6 +266,7 @@ def corpus_build(lora_dir, dest, template, name, no_progress, engine, ray_addres
     Example:
         carlos-audit corpus build loras/ --casefile casefiles/demo.toml corpora/mine
         carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --gpus-per-task 1
+        carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --ray-address 10.0.0.5:6379
     """
     from carlos_audit.corpus.build import build_corpus
 

@@ -64,12 +64,6 @@ def _hf_text_encoder(repo: str, allow_download: bool):
     return lambda texts: text_features(emb, texts)
 
 
-def query_signature(encode, prompts: list[str], query: str) -> np.ndarray:
-    with_q = encode([f"{p} {query}" for p in prompts]).astype(np.float64)
-    plain = encode(prompts).astype(np.float64)
-    return (with_q - plain).mean(axis=0)
-
-
 def default_filters(corpus) -> dict:
     from carlos_audit.case.protocol import CARLOS_INDEXING_SHA256
 
@@ -120,6 +114,8 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
 def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | None = None,
              min_consistency: float | None = None, prompts: str | None = None,
              embedder_checkpoint: str | None = None, allow_download: bool = False) -> dict:
+    from carlos_audit.analysis.indicators import text_signature
+    from carlos_audit.corpus.search import nearest
     from carlos_audit.corpus.store import load_corpus
 
     if not query.strip():
@@ -135,26 +131,22 @@ def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | 
     if not identity:
         raise AuditError(f"corpus {corpus_path} does not record its embedder; text retrieval needs it")
     encode = text_encoder_for(identity, checkpoint=embedder_checkpoint, allow_download=allow_download)
-    sig = query_signature(encode, [p.text for p in prompt_list], query)
-    d = np.asarray(corpus.directions, dtype=np.float64)
-    if d.shape[1] != sig.size:
-        raise AuditError(f"the text features have {sig.size} dimensions but the corpus directions {d.shape[1]}")
-    norms = np.linalg.norm(d, axis=1) * (np.linalg.norm(sig) or 1.0)
-    scores = np.divide(d @ sig, norms, out=np.zeros(len(d)), where=norms > 0)
+    sig = text_signature(encode, [p.text for p in prompt_list], query)
+    if corpus.dim != sig.size:
+        raise AuditError(f"the text features have {sig.size} dimensions but the corpus directions {corpus.dim}")
     s = np.asarray(corpus.strength, dtype=float)
     c = np.asarray(corpus.consistency, dtype=float)
-    keep = np.ones(len(d), dtype=bool)
+    keep = np.ones(corpus.n, dtype=bool)
     if filters["max_strength"] is not None:
         keep &= s <= filters["max_strength"]
     if filters["min_consistency"] is not None:
         keep &= np.nan_to_num(c, nan=-np.inf) >= filters["min_consistency"]
-    idx = np.flatnonzero(keep)
+    best = nearest(corpus, sig, top_k=top_k, keep=keep)[0]  # exact float64 cosine, ties by id
     ids = corpus.ids
-    order = sorted(idx, key=lambda i: (-scores[i], ids[i]))[:top_k]
     names = corpus.column("name").to_pylist()
     return {
         "query": query, "corpus": str(corpus_path), "embedder": identity, "filters": filters,
         "prompts": prompt_info, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
-        "results": [{"id": ids[i], "name": names[i], "score": float(scores[i]), "strength": float(s[i]),
-                     "consistency": None if np.isnan(c[i]) else float(c[i])} for i in order],
+        "results": [{"id": ids[i], "name": names[i], "score": score, "strength": float(s[i]),
+                     "consistency": None if np.isnan(c[i]) else float(c[i])} for i, score in best],
     }

@@ -9,17 +9,20 @@ from __future__ import annotations
 import importlib.metadata as md
 import re
 
+from carlos_audit.case.signature import BIT_ENVIRONMENT_FIELDS, BIT_PACKAGES
+
 #: the run-time environment fields (manifest ``environment``) compared besides the packages
 RUN_FIELDS = ("python", "machine", "platform", "device", "dtype", "torch_threads", "cuda", "gpu", "fastpath")
-#: fields whose difference can change generated images (the others are recorded for the reader)
-NUMERIC_FIELDS = ("python", "machine", "device", "dtype", "torch_threads", "cuda", "gpu", "fastpath")
-#: distributions whose version can change generated images or features
-NUMERIC_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "peft", "open-clip-torch", "safetensors",
-                    "numpy", "pillow", "scipy", "accelerate", "tokenizers")
 
 
 def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+#: fields and distributions whose difference can change generated images or features: the ones
+#: of the reproducibility key (case/signature.py), the one definition of "same numbers"
+NUMERIC_FIELDS = tuple(f for f in BIT_ENVIRONMENT_FIELDS if f != "packages")
+NUMERIC_PACKAGES = tuple(normalise(p) for p in BIT_PACKAGES)
 
 
 def installed_distributions() -> dict[str, str]:

@@ -204,7 +204,7 @@ def _kit_case_toml(case_dir: Path, manifest: dict, inputs: list[dict]) -> str:
     """The case file as run, its paths pointing into the kit and the input hashes pinned."""
     import tomllib
 
-    from carlos_audit.corpus.build import dump_toml
+    from carlos_audit.case.casefile import dump_case
 
     data = tomllib.loads((case_dir / "case.toml").read_text("utf-8"))
     by_role = {i["role"]: i for i in inputs}
@@ -228,7 +228,7 @@ def _kit_case_toml(case_dir: Path, manifest: dict, inputs: list[dict]) -> str:
     data.pop("output", None)
     head = ("# The case file as run, with its paths relative to this kit (inputs/<role>/<name>) and the\n"
             "# input hashes pinned. Original case file: see kit.json (\"originals\", results/manifest.json).\n\n")
-    return head + dump_toml(data)
+    return head + dump_case(data)
 
 
 def _result_files(manifest: dict, images: bool) -> list[str]:

@@ -163,7 +163,7 @@ def _case_text(kit_dir: Path, kit: dict, given: dict[str, Path], base: str | Non
     """The kit's case file with its paths pointing at the inputs on this machine."""
     import tomllib
 
-    from carlos_audit.corpus.build import dump_toml
+    from carlos_audit.case.casefile import dump_case
 
     data = tomllib.loads((kit_dir / "case.toml").read_text("utf-8"))
     data["lora"]["path"] = str(given["lora"])
@@ -180,7 +180,7 @@ def _case_text(kit_dir: Path, kit: dict, given: dict[str, Path], base: str | Non
     else:
         data.pop("comparison", None)
     data.pop("reference", None)  # the corpus placement is recomputed from stored numbers (compare.py)
-    return dump_toml(data)
+    return dump_case(data)
 
 
 def _prepare_out(out: Path, force: bool) -> None:

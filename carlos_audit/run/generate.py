@@ -35,7 +35,7 @@ class GenerationParams:
 
 
 #: Counts of work actually done, by kind; tests and the bench read them (hooks, not estimates).
-COUNTERS = {"generate_calls": 0, "images_generated": 0}
+COUNTERS = {"images_generated": 0}
 
 
 def set_adapter_state(pipe, adapter: str | None, scale: float = 1.0) -> None:
@@ -69,7 +69,6 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], params: Generatio
             height=params.height,
             output_type="pil",
         )
-    COUNTERS["generate_calls"] += 1
     COUNTERS["images_generated"] += len(prompts)
     return [im.convert("RGB") for im in out.images]
 

@@ -13,6 +13,7 @@ from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.report import REPORT_FILES
+from carlos_audit.run.lock import LOCK_NAME
 from carlos_audit.run.store import hash_inputs
 
 CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json",
@@ -83,7 +84,7 @@ def prepare_case_dir(out: Path, case: Case, force: bool) -> None:
     run = out / "run.json"
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         same = run.is_file() and read_json(run).get("casefile_sha256") == casefile_sha
         if not same:
             if not force:
@@ -100,7 +101,7 @@ def prepare_case_dir(out: Path, case: Case, force: bool) -> None:
 def clear_artifacts(out: Path, artifacts) -> None:
     """Remove what carlos-audit wrote in ``out`` (the names in ``artifacts``), for --force;
     a folder holding anything else is refused untouched."""
-    foreign = [p.name for p in out.iterdir() if p.name not in artifacts]
+    foreign = [p.name for p in out.iterdir() if p.name not in artifacts and p.name != LOCK_NAME]
     if foreign:
         raise AuditError(f"output folder {out} holds files carlos-audit did not write ({', '.join(sorted(foreign)[:5])}); refusing even with --force")
     for name in artifacts:
