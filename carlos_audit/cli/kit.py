@@ -87,7 +87,8 @@ def reproduce(kit, lora, base, embedder, comparison, corpus, sample, all_pairs, 
         for key in ("strength", "consistency"):
             e = m[key]
             click.echo(f"  {key:<11} original {fmt(e['original'])}, reproduction {fmt(e['reproduction'])}, "
-                       f"each inside the other's 95% CI: {e['original_in_reproduction_ci']}/{e['reproduction_in_original_ci']}")
+                       f"close {e['numerically_close']}, each inside the other's 95% CI: "
+                       f"{e['original_in_reproduction_ci']}/{e['reproduction_in_original_ci']}")
         c = r["conclusions"]
         if c:
             click.echo(f"  percentiles unchanged {c['percentiles_unchanged']}, neighbours unchanged {c['neighbours_unchanged']}")
