@@ -44,6 +44,25 @@ def cluster(carlos_home, pinned_clock):  # noqa: F811
         c.stop()
 
 
+def _json_differences(a: Path, b: Path, files: list[str]) -> dict:
+    """For differing JSON files, the paths of the values that differ (what to look at first)."""
+    import json
+
+    def walk(x, y, path, out):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in x.keys() | y.keys():
+                walk(x.get(k), y.get(k), f"{path}.{k}", out)
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{path}[{i}]", out)
+        elif x != y:
+            out.append(f"{path}: {str(x)[:80]} != {str(y)[:80]}")
+        return out
+
+    return {f: walk(json.loads((a / f).read_text()), json.loads((b / f).read_text()), "", [])[:10]
+            for f in files if f.endswith(".json") and (a / f).is_file() and (b / f).is_file()}
+
+
 def _records(dest: Path) -> int:
     return sum(1 for _ in (dest / "cases").glob("*/units/*/*.json")) if (dest / "cases").is_dir() else 0
 
@@ -112,7 +131,9 @@ def test_cluster_build_without_shared_folders_survives_a_killed_driver_and_a_kil
     assert b["images"]["generated"] == b["images"]["minimum"] == (L + 1) * P * S  # nothing generated twice
     assert inv["nodes"] and all(n["units"] > 0 for n in inv["nodes"].values())
     # every file in DEST has the bytes of the local build (build.json aside)
-    assert tree_sha256s(dest) == tree_sha256s(local_build[1])
+    ours, local = tree_sha256s(dest), tree_sha256s(local_build[1])
+    differing = sorted(k for k in ours.keys() | local.keys() if ours.get(k) != local.get(k))
+    assert not differing, (differing, _json_differences(dest, local_build[1], differing))
     # every Ray process of the cluster and the driver used loopback only (sampled mid-build)
     socks = killed["sockets"]
     assert socks["listening"] and socks["connected"]
