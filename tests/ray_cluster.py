@@ -5,7 +5,9 @@ would stop every Ray on the machine).
 
 Ray advertises the machine's interface address even for a head started with
 ``--node-ip-address 127.0.0.1``; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray 2.60 resolves
-its own node address to loopback, so every socket stays on 127.0.0.1 (checked, not assumed).
+its own node address to loopback, so every socket stays on 127.0.0.1 (checked, not assumed). Ray
+reads it when it is imported: this module sets it on import, before any test imports Ray. Worker
+nodes start through tests/ray_start_loopback.py (`ray start` with its Windows/OSX guard lifted).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported anywhere in this process
+
 RAY = str(Path(sys.executable).parent / "ray")
+RAY_START_LOOPBACK = [sys.executable, str(Path(__file__).with_name("ray_start_loopback.py"))]
 LOOPBACK = ("127.", "::1", "::ffff:127.", "[::1]", "[::ffff:127.")
 
 
@@ -35,6 +40,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ray_resolves_loopback() -> bool:
+    """Whether Ray, as imported in this process, resolves its node address to loopback."""
+    import ray._private.ray_constants as ray_constants
+
+    return not ray_constants.ENABLE_RAY_CLUSTER
 
 
 def loopback_vars(tmp: Path) -> dict:
@@ -133,12 +145,12 @@ class Cluster:
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, Path] = {}
 
-    def _start(self, name: str, args: list[str], node_env: dict) -> Path:
+    def _start(self, name: str, args: list[str], node_env: dict, cli=(RAY,)) -> Path:
         tmp = self.root / name
         tmp.mkdir(parents=True, exist_ok=True)
         self.nodes[name] = tmp
         env = dict(os.environ) | loopback_vars(self.root) | self.env | node_env
-        r = subprocess.run([RAY, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(tmp / "ray"),
+        r = subprocess.run([*cli, "start", "--node-ip-address", "127.0.0.1", "--temp-dir", str(tmp / "ray"),
                             "--disable-usage-stats", *args], env=env, capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"ray start {name} failed: {r.stderr[-2000:]}")
@@ -152,7 +164,7 @@ class Cluster:
     def start_worker(self, name: str, node_env: dict) -> Path:
         return self._start(name, ["--address", self.address, "--num-cpus", "1",
                                    "--dashboard-agent-listen-port", str(free_port()),
-                                   "--metrics-export-port", str(free_port())], node_env)
+                                   "--metrics-export-port", str(free_port())], node_env, cli=RAY_START_LOOPBACK)
 
     def kill_node(self, name: str) -> set[int]:
         return kill(self.nodes[name])

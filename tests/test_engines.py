@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+import ray_cluster  # noqa: F401  (sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported)
 from conftest import write_case
 
 from carlos_audit.fileio import read_json
@@ -73,7 +74,7 @@ def _alive(pid: int, wait_s: float = 10.0) -> bool:
     return True
 
 
-def _tree(root: Path) -> dict[str, str]:
+def tree_sha256s(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "build.json"}
 
@@ -86,9 +87,10 @@ def local_build(inputs, carlos_home):
 @pytest.fixture(scope="module")
 def ray_cluster(carlos_home, pinned_clock):
     """Ray started in this process, on loopback only (see ray_cluster.py), its own temp dir."""
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
-    from ray_cluster import loopback_env, ray_sockets, short_tmp
+    from ray_cluster import loopback_env, ray_resolves_loopback, ray_sockets, short_tmp
 
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    assert ray_resolves_loopback(), "Ray was imported before tests/ray_cluster.py set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     tmp = short_tmp()
     with loopback_env(tmp):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -163,15 +165,15 @@ def test_interrupted_local_build_resumes_to_the_same_bytes(local_build, inputs, 
     b = read_json(dest / "build.json")
     assert b["this_invocation"]["arm_units_already_done"] == 6
     assert b["images"]["generated"] == (L + 1) * P * S  # the whole build's records: nothing generated twice
-    assert _tree(dest) == _tree(local_build[1])
+    assert tree_sha256s(dest) == tree_sha256s(local_build[1])
     shutil.rmtree(dest)
 
 
 def test_ray_build_equals_local_build_byte_for_byte(local_build, inputs, carlos_home, ray_cluster):
     result, dest = _build(inputs, carlos_home, "ray", engine="ray")
     assert result["build"]["engine"] == "ray"
-    local = _tree(local_build[1])
-    assert _tree(dest) == local
+    local = tree_sha256s(local_build[1])
+    assert tree_sha256s(dest) == local
     for f in ("corpus.json", "rows.parquet", "directions.npy"):
         assert f in local
 
@@ -200,4 +202,51 @@ def test_killed_ray_worker_is_retried_and_the_corpus_is_unchanged(local_build, i
     assert killed_pid != retry_pid  # the unit ran again in another worker ...
     assert not _alive(killed_pid)  # ... because the first one died mid-unit
     assert read_json(dest / "cases" / "target" / "units" / "lora" / "b00001.json")["source"] == "generated"
-    assert _tree(dest) == _tree(local_build[1])
+    assert tree_sha256s(dest) == tree_sha256s(local_build[1])
+
+
+def test_a_node_with_a_different_input_file_refuses_the_unit_naming_node_and_file(inputs, tmp_path):
+    """The driver plans with each input's sha256; a worker whose copy differs refuses before generating."""
+    from dataclasses import replace
+
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.corpus.build import case_for_lora
+    from carlos_audit.engines.build import plan_build
+    from carlos_audit.engines.inputs import node_label
+    from carlos_audit.engines.units import run_unit
+    from carlos_audit.errors import AuditError
+
+    _, loras, template = inputs
+    lora = tmp_path / "target.safetensors"
+    shutil.copy(loras / "target.safetensors", lora)
+    plan = plan_build(tmp_path / "dest", [("target", lora, case_for_lora(load_case(template), lora, "target"))])
+    unit = next(u for u in plan.arm_units if u.arm == "lora")
+    shutil.copy(loras / "strong.safetensors", lora)  # this "node" holds another file at the same path
+    with pytest.raises(AuditError, match=rf"node {node_label()}: lora {lora} has sha256 \w+ here, the build planned "
+                                         rf"{unit.lora_sha256} .*refusing unit target/lora/b00000"):
+        run_unit(unit, 1)
+    bad = replace(unit, inputs=tuple((r, p, "0" * 64 if r == "base_model" else h) for r, p, h in unit.inputs))
+    shutil.copy(loras / "target.safetensors", lora)
+    with pytest.raises(AuditError, match=r"base_model embedded:tiny-sd has sha256 \w+ here, the build planned 0{64}"):
+        run_unit(bad, 1)
+    assert not any((tmp_path / "dest" / "cases" / "target").glob("units/*/*.json"))  # nothing written
+
+
+def test_ray_address_errors_are_one_line_and_fast(monkeypatch):
+    import socket
+    import time
+
+    from carlos_audit.engines.ray_connect import check_cluster, resolve_address
+    from carlos_audit.errors import AuditError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(AuditError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}: .*unreachable"):
+        check_cluster(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(AuditError, match="is not host:port"):
+        check_cluster("headnode")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert resolve_address(None) == "10.0.0.5:6379" and resolve_address("127.0.0.1:1") == "127.0.0.1:1"

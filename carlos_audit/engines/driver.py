@@ -62,7 +62,11 @@ class Driver:
         self.finalizers = {f.key: f for f in plan.finalize_units}
 
     def arm_todo(self) -> list:
-        """Arm units without a record in DEST (the others count as already done)."""
+        """Arm units without a record in DEST (the others count as already done). First removes
+        the temp files of atomic writes a killed driver left behind (``.<name>.<random>.tmp``)."""
+        cases = self.plan.dest / "cases"
+        for p in cases.rglob(".*.tmp") if cases.is_dir() else ():
+            p.unlink(missing_ok=True)
         todo = []
         for u in self.plan.arm_units:
             rec = CaseStore(u.store).unit_done(u.arm, u.batch)

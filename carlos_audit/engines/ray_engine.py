@@ -87,13 +87,17 @@ def run_ray(plan, *, address: str | None, gpus_per_task: float, threads: int | N
                 unit = running.pop(done[0])
                 driver.accept(unit, ray.get(done[0]))  # raises the first error at once
                 submit_ready()
-        except ray.exceptions.RayTaskError as e:
+        except ray.exceptions.RayError as e:  # a unit's error, or a unit lost more than MAX_RETRIES times
             for r in running:
                 ray.cancel(r)
             cause = getattr(e, "cause", None)
             if isinstance(cause, AuditError):
                 raise AuditError(str(cause)) from None
-            raise
+            if isinstance(e, ray.exceptions.RayTaskError):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise AuditError(f"unit {unit.key} failed on the cluster ({type(e).__name__}, after up to {MAX_RETRIES} "
+                             f"retries): {first}; run the same command again to resume") from None
         return driver.results()
     finally:
         if started:
