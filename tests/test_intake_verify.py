@@ -204,6 +204,7 @@ TAMPERS = {
     "metrics": (lambda c: (c / "metrics.json").write_text((c / "metrics.json").read_text().replace('"strength": 0.', '"strength": 1.', 1)), "metrics.json"),
     "manifest": (lambda c: (c / "manifest.json").write_text((c / "manifest.json").read_text().replace('"examiner": "', '"examiner": "X', 1)), "manifest.json"),
     "report": (lambda c: _flip_byte(c / "report.pdf", 200), "report.pdf"),
+    "archive-report": (lambda c: _flip_byte(c / "report-archive.pdf", 200), "report-archive.pdf"),
     "missing-image": (lambda c: (c / "images" / "base" / "p001_s0.png").unlink(), "images/base/p001_s0.png"),
 }
 

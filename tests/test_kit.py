@@ -70,7 +70,9 @@ def test_export_twice_gives_the_same_bytes_and_no_machine_path(kit, demo_case_di
     assert case.lora["sha256"] == manifest["lora"]["sha256"]
     prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
     assert [p.text for p in prompts] == [p["text"] for p in manifest["prompts"]]
-    assert kit_json["report"]["sha256"] == (demo_case_dir / "report.pdf.sha256").read_text().split()[0]
+    for name in ("report.pdf", "report-archive.pdf"):
+        assert kit_json["report"]["copies"][name] == (demo_case_dir / f"{name}.sha256").read_text().split()[0]
+    assert kit_json["report"]["sha256"] == kit_json["report"]["copies"]["report.pdf"]
     assert kit_json["originals"]["metrics.json"] == manifest["results"]["metrics.json"]
     assert texts["results/metrics.json"] == (demo_case_dir / "metrics.json").read_text()
     roles = {i["role"]: i for i in kit_json["inputs"]}
@@ -106,7 +108,8 @@ def test_recorded_command_and_appendix_d_carry_no_machine_path(demo_case_dir):
     assert portable_command(["carlos-audit", "run", "/home/alice/cases/x.toml", "--out", "/evidence/x", "--allow-partial"]) == \
         ["carlos-audit", "run", "x.toml", "--out", "x", "--allow-partial"]
     text = pdftext(demo_case_dir / "report.pdf")
-    appendix = text[text.index("Appendix D: Reproducing this run", text.index("Appendix C: Environment")):]
+    start = text.index("Reproducing this run", text.index("Reproducing this run") + 1)  # past the contents
+    appendix = text[start:]
     assert "carlos-audit run demo.toml" in appendix
     for p in machine_paths(demo_case_dir):
         assert p not in appendix
@@ -183,8 +186,11 @@ def test_reproduce_under_another_thread_count_names_the_difference(kit, demo_ass
     assert rows["torch_threads"] == {"what": "torch_threads", "kit": then, "here": other, "numeric": True}
     all_same = all(i["image_identical"] for i in rep["images"])
     assert (rep["verdict"] == "identical") == all_same
+    # measured (docs/REPRODUCIBILITY.md): a thread count changes low bits, never the reading
+    assert rep["verdict"] in ("identical", "within tolerance") and rep["reasons"] == []
     for i in rep["images"]:
-        assert i["image_identical"] or (i["pixels"]["psnr_db"] > 0 and i["feature_cosine"] < 1.0 + 1e-12)
+        assert i["feature_cosine"] >= 0.999
+        assert i["image_identical"] or i["pixels"]["psnr_db"] > 40
 
 
 def test_reproduce_reports_different_results(kit, demo_assets, tmp_path):

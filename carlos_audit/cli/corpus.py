@@ -249,7 +249,9 @@ def corpus_add(corpus_path, case_dir, row_id, name, allow_incompatible):
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where the work units run: this process, or Ray tasks (pip install .[ray]). Same bytes either way.")
-@click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
+@click.option("--ray-address", default=None,
+              help="host:port of a cluster started with `ray start --head` (or RAY_ADDRESS); default: start Ray here. "
+                   "See docs/SCALE.md.")
 @click.option("--gpus-per-task", type=click.FloatRange(min=0), default=0, show_default=True,
               help="GPUs each Ray task reserves (0.5: two workers share a GPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -264,6 +266,7 @@ def corpus_build(lora_dir, dest, template, name, no_progress, engine, ray_addres
     Example:
         carlos-audit corpus build loras/ --casefile casefiles/demo.toml corpora/mine
         carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --gpus-per-task 1
+        carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --ray-address 10.0.0.5:6379
     """
     from carlos_audit.corpus.build import build_corpus
 

@@ -61,6 +61,7 @@ def _jinja_env(templates_dir: Path):
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["f"] = _fmt
+    env.filters["cos"] = lambda x: "n/a" if x is None else f"{float(x):.10f}"
     env.filters["json"] = lambda x: json.dumps(x, sort_keys=True)
     return env
 
@@ -71,26 +72,28 @@ def render_reproduction(out: Path) -> Path:
 
     from weasyprint import CSS, HTML, Attachment
 
-    from carlos_audit.report.render import (
+    from carlos_audit.report.fetcher import (
+        CASE_URL,
         STYLESHEET,
-        TEMPLATES_DIR,
         TEMPLATES_URL,
         make_url_fetcher,
+        templates_dir,
     )
 
     out = Path(out).resolve()
-    if not (TEMPLATES_DIR / TEMPLATE).is_file():
-        raise AuditError(f"reproduction template not found in {TEMPLATES_DIR} (run from a source checkout)")
+    tdir = templates_dir()
+    if not (tdir / TEMPLATE).is_file():
+        raise AuditError(f"reproduction template {TEMPLATE} not found in {tdir}: reinstall carlos-audit")
     data = (out / "reproduction.json").read_bytes()
     r = read_json(out / "reproduction.json")
-    html = _jinja_env(TEMPLATES_DIR).get_template(TEMPLATE).render(**build_context(r))
+    html = _jinja_env(tdir).get_template(TEMPLATE).render(**build_context(r))
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
     fetcher = make_url_fetcher(out)
     when = datetime.fromtimestamp(int(r["source_date_epoch"]), tz=timezone.utc).replace(tzinfo=None)
     attachment = Attachment(string=data, name="reproduction.json", description="the reproduction's record: every comparison",
                             created=when, modified=when, relationship="Data", url_fetcher=fetcher)
-    pdf = HTML(string=html, base_url="file:///carlos-audit-case/", url_fetcher=fetcher).write_pdf(
+    pdf = HTML(string=html, base_url=CASE_URL, url_fetcher=fetcher).write_pdf(
         stylesheets=[CSS(url=TEMPLATES_URL + STYLESHEET, url_fetcher=fetcher)], attachments=[attachment],
         pdf_variant="pdf/a-3b", pdf_identifier=sha256_bytes(data)[:32].encode(), uncompressed_pdf=False)
     path = out / "reproduction.pdf"

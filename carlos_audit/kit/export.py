@@ -73,7 +73,6 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
         for i in inputs:
             entries.update(_input_entries(i))
 
-    report = case_dir / "report.pdf"
     kit = {
         "schema": KIT_SCHEMA,
         "case": manifest.get("case", {}),
@@ -81,8 +80,7 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
         "exported_by": {"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
         "run": {k: manifest["run"].get(k) for k in ("started_utc", "finished_utc", "source_date_epoch")}
         | {"command": portable_command(manifest["run"].get("command", []))},
-        "report": {"file": "report.pdf", "sha256": sha256_file(report) if report.is_file() else None,
-                   "included": False},
+        "report": _report_hashes(case_dir),
         "originals": originals,
         "inputs": [{k: v for k, v in i.items() if k != "source"} | {"included": include_inputs and i["source"] is not None}
                    for i in inputs],
@@ -99,6 +97,14 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
     _check_no_leaks(entries, pmap)
     write_bytes_atomic(out, zip_bytes(entries, int(manifest["run"].get("source_date_epoch") or 0)))
     return kit
+
+
+def _report_hashes(case_dir: Path) -> dict:
+    """The sha256 of the report's copies (filing, archive, signed archive); none is in the kit."""
+    from carlos_audit.report import ARCHIVE_PDF, FILING_PDF, SIGNED_PDF
+
+    copies = {name: sha256_file(case_dir / name) for name in (FILING_PDF, ARCHIVE_PDF, SIGNED_PDF) if (case_dir / name).is_file()}
+    return {"file": FILING_PDF, "sha256": copies.get(FILING_PDF), "copies": copies, "included": False}
 
 
 def _read_case(case_dir: Path) -> tuple[dict, dict]:
@@ -283,7 +289,8 @@ def readme(kit: dict) -> str:
         "",
         f"Case `{c.get('id')}`, examiner {c.get('examiner')}. Made by carlos-audit {kit['tool'].get('version')}"
         f" (git commit {kit['tool'].get('git_commit') or 'unknown'}).",
-        f"The report's sha256 is `{kit['report']['sha256']}` (report.pdf is not in this kit).",
+        "The report is not in this kit; its sha256: "
+        + ", ".join(f"{name} `{digest}`" for name, digest in kit["report"]["copies"].items()) + ".",
         "",
         "## What is inside",
         "",

@@ -16,6 +16,8 @@ import os
 from pathlib import Path, PurePath
 
 #: options whose value is a path on the examiner's machine
+#: what an absolute path of this machine that no registered prefix covers becomes (its file name kept)
+OTHER_PATH = "<path>"
 PATH_OPTIONS = ("--out", "--with", "--casefile", "--lora", "--base", "--embedder", "--corpus", "--comparison")
 
 
@@ -65,6 +67,8 @@ class PathMap:
         for prefix in sorted(self.prefixes, key=len, reverse=True):
             if prefix in s:
                 s = _replace_prefix(s, prefix, self.prefixes[prefix])
+        if s != "/" and os.path.isabs(s) and "\n" not in s and _exists(s):
+            return f"{OTHER_PATH}/{PurePath(s).name}"  # a path no registered prefix covers
         return s
 
     def apply(self, obj):
@@ -79,6 +83,13 @@ class PathMap:
     def leaks(self, text: str) -> list[str]:
         """The registered prefixes still present in ``text`` (at a path boundary)."""
         return sorted(p for p in self.prefixes if _find_prefix(text, p) >= 0)
+
+
+def _exists(s: str) -> bool:
+    try:
+        return Path(s).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _is_boundary(s: str, end: int) -> bool:

@@ -17,7 +17,7 @@ from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
 from carlos_audit.kit.paths import portable_command
 from carlos_audit.report import evidence as ev
-from carlos_audit.report.comparison import corpus_placement, head_to_head
+from carlos_audit.report.comparison import corpus_placement
 from carlos_audit.report.expert import expert_context
 from carlos_audit.report.indicators import indicators
 from carlos_audit.report.method import arms_plan, self_reported

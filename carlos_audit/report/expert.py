@@ -140,7 +140,7 @@ def expert_context(expert: dict, manifest: dict, comparison: dict | None, compan
         "instructions": ellipsis(expert.get("instructions") or "", 1500),
         "jurisdiction": expert.get("jurisdiction") or "none",
         "rule": rule,
-        "items": items,
+        "rule_items": items,
         "materials": materials_considered(manifest, comparison, expert.get("materials_provided") or []),
         "exhibits": exhibit_index(manifest.get("case") or {}, companions, archive_sha256, n_images),
         "to_complete": TO_COMPLETE,

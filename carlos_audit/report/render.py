@@ -34,7 +34,13 @@ from carlos_audit.report import ARCHIVE_PDF, FILING_PDF, figures
 from carlos_audit.report.comparison import head_to_head
 from carlos_audit.report.context import ReportInputs, build_context
 from carlos_audit.report.evidence import image_evidence, select_body_pairs
-from carlos_audit.report.fetcher import CASE_URL, STYLESHEET, TEMPLATES_URL, fetcher_classes, make_url_fetcher
+from carlos_audit.report.fetcher import (
+    CASE_URL,
+    STYLESHEET,
+    TEMPLATES_URL,
+    fetcher_classes,
+    make_url_fetcher,
+)
 from carlos_audit.report.figures import DISPLAY_MAX_PX
 from carlos_audit.report.templating import render_html
 
@@ -86,6 +92,11 @@ def load_inputs(case_dir: Path) -> ReportInputs:
     return ReportInputs(case_dir=case_dir, manifest=manifest, metrics=metrics, comparison=comparison, report=report,
                         expert=expert, casefile_edited=edited, figures=figs, evidence=evidence, companions=companions,
                         head_to_head=h2h, body=body)
+
+
+def report_html(case_dir: Path, copy: str = "archive") -> str:
+    """The HTML of one copy, without making a PDF (to inspect what the templates produce)."""
+    return render_html(build_context(load_inputs(case_dir), copy))
 
 
 def render_copies(case_dir: Path) -> dict:
