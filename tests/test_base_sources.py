@@ -113,14 +113,14 @@ def test_claimed_base_hash_is_checked_when_comparable():
 
 def test_report_prints_the_claim_as_text_and_hints_without_count():
     """Defect 7: the claim showed as a Python dict; hints without a count showed "?x"."""
-    from carlos_audit.report.render import _self_reported
+    from carlos_audit.report.method import self_reported
 
     inspection = {"metadata": {"ss_new_sd_model_hash": "ab" * 32},
                   "claimed_base_model_hash": {"value": "ab" * 32, "source": "ss_new_sd_model_hash", "legacy": False},
                   "base_model_hash_check": "mismatch", "base_model_hash_check_detail": "the claimed ... differs",
                   "trigger_word_hints": [{"text": "sks dog", "source": "ss_tag_frequency dataset folder"},
                                          {"text": "dog", "source": "ss_tag_frequency", "count": 3}]}
-    facts = dict(_self_reported({"inspection": inspection})["facts"])
+    facts = dict(self_reported({"inspection": inspection})["facts"])
     claim = facts["claimed base model hash (SELF-REPORTED)"]
     assert claim.startswith("abab") and "{" not in claim and "ss_new_sd_model_hash" in claim
     assert facts["base model hash check"].startswith("differs")
