@@ -181,6 +181,7 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     changed = [i["role"] for i in inputs if recorded.get(i["role"]) not in (None, i["sha256"])]
     if changed:
         return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
+    checks = [check_base_files(case, manifest)] if manifest["base_model"].get("files") else []
     lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
     env_now = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
     differences = environment_differences(env_now, manifest["environment"])
@@ -190,7 +191,6 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     rows = manifest["pairs"]
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
     arms = {a.name: a for a in arms_for(case)}
-    checks = []
     by_batch: dict[int, list[dict]] = {}
     for r in rows:
         by_batch.setdefault(r["batch"], []).append(r)
@@ -216,6 +216,26 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
                               f"(tolerance {EMBEDDING_COSINE_TOLERANCE})")
                 checks.append(Check(f"regenerate {m['pair_id']} [{arm_name}]", ok, detail))
     return checks
+
+
+def check_base_files(case, manifest: dict) -> Check:
+    """Every file that affects the images (weights, configs, scheduler, tokenizer) against the
+    sha256 the manifest recorded; a changed, missing or added one is named."""
+    from carlos_audit.models.loading import resolve_base_source
+
+    bm = case.base_model
+    try:
+        src = resolve_base_source(bm["source"], base_dir=case.base_dir, variant=bm.get("variant"), config=bm.get("config"))
+    except AuditError as e:
+        return Check("base model files", False, str(e))
+    then = {f["name"]: f["sha256"] for f in manifest["base_model"]["files"]}
+    now = {f["name"]: f["sha256"] for f in src.files}
+    changed = sorted(n for n in then.keys() & now.keys() if then[n] != now[n])
+    missing, added = sorted(then.keys() - now.keys()), sorted(now.keys() - then.keys())
+    if changed or missing or added:
+        parts = [f"{label}: {', '.join(names[:5])}" for label, names in (("changed", changed), ("missing", missing), ("added", added)) if names]
+        return Check("base model files", False, "base model files differ from the ones recorded; " + "; ".join(parts))
+    return Check("base model files", True, f"{len(now)} files (weights, configs, tokenizer) match their recorded sha256")
 
 
 def verify_case(case_dir: Path, sample: int = 4, seed: int = 0, trust: list[Path] | None = None) -> dict:

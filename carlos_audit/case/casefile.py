@@ -11,6 +11,7 @@ and must stay inside ``reports/``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "sha256": (_STR, False, None),
         "dtype": (_STR, False, "auto"),
         "device": (_STR, False, "auto"),
+        "variant": (_STR, False, None),
+        "config": (_STR, False, None),
     },
     "embedder": {
         "model": (_STR, True, None),
@@ -155,7 +158,7 @@ def expand_path(value: str, base_dir: Path) -> Path:
 
     value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
     p = Path(value).expanduser()
-    return p if p.is_absolute() else base_dir / p
+    return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
 
 
 def parse_case(text: str, path: Path) -> Case:

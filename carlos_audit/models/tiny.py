@@ -45,17 +45,30 @@ def carlos_home() -> Path:
     return Path(os.environ.get("CARLOS_AUDIT_HOME", Path.home() / ".cache" / "carlos-audit"))
 
 
-def tree_sha256(folder: Path) -> str:
-    """Hash of a model folder: sha256 over the sorted (relative path, file sha256) list."""
+def tree_files(folder: Path) -> list[list[str]]:
+    """Every file under ``folder`` as sorted ``[relative path, sha256]`` pairs, following symbolic
+    links (a Hugging Face cache snapshot is links into ``blobs/``; a re-pointed link changes the
+    hash). A link cycle is refused."""
     folder = Path(folder)
     entries = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            entries.append([p.relative_to(folder).as_posix(), sha256_file(p)])
-    return sha256_json(entries)
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if any(os.path.realpath(folder / a) == real for a in Path(root).relative_to(folder).parents):
+            raise OSError(f"symbolic link cycle under {folder} at {root}")
+        dirs.sort()
+        for name in files:
+            p = Path(root) / name
+            if p.is_file():
+                entries.append([p.relative_to(folder).as_posix(), sha256_file(p)])
+    return sorted(entries)
 
 
-def _build_into(final: Path, builder) -> Path:
+def tree_sha256(folder: Path) -> str:
+    """Hash of a model folder: sha256 over the sorted (relative path, file sha256) list, links followed."""
+    return sha256_json(tree_files(folder))
+
+
+def build_into(final: Path, builder) -> Path:
     """Build into a temp folder beside ``final`` and rename: concurrent builders cannot clash."""
     if (final / ".complete").is_file():
         return final
@@ -75,7 +88,7 @@ def _build_into(final: Path, builder) -> Path:
     return final
 
 
-def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
+def clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     """vocab and merges exactly as open_clip's SimpleTokenizer builds them from its BPE file."""
     import open_clip.tokenizer as oct
 
@@ -93,7 +106,7 @@ def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
 def write_clip_tokenizer(dest: Path) -> None:
     from transformers import CLIPTokenizer
 
-    vocab, merges = _clip_bpe_vocab()
+    vocab, merges = clip_bpe_vocab()
     with tempfile.TemporaryDirectory() as td:
         vf, mf = Path(td) / "vocab.json", Path(td) / "merges.txt"
         vf.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -194,12 +207,12 @@ def _build_tiny_clip(dest: Path) -> None:
 
 def ensure_tiny_sd(home: Path | None = None) -> Path:
     home = home or carlos_home()
-    return _build_into(home / "models" / f"tiny-sd-v{TINY_SD_VERSION}", _build_tiny_sd)
+    return build_into(home / "models" / f"tiny-sd-v{TINY_SD_VERSION}", _build_tiny_sd)
 
 
 def ensure_tiny_clip(home: Path | None = None) -> Path:
     home = home or carlos_home()
-    return _build_into(home / "models" / f"tiny-clip-v{TINY_CLIP_VERSION}", _build_tiny_clip)
+    return build_into(home / "models" / f"tiny-clip-v{TINY_CLIP_VERSION}", _build_tiny_clip)
 
 
 def _build_tiny_hf_clip(dest: Path) -> None:
@@ -224,4 +237,4 @@ def _build_tiny_hf_clip(dest: Path) -> None:
 
 def ensure_tiny_hf_clip(home: Path | None = None) -> Path:
     home = home or carlos_home()
-    return _build_into(home / "models" / f"tiny-hf-clip-v{TINY_HF_CLIP_VERSION}", _build_tiny_hf_clip)
+    return build_into(home / "models" / f"tiny-hf-clip-v{TINY_HF_CLIP_VERSION}", _build_tiny_hf_clip)

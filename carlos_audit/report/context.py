@@ -81,8 +81,9 @@ def custody(inp: ReportInputs, copy: str) -> dict:
     if metrics_recorded and metrics_recorded != metrics_actual:
         warnings.append("metrics.json in the case folder does not match the sha256 recorded in the manifest at the end of the run.")
     if load.get("partial"):
-        warnings.append(f"Only {load.get('applied')} of {load.get('in_file')} modules in the LoRA file were applied to the base model "
-                        "(run with --allow-partial). The profile describes the applied part only.")
+        warnings.append(f"{len(load.get('skipped') or load.get('unapplied') or [])} of {load.get('in_file')} modules in the LoRA file "
+                        f"were not applied to the base model ({load.get('applied')} applied; run with --allow-partial; reasons in "
+                        "the method chapter). The profile describes the applied part only.")
     if inp.casefile_edited:
         warnings.append("case.toml in the case folder differs from the case file as run (its sha256 is recorded in the manifest): "
                         "the [report] and [expert] settings of this document come from the edited copy.")

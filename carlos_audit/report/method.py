@@ -26,8 +26,8 @@ def self_reported(lora: dict) -> dict:
     facts = [(label, inspection.get(key)) for label, key in (
         ("format", "format"), ("detected architecture", "architecture"), ("modules", "module_count"),
         ("parameters", "parameter_count"), ("payload sha256 (tensors only)", "payload_sha256"),
-        ("AutoV2 short hash", "autov2"), ("claimed base model hash", "claimed_base_model_hash"),
-        ("base model hash check", "base_model_hash_check")) if inspection.get(key) is not None]
+        ("AutoV2 short hash", "autov2")) if inspection.get(key) is not None]
+    facts += base_hash_facts(inspection)
     ranks = (inspection.get("rank_summary") or {}).get("distinct")
     if ranks:
         facts.append(("ranks", ", ".join(str(r) for r in ranks)))
@@ -36,12 +36,27 @@ def self_reported(lora: dict) -> dict:
         shown = []
         for h in hints[:20]:
             if isinstance(h, dict):
-                shown.append(f"“{clip(h.get('text', ''), 120)[0]}” ({h.get('count', '?')}× in {h.get('source', '?')})")
+                count = f"{h['count']}× in " if h.get("count") is not None else ""
+                shown.append(f"“{clip(h.get('text', ''), 120)[0]}” ({count}{h.get('source', '?')})")
             else:
                 shown.append(f"“{clip(h, 120)[0]}”")
         facts.append(("trigger word hints (SELF-REPORTED)", "; ".join(shown)))
     return {"present": True, "has_metadata": isinstance(meta, dict) and bool(meta), "rows": rows,
             "n_keys": len(meta) if isinstance(meta, dict) else 0, "facts": facts}
+
+
+def base_hash_facts(inspection: dict) -> list[tuple[str, str]]:
+    """The claimed base-model hash as text, and the check made during the run."""
+    claim = inspection.get("claimed_base_model_hash")
+    if not isinstance(claim, dict):
+        return []
+    text = f"{clip(str(claim.get('value', '')), 120)[0]} ({claim.get('source')}{', legacy A1111 hash' if claim.get('legacy') else ''})"
+    words = {"match": "matches", "mismatch": "differs", "not_comparable": "cannot compare", "absent": "no claim",
+             "not_checked": "not checked", "legacy_not_comparable": "cannot compare"}
+    check = inspection.get("base_model_hash_check")
+    detail = inspection.get("base_model_hash_check_detail")
+    shown = words.get(check, str(check)) + (f": {detail}" if detail else "")
+    return [("claimed base model hash (SELF-REPORTED)", text), ("base model hash check", shown)]
 
 
 

@@ -48,7 +48,7 @@ def measure(case, n_images: int) -> dict:
     pc = case.protocol
     t0 = time.perf_counter()
     lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
-                            base_dir=case.base_dir)
+                            base_dir=case.base_dir, variant=case.base_model.get("variant"), config=case.base_model.get("config"))
     if pc["scheduler"]:
         set_scheduler(lp.pipe, pc["scheduler"])
     emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device, base_dir=case.base_dir)

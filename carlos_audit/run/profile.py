@@ -42,7 +42,7 @@ from carlos_audit.run.generate import (
     set_adapter_state,
 )
 from carlos_audit.run.intake import intake, prepare_case_dir, utc_now
-from carlos_audit.run.load import load_lora, load_models
+from carlos_audit.run.load import base_model_record, load_lora, load_models
 from carlos_audit.run.store import BaseImageCache, CaseStore, hash_inputs, png_bytes
 
 # ----------------------------------------------------------------------------- generation
@@ -207,9 +207,7 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
              "stats": stats},
         inputs=inputs,  # with their end hashes once the results are written (custody)
         custody_ok=False,
-        base_model={"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
-                    "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
-                    "pipeline": type(lp.pipe).__name__},
+        base_model=base_model_record(case, lp),
         embedder={"model": case.embedder["model"], "pretrained": case.embedder.get("pretrained"),
                   "identity": emb.identity, "sha256": emb.sha256, "feature_dim": emb.feature_dim,
                   "features": "raw image features (encode_image, normalize=False)",
