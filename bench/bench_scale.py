@@ -1,8 +1,10 @@
-"""Scale-out benchmark (issue 8): tiny-pipeline throughput, the time split of a case run, and the
-wall time of a corpus build on the local engine and on 1 and 2 Ray workers.
+"""Scale-out benchmark (issues 8, 17): tiny-pipeline throughput, the time split of a case run,
+the wall time of a corpus build on the local engine and on 1 and 2 Ray workers, and images/s of a
+build on a real `ray start` cluster (head + 1 or 2 worker nodes, one CPU each, loopback only).
 
-    .venv/bin/python bench/bench_scale.py             # ~3-4 min on 2 CPU cores
+    .venv/bin/python bench/bench_scale.py             # ~6-8 min on 2 CPU cores
     .venv/bin/python bench/bench_scale.py --no-ray    # skip the Ray builds
+    .venv/bin/python bench/bench_scale.py --cluster-only   # only section 4
 
 Everything runs on the CPU with the embedded tiny models in a temporary CARLOS_AUDIT_HOME that is
 deleted afterwards. Protocol: builtin:demo (8 prompts), 64x64, DDIM, guidance 5, 10 steps (the
@@ -71,6 +73,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
 
     from carlos_audit.case.casefile import load_case
     from carlos_audit.report import render_report
+    from carlos_audit import records
     from carlos_audit.run import embed, generate, load, profile, store
 
     spent = {"generation": 0.0, "clip": 0.0, "io": 0.0, "metrics": 0.0}
@@ -85,8 +88,8 @@ def time_split(tmp: Path, assets: dict) -> dict:
         return wrapper
 
     patches = [(profile, "generate_batch", "generation"), (embed, "image_features", "clip"),
-               (profile, "png_bytes", "io"), (store.CaseStore, "write_unit", "io"), (profile, "analyse", "metrics"),
-               (profile, "write_manifest", "io")]
+               (profile, "png_bytes", "io"), (store.CaseStore, "write_unit", "io"), (profile, "analyse_case", "metrics"),
+               (records.Manifest, "write", "io")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, kind in patches:
         setattr(obj, name, timed(kind, getattr(obj, name)))
@@ -132,9 +135,36 @@ def build(tmp: Path, assets: dict, label: str, **kw) -> dict:
             "naive": b["images"]["naive_per_lora_base"], "cost": b["cost"]["total"]}
 
 
+def cluster_build(tmp: Path, assets: dict, n_workers: int) -> dict:
+    """A build on a `ray start` head + ``n_workers`` worker nodes (each 1 CPU, its own temp dir and
+    CARLOS_AUDIT_HOME), joined with --ray-address; images/s over the build and per node."""
+    import ray
+    from ray_cluster import Cluster, loopback_env, short_tmp
+
+    from carlos_audit.fileio import read_json
+
+    root = short_tmp()
+    c = Cluster(root, {"RAY_AUTH_MODE": "token", "OMP_WAIT_POLICY": "PASSIVE"})
+    try:
+        t = time.perf_counter()
+        c.start_head()
+        for i in range(n_workers):
+            c.start_worker(f"w{i + 1}", {"CARLOS_AUDIT_HOME": str(root / f"w{i + 1}" / "home")})
+        start_s = time.perf_counter() - t
+        with loopback_env(root):
+            r = build(tmp, assets, f"cluster{n_workers}", engine="ray", ray_address=c.address, threads=1)
+            ray.shutdown()
+        b = read_json(tmp / f"build-cluster{n_workers}" / "build.json")
+        r["start_s"], r["nodes"] = start_s, b["this_invocation"]["nodes"]
+        return r
+    finally:
+        c.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--cluster-only", action="store_true")
     args = ap.parse_args()
     _quiet()
     import torch
@@ -145,6 +175,9 @@ def main() -> None:
     try:
         assets = prepare_demo(corpus=False)
         print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        if args.cluster_only:
+            cluster_section(tmp, assets)
+            return
         ips = throughput()
         print(f"\n1. tiny pipeline, {STEPS} steps 64x64 CFG: {ips[1]:.2f} images/s at batch 1, {ips[4]:.2f} images/s at batch 4 (default)")
 
@@ -175,9 +208,23 @@ def main() -> None:
                   f"(minimum (L+1)xPxS = {r['minimum']}, per-LoRA base would be {r['naive']}); "
                   f"UNet calls {r['cost']['unet_forward_calls']}, CLIP encodings {r['cost']['clip_image_encodings']}")
         print("   (Ray walls include starting the worker processes and loading the models in each; not ray.init)")
+        if not args.no_ray:
+            cluster_section(tmp, assets)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(HOME, ignore_errors=True)
+
+
+def cluster_section(tmp: Path, assets: dict) -> None:
+    print(f"\n4. corpus build on a `ray start` cluster (head without CPUs + worker nodes of 1 CPU, 1 torch thread), "
+          f"{len(BUILD_LORAS)} LoRAs x 8 prompts x 2 seeds, {STEPS} steps, joined with --ray-address:")
+    for n in (1, 2):
+        r = cluster_build(tmp, assets, n)
+        print(f"   {n} worker node{'s' if n > 1 else ' '}  wall {r['wall_s']:6.1f} s  "
+              f"{r['generated'] / r['wall_s']:.2f} images/s over the build (cluster start {r['start_s']:.0f} s, not counted)")
+        for node, v in r["nodes"].items():
+            print(f"      node {node}: {v['units']} units, {v['images_generated']} images, {v['images_per_s']:.2f} images/s, "
+                  f"busy {v['busy_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ Checks, each reported pass/fail with the file or pair it concerns:
    1e-9 for floating-point summation order; identical on the same platform).
 4. A random sample of N pairs (sample seed recorded in the output) is regenerated from the
    recorded inputs. On the same software and hardware the image hashes must match exactly.
-   Where the environment differs (package versions, device, dtype, machine, torch thread
-   count), exact equality is not
-   expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
+   Where the environment differs in what changes bits (``case/signature.bits_environment``:
+   package versions, python, machine, platform, device, dtype, torch threads, CUDA, GPU, fast path), exact
+   equality is not expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
    the stored one.
 """
 
@@ -73,13 +73,15 @@ def check_files(case_dir: Path, manifest: dict, trust: list[Path] | None = None)
                     missing.append(e[kind])
                 elif sha256_file(p) != e[f"{kind}_sha256"]:
                     bad.append(e[kind])
-    for pid, rec in (manifest.get("text_features") or {}).items():
+    text = list((manifest.get("text_features") or {}).values())
+    text += [manifest["label_signatures"]] if manifest.get("label_signatures") else []
+    for rec in text:
         p = case_dir / rec["path"]
         if not p.is_file():
             missing.append(rec["path"])
         elif sha256_file(p) != rec["sha256"]:
             bad.append(rec["path"])
-    n = sum(2 * len(r["arms"]) for r in manifest["pairs"]) + len(manifest.get("text_features") or {})
+    n = sum(2 * len(r["arms"]) for r in manifest["pairs"]) + len(text)
     if bad or missing:
         detail = "; ".join(filter(None, [
             f"modified: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "") if bad else "",
@@ -87,7 +89,7 @@ def check_files(case_dir: Path, manifest: dict, trust: list[Path] | None = None)
         checks.append(Check("stored images and embeddings", False, detail))
     else:
         checks.append(Check("stored images and embeddings", True, f"{n} files match their recorded sha256"))
-    # (text features of the prompts are included in the count above)
+    # (text features of the prompts and the label signatures are included in the count above)
     for rel, digest in manifest.get("results", {}).items():
         p = case_dir / rel
         ok = p.is_file() and sha256_file(p) == digest
@@ -159,6 +161,7 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
 def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
     """Regenerate the batches holding a random sample of pairs and compare."""
     from carlos_audit.case.casefile import parse_case
+    from carlos_audit.case.signature import environment_differences
     from carlos_audit.run.arms import arms_for
     from carlos_audit.run.embed import image_features
     from carlos_audit.run.environment import capture
@@ -179,13 +182,11 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     if changed:
         return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
     lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
-    env_now = capture(lp.device, lp.dtype, determinism)
-    env_then = manifest["environment"]
-    same_platform = (env_now["packages"] == env_then["packages"] and env_now["device"] == env_then["device"]
-                     and env_now["dtype"] == env_then["dtype"] and env_now["machine"] == env_then["machine"]
-                     and env_now.get("torch_threads") == env_then.get("torch_threads"))
+    env_now = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
+    differences = environment_differences(env_now, manifest["environment"])
+    same_platform = not differences
     p = manifest["protocol"]
-    params = GenerationParams(p["steps"], p["guidance_scale"], p["width"], p["height"], p["scheduler"], p["negative_prompt"])
+    params = GenerationParams.from_protocol(p, p["scheduler"])
     rows = manifest["pairs"]
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
     arms = {a.name: a for a in arms_for(case)}
@@ -211,7 +212,8 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
                     ok, detail = same_image, ("image hash identical" if same_image else "image hash differs on the same platform")
                 else:
                     ok = cos >= EMBEDDING_COSINE_TOLERANCE
-                    detail = f"platform differs; embedding cosine {cos:.6f} (tolerance {EMBEDDING_COSINE_TOLERANCE})"
+                    detail = (f"platform differs ({', '.join(differences)}); embedding cosine {cos:.6f} "
+                              f"(tolerance {EMBEDDING_COSINE_TOLERANCE})")
                 checks.append(Check(f"regenerate {m['pair_id']} [{arm_name}]", ok, detail))
     return checks
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+import ray_cluster  # noqa: F401  (sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported)
 from conftest import write_case
 
 from carlos_audit.fileio import read_json
@@ -73,7 +74,7 @@ def _alive(pid: int, wait_s: float = 10.0) -> bool:
     return True
 
 
-def _tree(root: Path) -> dict[str, str]:
+def tree_sha256s(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "build.json"}
 
@@ -85,12 +86,25 @@ def local_build(inputs, carlos_home):
 
 @pytest.fixture(scope="module")
 def ray_cluster(carlos_home, pinned_clock):
+    """Ray started in this process, on loopback only (see ray_cluster.py), its own temp dir."""
+    from ray_cluster import loopback_env, ray_resolves_loopback, ray_sockets, short_tmp
+
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"CARLOS_AUDIT_HOME": str(carlos_home), "OMP_WAIT_POLICY": "PASSIVE",
-                                       "SOURCE_DATE_EPOCH": SDE}})
-    yield ray
-    ray.shutdown()
+    assert ray_resolves_loopback(), "Ray was imported before tests/ray_cluster.py set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
+    tmp = short_tmp()
+    with loopback_env(tmp):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _node_ip_address="127.0.0.1", _temp_dir=str(tmp / "ray"),
+                 runtime_env={"env_vars": {"CARLOS_AUDIT_HOME": str(carlos_home), "OMP_WAIT_POLICY": "PASSIVE",
+                                           "SOURCE_DATE_EPOCH": SDE}})
+        try:
+            yield ray
+            socks = ray_sockets(tmp)
+            assert socks["listening"], "no Ray sockets found: the check would prove nothing"
+            assert socks["non_loopback"] == [], socks["non_loopback"]
+        finally:
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_build_generates_L_plus_1_times_P_times_S_images_counted_by_hooks(local_build):
@@ -135,11 +149,11 @@ def test_interrupted_local_build_resumes_to_the_same_bytes(local_build, inputs, 
     shutil.rmtree(dest, ignore_errors=True)
     calls = []
 
-    def stop_after_six(unit, threads=None):
+    def stop_after_six(unit, threads=None, *case_files):
         if len(calls) == 6:
             raise KeyboardInterrupt
         calls.append(unit.key)
-        return run_unit(unit, threads)
+        return run_unit(unit, threads, *case_files)
 
     with pytest.raises(KeyboardInterrupt):
         build_corpus(loras, template, dest, threads=1, progress=False, _unit_fn=stop_after_six)
@@ -151,15 +165,15 @@ def test_interrupted_local_build_resumes_to_the_same_bytes(local_build, inputs, 
     b = read_json(dest / "build.json")
     assert b["this_invocation"]["arm_units_already_done"] == 6
     assert b["images"]["generated"] == (L + 1) * P * S  # the whole build's records: nothing generated twice
-    assert _tree(dest) == _tree(local_build[1])
+    assert tree_sha256s(dest) == tree_sha256s(local_build[1])
     shutil.rmtree(dest)
 
 
 def test_ray_build_equals_local_build_byte_for_byte(local_build, inputs, carlos_home, ray_cluster):
     result, dest = _build(inputs, carlos_home, "ray", engine="ray")
     assert result["build"]["engine"] == "ray"
-    local = _tree(local_build[1])
-    assert _tree(dest) == local
+    local = tree_sha256s(local_build[1])
+    assert tree_sha256s(dest) == local
     for f in ("corpus.json", "rows.parquet", "directions.npy"):
         assert f in local
 
@@ -168,31 +182,71 @@ def test_killed_ray_worker_is_retried_and_the_corpus_is_unchanged(local_build, i
     marker, retried = tmp_path / "killed-once", tmp_path / "retried"
     victim = "target/lora/b00001"
 
-    def die_mid_unit_once(unit, threads=None):
+    def die_mid_unit_once(unit, threads=None, *case_files):
         # defined here so Ray ships it by value; kills the worker process (os._exit) after the
-        # unit's images and embeddings are written and before its record: a half-written unit
+        # unit's images and embeddings are computed and before its result reaches the driver
         import os as _os
 
-        import carlos_audit.run.store as store
         from carlos_audit.engines.units import run_unit
 
+        result = run_unit(unit, threads, *case_files)
         if unit.key == victim and marker.exists():
             retried.write_text(str(_os.getpid()))
         if unit.key == victim and not marker.exists():
             marker.write_text(str(_os.getpid()))
-            real = store.write_json_atomic
-
-            def write(path, obj):
-                if "units" in str(path):
-                    _os._exit(1)
-                return real(path, obj)
-
-            store.write_json_atomic = write
-        return run_unit(unit, threads)
+            _os._exit(1)
+        return result
 
     result, dest = _build(inputs, carlos_home, "ray-killed", engine="ray", _unit_fn=die_mid_unit_once)
     killed_pid, retry_pid = int(marker.read_text()), int(retried.read_text())
     assert killed_pid != retry_pid  # the unit ran again in another worker ...
     assert not _alive(killed_pid)  # ... because the first one died mid-unit
     assert read_json(dest / "cases" / "target" / "units" / "lora" / "b00001.json")["source"] == "generated"
-    assert _tree(dest) == _tree(local_build[1])
+    assert tree_sha256s(dest) == tree_sha256s(local_build[1])
+
+
+def test_a_node_with_a_different_input_file_refuses_the_unit_naming_node_and_file(inputs, tmp_path):
+    """The driver plans with each input's sha256; a worker whose copy differs refuses before generating."""
+    from dataclasses import replace
+
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.corpus.build import case_for_lora
+    from carlos_audit.engines.build import plan_build
+    from carlos_audit.engines.inputs import node_label
+    from carlos_audit.engines.units import run_unit
+    from carlos_audit.errors import AuditError
+
+    _, loras, template = inputs
+    lora = tmp_path / "target.safetensors"
+    shutil.copy(loras / "target.safetensors", lora)
+    plan = plan_build(tmp_path / "dest", [("target", lora, case_for_lora(load_case(template), lora, "target"))])
+    unit = next(u for u in plan.arm_units if u.arm == "lora")
+    shutil.copy(loras / "strong.safetensors", lora)  # this "node" holds another file at the same path
+    with pytest.raises(AuditError, match=rf"node {node_label()}: lora {lora} has sha256 \w+ here, the build planned "
+                                         rf"{unit.lora_sha256} .*refusing unit target/lora/b00000"):
+        run_unit(unit, 1)
+    bad = replace(unit, inputs=tuple((r, p, "0" * 64 if r == "base_model" else h) for r, p, h in unit.inputs))
+    shutil.copy(loras / "target.safetensors", lora)
+    with pytest.raises(AuditError, match=r"base_model embedded:tiny-sd has sha256 \w+ here, the build planned 0{64}"):
+        run_unit(bad, 1)
+    assert not any((tmp_path / "dest" / "cases" / "target").glob("units/*/*.json"))  # nothing written
+
+
+def test_ray_address_errors_are_one_line_and_fast(monkeypatch):
+    import socket
+    import time
+
+    from carlos_audit.engines.ray_connect import check_cluster, resolve_address
+    from carlos_audit.errors import AuditError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(AuditError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port}: .*unreachable"):
+        check_cluster(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(AuditError, match="is not host:port"):
+        check_cluster("headnode")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert resolve_address(None) == "10.0.0.5:6379" and resolve_address("127.0.0.1:1") == "127.0.0.1:1"

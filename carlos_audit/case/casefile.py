@@ -67,6 +67,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "bootstrap_resamples": (_INT, False, 1000),
         "bootstrap_seed": (_INT, False, 0),
         "scales": (_FLOATLIST, False, []),
+        "seed_mode": (_STR, False, "per-image"),
     },
     "output": {
         "dir": (_STR, False, None),
@@ -75,6 +76,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "corpus": (_STR, False, None),
         "allow_incompatible": (_BOOL, False, False),
         "top_k": (_INT, False, 10),
+        "replicate_id": (_STR, False, None),
     },
     "indicators": {
         "trigger_dependence": (_BOOL, False, True),
@@ -267,6 +269,7 @@ def _check_values(c: dict, where: str) -> None:
     for k in ("width", "height"):
         if p[k] % 8:
             raise AuditError(f"{where}: protocol.{k} must be a multiple of 8")
+    _check_seed_mode(p, where)
     if c["lora"]["scale"] < 0:
         raise AuditError(f"{where}: lora.scale must be >= 0")
     if any(x < 0 for x in p["scales"]):
@@ -280,13 +283,26 @@ def _check_values(c: dict, where: str) -> None:
     _check_report_values(c, where)
 
 
+def _check_seed_mode(p: dict, where: str) -> None:
+    from carlos_audit.case.protocol import SEED_MODES
+
+    if p["seed_mode"] not in SEED_MODES:
+        raise AuditError(f"{where}: protocol.seed_mode {p['seed_mode']!r}; allowed: {', '.join(SEED_MODES)}")
+    if p["seed_mode"] == "carlos-batch":
+        seeds, b = p["seeds"], p["batch_size"]
+        if seeds != list(range(seeds[0], seeds[0] + len(seeds))) or len(seeds) % b:
+            raise AuditError(f"{where}: protocol.seed_mode \"carlos-batch\" needs consecutive seeds whose count is a "
+                             f"multiple of batch_size ({b}), e.g. seeds = {{ count = 16, start = 42 }}, batch_size = 4")
+
+
 def _check_prompts_spec(spec: str, base_dir: Path, where: str) -> None:
-    from carlos_audit.case.protocol import BUILTIN_SUITES
+    from carlos_audit.case.protocol import BUILTIN_SUITES, FETCHED_SUITES
 
     if spec.startswith("builtin:"):
-        if spec.split(":", 1)[1] not in BUILTIN_SUITES:
+        if spec.split(":", 1)[1] not in (*BUILTIN_SUITES, *FETCHED_SUITES):
             raise AuditError(f"{where}: protocol.prompts {spec!r} is not a prompt set; allowed: "
-                             + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES) + ", or a .txt/.json/.toml file")
+                             + ", ".join(f"builtin:{n}" for n in (*BUILTIN_SUITES, *FETCHED_SUITES))
+                             + ", or a .txt/.json/.toml file")
         return
     path = expand_path(spec, base_dir)
     if not path.is_file():
@@ -329,3 +345,68 @@ def output_dir(case: Case, out: str | None = None, reports_root: Path | None = N
     if real == root_real:
         raise AuditError(f"{case.path}: output.dir must name a folder inside reports/, not reports/ itself")
     return real
+
+
+# ----------------------------------------------------------------------------- derived case files
+
+
+def dump_case(data: dict) -> str:
+    """A small TOML writer for case files (tables of scalars, lists and inline seed tables)."""
+    import json
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        raise TypeError(type(v))
+
+    out = []
+    for section, table in data.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {val(v)}" for k, v in table.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def absolute_paths(case: Case) -> dict:
+    """The case file's tables with every relative input path made absolute against the case
+    file's folder, so that the text means the same case wherever it is stored."""
+    data = tomllib.loads(case.raw_text)
+
+    def rebase(table: str, key: str, only_existing: bool = False):
+        v = data.get(table, {}).get(key)
+        if isinstance(v, str) and "${" not in v and not v.startswith("builtin:"):
+            p = expand_path(v, case.base_dir)
+            if not only_existing or p.exists():
+                data[table][key] = str(p)
+
+    rebase("lora", "path")
+    rebase("protocol", "prompts")
+    rebase("reference", "corpus")
+    rebase("base_model", "source", only_existing=True)  # "hf:...", "embedded:..." are not paths
+    rebase("embedder", "pretrained", only_existing=True)
+    if "comparison" in data:
+        data["comparison"]["loras"] = [v if "${" in v else str(expand_path(v, case.base_dir))
+                                       for v in data["comparison"].get("loras", [])]
+    return data
+
+
+def derive_case(data: dict, folder: Path) -> Case:
+    """A case from tables built by the tool (absolute paths), stored content-addressed in
+    ``folder`` (never beside the user's case file; the same tables give the same file)."""
+    from carlos_audit.fileio import write_text_atomic
+    from carlos_audit.hashing import sha256_bytes
+
+    text = dump_case(data)
+    path = Path(folder) / f"{sha256_bytes(text.encode('utf-8'))[:24]}.toml"
+    case = parse_case(text, path)
+    if not path.is_file():
+        write_text_atomic(path, text)
+    return case

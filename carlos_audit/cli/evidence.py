@@ -1,4 +1,4 @@
-"""Evidence on a finished case: report, preflight, sign, verify."""
+"""Evidence on a finished case: analyse, report, preflight, sign, verify."""
 
 from __future__ import annotations
 
@@ -88,6 +88,37 @@ def sign(case_dir, key, cert, tsa):
     r = sign_archive(case_dir, key, cert, tsa)
     click.echo(f"wrote {r['signed']} (signed by {r['signer']}{', timestamped' if r['timestamped'] else ''})")
     click.echo(f"  sha256 {r['sha256']}; begins with report-archive.pdf (sha256 {r['archive_sha256']})")
+
+
+@main.command()
+@click.argument("case_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder to write the recomputed metrics.json / comparison.json into (the case folder is never written).")
+@click.option("--allow-incompatible", is_flag=True, help="Compare with a reference corpus profiled differently.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def analyse(case_dir, out, allow_incompatible, as_json):
+    """Run the analysis step again on a finished case (no model): metrics and comparison from the
+    stored features, compared byte for byte with the recorded results.
+
+    Exits non-zero when a result differs.
+
+    \b
+    Example:
+        carlos-audit analyse reports/demo
+    """
+    from pathlib import Path
+
+    from carlos_audit.analysis.case_analysis import reanalyse
+    from carlos_audit.errors import VerificationFailed
+
+    result = reanalyse(Path(case_dir), allow_incompatible=allow_incompatible, out=Path(out) if out else None)
+    if as_json:
+        print_json(result)
+    else:
+        for name, r in sorted(result["results"].items()):
+            click.echo(f"{'SAME' if r['identical'] else 'DIFF'}  {name}  sha256 {r['now']} (recorded {r['recorded']})")
+    if not result["identical"]:
+        raise VerificationFailed("the analysis does not reproduce the recorded results")
 
 
 # --- verification (verify.py) ---

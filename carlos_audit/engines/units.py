@@ -1,14 +1,18 @@
 """Work units of a corpus build, and the one function that runs any of them.
 
 A unit is (LoRA case, arm, batch): one chunk of prompt x seed pairs, generated with one CPU
-generator per image, so its bytes do not depend on where, when or in which order it runs. It
-writes its images and embeddings atomically and its record last (``CaseStore.write_unit``): a
-unit with a record is done and is skipped; a unit whose worker died is run again whole and
-overwrites any half-written files with identical bytes. Nothing is duplicated or lost.
+generator per image, so its bytes do not depend on where, when or in which order it runs.
 
-A ``finalize`` unit copies the shared base arm into the case folder and runs the existing
-profile code (``run_case`` with every unit already done: metrics, manifest), on the same kind
-of worker that generated, so the manifest's environment is the generating environment.
+A unit writes nothing where it runs (no shared file system): ``run_unit`` returns the unit's
+files (PNG bytes, embeddings, the unit record) and the driver writes them into the case folder
+(``engines/driver.py``), the record last. A unit with a record is done and is never submitted
+again; a unit whose worker died is run again whole. Nothing is duplicated or lost.
+
+Before it generates, a worker checks every input against the sha256 the driver planned
+(``engines/inputs.py``). A ``finalize`` unit receives the case folder's records and embeddings
+(not the images), runs the existing profile code (``run_case`` with every unit already done:
+metrics, manifest) in a node-local scratch copy, on the same kind of worker that generated (so
+the manifest's environment is the generating environment), and returns the files it wrote.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from carlos_audit.errors import AuditError
+from carlos_audit.run.store import CaseStore
 
 #: The pipeline session of the last unit run in this process, reused by the next unit of the same
 #: LoRA case (profile.load_models keeps the pipeline loaded across cases; only the adapter swaps).
-_CURRENT: dict = {}
+CURRENT: dict = {}
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class WorkUnit:
     allow_partial: bool = False
     shared: tuple = ()  # finalize: ((arm, shared folder, shared id, (batch, ...)), ...)
     argv: tuple = ()  # finalize: the command recorded in the manifest
+    inputs: tuple = ()  # ((role, path, sha256), ...) planned by the driver, checked on the worker
 
     @property
     def key(self) -> str:
@@ -66,103 +72,102 @@ class _Context:
 def _context(unit: WorkUnit) -> _Context:
     from carlos_audit.case.casefile import parse_case
     from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
+    from carlos_audit.engines.inputs import check_inputs
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.intake import intake
     from carlos_audit.run.load import load_models
     from carlos_audit.run.profile import make_session
-    from carlos_audit.run.store import CaseStore
 
-    key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial)
-    ctx = _CURRENT.get("ctx")
+    key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial, unit.inputs)
+    ctx = CURRENT.get("ctx")
     if ctx is not None and ctx.key == key:
         return ctx
-    _CURRENT.clear()
+    CURRENT.clear()
     case = parse_case(unit.case_text, Path(unit.case_path))
     paths, inputs, inspection = intake(case)
-    sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
-    if sha != unit.lora_sha256:
-        raise AuditError(f"LoRA {unit.lora_path} changed since the build was planned (sha256 {sha}, planned {unit.lora_sha256})")
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
     lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=unit.allow_partial)
+    check_inputs(unit, inputs, {"base_model": lp.sha256, "embedder": emb.sha256})
+    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
     session, _ = make_session(case, CaseStore(unit.store), lp, emb, determinism)
     pairs = enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"])
-    ctx = _Context(key, session, plan_arms(case, sha, []), {b[0].batch: b for b in batches(pairs)})
-    _CURRENT["ctx"] = ctx
+    ctx = _Context(key, session, plan_arms(case, unit.lora_sha256, []), {b[0].batch: b for b in batches(pairs)})
+    CURRENT["ctx"] = ctx
     return ctx
 
 
-def run_unit(unit: WorkUnit, threads: int | None = None) -> dict:
-    """Run one unit (idempotent). Returns {unit, status, source, cost}."""
-    from carlos_audit.run.store import CaseStore
+class ReturningStore(CaseStore):
+    """A CaseStore that keeps a unit's files in memory instead of writing them: the worker side
+    of a unit; the driver writes them (``CaseStore.write_unit_files``)."""
 
-    set_threads(threads)
-    if unit.kind == "finalize":
-        return finalize_case(unit)
-    store = CaseStore(unit.store)
-    done = store.unit_done(unit.arm, unit.batch)
-    if done is not None:
-        return {"unit": unit.key, "status": "already-done", "source": done.get("source"), "cost": done.get("cost")}
+    files: list = ()
+    record: dict | None = None
+
+    def unit_done(self, arm: str, batch: int) -> None:
+        return None  # the driver submits only units without a record
+
+    def write_unit_files(self, arm: str, batch: int, files: list, record: dict) -> dict:
+        self.files, self.record = files, record
+        return record
+
+
+def run_unit(unit: WorkUnit, threads: int | None = None, case_files: dict | None = None) -> dict:
+    """Run one unit where it lands, writing nothing there but the node's own caches. Returns
+    {unit, status, source, cost, node, images, files, record} for an arm unit, and for a finalize
+    unit (``case_files``: the case folder's records and embeddings) {unit, status, case_id,
+    signature, dim, node, files}. ``files``: [(path relative to ``unit.store``, bytes)]."""
+    import time
+
+    from carlos_audit.engines.inputs import node_label
     from carlos_audit.run.profile import run_batch
 
-    ctx = _context(unit)
-    arm = ctx.plan.arms.get(unit.arm)
-    if arm is None or unit.batch not in ctx.batches:
-        raise AuditError(f"unit {unit.key}: the case has no arm {unit.arm!r} batch {unit.batch}")
-    record = run_batch(replace(ctx.session, store=store), arm, ctx.batches[unit.batch])
-    return {"unit": unit.key, "status": "done", "source": record["source"], "cost": record.get("cost")}
+    set_threads(threads)
+    t0 = time.perf_counter()
+    if unit.kind == "finalize":
+        result = finalize_case(unit, case_files or {})
+    else:
+        ctx = _context(unit)
+        arm = ctx.plan.arms.get(unit.arm)
+        if arm is None or unit.batch not in ctx.batches:
+            raise AuditError(f"unit {unit.key}: the case has no arm {unit.arm!r} batch {unit.batch}")
+        store = ReturningStore(unit.store)
+        record = run_batch(replace(ctx.session, store=store), arm, ctx.batches[unit.batch])
+        result = {"unit": unit.key, "status": "done", "source": record["source"], "cost": record.get("cost"),
+                  "images": (record.get("cost") or {}).get("images_generated", 0), "files": store.files, "record": record}
+    return result | {"node": node_label(), "seconds": time.perf_counter() - t0}
 
 
-def materialize_shared(case_dir: Path, arm: str, shared_dir: Path, shared_id: str, batch_ids) -> int:
-    """Copy a shared arm's units (images, embeddings, records) into a case folder, checking every
-    file against its recorded sha256. The copied records say ``source: shared``. Returns copies."""
-    from carlos_audit.fileio import write_bytes_atomic, write_json_atomic
-    from carlos_audit.hashing import sha256_bytes
-    from carlos_audit.run.store import CaseStore
+def finalize_case(unit: WorkUnit, case_files: dict) -> dict:
+    """Metrics + manifest by the existing profile code, in a node-local scratch copy of the case
+    folder's records and embeddings; returns the files it added or changed (manifest last)."""
+    import shutil
+    import tempfile
 
-    dst, src = CaseStore(case_dir), CaseStore(shared_dir)
-    n = 0
-    for b in batch_ids:
-        if dst.unit_done(arm, b) is not None:
-            continue
-        rec = src.unit_done(arm, b)
-        if rec is None:
-            raise AuditError(f"shared arm {shared_id}: batch {b} was not computed (units/{arm}/b{b:05d}.json missing)")
-        for e in rec["pairs"]:
-            for rel, digest in ((e["image"], e["image_sha256"]), (e["embedding"], e["embedding_sha256"])):
-                data = src.path(rel).read_bytes()
-                if sha256_bytes(data) != digest:
-                    raise AuditError(f"shared arm {shared_id}: {rel} does not match its recorded sha256")
-                write_bytes_atomic(dst.path(rel), data)
-        write_json_atomic(dst.unit_path(arm, b), dict(rec, source="shared", shared_from=shared_id))
-        n += 1
-    return n
-
-
-def finalize_case(unit: WorkUnit) -> dict:
-    """Shared arms into the case folder, then metrics + manifest by the existing profile code."""
     from carlos_audit.case.casefile import parse_case
-    from carlos_audit.fileio import read_json
-    from carlos_audit.hashing import sha256_file
+    from carlos_audit.engines.inputs import check_inputs, scratch_root
+    from carlos_audit.fileio import write_bytes_atomic
     from carlos_audit.run.profile import run_case
 
-    out = Path(unit.store)
-    mf, sha = out / "manifest.json", out / "manifest.json.sha256"
-    if mf.is_file() and sha.is_file() and (out / "metrics.json").is_file() \
-            and sha.read_text().split()[0] == sha256_file(mf):
-        m = read_json(mf)
-        return {"unit": unit.key, "status": "already-done", "case_id": unit.case_id, "signature": m["signature"],
-                "dim": m["embedder"]["feature_dim"]}
-    for arm, shared_dir, shared_id, batch_ids in unit.shared:
-        materialize_shared(out, arm, Path(shared_dir), shared_id, batch_ids)
-    case = parse_case(unit.case_text, Path(unit.case_path))
-    _CURRENT.clear()  # run_case reloads the adapter: the cached session is no longer trusted
+    out = Path(tempfile.mkdtemp(prefix=f"{unit.case_id[:40]}-", dir=scratch_root()))
     try:
-        result = run_case(case, out, allow_partial=unit.allow_partial, argv=list(unit.argv), progress=False)
+        for rel, data in case_files.items():
+            write_bytes_atomic(out / rel, data)
+        case = parse_case(unit.case_text, Path(unit.case_path))
+        CURRENT.clear()  # run_case reloads the adapter: the cached session is no longer trusted
+        try:
+            result = run_case(case, out, allow_partial=unit.allow_partial, argv=list(unit.argv), progress=False)
+        finally:
+            CURRENT.clear()
+        m = result["manifest"]
+        check_inputs(unit, m["inputs"], {"base_model": m["base_model"]["sha256"], "embedder": m["embedder"]["sha256"]})
+        written = []
+        for p in sorted(out.rglob("*")):
+            rel = p.relative_to(out).as_posix()
+            if p.is_file() and case_files.get(rel) != (data := p.read_bytes()):
+                written.append((rel, data))
     finally:
-        _CURRENT.clear()
-    m = result["manifest"]
-    if m["lora"]["sha256"] != unit.lora_sha256:
-        raise AuditError(f"LoRA {unit.lora_path} changed during the build")
+        shutil.rmtree(out, ignore_errors=True)
+    last = ("manifest.json", "manifest.json.sha256")
+    written.sort(key=lambda f: (f[0] in last, last.index(f[0]) if f[0] in last else 0))
     return {"unit": unit.key, "status": "done", "case_id": unit.case_id, "signature": m["signature"],
-            "dim": len(result["metrics"]["direction"])}
+            "dim": len(result["metrics"]["direction"]), "files": written}

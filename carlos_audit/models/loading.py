@@ -62,16 +62,7 @@ def _architecture_of_pipe(pipe) -> str:
 
 
 def _hub_snapshot(repo_id: str, allow_download: bool) -> Path:
-    import os
-
-    from huggingface_hub import snapshot_download
-
-    cache_dir = os.environ.get("HF_HUB_CACHE")  # read at call time, not at import
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=not allow_download, cache_dir=cache_dir))
-    except Exception as e:  # LocalEntryNotFoundError, offline errors, ...
-        hint = "" if allow_download else " (only the local Hugging Face cache is searched; pass --allow-download to fetch it)"
-        raise AuditError(f"base model {repo_id!r} is not available locally{hint}: {type(e).__name__}") from None
+    return hf_snapshot(repo_id, allow_download, what="base model")
 
 
 def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto",
@@ -89,6 +80,7 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
         path = ensure_tiny_sd()
         pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
         identity, digest = source, tree_sha256(path)
+        path = f"$CARLOS_AUDIT_HOME/models/{path.name}"  # built from code on each machine: no machine path recorded
     else:
         p = Path(source)
         if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
@@ -161,11 +153,15 @@ class LoadedEmbedder:
     feature_dim: int
     device: str
     preprocess_description: str
+    kind: str = "open_clip"  # or "hf-transformers" (preprocess is then a CLIPProcessor)
 
 
 def load_embedder(model: str, pretrained: str | None, *, device: str = "cpu",
                   allow_download: bool = False, allow_unsafe_pickle: bool = False,
                   base_dir: Path | None = None) -> LoadedEmbedder:
+    if is_hf_embedder(model):
+        return load_hf_embedder(model, device=device, allow_download=allow_download,
+                                allow_unsafe_pickle=allow_unsafe_pickle, base_dir=base_dir)
     import open_clip
     import torch
 
@@ -220,3 +216,72 @@ def _open_clip_cached(model: str, pretrained: str) -> bool:
     except Exception:
         return False
     return False
+
+
+# --------------------------------------------------------------------------- transformers CLIP (the reference's embedder)
+
+HF_EMBEDDER_PREFIX = "hf:"
+HF_IDENTITY_PREFIX = "hf-transformers:"
+TINY_HF_CLIP = "embedded:tiny-hf-clip"
+
+
+def is_hf_embedder(model: str) -> bool:
+    return model.startswith(HF_EMBEDDER_PREFIX) or model == TINY_HF_CLIP
+
+
+def hf_embedder_identity(model: str, base_dir: Path | None = None) -> str:
+    """The signature identity of ``[embedder] model`` (no weights loaded): ``hf-transformers:<hub id>``
+    (what the CARLoS preset records), ``hf-transformers:dir:<folder name>``, or the embedded name."""
+    if model == TINY_HF_CLIP:
+        return model
+    ref = model[len(HF_EMBEDDER_PREFIX):]
+    folder = hf_local_folder(ref, base_dir)
+    return HF_IDENTITY_PREFIX + (f"dir:{folder.name}" if folder is not None else ref)
+
+
+def hf_local_folder(ref: str, base_dir: Path | None) -> Path | None:
+    p = Path(ref).expanduser()
+    if base_dir is not None and not p.is_absolute():
+        p = base_dir / p
+    return p if p.is_dir() else None
+
+
+def load_hf_embedder(model: str, *, device: str = "cpu", allow_download: bool = False,
+                     allow_unsafe_pickle: bool = False, base_dir: Path | None = None) -> LoadedEmbedder:
+    """transformers ``CLIPModel`` + ``CLIPProcessor``, as the CARLoS reference loads them: a hub id
+    from the local Hugging Face cache only (unless ``allow_download``), or a local folder.
+    Weights are read from safetensors files unless ``allow_unsafe_pickle``."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from carlos_audit.models.tiny import ensure_tiny_hf_clip
+
+    if model == TINY_HF_CLIP:
+        folder = ensure_tiny_hf_clip()
+    else:
+        ref = model[len(HF_EMBEDDER_PREFIX):]
+        folder = hf_local_folder(ref, base_dir)
+        if folder is None:
+            if ref.count("/") != 1 or ref.startswith((".", "/")):
+                raise AuditError(f"embedder {model!r}: no such folder, and not a hub id (org/name)")
+            folder = hf_snapshot(ref, allow_download, what="embedder")
+    try:
+        m = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=not allow_unsafe_pickle).eval().to(device)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        hint = "" if allow_unsafe_pickle else " (safetensors weights only unless --allow-unsafe-pickle)"
+        raise AuditError(f"cannot load embedder {model}{hint}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    return LoadedEmbedder(m, processor, processor.tokenizer, hf_embedder_identity(model, base_dir), tree_sha256(folder),
+                          int(m.config.projection_dim), device, repr(processor.image_processor.to_dict()), "hf-transformers")
+
+
+def hf_snapshot(repo_id: str, allow_download: bool, what: str) -> Path:
+    """A hub repository's snapshot folder: the local Hugging Face cache only unless ``allow_download``."""
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=not allow_download, cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except Exception as e:
+        hint = "" if allow_download else " (only the local Hugging Face cache is searched; pass --allow-download to fetch it)"
+        raise AuditError(f"{what} {repo_id!r} is not available locally{hint}: {type(e).__name__}") from None

@@ -3,6 +3,8 @@
 ``embedded:tiny-sd``   a Stable Diffusion pipeline of diffusers classes (UNet2DConditionModel,
                        AutoencoderKL, transformers CLIPTextModel + CLIPTokenizer), 64x64 images.
 ``embedded:tiny-clip`` an open_clip model from a custom config, saved for ``local-dir:`` loading.
+``embedded:tiny-hf-clip`` a transformers CLIPModel + CLIPProcessor (the reference's embedder
+                       classes), saved with ``save_pretrained``, loaded with ``from_pretrained``.
 
 They are written once into ``$CARLOS_AUDIT_HOME/models/<name>-v<N>`` with ``save_pretrained``
 (or safetensors for open_clip) and always loaded back through the real loaders, so the code
@@ -23,6 +25,7 @@ from carlos_audit.hashing import sha256_file, sha256_json
 
 TINY_SD_VERSION = 1
 TINY_CLIP_VERSION = 1
+TINY_HF_CLIP_VERSION = 1
 SEED = 0
 
 TINY_CLIP_CONFIG = {
@@ -87,7 +90,7 @@ def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(vocab)}, [" ".join(m) for m in merges]
 
 
-def _write_tokenizer(dest: Path) -> None:
+def write_clip_tokenizer(dest: Path) -> None:
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_bpe_vocab()
@@ -160,7 +163,7 @@ def _build_tiny_sd(dest: Path) -> None:
         steps_offset=1,
     )
     tok_dir = dest / "_tok"
-    _write_tokenizer(tok_dir)
+    write_clip_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     pipe = StableDiffusionPipeline(
         unet=unet,
@@ -197,3 +200,28 @@ def ensure_tiny_sd(home: Path | None = None) -> Path:
 def ensure_tiny_clip(home: Path | None = None) -> Path:
     home = home or carlos_home()
     return _build_into(home / "models" / f"tiny-clip-v{TINY_CLIP_VERSION}", _build_tiny_clip)
+
+
+def _build_tiny_hf_clip(dest: Path) -> None:
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    torch.manual_seed(SEED)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu")
+    cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **common).to_dict(),
+                     vision_config=CLIPVisionConfig(image_size=64, patch_size=8, **common).to_dict(), projection_dim=64)
+    CLIPModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                       image_mean=TINY_CLIP_PREPROCESS["mean"], image_std=TINY_CLIP_PREPROCESS["std"]).save_pretrained(dest)
+    write_clip_tokenizer(dest)
+
+
+def ensure_tiny_hf_clip(home: Path | None = None) -> Path:
+    home = home or carlos_home()
+    return _build_into(home / "models" / f"tiny-hf-clip-v{TINY_HF_CLIP_VERSION}", _build_tiny_hf_clip)

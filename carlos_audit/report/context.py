@@ -15,6 +15,7 @@ from pathlib import Path
 from carlos_audit import __version__
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
+from carlos_audit.kit.paths import portable_command
 from carlos_audit.report import evidence as ev
 from carlos_audit.report.comparison import corpus_placement
 from carlos_audit.report.expert import expert_context
@@ -100,7 +101,7 @@ def core(inp: ReportInputs, copy: str) -> dict:
         "tool": manifest.get("tool", {}),
         "run": run,
         "document_date": iso(run["source_date_epoch"]),
-        "command": shlex.join(str(a) for a in run.get("command", [])),
+        "command": shlex.join(portable_command(run.get("command", []))),
         "lora": lora,
         "lora_size": next((i.get("size") for i in manifest.get("inputs", []) if i.get("role") == "lora"), None),
         "self_reported": self_reported(lora),
@@ -140,7 +141,12 @@ def images(inp: ReportInputs, copy: str) -> dict:
 
 
 def comparisons(inp: ReportInputs, copy: str) -> dict:
+    from carlos_audit.analysis.replication import replication_context
+    from carlos_audit.report.error_rates import error_rates_context
+
     return {"head_to_head": inp.head_to_head,
+            "replication": replication_context(inp.comparison),
+            "error_rates": error_rates_context(inp.comparison, inp.metrics),
             "n_cmp_images_checked": sum(len(t) for h in inp.head_to_head for t in (h["agree_most"], h["agree_least"]))}
 
 

@@ -55,8 +55,7 @@ def measure(case, n_images: int) -> dict:
     load_s = time.perf_counter() - t0
     cost.install_pipeline_hooks(lp.pipe)
     cost.install_embedder_hooks(emb)
-    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
-                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
+    params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     prompts, _ = load_prompts(pc["prompts"], case.base_dir)
     pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
     chosen = [pairs[i % len(pairs)] for i in range(n_images)]  # more than the protocol has: wrap around

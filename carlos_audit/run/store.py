@@ -29,9 +29,9 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def npy_bytes(vec: np.ndarray) -> bytes:
+def npy_bytes(vec: np.ndarray, dtype: str = "<f4") -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(vec, dtype="<f4"), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(vec, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -61,15 +61,16 @@ class CaseStore:
         p = self.unit_path(arm, batch)
         return read_json(p) if p.is_file() else None
 
-    def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
-                   cost: dict | None = None) -> dict:
-        entries = []
+    def unit_files(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
+                   cost: dict | None = None) -> tuple[list, dict]:
+        """The files of one finished unit as ([(relative path, bytes)], record), nothing written:
+        what ``write_unit`` writes here, or what a Ray worker sends back to the driver."""
+        files, entries = [], []
         for im, f, pid, prompt, seed in zip(images, features, pair_ids, prompts_sent, seeds):
             data = im if isinstance(im, bytes) else png_bytes(im)
             irel, erel = self.image_rel(arm, pid), self.embedding_rel(arm, pid)
-            write_bytes_atomic(self.path(irel), data)
             emb = npy_bytes(f)
-            write_bytes_atomic(self.path(erel), emb)
+            files += [(irel, data), (erel, emb)]
             entries.append({
                 "pair_id": pid, "prompt": prompt, "seed": int(seed),
                 "image": irel, "image_sha256": sha256_bytes(data),
@@ -78,8 +79,19 @@ class CaseStore:
         record = {"arm": arm, "batch": batch, "source": source, "pairs": entries}
         if cost is not None:
             record["cost"] = cost  # hook-counted work that produced this unit (cost.py)
+        return files, record
+
+    def write_unit_files(self, arm: str, batch: int, files: list, record: dict) -> dict:
+        """Write a unit's images and embeddings atomically, then its record last (the resume point)."""
+        for rel, data in files:
+            write_bytes_atomic(self.path(rel), data)
         write_json_atomic(self.unit_path(arm, batch), record)
         return record
+
+    def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
+                   cost: dict | None = None) -> dict:
+        files, record = self.unit_files(arm, batch, images, features, pair_ids, prompts_sent, seeds, source, cost)
+        return self.write_unit_files(arm, batch, files, record)
 
     def features(self, arm: str, pair_ids) -> np.ndarray:
         return np.stack([load_npy(self.path(self.embedding_rel(arm, p))) for p in pair_ids])

@@ -1,0 +1,176 @@
+"""Joining a Ray cluster the way users start it (``ray start --head``), or starting one here.
+
+``ray.init(address=...)`` against a cluster it cannot use retries for 20 s to more than a minute
+and ends in a traceback. Before calling it, ``connect`` checks the address in a few seconds and
+turns each failure into one line that names the address and the likely cause:
+
+- unreachable: a TCP connection to host:port is refused or times out;
+- authentication: Ray 2.5x+ token authentication (``RAY_AUTH_MODE=token``). A head started with
+  ``ray start`` enables it when a token exists (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``,
+  ``RAY_AUTH_TOKEN_PATH``); a driver given an explicit address does not. Here, when
+  ``RAY_AUTH_MODE`` is unset and the cluster asks for a token, the driver turns token mode on with
+  Ray's own loader (the token is sent only to the address the user named) and checks again;
+- version mismatch and other refusals by ``ray.init`` itself.
+
+The check runs in a subprocess (``python -m carlos_audit.engines.ray_connect ADDRESS``) so that
+Ray's native retry loop and log lines stay out of the driver, with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from carlos_audit.errors import AuditError
+
+PROBE_TIMEOUT_S = 30
+TCP_TIMEOUT_S = 5
+AUTH_HELP = ("give the cluster's token in RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH "
+             "(`ray get-auth-token` on the head prints it)")
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to join: ``--ray-address``, else ``RAY_ADDRESS``, else None (start Ray here)."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    return address or None
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a GCS address ``host:port``; None for ``auto`` and ``ray://`` client addresses."""
+    if address == "auto" or "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise AuditError(f"Ray address {address!r} is not host:port (e.g. 127.0.0.1:6379, the --port of `ray start --head`)")
+    return host.strip("[]"), int(port)
+
+
+def token_available() -> bool:
+    """Whether this process can present a Ray auth token (env variable, token file, ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return os.path.isfile(path)
+    return os.path.isfile(os.path.expanduser("~/.ray/auth_token"))
+
+
+def check_reachable(address: str, host: str, port: int) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=TCP_TIMEOUT_S):
+            pass
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError | socket.timeout) else (e.strerror or type(e).__name__)
+        raise AuditError(f"cannot reach the Ray cluster at {address}: {why} (unreachable: is `ray start --head` "
+                         f"running there with --port {port}, and is the port open from this machine?)") from None
+
+
+def probe(address: str, token_mode: bool) -> dict:
+    """Ask the cluster's GCS for its id, in a subprocess: {"ok": true} or {"error": kind, "detail": text}."""
+    env = dict(os.environ)
+    if token_mode:
+        env["RAY_AUTH_MODE"] = "token"
+    try:
+        out = subprocess.run([sys.executable, "-m", "carlos_audit.engines.ray_connect", address], env=env,
+                             capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout", "detail": f"no answer from its GCS within {PROBE_TIMEOUT_S} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": "probe", "detail": err[:200]}
+    return json.loads(lines[-1])
+
+
+#: (address, auth settings) -> whether token mode is needed, for what this process already checked
+CHECKED: dict = {}
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def check_cluster(address: str) -> bool:
+    """Check ``address`` answers and accepts this driver; returns whether token mode must be on.
+    Raises AuditError (one line) otherwise. Called before a build prepares anything."""
+    key = (address, *(os.environ.get(k) for k in AUTH_ENV))
+    if key not in CHECKED:
+        CHECKED[key] = _check(address)
+    return CHECKED[key]
+
+
+def _check(address: str) -> bool:
+    hp = split_address(address)
+    if hp is None:
+        return False
+    check_reachable(address, *hp)
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    token_mode = mode == "token"
+    r = probe(address, token_mode)
+    if r.get("error") == "auth" and not mode and token_available():
+        token_mode = True
+        r = probe(address, token_mode)
+    if r.get("ok"):
+        return token_mode
+    kind, detail = r.get("error"), r.get("detail", "")
+    if kind == "auth":
+        why = ("the token this driver sent was refused (token mismatch)" if token_mode
+               else "the cluster requires token authentication and this driver has no token")
+        raise AuditError(f"Ray cluster at {address} refused the connection: {why}; {AUTH_HELP}")
+    if kind == "timeout":
+        raise AuditError(f"Ray cluster at {address} did not answer ({detail}): is it a Ray GCS port (the --port of `ray start --head`)?")
+    raise AuditError(f"cannot connect to the Ray cluster at {address}: {detail}")
+
+
+def init_ray(address: str | None, runtime_env: dict):
+    """``ray.init`` for a build: join ``address`` (checked first) or start Ray in this process."""
+    from carlos_audit.engines.ray_engine import import_ray
+
+    ray = import_ray()
+    if address is not None and check_cluster(address):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _refresh_ray_config()
+    try:
+        ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = "version mismatch between this driver and the cluster" if "ersion mismatch" in str(e) else "refused"
+        raise AuditError(f"cannot join the Ray cluster at {address or '(new local cluster)'}: {cause}: {first[:200]}") from None
+    return ray
+
+
+def _refresh_ray_config() -> None:
+    """Make this process's Ray read RAY_AUTH_MODE again (Ray caches its config at import)."""
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # a Ray without token authentication
+        pass
+
+
+def _probe_main(address: str) -> None:
+    """Subprocess side of ``probe``: one JSON line on stdout."""
+    try:
+        from ray._raylet import GcsClient
+    except ImportError as e:
+        print(json.dumps({"error": "probe", "detail": f"Ray is not importable: {e}"}))
+        return
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # Ray without token authentication
+        AuthenticationError = ()  # noqa: N806
+    try:
+        GcsClient(address=address).cluster_id
+    except AuthenticationError as e:
+        print(json.dumps({"error": "auth", "detail": str(e).split(".")[0][:200]}))
+        return
+    except Exception as e:  # noqa: BLE001  (any other refusal: reported as one line)
+        print(json.dumps({"error": "other", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}))
+        return
+    print(json.dumps({"ok": True}))
+
+
+if __name__ == "__main__":
+    _probe_main(sys.argv[1])
