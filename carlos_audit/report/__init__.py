@@ -14,7 +14,7 @@ from pathlib import Path
 FILING_PDF = "report.pdf"
 ARCHIVE_PDF = "report-archive.pdf"
 SIGNED_PDF = "report-archive-signed.pdf"
-REPORT_FILES = (FILING_PDF, f"{FILING_PDF}.sha256", ARCHIVE_PDF, f"{ARCHIVE_PDF}.sha256", SIGNED_PDF)
+REPORT_FILES = (FILING_PDF, f"{FILING_PDF}.sha256", ARCHIVE_PDF, f"{ARCHIVE_PDF}.sha256", SIGNED_PDF, f"{SIGNED_PDF}.sha256")
 
 
 def render_report(case_dir: Path, check: bool = True) -> Path:
