@@ -1,4 +1,4 @@
-"""Report context of section 5B "Known error rates" (templates/sections/error_rates.html.j2).
+"""Report context of the "Known error rates" supplement to the corpus chapter (templates/sections/error_rates.html.j2).
 
 Built from what the case folder records alone: comparison.json (``corpus.error_rates``, each
 neighbour's ``false_match``, each head-to-head ``direction_cosine_false_match`` and weights
@@ -58,7 +58,7 @@ def _weights_rows(w: dict) -> list[str]:
 
 
 def error_rates_context(comparison: dict | None, metrics: dict) -> dict:
-    """Everything section 5B shows; ``present`` False when the case has nothing to calibrate."""
+    """Everything the section shows; ``present`` False when the case has nothing to calibrate."""
     from carlos_audit.analysis.coverage import interval_warning
 
     comparison = comparison or {}
