@@ -27,6 +27,8 @@ from test_engines import L, P, S, tree_sha256s, inputs, local_build, pinned_cloc
 
 from carlos_audit.fileio import read_json
 
+pytestmark = pytest.mark.slow  # a real cluster: head + 2 worker nodes started with `ray start`
+
 VICTIM = "weak/lora/b00003"  # the last arm unit submitted: left for the second driver
 
 
