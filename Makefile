@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test bench clean
+.PHONY: setup system-deps demo test test-real bench clean
 
 setup: system-deps $(STAMP)
 
@@ -37,6 +37,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Full-size SDXL fixtures (random weights, ~13.6 GB in $$CARLOS_AUDIT_FIXTURES, built once): not in CI.
+test-real: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m real tests
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -26,6 +26,7 @@ import numpy as np
 from carlos_audit.analysis.metrics import compute_metrics
 from carlos_audit.fileio import write_bytes_atomic, write_json_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.records import Metrics
 
 CATEGORIES = ["people", "animals", "landscapes", "architecture", "objects", "food", "scenes", "fantasy", "vehicles", "art"]
 FEATURE_DIM = 768
@@ -76,8 +77,8 @@ def synthetic_case(root: Path, n_prompts: int, n_seeds: int, px: int = 64) -> Pa
                              "embedding": f"embeddings/{arm}/{pid}.npy", "embedding_sha256": sha256_bytes(emb)}
             pairs.append({"pair_id": pid, "prompt_id": p["id"], "category": p["category"], "subcategory": p["subcategory"],
                           "seed": seed, "batch": idx // 8, "position": idx % 8, "arms": arms})
-    metrics = compute_metrics(np.array(lora_f), np.array(base_f), pairs, n_resamples=200, seed=0)
-    write_json_atomic(root / "metrics.json", metrics)
+    metrics = Metrics(**compute_metrics(np.array(lora_f), np.array(base_f), pairs, n_resamples=200, seed=0))
+    metrics.write(root)
     lora_file = root.parent / "bench-lora.safetensors"
     lora_file.write_bytes(b"synthetic" * 1000)
     lsha = sha256_file(lora_file)

@@ -73,6 +73,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
 
     from carlos_audit.case.casefile import load_case
     from carlos_audit.report import render_report
+    from carlos_audit import records
     from carlos_audit.run import embed, generate, load, profile, store
 
     spent = {"generation": 0.0, "clip": 0.0, "io": 0.0, "metrics": 0.0}
@@ -87,8 +88,8 @@ def time_split(tmp: Path, assets: dict) -> dict:
         return wrapper
 
     patches = [(profile, "generate_batch", "generation"), (embed, "image_features", "clip"),
-               (profile, "png_bytes", "io"), (store.CaseStore, "write_unit", "io"), (profile, "analyse", "metrics"),
-               (profile, "write_manifest", "io")]
+               (profile, "png_bytes", "io"), (store.CaseStore, "write_unit", "io"), (profile, "analyse_case", "metrics"),
+               (records.Manifest, "write", "io")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, kind in patches:
         setattr(obj, name, timed(kind, getattr(obj, name)))

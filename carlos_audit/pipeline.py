@@ -14,21 +14,24 @@ from carlos_audit.case.casefile import Case
 def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> dict:
     """profile, indicators, head-to-head and corpus comparison (run_case) -> report."""
     from carlos_audit.errors import AuditError
-    from carlos_audit.report import render_report
+    from carlos_audit.report import ARCHIVE_PDF, render_report
+    from carlos_audit.run.lock import case_lock
     from carlos_audit.run.profile import run_case
 
-    try:
-        result = run_case(case, out, allow_incompatible=allow_incompatible, **kwargs)
-    except AuditError:
-        # an input changed during the run: the manifest is written (custody_ok false) and the
-        # exhibit is still rendered, marked invalid, before the error reaches the user
-        if _custody_failed(out):
-            render_report(out)
-        raise
-    result.setdefault("written", [])
-    if (Path(out) / "comparison.json").is_file():
-        result["written"].append(str(Path(out) / "comparison.json"))
-    result["written"].append(str(render_report(out)))
+    with case_lock(out):  # held through the report
+        try:
+            result = run_case(case, out, allow_incompatible=allow_incompatible, **kwargs)
+        except AuditError:
+            # an input changed during the run: the manifest is written (custody_ok false) and the
+            # exhibit is still rendered, marked invalid, before the error reaches the user
+            if _custody_failed(out):
+                render_report(out, check=False)
+            raise
+        result.setdefault("written", [])
+        if result["comparison"] is not None:
+            result["written"].append(str(Path(out) / "comparison.json"))
+        result["written"].append(str(render_report(out)))           # filing copy, pre-flight checked
+        result["written"].append(str(Path(out) / ARCHIVE_PDF))
     return result
 
 

@@ -4,14 +4,17 @@ Checks, each reported pass/fail with the file or pair it concerns:
 
 1. ``manifest.json`` matches ``manifest.json.sha256`` (an edited manifest is named).
 2. Every stored image and embedding matches the sha256 the manifest records for it; the case
-   file copy, ``metrics.json`` and ``report.pdf`` match their recorded hashes.
+   file copy and ``metrics.json`` match their recorded hashes; ``report.pdf`` (filing copy),
+   ``report-archive.pdf`` and a signed archive copy match their ``.sha256`` files; the filing
+   copy prints the archive copy's sha256; a signature, when present, is intact and covers the
+   signed file (checked against ``--trust`` certificates when given; nothing is fetched).
 3. Metrics recomputed from the stored embeddings equal ``metrics.json`` (relative tolerance
    1e-9 for floating-point summation order; identical on the same platform).
 4. A random sample of N pairs (sample seed recorded in the output) is regenerated from the
    recorded inputs. On the same software and hardware the image hashes must match exactly.
-   Where the environment differs (package versions, device, dtype, machine, torch thread
-   count), exact equality is not
-   expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
+   Where the environment differs in what changes bits (``case/signature.bits_environment``:
+   package versions, python, machine, platform, device, dtype, torch threads, CUDA, GPU, fast path), exact
+   equality is not expected: each regenerated embedding must then have cosine >= EMBEDDING_COSINE_TOLERANCE with
    the stored one.
 """
 
@@ -59,7 +62,7 @@ def _close(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def check_files(case_dir: Path, manifest: dict) -> list[Check]:
+def check_files(case_dir: Path, manifest: dict, trust: list[Path] | None = None) -> list[Check]:
     checks = []
     bad, missing = [], []
     for row in manifest["pairs"]:
@@ -70,13 +73,15 @@ def check_files(case_dir: Path, manifest: dict) -> list[Check]:
                     missing.append(e[kind])
                 elif sha256_file(p) != e[f"{kind}_sha256"]:
                     bad.append(e[kind])
-    for pid, rec in (manifest.get("text_features") or {}).items():
+    text = list((manifest.get("text_features") or {}).values())
+    text += [manifest["label_signatures"]] if manifest.get("label_signatures") else []
+    for rec in text:
         p = case_dir / rec["path"]
         if not p.is_file():
             missing.append(rec["path"])
         elif sha256_file(p) != rec["sha256"]:
             bad.append(rec["path"])
-    n = sum(2 * len(r["arms"]) for r in manifest["pairs"]) + len(manifest.get("text_features") or {})
+    n = sum(2 * len(r["arms"]) for r in manifest["pairs"]) + len(text)
     if bad or missing:
         detail = "; ".join(filter(None, [
             f"modified: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "") if bad else "",
@@ -84,7 +89,7 @@ def check_files(case_dir: Path, manifest: dict) -> list[Check]:
         checks.append(Check("stored images and embeddings", False, detail))
     else:
         checks.append(Check("stored images and embeddings", True, f"{n} files match their recorded sha256"))
-    # (text features of the prompts are included in the count above)
+    # (text features of the prompts and the label signatures are included in the count above)
     for rel, digest in manifest.get("results", {}).items():
         p = case_dir / rel
         ok = p.is_file() and sha256_file(p) == digest
@@ -93,12 +98,44 @@ def check_files(case_dir: Path, manifest: dict) -> list[Check]:
     if casefile and (case_dir / "case.toml").is_file():
         ok = sha256_file(case_dir / "case.toml") == casefile["sha256"]
         checks.append(Check("case.toml", ok, "equals the case file as run" if ok else "case.toml was modified"))
-    pdf = case_dir / "report.pdf"
-    side = case_dir / "report.pdf.sha256"
-    if pdf.is_file() and side.is_file():
-        ok = side.read_text().split()[0] == sha256_file(pdf)
-        checks.append(Check("report.pdf", ok, "matches report.pdf.sha256" if ok else "report.pdf was modified (or its .sha256)"))
+    checks += check_reports(case_dir, trust)
     return checks
+
+
+def check_reports(case_dir: Path, trust: list[Path] | None = None) -> list[Check]:
+    """Both copies of the report (and a signed archive copy) against their .sha256 files; the
+    filing copy's record of the archive copy's sha256; the signature, when there is one."""
+    from carlos_audit.report import ARCHIVE_PDF, FILING_PDF, SIGNED_PDF
+    from carlos_audit.report.signing import verify_signature
+
+    checks = []
+    for name in (FILING_PDF, ARCHIVE_PDF, SIGNED_PDF):
+        pdf, side = case_dir / name, case_dir / f"{name}.sha256"
+        if pdf.is_file() and side.is_file():
+            ok = side.read_text().split()[0] == sha256_file(pdf)
+            checks.append(Check(name, ok, f"matches {name}.sha256" if ok else f"{name} was modified (or its .sha256)"))
+        elif pdf.is_file() or side.is_file():
+            checks.append(Check(name, False, f"{name} or {name}.sha256 is missing"))
+    filing, archive = case_dir / FILING_PDF, case_dir / ARCHIVE_PDF
+    if filing.is_file() and archive.is_file():
+        digest = sha256_file(archive)
+        ok = _pdf_text_has(filing, digest)
+        checks.append(Check("filing copy bound to the archive copy", ok,
+                            f"{FILING_PDF} prints the sha256 of {ARCHIVE_PDF}" if ok
+                            else f"{FILING_PDF} does not print the sha256 of this {ARCHIVE_PDF} (re-rendered separately?)"))
+    checks += [Check(n, ok, d) for n, ok, d in verify_signature(case_dir, trust)]
+    return checks
+
+
+def _pdf_text_has(pdf: Path, text: str) -> bool:
+    """Whether the PDF's extracted text contains ``text`` (pdftotext, as the report tests read it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["pdftotext", "-raw", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return text in out.replace("\n", "")
 
 
 def check_metrics(case_dir: Path, manifest: dict) -> Check:
@@ -124,6 +161,7 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
 def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
     """Regenerate the batches holding a random sample of pairs and compare."""
     from carlos_audit.case.casefile import parse_case
+    from carlos_audit.case.signature import environment_differences
     from carlos_audit.run.arms import arms_for
     from carlos_audit.run.embed import image_features
     from carlos_audit.run.environment import capture
@@ -143,18 +181,16 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     changed = [i["role"] for i in inputs if recorded.get(i["role"]) not in (None, i["sha256"])]
     if changed:
         return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
+    checks = [check_base_files(case, manifest)] if manifest["base_model"].get("files") else []
     lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
-    env_now = capture(lp.device, lp.dtype, determinism)
-    env_then = manifest["environment"]
-    same_platform = (env_now["packages"] == env_then["packages"] and env_now["device"] == env_then["device"]
-                     and env_now["dtype"] == env_then["dtype"] and env_now["machine"] == env_then["machine"]
-                     and env_now.get("torch_threads") == env_then.get("torch_threads"))
+    env_now = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
+    differences = environment_differences(env_now, manifest["environment"])
+    same_platform = not differences
     p = manifest["protocol"]
-    params = GenerationParams(p["steps"], p["guidance_scale"], p["width"], p["height"], p["scheduler"], p["negative_prompt"])
+    params = GenerationParams.from_protocol(p, p["scheduler"])
     rows = manifest["pairs"]
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
     arms = {a.name: a for a in arms_for(case)}
-    checks = []
     by_batch: dict[int, list[dict]] = {}
     for r in rows:
         by_batch.setdefault(r["batch"], []).append(r)
@@ -176,12 +212,33 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
                     ok, detail = same_image, ("image hash identical" if same_image else "image hash differs on the same platform")
                 else:
                     ok = cos >= EMBEDDING_COSINE_TOLERANCE
-                    detail = f"platform differs; embedding cosine {cos:.6f} (tolerance {EMBEDDING_COSINE_TOLERANCE})"
+                    detail = (f"platform differs ({', '.join(differences)}); embedding cosine {cos:.6f} "
+                              f"(tolerance {EMBEDDING_COSINE_TOLERANCE})")
                 checks.append(Check(f"regenerate {m['pair_id']} [{arm_name}]", ok, detail))
     return checks
 
 
-def verify_case(case_dir: Path, sample: int = 4, seed: int = 0) -> dict:
+def check_base_files(case, manifest: dict) -> Check:
+    """Every file that affects the images (weights, configs, scheduler, tokenizer) against the
+    sha256 the manifest recorded; a changed, missing or added one is named."""
+    from carlos_audit.models.loading import resolve_base_source
+
+    bm = case.base_model
+    try:
+        src = resolve_base_source(bm["source"], base_dir=case.base_dir, variant=bm.get("variant"), config=bm.get("config"))
+    except AuditError as e:
+        return Check("base model files", False, str(e))
+    then = {f["name"]: f["sha256"] for f in manifest["base_model"]["files"]}
+    now = {f["name"]: f["sha256"] for f in src.files}
+    changed = sorted(n for n in then.keys() & now.keys() if then[n] != now[n])
+    missing, added = sorted(then.keys() - now.keys()), sorted(now.keys() - then.keys())
+    if changed or missing or added:
+        parts = [f"{label}: {', '.join(names[:5])}" for label, names in (("changed", changed), ("missing", missing), ("added", added)) if names]
+        return Check("base model files", False, "base model files differ from the ones recorded; " + "; ".join(parts))
+    return Check("base model files", True, f"{len(now)} files (weights, configs, tokenizer) match their recorded sha256")
+
+
+def verify_case(case_dir: Path, sample: int = 4, seed: int = 0, trust: list[Path] | None = None) -> dict:
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise AuditError(f"case folder {case_dir} does not exist")
@@ -199,7 +256,7 @@ def verify_case(case_dir: Path, sample: int = 4, seed: int = 0) -> dict:
         manifest = read_json(mpath)
     except ValueError as e:
         raise AuditError(f"{mpath} is not valid JSON: {e}") from None
-    checks += check_files(case_dir, manifest)
+    checks += check_files(case_dir, manifest, trust)
     checks.append(check_metrics(case_dir, manifest))
     checks.append(Check("chain of custody", bool(manifest.get("custody_ok")),
                         "inputs unchanged during the run" if manifest.get("custody_ok") else "an input changed during the run"))

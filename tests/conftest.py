@@ -31,9 +31,13 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:
         has_cuda = False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    run_real = "real" in (config.option.markexpr or "")
+    skip_real = pytest.mark.skip(reason="full-size SDXL fixtures: run with `make test-real` (pytest -m real)")
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+        if "real" in item.keywords and not run_real:
+            item.add_marker(skip_real)
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +118,65 @@ bootstrap_resamples = 200
 def copy_case(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def hub_layout(src: Path, cache: Path, repo: str = "someorg/tiny-sd", rev: str = "0123abcd") -> Path:
+    """A Hugging Face cache entry for ``src``: snapshot files are links into blobs/ (hard links of
+    the source files, so no copy is made)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / rev
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            blob = root / "blobs" / f"{f.relative_to(src).as_posix().replace('/', '_')}"
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            if not blob.exists():
+                os.link(f, blob)
+            link = snap / f.relative_to(src)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(rev)
+    return snap
+
+
+def full_size_case(tmp_path: Path, source, lora, extra_base: str = "", seeds: str = "[0]"):
+    """A 2-pair (2 prompts x 1 seed), 64 px, 2-step case on a full-size base model (tests/test_real_*.py)."""
+    import json
+
+    from carlos_audit.case.casefile import load_case
+
+    (tmp_path / "prompts.json").write_text(json.dumps({"people": {"portraits": ["a portrait of an old man"]},
+                                                       "objects": {"vehicles": ["a red car on a street"]}}))
+
+    text = f'''
+[case]
+id = "full-size"
+title = "full-size base model"
+examiner = "pytest"
+question = "test"
+
+[base_model]
+source = "{source}"
+dtype = "float32"
+device = "cpu"
+{extra_base}
+
+[embedder]
+model = "embedded:tiny-clip"
+
+[lora]
+path = "{lora}"
+
+[protocol]
+prompts = "prompts.json"
+seeds = {seeds}
+steps = 2
+width = 64
+height = 64
+scheduler = "DDIMScheduler"
+batch_size = 1
+bootstrap_resamples = 100
+'''
+    cf = tmp_path / "case.toml"
+    cf.write_text(text)
+    return load_case(cf)

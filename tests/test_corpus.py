@@ -33,6 +33,7 @@ from carlos_audit.corpus.search import (
     stats,
 )
 from carlos_audit.corpus.store import Corpus
+from carlos_audit.corpus.validate import calibrated_neighbours
 from carlos_audit.corpus.write import create_corpus, create_empty
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
@@ -120,7 +121,8 @@ def test_import_keeps_every_row_and_value_exactly(carlos_corpus, carlos_src):
     np.testing.assert_array_equal(np.asarray(c.directions, dtype=np.float64), source_dirs)
     assert c.meta["created_from"]["sha256"] == sha256_file(CARLOS)
     assert c.signature == preset_signature("carlos-sdxl-vitb32")
-    assert c.signature["seeds"] == list(range(16)) and c.signature["steps"] == 25
+    assert c.signature["seeds"] == list(range(42, 58)) and c.signature["steps"] == 25
+    assert c.signature["seed_mode"] == "carlos-batch/4"
 
 
 def test_directions_file_is_a_plain_npy_matrix(carlos_corpus):
@@ -199,10 +201,13 @@ def test_cli_neighbours_json_shape(carlos_corpus):
         assert entry["consistency_percentile"] is None or isinstance(entry["consistency_percentile"], float)
         assert len(entry["neighbours"]) == 3
         for n in entry["neighbours"]:
-            assert set(n) == {"id", "name", "similarity", "strength", "consistency"}
+            assert set(n) == {"id", "name", "similarity", "strength", "consistency", "false_match", "whitened"}
             assert isinstance(n["id"], str) and isinstance(n["name"], str)
             assert isinstance(n["similarity"], float) and isinstance(n["strength"], float)
-    assert obj == neighbours(carlos_corpus, [a, b], top_k=3)
+    assert obj == calibrated_neighbours(carlos_corpus, [a, b], top_k=3)
+    plain = neighbours(carlos_corpus, [a, b], top_k=3)  # the search itself is unchanged by the calibration
+    assert [[{k: n[k] for k in plain[a]["neighbours"][0]} for n in obj[x]["neighbours"]] for x in (a, b)] == \
+        [plain[x]["neighbours"] for x in (a, b)]
 
 
 def test_cli_unknown_id_is_one_line_error(carlos_corpus):
@@ -383,8 +388,8 @@ def test_corpus_percentiles_follow_the_definition(tmp_path):
         for name in ("strength", "consistency"):
             vals = getattr(c, name)
             v = None if np.isnan(vals[i]) else vals[i]
-            assert c._percentile(name, v, i) == percentile_rank(vals, v, exclude_index=i)
-            assert c._percentile(name, 3.0, None) == percentile_rank(vals, 3.0)
+            assert c.percentile(name, v, i) == percentile_rank(vals, v, exclude_index=i)
+            assert c.percentile(name, 3.0, None) == percentile_rank(vals, 3.0)
 
 
 def test_create_corpus_refuses_lossy_float32(tmp_path):

@@ -111,3 +111,36 @@ def test_demo_head_to_head_reads_a_merge(demo_case_dir):
     assert lo <= b["direction_cosine"] <= hi
     assert len(b["agree_most"]) == 3 and len(b["agree_least"]) == 3
     assert set(b["per_category_cosine"]) == set(read_json(demo_case_dir / "metrics.json")["per_category"])
+
+
+def test_compare_with_writes_nothing_beside_the_case_file_and_records_a_reproducing_command(demo_assets, tmp_path):
+    import os
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from carlos_audit.cli import main
+    from carlos_audit.verify import verify_case
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    cf = write_case(folder, demo_assets, case_id="withcmp", seeds="[0]", steps=2)
+    before = sorted(p.name for p in folder.iterdir())
+    out = tmp_path / "out"
+    cmd = ["compare", str(cf), "--with", demo_assets["loras"]["weak"], "--out", str(out), "--no-progress"]
+    r = CliRunner().invoke(main, cmd)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in folder.iterdir()) == before
+    m = read_json(out / "manifest.json")
+    assert m["run"]["command"] == ["carlos-audit"] + cmd[:-1]
+    casefile = next(i for i in m["inputs"] if i["role"] == "casefile")["path"]
+    assert Path(casefile).parent == Path(os.environ["CARLOS_AUDIT_HOME"]) / "derived-cases"
+    assert [h["lora"]["sha256"] for h in read_json(out / "comparison.json")["head_to_head"]] == \
+        [next(i for i in m["inputs"] if i["role"] == "comparison_lora_1")["sha256"]]
+    assert verify_case(out, sample=0)["ok"]
+    # the recorded command reproduces the run: it resumes the same case, nothing to generate
+    r = CliRunner().invoke(main, m["run"]["command"][1:] + ["--no-progress"])
+    assert r.exit_code == 0, r.output
+    again = read_json(out / "manifest.json")
+    assert again["results"] == m["results"]
+    assert all(s["generated_batches"] == 0 and s["cached_batches"] == 0 for s in again["run"]["stats"].values())

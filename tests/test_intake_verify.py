@@ -204,6 +204,7 @@ TAMPERS = {
     "metrics": (lambda c: (c / "metrics.json").write_text((c / "metrics.json").read_text().replace('"strength": 0.', '"strength": 1.', 1)), "metrics.json"),
     "manifest": (lambda c: (c / "manifest.json").write_text((c / "manifest.json").read_text().replace('"examiner": "', '"examiner": "X', 1)), "manifest.json"),
     "report": (lambda c: _flip_byte(c / "report.pdf", 200), "report.pdf"),
+    "archive-report": (lambda c: _flip_byte(c / "report-archive.pdf", 200), "report-archive.pdf"),
     "missing-image": (lambda c: (c / "images" / "base" / "p001_s0.png").unlink(), "images/base/p001_s0.png"),
 }
 
@@ -223,16 +224,15 @@ def test_verify_detects_and_names_tampering(case_copy, kind):
 def test_verify_detects_metrics_that_do_not_follow_from_the_embeddings(case_copy):
     """An embedding replaced together with its manifest hash (and the manifest's own sha256):
     the file checks pass but the recomputed metrics expose the change."""
-    from carlos_audit.fileio import read_json
-    from carlos_audit.run.profile import write_manifest
+    from carlos_audit.records import Manifest
 
-    m = read_json(case_copy / "manifest.json")
-    e = m["pairs"][0]["arms"]["lora"]
+    m = Manifest.read(case_copy)
+    e = m.pairs[0]["arms"]["lora"]
     p = case_copy / e["embedding"]
     v = np.load(p)
     np.save(p, v * 2.0)
     e["embedding_sha256"] = sha256_file(p)
-    write_manifest(case_copy, m)
+    m.write(case_copy)
     result = verify_case(case_copy, sample=0)
     bad = [c["check"] for c in result["checks"] if not c["ok"]]
     assert bad == ["metrics recomputed from embeddings"]

@@ -7,6 +7,7 @@ import pytest
 
 from carlos_audit.analysis.metrics import (
     bootstrap,
+    bootstrap_consistency,
     compute_metrics,
     consistency,
     consistency_explicit,
@@ -68,8 +69,28 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     assert sum(c["n_pairs"] for c in m1["per_category"].values()) == 40
 
 
+def _resampled_consistency_brute_force(d, groups, row):
+    """C* of one resample by enumerating pairs: rows of the drawn prompts, each drawn copy a slot;
+    a pair counts within one slot, or across slots holding different prompts (never two copies of
+    one prompt); within and between means are weighted by the original protocol's pair counts."""
+    u = d / np.linalg.norm(d, axis=1, keepdims=True)
+    items = [(slot, g, i) for slot, g in enumerate(row) for i in np.where(groups == g)[0]]
+    within, between = [], []
+    for a in range(len(items)):
+        for b in range(a + 1, len(items)):
+            (sa, ga, ia), (sb, gb, ib) = items[a], items[b]
+            if sa == sb:
+                within.append(u[ia] @ u[ib])
+            elif ga != gb:
+                between.append(u[ia] @ u[ib])
+    cnt = np.bincount(groups)
+    n_w, n_b = (cnt * (cnt - 1) / 2).sum(), (cnt.sum() ** 2 - (cnt ** 2).sum()) / 2
+    return (n_w * np.mean(within) + n_b * np.mean(between)) / (n_w + n_b)
+
+
 def test_cluster_bootstrap_matches_a_direct_resampling():
-    """The sufficient-statistics bootstrap equals recomputing the metrics on resampled prompts."""
+    """The sufficient-statistics bootstrap equals recomputing the metrics on resampled prompts
+    (strength: the plain statistic; consistency: the pair enumeration the method defines)."""
     rng = np.random.default_rng(5)
     d = rng.normal(size=(30, 6)) + 0.5
     groups = np.repeat(np.arange(10), 3)
@@ -80,6 +101,19 @@ def test_cluster_bootstrap_matches_a_direct_resampling():
     for row in picks:
         idx = np.concatenate([np.where(groups == g)[0] for g in row])
         s_vals.append(strength(d[idx]))
-        c_vals.append(consistency_explicit(d[idx]))
+        c_vals.append(_resampled_consistency_brute_force(d, groups, row))
     assert fast["strength"] == pytest.approx(list(np.percentile(s_vals, [2.5, 97.5])), abs=1e-12)
     assert fast["consistency"] == pytest.approx(list(np.percentile(c_vals, [2.5, 97.5])), abs=1e-12)
+    # the index-array form (dose-response) gives the same values for the same resamples
+    boots = [np.concatenate([np.where(groups == g)[0] for g in row]) for row in picks]
+    assert bootstrap_consistency(d, groups, boots) == pytest.approx(c_vals, abs=1e-12)
+
+
+def test_unresampled_consistency_is_the_statistic():
+    """Every prompt drawn once: C* equals the case's Consistency (same pairs, same weights)."""
+    rng = np.random.default_rng(6)
+    d = rng.normal(size=(24, 5)) + 0.3
+    d[3] = 0.0  # a zero diff counts as a pair with cosine 0, as in consistency()
+    groups = np.repeat(np.arange(8), 3)
+    boots = [np.arange(24), np.arange(24)[::-1].copy()]
+    assert bootstrap_consistency(d, groups, boots) == pytest.approx([consistency(d)] * 2, abs=1e-12)

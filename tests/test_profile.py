@@ -176,6 +176,26 @@ def test_base_images_are_reused_across_loras(reference_run, demo_assets, tmp_pat
     assert [p["arms"]["base"]["image_sha256"] for p in res["manifest"]["pairs"]] == [p["arms"]["base"]["image_sha256"] for p in ref["pairs"]]
 
 
+def test_a_thread_count_change_misses_the_base_cache(reference_run, demo_assets, tmp_path):
+    """The torch thread count changes CPU results in the last bits: base images cached under one
+    count are never paired with LoRA images made under another."""
+    import torch
+
+    ref = read_json(reference_run[1] / "manifest.json")
+    before = torch.get_num_threads()
+    other = before - 1 if before > 1 else 2
+    cf = write_case(tmp_path, demo_assets, case_id="threads", lora="weak")
+    torch.set_num_threads(other)
+    try:
+        res = run_case(load_case(cf), tmp_path / "t", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert ref["environment"]["torch_threads"] == before
+    assert res["manifest"]["environment"]["torch_threads"] == other
+    assert res["manifest"]["run"]["stats"]["base"] == {"generated_batches": UNITS_PER_ARM, "cached_batches": 0,
+                                                       "skipped_batches": 0}
+
+
 def test_a_different_case_is_never_overwritten_without_force(reference_run, demo_assets, tmp_path):
     cf, out = reference_run
     target = tmp_path / "copy"

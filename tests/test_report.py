@@ -18,7 +18,8 @@ from conftest import REPO, copy_case, write_case
 from carlos_audit.case.casefile import load_case
 from carlos_audit.errors import AuditError
 from carlos_audit.pipeline import run_full
-from carlos_audit.report.render import make_url_fetcher, render_report
+from carlos_audit.report.fetcher import make_url_fetcher
+from carlos_audit.report.render import render_report
 
 SECTIONS = [
     "1 Summary of findings",
@@ -133,10 +134,11 @@ def test_demo_report_has_every_section_in_order(demo_case_dir, demo_report):
         assert f"page {i} of {n_pages}" in text
 
 
-def test_pdfa_metadata_and_attachments_equal_case_files(demo_case_dir, demo_report, tmp_path):
-    meta = subprocess.run(["pdfinfo", "-meta", str(demo_report)], capture_output=True, text=True, check=True).stdout
-    assert "pdfaid:part" in meta and "3" in meta and "pdfaid:conformance" in meta
-    subprocess.run(["pdfdetach", "-saveall", "-o", str(tmp_path), str(demo_report)], check=True)
+def test_pdfa_metadata_and_attachments_equal_case_files(demo_case_dir, tmp_path):
+    archive = demo_case_dir / "report-archive.pdf"
+    meta = subprocess.run(["pdfinfo", "-meta", str(archive)], capture_output=True, text=True, check=True).stdout
+    assert 'pdfaid:part="3"' in meta and "pdfaid:conformance" in meta
+    subprocess.run(["pdfdetach", "-saveall", "-o", str(tmp_path), str(archive)], check=True)
     names = ["manifest.json", "metrics.json"] + (["comparison.json"] if (demo_case_dir / "comparison.json").is_file() else [])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     for name in names:
@@ -190,7 +192,7 @@ def test_comparison_is_rendered_and_incompatible_corpus_flagged(demo_case_dir, t
     assert "No reference corpus configured" not in text
     out = tmp_path / "att"
     out.mkdir()
-    subprocess.run(["pdfdetach", "-saveall", "-o", str(out), str(pdf)], check=True)
+    subprocess.run(["pdfdetach", "-saveall", "-o", str(out), str(case / "report-archive.pdf")], check=True)
     assert (out / "comparison.json").read_bytes() == (case / "comparison.json").read_bytes()
 
 
@@ -204,7 +206,7 @@ def test_without_corpus_says_so(demo_case_dir, tmp_path):
     assert "3.4 Against the reference corpus" not in text and "3.4 Prompts where the effect is largest" in text
     out = tmp_path / "att"
     out.mkdir()
-    subprocess.run(["pdfdetach", "-saveall", "-o", str(out), str(pdf)], check=True)
+    subprocess.run(["pdfdetach", "-saveall", "-o", str(out), str(case / "report-archive.pdf")], check=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "metrics.json"]
 
 
@@ -231,7 +233,7 @@ def test_undefined_consistency_renders(demo_case_dir, tmp_path):
 
 
 def test_url_fetcher_serves_only_case_and_templates(demo_case_dir, tmp_path):
-    from carlos_audit.report.render import CASE_URL, TEMPLATES_URL
+    from carlos_audit.report.fetcher import CASE_URL, TEMPLATES_URL
 
     case = copy_case(demo_case_dir, tmp_path / "c")
     outside = tmp_path / "secret.png"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import copy_case
 
-from carlos_audit.report.render import _jinja_env, prepare_html, render_report
+from carlos_audit.report.render import render_report, report_html
+from carlos_audit.report.templating import jinja_env
 
 
 def sha256(path: Path) -> str:
@@ -61,7 +62,7 @@ def test_arms_and_profiles_table(demo_case_dir, demo_text):
 
 def test_indicators_values_and_readings(demo_case_dir, demo_text):
     ind = read(demo_case_dir, "metrics.json")["indicators"]
-    sig = _jinja_env().filters["sig"]
+    sig = jinja_env().filters["sig"]
 
     dose = ind["dose_response"]
     for p in dose["points"]:
@@ -129,7 +130,7 @@ def test_head_to_head_values(demo_case_dir, demo_text, demo_raw):
 def test_triptychs_show_the_comparison_arm(demo_case_dir, tmp_path):
     case = copy_case(demo_case_dir, tmp_path / "c")
     manifest, h2h = read(case, "manifest.json"), read(case, "comparison.json")["head_to_head"]
-    html, _, _ = prepare_html(case)
+    html = report_html(case)
     rows = {r["pair_id"]: r for r in manifest["pairs"]}
     for h in h2h:
         shown = h["behaviour"]["agree_most"] + h["behaviour"]["agree_least"]
@@ -191,6 +192,6 @@ def test_head_to_head_text_is_escaped(demo_case_dir, tmp_path):
     comparison["head_to_head"][0]["weights"]["reading"] = hostile
     comparison["head_to_head"][0]["weights"]["modules_only_in_b"] = [hostile]
     (case / "comparison.json").write_text(json.dumps(comparison))
-    html, _, _ = prepare_html(case)
+    html = report_html(case)
     assert hostile not in html and "&lt;img src=&#34;http://127.0.0.1:9/x.png&#34;&gt;evil&lt;script&gt;" in html
     assert hostile in pdftext(render_report(case))  # shown as literal text; the fetcher was asked for nothing outside

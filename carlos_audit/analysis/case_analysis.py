@@ -1,5 +1,11 @@
-"""A case's analysis from its stored features: metrics.json (CARLoS representation and
-indicators) and the head-to-head section of comparison.json."""
+"""The analysis step: a case folder in, metrics.json and comparison.json out, no model and no torch.
+
+It reads only stored numbers: the image features of every arm, the text features of the prompts
+and the text signatures of the effect-label words (both stored by the run), the manifest's arm
+plan and pair rows, the LoRA files (weight-space head to head) and the reference corpus. The run
+calls it with the manifest it is about to write; ``carlos-audit analyse CASE_DIR`` calls it with
+the manifest on disk, so re-running it on a finished case gives the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -7,75 +13,131 @@ from pathlib import Path
 
 import numpy as np
 
-from carlos_audit.case.casefile import Case
-from carlos_audit.case.protocol import (
-    load_prompts,
-)
-from carlos_audit.run.arms import ArmPlan
-from carlos_audit.run.store import CaseStore
+from carlos_audit.case.casefile import Case, expand_path, parse_case
+from carlos_audit.errors import AuditError
+from carlos_audit.hashing import sha256_file
+from carlos_audit.records import Comparison, Manifest, Metrics
+from carlos_audit.run.store import CaseStore, load_npy
 
 
-def _diffs(store: CaseStore, plan: ArmPlan, profile: str, ids: list[str]) -> np.ndarray:
+def _diffs(store: CaseStore, manifest: Manifest, profile: str, ids: list[str]) -> np.ndarray:
     from carlos_audit.analysis.metrics import diffs
 
-    b, l = plan.profiles[profile]
+    b, l = manifest.protocol["profiles"][profile]
     return diffs(store.features(l, ids), store.features(b, ids))
 
 
-def analyse(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, emb, text_records) -> dict:
+def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Metrics:
     """metrics.json: the CARLoS representation of the main profile, then the indicators."""
     from carlos_audit.analysis import indicators as ind
     from carlos_audit.analysis.metrics import compute_metrics, diffs
-    from carlos_audit.run.embed import text_features
 
-    pc = case.protocol
-    ids = [p.id for p in pairs]
-    prompt_ids = [p.prompt.id for p in pairs]
-    b, l = plan.profiles["main"]
+    p, rows, profiles = manifest.protocol, manifest.pairs, manifest.protocol["profiles"]
+    n, seed = p["bootstrap_resamples"], p["bootstrap_seed"]
+    ids = [r["pair_id"] for r in rows]
+    prompt_ids = [r["prompt_id"] for r in rows]
+    b, l = profiles["main"]
     base_f, lora_f = store.features(b, ids), store.features(l, ids)
-    metrics = compute_metrics(lora_f, base_f, pair_rows, n_resamples=pc["bootstrap_resamples"], seed=pc["bootstrap_seed"])
-    n, seed = pc["bootstrap_resamples"], pc["bootstrap_seed"]
+    metrics = compute_metrics(lora_f, base_f, rows, n_resamples=n, seed=seed)
     d_main = diffs(lora_f, base_f)
     extra = {}
-    if pc["scales"]:
-        by_scale = {case.lora["scale"]: d_main}
-        by_scale.update({s: _diffs(store, plan, f"scale:{s:g}", ids) for s in pc["scales"]})
+    if p["scales"]:
+        by_scale = {manifest.lora["scale"]: d_main}
+        by_scale.update({s: _diffs(store, manifest, f"scale:{s:g}", ids) for s in p["scales"]})
         extra["dose_response"] = ind.dose_response(by_scale, prompt_ids, n, seed)
-    if "trigger:without" in plan.profiles:
-        shared = plan.profiles["trigger:with"] == plan.profiles["trigger:without"]
+    if "trigger:without" in profiles:
+        shared = list(profiles["trigger:with"]) == list(profiles["trigger:without"])
         extra["trigger_dependence"] = ind.trigger_dependence(
-            _diffs(store, plan, "trigger:with", ids), _diffs(store, plan, "trigger:without", ids),
-            list(case.lora["trigger_words"]), prompt_ids, n, seed, shared)
-    if text_records is not None:
-        text = np.stack([np.load(store.path(text_records[p.prompt.id]["path"])) for p in pairs])
+            _diffs(store, manifest, "trigger:with", ids), _diffs(store, manifest, "trigger:without", ids),
+            list(manifest.lora["trigger_words"]), prompt_ids, n, seed, shared)
+    if manifest.text_features is not None:
+        text = np.stack([load_npy(store.path(manifest.text_features[pid]["path"])) for pid in prompt_ids])
         extra["prompt_override"] = ind.prompt_override(text, base_f, lora_f, prompt_ids, n, seed)
-    extra["scope"] = ind.scope(d_main, [p.prompt.category for p in pairs], prompt_ids, n, seed)
-    if case.indicators["effect_labels"]:
-        retrieval, _ = load_prompts("builtin:retrieval")
+    extra["scope"] = ind.scope(d_main, [r["category"] for r in rows], prompt_ids, n, seed)
+    if manifest.label_signatures is not None:
+        labels = manifest.label_signatures
         extra["effect_labels"] = ind.effect_labels(
-            np.array(metrics["direction"]), lambda texts: text_features(emb, texts), [p.text for p in retrieval],
-            list(case.indicators["labels"]), case.indicators["top_labels"])
-    metrics["indicators"] = extra
-    return metrics
+            np.array(metrics["direction"]), [tuple(w) for w in labels["words"]], load_npy(store.path(labels["path"])),
+            case.indicators["top_labels"])
+    return Metrics(**metrics, indicators=extra)
 
 
-def head_to_head(case: Case, store: CaseStore, plan: ArmPlan, pairs, pair_rows, paths: dict, comparisons: list[dict]) -> None:
+def head_to_head(store: CaseStore, manifest: Manifest) -> list[dict]:
     """comparison.json ``head_to_head``: behaviour (shared base arm) and weights, per comparison LoRA."""
     from carlos_audit.analysis.head_to_head import behaviour, weights
-    from carlos_audit.fileio import update_json
 
-    ids = [p.id for p in pairs]
-    d_t = _diffs(store, plan, "main", ids)
+    p, rows = manifest.protocol, manifest.pairs
+    ids = [r["pair_id"] for r in rows]
+    d_t = _diffs(store, manifest, "main", ids)
+    target = _checked(manifest.lora["path"], manifest.lora["sha256"])
     results = []
-    for i, c in enumerate(comparisons, start=1):
+    for c in manifest.comparison_loras:
         prof = f"comparison:{c['adapter']}"
         results.append({
             "lora": {"path": c["path"], "file_name": Path(c["path"]).name, "sha256": c["sha256"]},
-            "arm": plan.profiles[prof][1],
-            "behaviour": behaviour(d_t, _diffs(store, plan, prof, ids), pair_rows,
-                                   case.protocol["bootstrap_resamples"], case.protocol["bootstrap_seed"]),
-            "weights": weights(paths["lora"], paths[f"comparison_lora_{i}"]),
+            "arm": p["profiles"][prof][1],
+            "behaviour": behaviour(d_t, _diffs(store, manifest, prof, ids), rows, p["bootstrap_resamples"],
+                                   p["bootstrap_seed"]),
+            "weights": weights(target, _checked(c["path"], c["sha256"])),
         })
-    update_json(store.path("comparison.json"), "head_to_head", results)
+    return results
 
 
+def _checked(path: str, sha256: str) -> Path:
+    """A LoRA file the analysis reads, refused when it is not the one the run used."""
+    if not Path(path).is_file() or sha256_file(path) != sha256:
+        raise AuditError(f"LoRA {path} is missing or differs from the file the case ran with (sha256 {sha256[:12]}...)")
+    return Path(path)
+
+
+def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
+                 allow_incompatible: bool = False) -> tuple[Metrics, Comparison | None]:
+    """The metrics and the comparison (None when the case has neither comparison LoRAs nor a
+    reference corpus) of a case folder whose units are all done. Writes nothing."""
+    store = CaseStore(case_dir)
+    metrics = compute_case_metrics(store, manifest, case)
+    comparison = Comparison()
+    if manifest.comparison_loras:
+        comparison.head_to_head = head_to_head(store, manifest)
+    if case.reference.get("corpus"):
+        from carlos_audit.analysis.replication import replication
+        from carlos_audit.corpus.placement import place_in_corpus
+
+        corpus_path = expand_path(case.reference["corpus"], case.base_dir)
+        placement = place_in_corpus(corpus_path, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
+                                    lora_sha256=manifest.lora["sha256"], head_to_head=comparison.head_to_head,
+                                    allow_incompatible=allow_incompatible or case.reference["allow_incompatible"])
+        comparison.corpus, comparison.target, comparison.corpus_points = (
+            placement["corpus"], placement["target"], placement["corpus_points"])
+        comparison.replication = replication(store, manifest, metrics, corpus_path, case.reference.get("replicate_id"))
+    if comparison.head_to_head is None and comparison.corpus is None:
+        return metrics, None
+    return metrics, comparison
+
+
+def reanalyse(case_dir: Path, *, allow_incompatible: bool = False, out: Path | None = None) -> dict:
+    """``carlos-audit analyse CASE_DIR``: the analysis of a finished case folder run again from
+    its manifest, case file copy and stored features, compared byte for byte with the recorded
+    results (sha256 in the manifest's ``results``). The case folder is never written; the
+    recomputed files go to ``out`` when given."""
+    from carlos_audit.fileio import json_dumps
+    from carlos_audit.hashing import sha256_bytes
+
+    case_dir = Path(case_dir)
+    manifest = Manifest.read(case_dir)
+    casefile = next(i for i in manifest.inputs if i["role"] == "casefile")
+    case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))
+    previous = Comparison.read_optional(case_dir)
+    allow_incompatible = allow_incompatible or bool(previous and (previous.corpus or {}).get("allow_incompatible"))
+    records = [r for r in analyse_case(case_dir, manifest, case, allow_incompatible=allow_incompatible) if r is not None]
+    results = {}
+    for r in records:
+        recorded = manifest.results.get(r.FILE)
+        now = sha256_bytes(json_dumps(r.to_json()).encode("utf-8"))
+        results[r.FILE] = {"recorded": recorded, "now": now, "identical": now == recorded}
+        if out is not None:
+            r.write(out)
+    for name in set(manifest.results) - set(results):
+        results[name] = {"recorded": manifest.results[name], "now": None, "identical": False}
+    return {"case_dir": str(case_dir), "out": str(out) if out else None, "results": results,
+            "identical": all(r["identical"] for r in results.values())}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from carlos_audit.analysis.indicators import percentile_ci, prompt_resamples
-from carlos_audit.analysis.metrics import consistency, strength
+from carlos_audit.analysis.indicators import prompt_resamples
+from carlos_audit.analysis.metrics import consistency, percentile_ci, strength
 
 N_TRIPTYCHS = 3
 
@@ -59,11 +59,13 @@ def behaviour(d_target: np.ndarray, d_cmp: np.ndarray, pairs: list[dict], n_resa
 
 
 def weights(path_target, path_cmp) -> dict:
-    from carlos_audit.lora.weights import compare_weights, weights_reading
+    from carlos_audit.lora.weights import class_error_rates, compare_weights, weights_class, weights_reading
 
     r = compare_weights(path_target, path_cmp)
     keep = {k: r[k] for k in ("cosine", "norm_ratio", "payload_identical", "modules_compared",
                               "modules_only_in_a", "modules_only_in_b", "format_a", "format_b") if k in r}
     keep["reading"] = weights_reading(r)
+    keep["class"] = weights_class(r)
+    keep["class_error_rates"] = class_error_rates(keep["class"])  # measured on generated pairs
     keep["per_module"] = r.get("per_module", [])
     return keep

@@ -26,7 +26,7 @@ from importlib import resources
 
 import numpy as np
 
-from carlos_audit.analysis.metrics import consistency, strength
+from carlos_audit.analysis.metrics import bootstrap_consistency, consistency, percentile_ci, strength
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -52,14 +52,6 @@ def prompt_resamples(prompt_ids: list[str], n: int, seed: int, strata: list[str]
     return out
 
 
-def percentile_ci(values) -> list[float] | None:
-    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return None
-    lo, hi = np.percentile(v, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 def dose_response(diffs_by_scale: dict[float, np.ndarray], prompt_ids, n_resamples: int, seed: int) -> dict:
     rows = []
     boots = prompt_resamples(prompt_ids, n_resamples, seed)
@@ -67,7 +59,7 @@ def dose_response(diffs_by_scale: dict[float, np.ndarray], prompt_ids, n_resampl
         d = diffs_by_scale[scale]
         rows.append({"scale": scale, "strength": strength(d), "consistency": consistency(d),
                      "strength_ci": percentile_ci(strength(d[b]) for b in boots),
-                     "consistency_ci": percentile_ci(consistency(d[b]) for b in boots)})
+                     "consistency_ci": percentile_ci(bootstrap_consistency(d, prompt_ids, boots))})
     s1 = next((r["strength"] for r in rows if r["scale"] == 1.0), None)
     half = None
     if s1:
@@ -141,14 +133,29 @@ def vocabulary(extra: list[str]) -> list[tuple[str, str]]:
     return words
 
 
-def effect_labels(direction: np.ndarray, encode, retrieval_prompts: list[str], extra: list[str], top: int) -> dict:
+def text_signature(encode, prompts: list[str], word: str, plain: np.ndarray | None = None) -> np.ndarray:
+    """The text signature of ``word``: mean over ``prompts`` p of encode(p + " " + word) - encode(p),
+    in float64. ``plain``: encode(prompts) already computed. Used by the effect labels and by
+    corpus retrieval (corpus/retrieval.py)."""
+    with_w = encode([f"{p} {word}" for p in prompts]).astype(np.float64)
+    if plain is None:
+        plain = encode(prompts).astype(np.float64)
+    return (with_w - plain).mean(axis=0)
+
+
+def label_signatures(encode, retrieval_prompts: list[str], extra: list[str]) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """The vocabulary (``extra`` words added) and each word's text signature, one row per word:
+    computed with the embedder during the run and stored, so the effect labels need no model."""
     words = vocabulary(extra)
-    d = np.asarray(direction, dtype=np.float64)
     plain = encode(retrieval_prompts).astype(np.float64)
+    return words, np.stack([text_signature(encode, retrieval_prompts, w, plain) for _, w in words])
+
+
+def effect_labels(direction: np.ndarray, words: list[tuple[str, str]], signatures: np.ndarray, top: int) -> dict:
+    """Score every vocabulary word by the cosine of its text signature with the Direction."""
+    d = np.asarray(direction, dtype=np.float64)
     scored = []
-    for group, w in words:
-        with_w = encode([f"{p} {w}" for p in retrieval_prompts]).astype(np.float64)
-        sig = (with_w - plain).mean(axis=0)
+    for (group, w), sig in zip(words, signatures, strict=True):
         den = np.linalg.norm(sig) * np.linalg.norm(d)
         scored.append({"label": w, "group": group, "score": float(sig @ d / den) if den > 0 else 0.0})
     scored.sort(key=lambda r: (-r["score"], r["label"]))

@@ -13,14 +13,17 @@ convention of sklearn's cosine_similarity that the CARLoS reference code uses),
 
 When every d_i is zero (e.g. LoRA scale 0) the directions are undefined: C is null, with the
 reason, never NaN. Confidence intervals: cluster bootstrap over prompts (prompts are resampled
-with replacement, each bringing all its seeds), percentile 95% interval, recorded seed.
+with replacement, each bringing all its seeds), percentile 95% interval, recorded seed; the
+resampled Consistency keeps the protocol's mix of same-prompt and different-prompt pairs (see
+``bootstrap``; coverage measured in docs/VALIDATION.md).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SCHEMA = "carlos-audit/metrics/1"
+CI_METHOD = ("cluster bootstrap over prompts, percentile interval; consistency resampled with the protocol's "
+             "mix of same-prompt and different-prompt pairs, no pair of copies of one prompt")
 
 
 def diffs(lora: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -69,16 +72,31 @@ def _consistency_note(d: np.ndarray) -> str | None:
     return None
 
 
-def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) -> dict:
-    """Cluster bootstrap over groups (prompts). Uses per-group sufficient statistics, so each
-    resample costs O(groups x dim), whatever the number of pairs."""
+def _group_sums(d: np.ndarray, groups):
+    """Per group (prompt): the sum of unit diffs, the number of diffs and of non-zero diffs."""
     u, norms = _unit(d)
-    labels, inv = np.unique(groups, return_inverse=True)
+    labels, inv = np.unique(np.asarray(groups), return_inverse=True)
     g = len(labels)
     S = np.zeros((g, d.shape[1]))
     np.add.at(S, inv, u)
     cnt = np.bincount(inv, minlength=g).astype(float)
     nz = np.bincount(inv, weights=(norms > 0).astype(float), minlength=g)
+    return norms, inv, S, cnt, nz
+
+
+def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """Cluster bootstrap over groups (prompts). Uses per-group sufficient statistics, so each
+    resample costs O(groups x dim), whatever the number of pairs.
+
+    Consistency in a resample is the statistic of the protocol it mimics (docs/VALIDATION.md):
+    the mean cosine of pairs within one drawn prompt (c_w*) and of pairs from two different
+    drawn prompts (c_b*), weighted by the pair counts of the real protocol,
+    ``C* = (N_w c_w* + N_b c_b*) / (N_w + N_b)``. Pairs between two copies of one prompt drawn
+    twice are left out: a protocol never holds one prompt twice, and counting them (a diff
+    paired with its own copy has cosine 1) put the interval above the truth in most simulated
+    cases. With no resampling (every weight 1) ``C*`` is the case's Consistency exactly."""
+    norms, inv, S, cnt, nz = _group_sums(d, groups)
+    g = len(cnt)
     nsum = np.bincount(inv, weights=norms, minlength=g)
     rng = np.random.default_rng(seed)
     W = np.zeros((n_resamples, g))
@@ -87,26 +105,55 @@ def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) ->
         W[r] = np.bincount(picks[r], minlength=g)
     n = W @ cnt
     strengths = (W @ nsum) / n
-    out = {"strength": _interval(strengths)}
+    out = {"strength": percentile_ci(strengths)}
     if (norms > 0).any() and d.shape[0] >= 2:
-        ssum = W @ S
-        # Within a resample a pair drawn twice meets itself: u.u = 1 counts as a pair (i<j over
-        # the resampled list), the usual bootstrap convention.
-        sq = np.einsum("ij,ij->i", ssum, ssum)
-        cons = (sq - W @ nz) / (n * (n - 1))
-        out["consistency"] = _interval(cons)
+        out["consistency"] = percentile_ci(_resampled_consistency(W, S, cnt, nz))
     else:
         out["consistency"] = None
     return out
 
 
-def _interval(x: np.ndarray) -> list[float]:
-    lo, hi = np.percentile(x, [2.5, 97.5])
+def bootstrap_consistency(d: np.ndarray, groups, boots: list[np.ndarray]) -> list[float | None]:
+    """C* (see ``bootstrap``) of resamples given as index arrays of rows (whole prompts drawn,
+    as ``indicators.prompt_resamples`` makes them); None for each when C is undefined."""
+    norms, inv, S, cnt, nz = _group_sums(d, groups)
+    if not (norms > 0).any() or d.shape[0] < 2:
+        return [None] * len(boots)
+    g = len(cnt)
+    W = np.stack([np.bincount(inv[b], minlength=g) for b in boots]) / cnt if boots else np.zeros((0, g))
+    return [float(x) for x in _resampled_consistency(W, S, cnt, nz)]
+
+
+def _resampled_consistency(W: np.ndarray, S: np.ndarray, cnt: np.ndarray, nz: np.ndarray) -> np.ndarray:
+    """C* per resample (see ``bootstrap``). Per group: ``S`` the sum of unit diffs, ``cnt`` the
+    pairs, ``nz`` the non-zero diffs; ``W`` (resamples x groups) how often each group is drawn."""
+    Q = np.einsum("ij,ij->i", S, S)                     # ordered pairs within a group, self pairs included
+    w_sum, w_pairs = W @ (Q - nz), W @ (cnt * (cnt - 1))  # ordered within-prompt pairs
+    tot = W @ S
+    W2 = W * W
+    b_sum = np.einsum("ij,ij->i", tot, tot) - W2 @ Q     # ordered pairs of two different prompts
+    b_pairs = (W @ cnt) ** 2 - W2 @ (cnt * cnt)
+    n_w, n_b = float((cnt * (cnt - 1)).sum()), float(cnt.sum() ** 2 - (cnt * cnt).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c_w = np.where(w_pairs > 0, w_sum / np.where(w_pairs > 0, w_pairs, 1), 0.0)
+        c_b = np.where(b_pairs > 0, b_sum / np.where(b_pairs > 0, b_pairs, 1), c_w)  # one prompt drawn P times
+    if n_w + n_b == 0:
+        return c_w
+    return (n_w * c_w + n_b * c_b) / (n_w + n_b)
+
+
+def percentile_ci(values) -> list[float] | None:
+    """The 95% percentile interval [2.5th, 97.5th percentile] of the finite values; None when
+    there are none. The one CI helper of the metrics and the indicators."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return None
+    lo, hi = np.percentile(v, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 
 def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_resamples: int = 1000,
-                    seed: int = 0, extra: dict | None = None) -> dict:
+                    seed: int = 0) -> dict:
     """Metrics for one LoRA from stored features. ``pairs`` rows carry pair_id, prompt_id,
     category and seed, in the same order as the feature rows."""
     d = diffs(lora, base)
@@ -130,7 +177,6 @@ def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_
         idx = prompts == pid
         per_prompt[pid] = {"strength": float(norms[idx].mean()), "consistency": consistency(d[idx])}
     result = {
-        "schema": SCHEMA,
         "n_pairs": int(d.shape[0]),
         "n_prompts": int(len(set(prompts.tolist()))),
         "n_seeds": int(len({p["seed"] for p in pairs})),
@@ -141,7 +187,7 @@ def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_
         "consistency_note": _consistency_note(d),
         "ci": {
             "level": 0.95,
-            "method": "cluster bootstrap over prompts, percentile interval",
+            "method": CI_METHOD,
             "n_resamples": int(n_resamples),
             "seed": int(seed),
             "strength": ci["strength"],
@@ -155,6 +201,4 @@ def compute_metrics(lora: np.ndarray, base: np.ndarray, pairs: list[dict], *, n_
             for i, p in enumerate(pairs)
         ],
     }
-    if extra:
-        result.update(extra)
     return result

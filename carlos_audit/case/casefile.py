@@ -11,6 +11,7 @@ and must stay inside ``reports/``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from carlos_audit.errors import AuditError
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TRIGGER_POLICIES = ("both", "lora_only", "none")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+PAPERS = ("a4", "letter")
+JURISDICTIONS = ("us-frcp26", "uk-cpr35", "none")
 
 _STR, _INT, _FLOAT, _BOOL, _STRLIST, _FLOATLIST, _SEEDS = "string", "integer", "number", "boolean", "list of strings", "list of numbers", "seeds"
 
@@ -39,6 +42,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "sha256": (_STR, False, None),
         "dtype": (_STR, False, "auto"),
         "device": (_STR, False, "auto"),
+        "variant": (_STR, False, None),
+        "config": (_STR, False, None),
     },
     "embedder": {
         "model": (_STR, True, None),
@@ -65,6 +70,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "bootstrap_resamples": (_INT, False, 1000),
         "bootstrap_seed": (_INT, False, 0),
         "scales": (_FLOATLIST, False, []),
+        "seed_mode": (_STR, False, "per-image"),
     },
     "output": {
         "dir": (_STR, False, None),
@@ -73,6 +79,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "corpus": (_STR, False, None),
         "allow_incompatible": (_BOOL, False, False),
         "top_k": (_INT, False, 10),
+        "replicate_id": (_STR, False, None),
     },
     "indicators": {
         "trigger_dependence": (_BOOL, False, True),
@@ -83,6 +90,19 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "comparison": {
         "loras": (_STRLIST, False, []),
+    },
+    "report": {
+        "paper": (_STR, False, "a4"),
+        "max_pairs_in_body": (_INT, False, None),
+        "filing_image_px": (_INT, False, 256),
+        "max_mb": (_FLOAT, False, 35.0),
+    },
+    "expert": {
+        "name": (_STR, False, None),
+        "role": (_STR, False, None),
+        "instructions": (_STR, False, None),
+        "materials_provided": (_STRLIST, False, []),
+        "jurisdiction": (_STR, False, "none"),
     },
 }
 REQUIRED_SECTIONS = ("case", "base_model", "embedder", "lora", "protocol")
@@ -100,6 +120,8 @@ class Case:
     reference: dict
     indicators: dict
     comparison: dict
+    report: dict = field(default_factory=dict)
+    expert: dict = field(default_factory=dict)
     raw_text: str = field(repr=False, default="")
 
     @property
@@ -136,7 +158,7 @@ def expand_path(value: str, base_dir: Path) -> Path:
 
     value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
     p = Path(value).expanduser()
-    return p if p.is_absolute() else base_dir / p
+    return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
 
 
 def parse_case(text: str, path: Path) -> Case:
@@ -151,29 +173,67 @@ def parse_case(text: str, path: Path) -> Case:
         if not isinstance(data[section], dict):
             raise AuditError(f"{where}: {section} must be a table [{section}]")
     out: dict[str, dict] = {}
-    for section, keys in SCHEMA.items():
-        given = data.get(section)
-        if given is None and section in REQUIRED_SECTIONS:
+    for section in SCHEMA:
+        if data.get(section) is None and section in REQUIRED_SECTIONS:
             raise AuditError(f"{where}: missing section [{section}]")
-        given = given or {}
-        for k in given:
-            if k not in keys:
-                raise AuditError(f"{where}: unknown key {section}.{k}; allowed: {', '.join(keys)}")
-        vals = {}
-        for k, (kind, required, default) in keys.items():
-            if k not in given:
-                if required:
-                    raise AuditError(f"{where}: missing required key {section}.{k} ({kind})")
-                vals[k] = list(default) if isinstance(default, list) else default
-                continue
-            v = given[k]
-            if not _type_ok(kind, v):
-                what = "a non-empty list of non-negative integers or {count = N, start = S}" if kind == _SEEDS else f"a {kind}"
-                raise AuditError(f"{where}: {section}.{k} must be {what}, got {type(v).__name__} {v!r}"[:300])
-            vals[k] = float(v) if kind == _FLOAT else [float(x) for x in v] if kind == _FLOATLIST else v
-        out[section] = vals
+        out[section] = _section_values(section, data.get(section) or {}, where)
     _check_values(out, where)
     return Case(path=path, raw_text=text, **out)
+
+
+def _section_values(section: str, given: dict, where: str) -> dict:
+    keys = SCHEMA[section]
+    for k in given:
+        if k not in keys:
+            raise AuditError(f"{where}: unknown key {section}.{k}; allowed: {', '.join(keys)}")
+    vals = {}
+    for k, (kind, required, default) in keys.items():
+        if k not in given:
+            if required:
+                raise AuditError(f"{where}: missing required key {section}.{k} ({kind})")
+            vals[k] = list(default) if isinstance(default, list) else default
+            continue
+        v = given[k]
+        if not _type_ok(kind, v):
+            what = "a non-empty list of non-negative integers or {count = N, start = S}" if kind == _SEEDS else f"a {kind}"
+            raise AuditError(f"{where}: {section}.{k} must be {what}, got {type(v).__name__} {v!r}"[:300])
+        vals[k] = float(v) if kind == _FLOAT else [float(x) for x in v] if kind == _FLOATLIST else v
+    return vals
+
+
+def parse_report_settings(text: str, where: str) -> tuple[dict, dict]:
+    """The [report] and [expert] tables of a case file's text, validated like ``parse_case``
+    does, without checking the rest (the report reads them from the case folder's case.toml,
+    where the case's relative paths no longer resolve)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AuditError(f"{where}: malformed TOML: {e}") from None
+    out = {}
+    for section in ("report", "expert"):
+        given = data.get(section)
+        if given is not None and not isinstance(given, dict):
+            raise AuditError(f"{where}: {section} must be a table [{section}]")
+        out[section] = _section_values(section, given or {}, where)
+    _check_report_values(out, where)
+    return out["report"], out["expert"]
+
+
+def _check_report_values(c: dict, where: str) -> None:
+    r, e = c["report"], c["expert"]
+    if r["paper"] not in PAPERS:
+        raise AuditError(f"{where}: report.paper {r['paper']!r}; allowed: {', '.join(PAPERS)}")
+    if r["max_pairs_in_body"] is not None and r["max_pairs_in_body"] < 0:
+        raise AuditError(f"{where}: report.max_pairs_in_body must be >= 0")
+    if r["filing_image_px"] < 32:
+        raise AuditError(f"{where}: report.filing_image_px must be >= 32")
+    if r["max_mb"] <= 0:
+        raise AuditError(f"{where}: report.max_mb must be > 0")
+    if e["jurisdiction"] not in JURISDICTIONS:
+        raise AuditError(f"{where}: expert.jurisdiction {e['jurisdiction']!r}; allowed: {', '.join(JURISDICTIONS)}")
+    given = any(e[k] not in (None, [], "none") for k in e)
+    if given and not (e["name"] or "").strip():
+        raise AuditError(f"{where}: [expert] needs expert.name (the expert's name as it should appear in the report)")
 
 
 def _check_values(c: dict, where: str) -> None:
@@ -212,6 +272,7 @@ def _check_values(c: dict, where: str) -> None:
     for k in ("width", "height"):
         if p[k] % 8:
             raise AuditError(f"{where}: protocol.{k} must be a multiple of 8")
+    _check_seed_mode(p, where)
     if c["lora"]["scale"] < 0:
         raise AuditError(f"{where}: lora.scale must be >= 0")
     if any(x < 0 for x in p["scales"]):
@@ -222,15 +283,29 @@ def _check_values(c: dict, where: str) -> None:
         raise AuditError(f"{where}: indicators.top_labels must be >= 1")
     if c["reference"]["top_k"] < 1:
         raise AuditError(f"{where}: reference.top_k must be >= 1")
+    _check_report_values(c, where)
+
+
+def _check_seed_mode(p: dict, where: str) -> None:
+    from carlos_audit.case.protocol import SEED_MODES
+
+    if p["seed_mode"] not in SEED_MODES:
+        raise AuditError(f"{where}: protocol.seed_mode {p['seed_mode']!r}; allowed: {', '.join(SEED_MODES)}")
+    if p["seed_mode"] == "carlos-batch":
+        seeds, b = p["seeds"], p["batch_size"]
+        if seeds != list(range(seeds[0], seeds[0] + len(seeds))) or len(seeds) % b:
+            raise AuditError(f"{where}: protocol.seed_mode \"carlos-batch\" needs consecutive seeds whose count is a "
+                             f"multiple of batch_size ({b}), e.g. seeds = {{ count = 16, start = 42 }}, batch_size = 4")
 
 
 def _check_prompts_spec(spec: str, base_dir: Path, where: str) -> None:
-    from carlos_audit.case.protocol import BUILTIN_SUITES
+    from carlos_audit.case.protocol import BUILTIN_SUITES, FETCHED_SUITES
 
     if spec.startswith("builtin:"):
-        if spec.split(":", 1)[1] not in BUILTIN_SUITES:
+        if spec.split(":", 1)[1] not in (*BUILTIN_SUITES, *FETCHED_SUITES):
             raise AuditError(f"{where}: protocol.prompts {spec!r} is not a prompt set; allowed: "
-                             + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES) + ", or a .txt/.json/.toml file")
+                             + ", ".join(f"builtin:{n}" for n in (*BUILTIN_SUITES, *FETCHED_SUITES))
+                             + ", or a .txt/.json/.toml file")
         return
     path = expand_path(spec, base_dir)
     if not path.is_file():
@@ -273,3 +348,68 @@ def output_dir(case: Case, out: str | None = None, reports_root: Path | None = N
     if real == root_real:
         raise AuditError(f"{case.path}: output.dir must name a folder inside reports/, not reports/ itself")
     return real
+
+
+# ----------------------------------------------------------------------------- derived case files
+
+
+def dump_case(data: dict) -> str:
+    """A small TOML writer for case files (tables of scalars, lists and inline seed tables)."""
+    import json
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        raise TypeError(type(v))
+
+    out = []
+    for section, table in data.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {val(v)}" for k, v in table.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def absolute_paths(case: Case) -> dict:
+    """The case file's tables with every relative input path made absolute against the case
+    file's folder, so that the text means the same case wherever it is stored."""
+    data = tomllib.loads(case.raw_text)
+
+    def rebase(table: str, key: str, only_existing: bool = False):
+        v = data.get(table, {}).get(key)
+        if isinstance(v, str) and "${" not in v and not v.startswith("builtin:"):
+            p = expand_path(v, case.base_dir)
+            if not only_existing or p.exists():
+                data[table][key] = str(p)
+
+    rebase("lora", "path")
+    rebase("protocol", "prompts")
+    rebase("reference", "corpus")
+    rebase("base_model", "source", only_existing=True)  # "hf:...", "embedded:..." are not paths
+    rebase("embedder", "pretrained", only_existing=True)
+    if "comparison" in data:
+        data["comparison"]["loras"] = [v if "${" in v else str(expand_path(v, case.base_dir))
+                                       for v in data["comparison"].get("loras", [])]
+    return data
+
+
+def derive_case(data: dict, folder: Path) -> Case:
+    """A case from tables built by the tool (absolute paths), stored content-addressed in
+    ``folder`` (never beside the user's case file; the same tables give the same file)."""
+    from carlos_audit.fileio import write_text_atomic
+    from carlos_audit.hashing import sha256_bytes
+
+    text = dump_case(data)
+    path = Path(folder) / f"{sha256_bytes(text.encode('utf-8'))[:24]}.toml"
+    case = parse_case(text, path)
+    if not path.is_file():
+        write_text_atomic(path, text)
+    return case

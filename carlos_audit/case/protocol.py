@@ -20,6 +20,13 @@ from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_json
 
 BUILTIN_SUITES = ("standard", "demo", "retrieval")
+#: Builtin suites that come from the fetched public CARLoS data (``corpus fetch carlos-public``),
+#: name -> the set of the fetched prompts file.
+FETCHED_SUITES = {"carlos-indexing": "indexing", "carlos-retrieval": "retrieval"}
+#: How initial noise is drawn: one CPU generator per image seeded with the pair's seed, or (the
+#: CARLoS reference) one CPU generator per batch seeded with the batch's first seed, the batch being
+#: one prompt's consecutive seeds generated as ``num_images_per_prompt``.
+SEED_MODES = ("per-image", "carlos-batch")
 
 #: prompts_sha256 of the upstream CARLoS indexing set (carlos_prompts.json, ``indexing``),
 #: as computed by :func:`prompts_sha256`; a test checks it against ../shared/ when present.
@@ -46,7 +53,7 @@ class Pair:
         return f"{self.prompt.id}_s{self.seed}"
 
 
-def _from_nested(data, origin: str) -> list[Prompt]:
+def prompts_from_nested(data, origin: str) -> list[Prompt]:
     """{category: {subcategory: [prompt, ...]}} -> prompts, ids p001.. in file order."""
     if not isinstance(data, dict) or not data:
         raise AuditError(f"{origin}: expected {{category: {{subcategory: [prompts]}}}}")
@@ -64,6 +71,14 @@ def _from_nested(data, origin: str) -> list[Prompt]:
     return _number(out)
 
 
+def prompts_from_triples(triples, origin: str) -> list[Prompt]:
+    """[[category, subcategory, text], ...] (the order JSON keeps) -> prompts, ids p001.. in order."""
+    if not isinstance(triples, list) or not all(
+            isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) for x in t) for t in triples):
+        raise AuditError(f"{origin}: expected a list of [category, subcategory, prompt] triples")
+    return _number([Prompt("", c, s, t) for c, s, t in triples])
+
+
 def _number(prompts: list[Prompt]) -> list[Prompt]:
     width = max(3, len(str(len(prompts))))
     return [Prompt(f"p{i + 1:0{width}d}", p.category, p.subcategory, p.text) for i, p in enumerate(prompts)]
@@ -77,13 +92,15 @@ def load_prompts(spec: str, base_dir: Path | None = None) -> tuple[list[Prompt],
     """
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
+        if name in FETCHED_SUITES:
+            return load_fetched_suite(name)
         if name not in BUILTIN_SUITES:
             raise AuditError(
                 f"unknown builtin prompt suite {name!r}; allowed: "
-                + ", ".join(f"builtin:{n}" for n in BUILTIN_SUITES)
+                + ", ".join(f"builtin:{n}" for n in (*BUILTIN_SUITES, *FETCHED_SUITES))
             )
         text = resources.files("carlos_audit.case").joinpath(f"prompts/{name}.json").read_text("utf-8")
-        prompts = _from_nested(json.loads(text), spec)
+        prompts = prompts_from_nested(json.loads(text), spec)
         return prompts, {"kind": "builtin", "name": spec}
     path = Path(spec)
     if base_dir is not None and not path.is_absolute():
@@ -105,12 +122,12 @@ def load_prompts(spec: str, base_dir: Path | None = None) -> tuple[list[Prompt],
                 data = data["indexing"]
             if isinstance(data, list):
                 data = {"default": {"default": data}}
-            prompts = _from_nested(data, str(path))
+            prompts = prompts_from_nested(data, str(path))
         elif suffix == ".toml":
             data = tomllib.loads(raw.decode("utf-8"))
             if "indexing" in data:
                 data = data["indexing"]
-            prompts = _from_nested(data, str(path))
+            prompts = prompts_from_nested(data, str(path))
         else:
             raise AuditError(f"{path}: prompt files must be .txt, .json or .toml")
     except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
@@ -120,12 +137,21 @@ def load_prompts(spec: str, base_dir: Path | None = None) -> tuple[list[Prompt],
     return prompts, {"kind": "file", "path": str(path), "sha256": sha256_bytes(raw)}
 
 
+def load_fetched_suite(name: str) -> tuple[list[Prompt], dict]:
+    """``builtin:carlos-indexing`` / ``builtin:carlos-retrieval``: from the prompts file that
+    ``corpus fetch carlos-public`` derived from the official wheel."""
+    from carlos_audit.corpus.public import load_fetched_set
+
+    prompts, path, digest = load_fetched_set(FETCHED_SUITES[name])
+    return prompts, {"kind": "builtin", "name": f"builtin:{name}", "path": str(path), "sha256": digest}
+
+
 def load_prompt_set(path: str | Path, which: str) -> list[Prompt]:
     """Load the ``indexing`` or ``retrieval`` set of a CARLoS-style prompts JSON."""
     data = json.loads(Path(path).read_text("utf-8"))
     if which not in data:
         raise AuditError(f"{path}: has no {which!r} prompt set")
-    return _from_nested(data[which], f"{path}:{which}")
+    return prompts_from_nested(data[which], f"{path}:{which}")
 
 
 def prompts_sha256(prompts: list[Prompt]) -> str:
@@ -157,10 +183,3 @@ def batches(pairs: list[Pair]) -> list[list[Pair]]:
     for pr in pairs:
         out.setdefault(pr.batch, []).append(pr)
     return [out[k] for k in sorted(out)]
-
-
-def categories(prompts: list[Prompt]) -> list[str]:
-    seen: dict[str, None] = {}
-    for p in prompts:
-        seen.setdefault(p.category, None)
-    return list(seen)

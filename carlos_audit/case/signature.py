@@ -1,41 +1,55 @@
-"""The signature of a profile: the fields two CARLoS profiles must share to be comparable, the
-named upstream presets, and the compatibility check a corpus and a case go through."""
+"""What "same numbers" means, defined once.
+
+* The **signature** of a profile: the fields two CARLoS profiles must share to be comparable
+  (``case_signature`` builds it for a case; the corpus, ``add_case`` and the comparison check
+  it), the named upstream presets, and the compatibility check a corpus and a case go through.
+* The **reproducibility key** of a batch of images: everything that fixes their bytes (base
+  model, generation parameters, batch layout, prompts sent, seeds, and the environment that
+  changes bits: package versions, python, machine, platform, device, dtype, torch thread count,
+  CUDA, GPU, fast path). The base-image cache, the corpus build's shared base arm, ``verify``'s
+  "same platform" decision and the kit's "can change numbers" flags (kit/envlock.py) all use it.
+"""
 
 from __future__ import annotations
 
-import importlib
 import json
 
+from carlos_audit.case.protocol import CARLOS_INDEXING_SHA256, prompts_sha256
 from carlos_audit.errors import AuditError
+from carlos_audit.hashing import sha256_json
 
 #: The fields two profiles must share to be comparable (same order as the manifest's ``signature``).
 SIGNATURE_FIELDS = (
     "base_model", "base_model_sha256", "embedder", "embedder_sha256", "feature", "prompts_sha256",
     "seeds", "lora_scale", "trigger_policy", "steps", "guidance_scale", "width", "height",
-    "scheduler",
+    "scheduler", "seed_mode",
 )
 
+#: What is compared: CLIP image features before normalisation.
+FEATURE = "raw_image_features"
 
-def _carlos_indexing_sha256():
-    # filled from protocol.CARLOS_INDEXING_SHA256 when available
-    try:
-        return getattr(importlib.import_module("carlos_audit.case.protocol"), "CARLOS_INDEXING_SHA256", None)
-    except ImportError:
-        return None
+
+#: The named upstream protocols a corpus can be imported under (``corpus import --preset``).
+PRESETS = ("carlos-sdxl-vitb32",)
 
 
 def preset_signature(preset: str) -> dict:
-    """The signature of a named upstream protocol (``carlos-sdxl-vitb32``)."""
-    if preset != "carlos-sdxl-vitb32":
-        raise AuditError(f"unknown corpus preset {preset!r} (known: carlos-sdxl-vitb32)")
+    """The signature of a named upstream protocol (``carlos-sdxl-vitb32``): what the reference
+    code of the official ``carlos`` 0.0.3 wheel does (carlos/index.py, carlos/config.py): SDXL base
+    1.0 in fp16, 25 steps, the pipeline's default guidance (5.0), scheduler (Euler) and size
+    (1024), LoRA scale 1.0 with ", <trigger>" appended on the LoRA side only, CLIPModel
+    get_image_features on CLIPProcessor output, and ``torch.manual_seed(s)`` for each batch of 4
+    images of a prompt, s = 42, 46, 50, 54 (images 42..57 here)."""
+    if preset not in PRESETS:
+        raise AuditError(f"unknown corpus preset {preset!r} (known: {', '.join(PRESETS)})")
     return {
         "base_model": "hf:stabilityai/stable-diffusion-xl-base-1.0",
         "base_model_sha256": None,
         "embedder": "hf-transformers:openai/clip-vit-base-patch32",
         "embedder_sha256": None,
-        "feature": "raw_image_features",
-        "prompts_sha256": _carlos_indexing_sha256(),
-        "seeds": list(range(16)),
+        "feature": FEATURE,
+        "prompts_sha256": CARLOS_INDEXING_SHA256,
+        "seeds": list(range(42, 58)),
         "lora_scale": 1.0,
         "trigger_policy": "lora_only",
         "steps": 25,
@@ -43,14 +57,81 @@ def preset_signature(preset: str) -> dict:
         "width": 1024,
         "height": 1024,
         "scheduler": "EulerDiscreteScheduler",
+        "seed_mode": seed_mode_signature("carlos-batch", 4),
     }
 
 
-PRESETS = ("carlos-sdxl-vitb32",)
+def seed_mode_signature(seed_mode: str, batch_size: int) -> str:
+    """The signature's ``seed_mode``: "per-image", or "carlos-batch/<n>" (one generator per batch
+    of n images: the batch size is then part of the noise)."""
+    return seed_mode if seed_mode == "per-image" else f"{seed_mode}/{batch_size}"
 
 
 def empty_signature() -> dict:
     return {k: None for k in SIGNATURE_FIELDS}
+
+
+def case_signature(case, prompts, *, base_model: str, base_model_sha256: str | None, embedder: str,
+                   embedder_sha256: str | None, scheduler: str) -> dict:
+    """The signature of ``case`` run with ``prompts`` on the loaded models it names (identities and
+    hashes as loaded, the scheduler class actually used). The one place a signature is built."""
+    pc = case.protocol
+    values = {
+        "base_model": base_model, "base_model_sha256": base_model_sha256,
+        "embedder": embedder, "embedder_sha256": embedder_sha256, "feature": FEATURE,
+        "prompts_sha256": prompts_sha256(prompts), "seeds": list(pc["seeds"]),
+        "lora_scale": case.lora["scale"], "trigger_policy": case.lora["trigger_policy"],
+        "steps": pc["steps"], "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
+        "scheduler": scheduler, "seed_mode": seed_mode_signature(pc["seed_mode"], pc["batch_size"]),
+    }
+    return {f: values[f] for f in SIGNATURE_FIELDS}
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+#: Packages whose version can change the bytes of an image or an embedding (PNG encoding
+#: included). run/environment.capture records them; the kit's environment lock flags them.
+BIT_PACKAGES = ("carlos-audit", "torch", "torchvision", "diffusers", "transformers", "peft", "open_clip_torch",
+                "safetensors", "numpy", "pillow", "scipy", "accelerate", "tokenizers")
+
+#: Fields of an environment record (run/environment.capture) that can change bits.
+BIT_ENVIRONMENT_FIELDS = ("packages", "python", "machine", "platform", "device", "dtype", "torch_threads", "cuda",
+                          "gpu", "fastpath")
+
+
+def bits_environment(env: dict) -> dict:
+    """The part of an environment record (manifest ``environment``) that can change the numbers:
+    versions of BIT_PACKAGES, python, machine, platform, device, dtype, torch thread count, CUDA
+    version, GPU, and the fast path settings when a fast path is active. Missing fields read as
+    None (older manifests)."""
+    packages = env.get("packages") or {}
+    fastpath = env.get("fastpath")
+    values = dict(env, packages={p: packages.get(p) for p in BIT_PACKAGES},
+                  fastpath=fastpath if fastpath and fastpath.get("active") else None)
+    return {f: values.get(f) for f in BIT_ENVIRONMENT_FIELDS}
+
+
+def environment_differences(env_a: dict, env_b: dict) -> list[str]:
+    """Fields (``packages.torch``, ``torch_threads``...) where two environment records differ in a
+    way that can change bits; empty: the same platform, from which identical bytes are expected."""
+    a, b = bits_environment(env_a), bits_environment(env_b)
+    out = [f"packages.{p}" for p in BIT_PACKAGES if a["packages"][p] != b["packages"][p]]
+    return out + [f for f in BIT_ENVIRONMENT_FIELDS if f != "packages" and a[f] != b[f]]
+
+
+def reproducibility_key(*, base_model, params: dict, batch_size: int, prompts_sent: list[str], seeds: list[int],
+                        environment: dict, extra: dict | None = None) -> tuple[str, dict]:
+    """The key of a batch (or an arm) of images: sha256 of everything that fixes their bytes, and
+    the description hashed. ``base_model`` identifies the weights (a sha256, or the case's source
+    and expected hash when nothing is loaded yet); ``params`` are the generation parameters;
+    ``environment`` an environment record (only its ``bits_environment`` part counts); ``extra``
+    whatever else the caller's files depend on (the corpus build's shared arm: the embedder)."""
+    desc = {"base_model": base_model, "params": dict(params), "batch_size": int(batch_size),
+            "batch": [[p, int(sd)] for p, sd in zip(prompts_sent, seeds, strict=True)],
+            "environment": bits_environment(environment)}
+    if extra:
+        desc["extra"] = extra
+    return sha256_json(desc), desc
 
 
 # --------------------------------------------------------------------------- signatures

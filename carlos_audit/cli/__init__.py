@@ -4,7 +4,7 @@
 commands on it.
 """
 
-from carlos_audit.cli import cases, corpus, evidence, lora  # noqa: F401  (registers the commands)
+from carlos_audit.cli import cases, corpus, evidence, kit, lora  # noqa: F401  (registers the commands)
 from carlos_audit.cli.common import main
 
 __all__ = ["main"]

@@ -14,11 +14,13 @@ from carlos_audit.cli.common import (
 )
 
 
-def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
-    from carlos_audit.case.casefile import load_case, output_dir
+def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
+    from carlos_audit.analysis.coverage import interval_warning
+    from carlos_audit.case.casefile import output_dir
+    from carlos_audit.case.check import require_filled
     from carlos_audit.pipeline import run_full
 
-    case = load_case(casefile)
+    require_filled(case)
     target = output_dir(case, out)
     quiet_libraries()
     result = run_full(case, target, force=force, allow_partial=allow_partial,
@@ -32,23 +34,22 @@ def _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
     if ci["consistency"]:
         cons += f"  95% CI [{ci['consistency'][0]:.4f}, {ci['consistency'][1]:.4f}]"
     click.echo(f"  consistency {cons}")
-    for h in _head_to_head(result["out"]):
+    warning = interval_warning(m)
+    if warning:
+        click.echo("Warning: " + warning, err=True)
+    for h in (result["comparison"] or {}).get("head_to_head", []):
         b, w = h["behaviour"], h["weights"]
         ci = b["direction_cosine_ci"] or [None, None]
         click.echo(f"  vs {safe_text(h['lora']['file_name'])}: behaviour direction cosine {fmt(b['direction_cosine'])} "
                    f"[{fmt(ci[0])}, {fmt(ci[1])}]; weights cosine {fmt(w.get('cosine'))}, "
                    f"norm ratio {fmt(w.get('norm_ratio'))} ({w['reading']})")
+        fm = b.get("direction_cosine_false_match")
+        if fm:
+            click.echo(f"    direction cosine >= {fm['similarity']:.3f} in {100 * (fm['unrelated_share'] or 0):.3g}% of "
+                       f"unrelated corpus pairs ({fm['unrelated_at_least']} of {fm['unrelated_pairs']})"
+                       + ("" if fm.get("comparable") else "; the corpus used another protocol"))
     for extra in result.get("written", []):
         click.echo(f"  wrote {extra}")
-
-
-def _head_to_head(case_dir) -> list:
-    from pathlib import Path
-
-    from carlos_audit.fileio import read_json
-
-    p = Path(case_dir) / "comparison.json"
-    return read_json(p).get("head_to_head", []) if p.is_file() else []
 
 
 @main.command()
@@ -62,10 +63,19 @@ def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download
         carlos-audit run casefiles/demo.toml
         carlos-audit run my_case.toml --out /evidence/case-17
     """
+    from carlos_audit.case.casefile import load_case
+
+    argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)
+    _run(load_case(casefile), out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
+         allow_incompatible, argv)
+
+
+def _argv(command: str, casefile: str, extra: list[str], out, allow_partial, allow_incompatible,
+          allow_unsafe_pickle) -> list[str]:
+    """The command line recorded in the manifest: one that reproduces the run."""
     flags = [f for f, on in (("--allow-partial", allow_partial), ("--allow-incompatible", allow_incompatible),
                               ("--allow-unsafe-pickle", allow_unsafe_pickle)) if on]
-    argv = ["carlos-audit", "run", casefile] + (["--out", out] if out else []) + flags
-    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+    return ["carlos-audit", command, casefile] + extra + (["--out", out] if out else []) + flags
 
 
 @main.command()
@@ -84,32 +94,32 @@ def compare(casefile, with_loras, out, force, allow_partial, allow_unsafe_pickle
         carlos-audit compare casefiles/demo.toml
         carlos-audit compare my_case.toml --with suspect_copy.safetensors
     """
-    casefile = _with_comparisons(casefile, with_loras) if with_loras else casefile
-    argv = ["carlos-audit", "compare", casefile] + [a for p in with_loras for a in ("--with", p)]
-    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+    from carlos_audit.case.casefile import load_case
+
+    case = load_case(casefile)
+    if with_loras:
+        case = _with_comparisons(case, with_loras)
+    argv = _argv("compare", casefile, [a for p in with_loras for a in ("--with", p)], out, allow_partial,
+                 allow_incompatible, allow_unsafe_pickle)
+    _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
 
 
-def _with_comparisons(casefile: str, loras) -> str:
-    """A copy of the case file beside it with the extra comparison LoRAs (the original is never modified)."""
+def _with_comparisons(case, loras):
+    """The case with extra comparison LoRAs: a derived case file (absolute paths) stored in the
+    tool's home, content-addressed; the user's case file and its folder are never written."""
     from pathlib import Path
 
-    import tomllib
-
-    from carlos_audit.corpus.build import _dump_toml
+    from carlos_audit.case.casefile import absolute_paths, derive_case
     from carlos_audit.errors import AuditError
+    from carlos_audit.models.tiny import carlos_home
 
-    src = Path(casefile)
-    if not src.is_file():
-        raise AuditError(f"case file not found: {src}")
-    try:
-        data = tomllib.loads(src.read_text("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise AuditError(f"{src}: malformed TOML: {e}") from None
+    for p in loras:
+        if not Path(p).is_file():
+            raise AuditError(f"comparison LoRA {p} does not exist or is not a file")
+    data = absolute_paths(case)
     data.setdefault("comparison", {}).setdefault("loras", [])
     data["comparison"]["loras"] += [str(Path(p).resolve()) for p in loras]
-    dst = src.with_name(src.stem + ".compare.toml")
-    dst.write_text(_dump_toml(data))
-    return str(dst)
+    return derive_case(data, carlos_home() / "derived-cases")
 
 
 @main.command()
@@ -123,17 +133,16 @@ def demo(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
     Example:
         carlos-audit demo
     """
-    from pathlib import Path
-
-    from carlos_audit.demo import prepare_demo
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.demo import DEMO_CASEFILE, prepare_demo
 
     quiet_libraries()
-    default = Path(__file__).resolve().parents[2] / "casefiles" / "demo.toml"
-    casefile = casefile or str(default)
+    casefile = casefile or str(DEMO_CASEFILE)
     info = prepare_demo(progress=not no_progress)
     click.echo(f"demo models, LoRAs and reference corpus ready in {info['home']}")
-    _run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible,
-         ["carlos-audit", "run", casefile])
+    argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)
+    _run(load_case(casefile), out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
+         allow_incompatible, argv)
 
 
 
@@ -175,3 +184,69 @@ def plan_command(casefile, n_loras, measure_images, as_json):
                    f"{m['generation_s_per_image']:.4g} s/image generation, {m['clip_s_per_image']:.4g} s/image CLIP")
         click.echo(f"estimated device time: {e['device_hours']:.4g} device-hours "
                    f"(generation {e['generation_hours']:.4g} h, CLIP {e['clip_hours']:.4g} h; I/O, metrics not included)")
+
+
+@main.command("check")
+@click.argument("casefile", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON object.")
+def check_command(casefile, as_json):
+    """Check a case before spending GPU hours: inputs, corpus compatibility, plan. Loads no weights.
+
+    Exit 0 only when `run` could start; otherwise each missing input is named with the command
+    that supplies it.
+
+    \b
+    Example:
+        carlos-audit check casefiles/carlos-sdxl.toml
+    """
+    from carlos_audit.case.check import check_case
+
+    r = check_case(casefile)
+    if as_json:
+        print_json(r)
+    else:
+        click.echo(f"case {safe_text(r['case_id'], 60)}: {'ready to run' if r['ready'] else 'NOT ready'}")
+        for it in r["inputs"]:
+            where = it.get("path") or it.get("source") or ""
+            click.echo(f"  {it['role']:<18} {it['status']:<9} {safe_text(where, 70)}")
+            if it.get("status") in ("missing", "invalid") and it.get("detail"):
+                click.echo(f"  {'':<18} {safe_text(it['detail'], 110)}")
+            if it.get("supply"):
+                click.echo(f"  {'':<18} supply: {it['supply']}")
+        c = r["corpus"]
+        if c and c["status"] == "present":
+            click.echo(f"  corpus {safe_text(c['name'], 30)} ({c['n']} rows): "
+                       + ("compatible" if c["compatible"] else "INCOMPATIBLE in " + ", ".join(c["differing"])))
+            for f in c["fields"]:
+                click.echo(f"    {f['field']:<18} {f['status']:<12} case {safe_text(f['case'], 44)}")
+        p = r["plan"]
+        click.echo(f"  plan: {p['n_arms']} arms x {p['n_prompts']} prompts x {p['n_seeds']} seeds = {p['images']:,} images, "
+                   f"{p['unet_forward_calls']:,} UNet calls; device-hours: {p['device_hours_how']}")
+        for prob in r["problems"]:
+            click.echo(f"  problem: {safe_text(prob, 160)}", err=True)
+    if not r["ready"]:
+        raise SystemExit(1)
+
+
+@main.command("init")
+@click.argument("lora", type=click.Path(dir_okay=False))
+@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15"]), default=None,
+              help="Protocol (default: from the detected architecture; refused for other or mixed LoRAs).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Case file to write (default: ./<LoRA name>.toml).")
+@click.option("--force", is_flag=True, help="Replace an existing case file.")
+def init_command(lora, preset, out, force):
+    """Write a ready case file for LORA: sha256 pinned, preset from its architecture, self-reported
+    trigger words proposed (commented), placeholders for examiner and question.
+
+    \b
+    Example:
+        carlos-audit init disputed.safetensors --out cases/disputed.toml
+    """
+    from carlos_audit.case.init import init_case
+
+    r = init_case(lora, preset=preset, out=out, force=force)
+    click.echo(f"wrote {r['casefile']} (preset {r['preset']}, {r['architecture']} LoRA, sha256 {r['sha256'][:16]}...)")
+    if r["trigger_hints"]:
+        click.echo("  SELF-REPORTED trigger words proposed (commented out): "
+                   + ", ".join(safe_text(h["text"], 30) for h in r["trigger_hints"][:5]))
+    click.echo("  fill in case.examiner and case.question, then: carlos-audit check " + r["casefile"])

@@ -1,4 +1,4 @@
-"""Evidence on a finished case: report, verify."""
+"""Evidence on a finished case: analyse, report, preflight, sign, verify."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from carlos_audit.cli.common import main, print_json, quiet_libraries
 @main.command()
 @click.argument("case_dir", type=click.Path(file_okay=False))
 def report(case_dir):
-    """Re-render report.pdf of a finished case from its stored results (generates nothing).
+    """Re-render both copies of the report from a case's stored results (generates nothing).
+
+    report.pdf is the filing copy (PDF/A-2u, tagged, nothing embedded); report-archive.pdf the
+    archive copy (PDF/A-3b with manifest.json, metrics.json, comparison.json embedded). The
+    filing copy is pre-flight checked; a failure exits non-zero after writing the files.
 
     \b
     Example:
@@ -18,12 +22,103 @@ def report(case_dir):
     """
     from pathlib import Path
 
-    from carlos_audit.report import render_report
+    from carlos_audit.errors import AuditError
+    from carlos_audit.report.preflight import summary
+    from carlos_audit.report.render import render_copies
 
-    pdf = render_report(Path(case_dir))
-    digest = (pdf.parent / "report.pdf.sha256").read_text().split()[0]
-    click.echo(f"wrote {pdf}")
-    click.echo(f"  sha256 {digest}")
+    r = render_copies(Path(case_dir))
+    click.echo(f"wrote {r['filing']} (filing copy)")
+    click.echo(f"  sha256 {r['filing_sha256']}")
+    click.echo(f"wrote {r['archive']} (archive copy)")
+    click.echo(f"  sha256 {r['archive_sha256']}")
+    if not r["preflight"]["ok"]:
+        raise AuditError(f"{r['filing']} fails the pre-flight check: {summary(r['preflight'])}")
+    click.echo(f"pre-flight: {summary(r['preflight'])}")
+
+
+@main.command()
+@click.argument("pdf", type=click.Path(dir_okay=False))
+@click.option("--max-mb", type=click.FloatRange(min=0, min_open=True), default=35.0, show_default=True,
+              help="Size limit of the court's e-filing system, in MB (1,000,000 bytes).")
+@click.option("--paper", type=click.Choice(["a4", "letter"]), default=None,
+              help="Page size every page must have (default: all pages alike, A4 or letter).")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def preflight(pdf, max_mb, paper, as_json):
+    """Check a PDF for court e-filing: no attachments, scripts or form fields, text and fonts,
+    page size, file size, tagged structure. Exits non-zero when a check fails.
+
+    \b
+    Example:
+        carlos-audit preflight reports/demo/report.pdf --max-mb 35
+    """
+    from carlos_audit.errors import VerificationFailed
+    from carlos_audit.report.preflight import preflight as run_preflight
+
+    result = run_preflight(pdf, max_mb=max_mb, paper=paper)
+    if as_json:
+        print_json(result)
+    else:
+        width = max(len(c["check"]) for c in result["checks"])
+        for c in result["checks"]:
+            click.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<{width}}  {c['detail']}")
+        for s in (result.get("sections") or [])[:5]:
+            click.echo(f"      {s['bytes'] / 1e6:8.2f} MB  {s['title']}")
+        if result.get("advice"):
+            click.echo(result["advice"])
+    if not result["ok"]:
+        failed = [c["check"] for c in result["checks"] if not c["ok"]]
+        raise VerificationFailed(f"pre-flight failed: {', '.join(failed)}")
+
+
+@main.command()
+@click.argument("case_dir", type=click.Path(file_okay=False))
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Private key, PEM or DER "
+              "(an encrypted key reads its passphrase from $CARLOS_AUDIT_KEY_PASSPHRASE).")
+@click.option("--cert", required=True, type=click.Path(dir_okay=False), help="The signer's certificate, PEM or DER.")
+@click.option("--tsa", default=None, help="URL of an RFC 3161 time-stamping authority (uses the network); default: no timestamp.")
+def sign(case_dir, key, cert, tsa):
+    """Sign the archive copy (PAdES): writes report-archive-signed.pdf. The filing copy stays unsigned.
+
+    \b
+    Example:
+        carlos-audit sign reports/demo --key expert-key.pem --cert expert-cert.pem
+    """
+    from carlos_audit.report.signing import sign_archive
+
+    r = sign_archive(case_dir, key, cert, tsa)
+    click.echo(f"wrote {r['signed']} (signed by {r['signer']}{', timestamped' if r['timestamped'] else ''})")
+    click.echo(f"  sha256 {r['sha256']}; begins with report-archive.pdf (sha256 {r['archive_sha256']})")
+
+
+@main.command()
+@click.argument("case_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder to write the recomputed metrics.json / comparison.json into (the case folder is never written).")
+@click.option("--allow-incompatible", is_flag=True, help="Compare with a reference corpus profiled differently.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def analyse(case_dir, out, allow_incompatible, as_json):
+    """Run the analysis step again on a finished case (no model): metrics and comparison from the
+    stored features, compared byte for byte with the recorded results.
+
+    Exits non-zero when a result differs.
+
+    \b
+    Example:
+        carlos-audit analyse reports/demo
+    """
+    from pathlib import Path
+
+    from carlos_audit.analysis.case_analysis import reanalyse
+    from carlos_audit.errors import VerificationFailed
+
+    result = reanalyse(Path(case_dir), allow_incompatible=allow_incompatible, out=Path(out) if out else None)
+    if as_json:
+        print_json(result)
+    else:
+        for name, r in sorted(result["results"].items()):
+            click.echo(f"{'SAME' if r['identical'] else 'DIFF'}  {name}  sha256 {r['now']} (recorded {r['recorded']})")
+    if not result["identical"]:
+        raise VerificationFailed("the analysis does not reproduce the recorded results")
 
 
 # --- verification (verify.py) ---
@@ -33,9 +128,11 @@ def report(case_dir):
 @click.argument("case_dir", type=click.Path(file_okay=False))
 @click.option("--sample", default=4, show_default=True, help="Pairs to regenerate and compare (0: none).")
 @click.option("--seed", default=0, show_default=True, help="Seed that picks the sample (recorded in the output).")
+@click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
+              help="Certificate (PEM or DER) the signature of a signed archive copy must chain to; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
-def verify(case_dir, sample, seed, as_json):
-    """Check a finished case: stored files, recomputed metrics, a regenerated sample.
+def verify(case_dir, sample, seed, trust, as_json):
+    """Check a finished case: stored files, both report copies and a signature, recomputed metrics, a regenerated sample.
 
     Exits non-zero when any check fails.
 
@@ -43,12 +140,14 @@ def verify(case_dir, sample, seed, as_json):
     Example:
         carlos-audit verify reports/demo --sample 4 --seed 1
     """
+    from pathlib import Path
+
     from carlos_audit.errors import VerificationFailed
     from carlos_audit.verify import verify_case
 
     if sample:
         quiet_libraries()
-    result = verify_case(case_dir, sample=sample, seed=seed)
+    result = verify_case(case_dir, sample=sample, seed=seed, trust=[Path(t) for t in trust])
     if as_json:
         print_json(result)
     else:

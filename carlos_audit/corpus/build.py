@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from carlos_audit.case.casefile import Case, load_case, parse_case
+from carlos_audit.case.casefile import Case, dump_case, load_case, parse_case
 from carlos_audit.errors import AuditError
 
 LORA_SUFFIXES = (".safetensors",)
@@ -37,32 +37,7 @@ def case_for_lora(template: Case, lora: Path, row_id: str) -> Case:
     data.pop("comparison", None)
     data["protocol"].pop("scales", None)
     data["indicators"] = {"trigger_dependence": False, "prompt_override": False, "effect_labels": False}
-    return parse_case(_dump_toml(data), template.path)
-
-
-def _dump_toml(data: dict) -> str:
-    """A small TOML writer for case files (tables of scalars, lists and inline seed tables)."""
-    import json
-
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
-        raise TypeError(type(v))
-
-    out = []
-    for section, table in data.items():
-        out.append(f"[{section}]")
-        out += [f"{k} = {val(v)}" for k, v in table.items()]
-        out.append("")
-    return "\n".join(out)
+    return parse_case(dump_case(data), template.path)
 
 
 def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str | None = None,
@@ -75,7 +50,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     with the same ``threads`` (torch CPU threads of every generating process, default: this
     process's) the corpus bytes do not depend on the engine. Writes DEST/build.json."""
     from carlos_audit.corpus.cases import add_case
-    from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.store import BUILD_CASES_DIR, load_corpus
     from carlos_audit.corpus.write import create_empty
     from carlos_audit.engines import ENGINES
     from carlos_audit.engines.build import (
@@ -113,7 +88,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
             check_cluster(resolve_address(ray_address))
     threads = threads or default_threads()
     argv = ["carlos-audit", "corpus", "build", str(lora_dir), "--casefile", str(template_path), str(dest)]
-    plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv)
+    plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv, threads=threads)
     run = run_plan(plan, engine=engine, ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
                    unit_fn=_unit_fn, progress=progress)
     added = []
@@ -121,7 +96,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
         fin = run["finalized"][rid]
         if not (dest / "corpus.json").is_file():
             create_empty(dest, fin["signature"], name or dest.name, dim=fin["dim"])
-        add_case(dest, dest / "cases" / rid, row_id=rid, name=lora.name)
+        add_case(dest, dest / BUILD_CASES_DIR / rid, row_id=rid, name=lora.name)
         added.append(rid)
     record = build_record(plan, run, engine=engine, threads=threads, ray_address=ray_address, gpus_per_task=gpus_per_task)
     write_json_atomic(dest / "build.json", record)

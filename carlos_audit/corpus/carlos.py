@@ -189,11 +189,13 @@ def _lossless_dtype(directions: np.ndarray) -> str:
 
 
 def import_carlos_db(src, dest, preset: str | None = "carlos-sdxl-vitb32", *, overwrite: bool = False,
-                     name: str | None = None) -> Corpus:
+                     name: str | None = None, origin: dict | None = None, extra_meta: dict | None = None) -> Corpus:
     """Import the public CARLoS metrics database (Parquet, or CSV from ``export_carlos_csv``).
 
     Keeps every row and value: directions are stored as float32 when every value is exactly a
     float32 (true of the published file, whose float64 column holds float32 values), else float64.
+    ``origin`` replaces the recorded source path (e.g. a wheel member: corpus/public.py);
+    ``extra_meta`` adds keys to the corpus header.
     """
     src = Path(src)
     if not src.is_file():
@@ -224,7 +226,9 @@ def import_carlos_db(src, dest, preset: str | None = "carlos-sdxl-vitb32", *, ov
         "kind": "carlos-db", "format": fmt, "path": str(src.resolve()), "size": src.stat().st_size,
         "sha256": sha256_file(src), "source_direction_dtype": source_dtype, "ignored_columns": ignored,
     }
-    extra = {"preset": preset, "preset_notes": dict(_CARLOS_PRESET_NOTES) if preset else None}
+    if origin is not None:
+        created_from = dict(created_from, path=None, **origin)
+    extra = {"preset": preset, "preset_notes": dict(_CARLOS_PRESET_NOTES) if preset else None, **(extra_meta or {})}
     dest = Path(dest)
     with (locked(dest) if dest.is_dir() else contextlib.nullcontext()):
         return create_corpus(dest, directions=directions.astype(DTYPES[dtype], copy=False), rows=cols,

@@ -84,7 +84,7 @@ def add_case(corpus_path, case_dir, row_id: str | None = None, name: str | None 
             raise AuditError(f"the case direction has {d.size} values; corpus {cpath} has dim {c.dim}")
         dim = c.dim if c.n else d.size
         comp = require_compatible(c.signature, sig, allow_incompatible)
-        if c._lookup([rid]):
+        if c.lookup([rid]):
             raise AuditError(f"corpus {cpath} already has a row with id {rid!r}; pass --id to choose another")
         lora_path = lora.get("path")
         label = name or (Path(lora_path).name if isinstance(lora_path, str) and lora_path else rid)

@@ -1,9 +1,10 @@
-"""Compare a profiled case with its reference corpus: signature check, percentiles, neighbours.
+"""Place a profiled case in its reference corpus: signature check, percentiles, neighbours.
 
-Reads ``metrics.json`` and ``manifest.json`` of the case and writes ``comparison.json``:
+From the case's metrics, signature and LoRA hash, the corpus part of ``comparison.json``
+(records.Comparison, written by the analysis step):
 
     {"corpus": {path, name, n, signature, compatible, differing_fields, unverifiable_fields,
-                allow_incompatible, excluded_row},
+                allow_incompatible, excluded_row, corpus_sha256, error_rates},
      "target": {strength_percentile, consistency_percentile, neighbours: [...]},
      "corpus_points": {strength: [...], consistency: [...]}}
 
@@ -18,24 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json, write_json_atomic
-
-SCHEMA = "carlos-audit/comparison/1"
 
 
-def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, allow_incompatible: bool = False,
-                        signature: dict | None = None, lora_sha256: str | None = None) -> dict:
-    """``signature`` and ``lora_sha256`` come from the case's manifest.json unless given (as the
-    profile step does, before the manifest is written)."""
+def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: dict, lora_sha256: str,
+                    allow_incompatible: bool = False, head_to_head: list | None = None) -> dict:
+    """``metrics``: the case's records.Metrics. Refuses a corpus profiled differently (unless
+    ``allow_incompatible``). The corpus's false-match rates are added to the neighbours and, in
+    place, to the ``head_to_head`` entries (corpus/validate.calibrate)."""
     from carlos_audit.case.signature import require_compatible
     from carlos_audit.corpus.search import neighbours_for_vector
     from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.validate import calibrate
 
-    case_dir = Path(case_dir)
-    metrics = read_json(case_dir / "metrics.json")
-    if signature is None or lora_sha256 is None:
-        manifest = read_json(case_dir / "manifest.json")
-        signature, lora_sha256 = manifest["signature"], manifest["lora"]["sha256"]
     if not Path(corpus_path).exists():
         raise AuditError(f"reference corpus {corpus_path} does not exist")
     corpus = load_corpus(corpus_path)
@@ -46,14 +41,13 @@ def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, a
         hits = [i for i, s in enumerate(shas) if s and s == lora_sha256]
         if hits:
             exclude = corpus.ids[hits[0]]
-    target = neighbours_for_vector(corpus, metrics["direction"], metrics["strength"], metrics["consistency"],
+    target = neighbours_for_vector(corpus, metrics.direction, metrics.strength, metrics.consistency,
                                    top_k=top_k, exclude_id=exclude)
     keep = np.ones(corpus.n, dtype=bool)
     if exclude is not None:
         keep[corpus.index_of(exclude)] = False
     cons = np.asarray(corpus.consistency, dtype=float)[keep]
     result = {
-        "schema": SCHEMA,
         "corpus": {
             "path": str(Path(corpus_path).resolve()), "name": corpus.meta.get("name"), "n": corpus.n,
             "signature": corpus.signature, "compatible": not compat["differing"],
@@ -67,10 +61,8 @@ def compare_with_corpus(case_dir: Path, corpus_path: Path, *, top_k: int = 10, a
             "consistency": [None if np.isnan(x) else float(x) for x in cons],
         },
     }
-    path = case_dir / "comparison.json"
-    merged = read_json(path) if path.is_file() else {}
-    merged.update(result)  # keeps ``head_to_head`` written by the profile step
-    write_json_atomic(path, merged)
+    result["corpus"]["error_rates"] = calibrate(corpus, metrics.direction, target, head_to_head,
+                                                comparable=not compat["differing"])
     return result
 
 

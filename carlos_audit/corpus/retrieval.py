@@ -31,6 +31,8 @@ def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_down
     from carlos_audit.models.loading import load_embedder
     from carlos_audit.run.embed import text_features
 
+    if identity == "embedded:tiny-hf-clip":
+        return _hf_text_encoder(identity, allow_download)
     if identity == "embedded:tiny-clip":
         emb = load_embedder("embedded:tiny-clip", None)
         return lambda texts: text_features(emb, texts)
@@ -48,35 +50,18 @@ def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_down
 
 
 def _hf_text_encoder(repo: str, allow_download: bool):
-    import torch
-    from transformers import CLIPModel, CLIPTokenizer
+    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.run.embed import text_features
 
     try:
-        model = CLIPModel.from_pretrained(repo, local_files_only=not allow_download).eval()
-        tok = CLIPTokenizer.from_pretrained(repo, local_files_only=not allow_download)
-    except Exception:
+        emb = load_embedder(repo if repo.startswith("embedded:") else "hf:" + repo, None, allow_download=allow_download)
+    except AuditError:
         cache = "models--" + repo.replace("/", "--")
         raise AuditError(
             f"the corpus was profiled with {repo} (transformers CLIPModel); its text tower is not in the local "
             f"Hugging Face cache ({cache}: config.json, model weights, tokenizer files); "
             "download it there, or pass --allow-download") from None
-
-    def encode(texts):
-        out = []
-        for i in range(0, len(texts), 64):
-            batch = tok(texts[i:i + 64], padding=True, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                f = model.get_text_features(**batch)
-            out.append((f if torch.is_tensor(f) else f.pooler_output).float().numpy())
-        return np.concatenate(out)
-
-    return encode
-
-
-def query_signature(encode, prompts: list[str], query: str) -> np.ndarray:
-    with_q = encode([f"{p} {query}" for p in prompts]).astype(np.float64)
-    plain = encode(prompts).astype(np.float64)
-    return (with_q - plain).mean(axis=0)
+    return lambda texts: text_features(emb, texts)
 
 
 def default_filters(corpus) -> dict:
@@ -100,10 +85,20 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
         prompts_sha256,
     )
 
+    from carlos_audit.corpus.public import public_prompt_sets
+
     sig = corpus.signature or {}
+    sets = public_prompt_sets(corpus)
+    if prompts_spec is None and sets and "retrieval" in sets:  # a fetched public corpus carries its retrieval set
+        from carlos_audit.case.protocol import prompts_from_triples
+
+        prompts = prompts_from_triples(sets["retrieval"], f"{corpus.path}:retrieval")
+        return prompts, {"source": f"{corpus.path} (retrieval set of the fetched wheel)", "n": len(prompts),
+                         "sha256": prompts_sha256(prompts)}
     if prompts_spec is None:
         if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256:
             raise AuditError("this corpus was profiled with the CARLoS indexing prompts; pass --prompts "
+                             "builtin:carlos-retrieval (after `carlos-audit corpus fetch carlos-public`) or a "
                              "carlos_prompts.json so its retrieval set is used")
         prompts_spec = "builtin:retrieval"
     if prompts_spec.endswith(".json") and Path(prompts_spec).is_file():
@@ -119,6 +114,8 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
 def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | None = None,
              min_consistency: float | None = None, prompts: str | None = None,
              embedder_checkpoint: str | None = None, allow_download: bool = False) -> dict:
+    from carlos_audit.analysis.indicators import text_signature
+    from carlos_audit.corpus.search import nearest
     from carlos_audit.corpus.store import load_corpus
 
     if not query.strip():
@@ -134,26 +131,22 @@ def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | 
     if not identity:
         raise AuditError(f"corpus {corpus_path} does not record its embedder; text retrieval needs it")
     encode = text_encoder_for(identity, checkpoint=embedder_checkpoint, allow_download=allow_download)
-    sig = query_signature(encode, [p.text for p in prompt_list], query)
-    d = np.asarray(corpus.directions, dtype=np.float64)
-    if d.shape[1] != sig.size:
-        raise AuditError(f"the text features have {sig.size} dimensions but the corpus directions {d.shape[1]}")
-    norms = np.linalg.norm(d, axis=1) * (np.linalg.norm(sig) or 1.0)
-    scores = np.divide(d @ sig, norms, out=np.zeros(len(d)), where=norms > 0)
+    sig = text_signature(encode, [p.text for p in prompt_list], query)
+    if corpus.dim != sig.size:
+        raise AuditError(f"the text features have {sig.size} dimensions but the corpus directions {corpus.dim}")
     s = np.asarray(corpus.strength, dtype=float)
     c = np.asarray(corpus.consistency, dtype=float)
-    keep = np.ones(len(d), dtype=bool)
+    keep = np.ones(corpus.n, dtype=bool)
     if filters["max_strength"] is not None:
         keep &= s <= filters["max_strength"]
     if filters["min_consistency"] is not None:
         keep &= np.nan_to_num(c, nan=-np.inf) >= filters["min_consistency"]
-    idx = np.flatnonzero(keep)
+    best = nearest(corpus, sig, top_k=top_k, keep=keep)[0]  # exact float64 cosine, ties by id
     ids = corpus.ids
-    order = sorted(idx, key=lambda i: (-scores[i], ids[i]))[:top_k]
     names = corpus.column("name").to_pylist()
     return {
         "query": query, "corpus": str(corpus_path), "embedder": identity, "filters": filters,
         "prompts": prompt_info, "kept": int(keep.sum()), "dropped": int((~keep).sum()),
-        "results": [{"id": ids[i], "name": names[i], "score": float(scores[i]), "strength": float(s[i]),
-                     "consistency": None if np.isnan(c[i]) else float(c[i])} for i in order],
+        "results": [{"id": ids[i], "name": names[i], "score": score, "strength": float(s[i]),
+                     "consistency": None if np.isnan(c[i]) else float(c[i])} for i, score in best],
     }

@@ -42,19 +42,21 @@ def percentile_rank(values, v, exclude_index: int | None = None) -> float | None
 # --------------------------------------------------------------------------- neighbours
 
 
-def _topk_pools(c: Corpus, queries: np.ndarray, k: int, exclude_rows: np.ndarray) -> list[np.ndarray]:
+def _topk_pools(c: Corpus, queries: np.ndarray, k: int, exclude_rows: np.ndarray,
+                keep: np.ndarray | None = None) -> list[np.ndarray]:
     """Per query, the candidate rows that certainly contain its top-k by float64 cosine.
 
     Scores are computed in the storage dtype chunk by chunk; a row is kept when its score is
     at least (k-th best score so far) - 2 * tol, tol bounding the storage-dtype error. Cosines
-    lie in [-1, 1], so the starting threshold -3 admits every row; excluded rows score -inf.
+    lie in [-1, 1], so the starting threshold -3 admits every row; excluded rows (and rows where
+    ``keep`` is False) score -inf.
     """
     m, n = queries.shape[0], c.n
     tol = PREFILTER_TOL[c.dtype]
     floor = -3.0
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     qs = np.ascontiguousarray(qn.astype(c.directions.dtype))  # (m, dim)
-    inv = c._inverse_norms()
+    inv = c.inverse_norms()
     thr = np.full(m, floor)
     cand_rows: list[list[np.ndarray]] = [[] for _ in range(m)]
     cand_vals: list[list[np.ndarray]] = [[] for _ in range(m)]
@@ -65,6 +67,8 @@ def _topk_pools(c: Corpus, queries: np.ndarray, k: int, exclude_rows: np.ndarray
         s = qs @ blk.T  # (m, rows), C order
         s *= inv[start:start + step]
         w = s.shape[1]
+        if keep is not None:
+            s[:, ~keep[start:start + w]] = -np.inf
         inside = (exclude_rows >= start) & (exclude_rows < start + w)
         if inside.any():
             qi = np.nonzero(inside)[0]
@@ -115,10 +119,11 @@ def _rank_pool(c: Corpus, q: np.ndarray, pool: np.ndarray, k: int) -> list[tuple
     return [(int(pool[i]), float(sims[i])) for i in order]
 
 
-def nearest(corpus, vectors, top_k: int = 10, exclude_rows=None) -> list[list[tuple[int, float]]]:
+def nearest(corpus, vectors, top_k: int = 10, exclude_rows=None, keep=None) -> list[list[tuple[int, float]]]:
     """For each query vector: [(row, cosine), ...] best first (ties by id), at most ``top_k``.
 
-    ``vectors`` is (m, dim); ``exclude_rows`` gives per query a row to leave out (-1: none).
+    ``vectors`` is (m, dim); ``exclude_rows`` gives per query a row to leave out (-1: none);
+    ``keep`` (bool, one per row) leaves out every row where it is False, for all queries.
     Works in chunks, so 1,000 queries against 1M rows stay within a few hundred MB.
     """
     c = as_corpus(corpus)
@@ -136,9 +141,10 @@ def nearest(corpus, vectors, top_k: int = 10, exclude_rows=None) -> list[list[tu
     live = np.nonzero(np.isfinite(qnorm) & (qnorm > 0))[0]  # a zero direction has no neighbours
     if live.size == 0:
         return out
-    eligible = c.n - (ex[live] >= 0).astype(int)
+    kept = np.ones(c.n, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    eligible = int(kept.sum()) - np.array([kept[r] if r >= 0 else 0 for r in ex[live]], dtype=int)
     k = int(min(top_k, c.n))
-    pools = _topk_pools(c, q[live], k, ex[live])
+    pools = _topk_pools(c, q[live], k, ex[live], None if keep is None else kept)
     for j, qi in enumerate(live):
         out[qi] = _rank_pool(c, q[qi], pools[j], min(k, int(eligible[j])))
     return out
@@ -153,8 +159,8 @@ def _entry(c: Corpus, row: int, sim: float) -> dict:
 
 def _result(c: Corpus, hits, strength, consistency, exclude: int | None) -> dict:
     return {
-        "strength_percentile": c._percentile("strength", strength, exclude),
-        "consistency_percentile": c._percentile("consistency", consistency, exclude),
+        "strength_percentile": c.percentile("strength", strength, exclude),
+        "consistency_percentile": c.percentile("consistency", consistency, exclude),
         "neighbours": [_entry(c, r, s) for r, s in hits],
     }
 
@@ -191,7 +197,7 @@ def neighbours_for_vector(corpus, direction, strength, consistency, top_k: int =
         raise AuditError("strength must be a finite number")
     ex = None
     if exclude_id is not None:
-        ex = c._lookup([str(exclude_id)]).get(str(exclude_id))
+        ex = c.lookup([str(exclude_id)]).get(str(exclude_id))
     hits = nearest(c, d[None, :], top_k, exclude_rows=[-1 if ex is None else ex])[0] if c.n else []
     return _result(c, hits, float(strength), consistency, ex)
 

@@ -33,7 +33,10 @@ META_FILE = "corpus.json"
 ROWS_FILE = "rows.parquet"
 DIRECTIONS_FILE = "directions.npy"
 BUILD_CASES_DIR = "cases"
-CORPUS_FILES = (META_FILE, ROWS_FILE, DIRECTIONS_FILE)
+# known error rates, derived from the files above and recomputed when they change (validate.py)
+TABLES_FILE = "error_tables.npy"
+WHITENING_FILE = "whitening.npy"
+CORPUS_FILES = (META_FILE, ROWS_FILE, DIRECTIONS_FILE, TABLES_FILE, WHITENING_FILE)
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -196,7 +199,7 @@ class Corpus:
             self._index = index
         return self._index
 
-    def _lookup(self, ids: list[str]) -> dict:
+    def lookup(self, ids: list[str]) -> dict:
         """{id: row} for the ids present (absent ones are left out)."""
         if self._index is None and len(ids) <= 16:
             # a few look-ups: a C-speed scan of the id list beats building a 1M-key dict
@@ -211,7 +214,7 @@ class Corpus:
     def indices_of(self, ids) -> np.ndarray:
         """Row indices of ``ids``; AuditError naming every unknown id."""
         ids = [str(x) for x in ids]
-        found = self._lookup(ids)
+        found = self.lookup(ids)
         missing = [i for i in ids if i not in found]
         if missing:
             shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -232,7 +235,7 @@ class Corpus:
             self._sorted[name] = np.sort(v[~np.isnan(v)])
         return self._sorted[name]
 
-    def _percentile(self, name: str, v, exclude: int | None) -> float | None:
+    def percentile(self, name: str, v, exclude: int | None) -> float | None:
         """``percentile_rank(getattr(self, name), v, exclude)`` in O(log n) from a sorted copy."""
         if v is None or math.isnan(float(v)):
             return None
@@ -258,7 +261,7 @@ class Corpus:
             self._norms = out
         return self._norms
 
-    def _inverse_norms(self) -> np.ndarray:
+    def inverse_norms(self) -> np.ndarray:
         if self._inv is None:
             nrm = self.storage_norms()
             with np.errstate(divide="ignore"):

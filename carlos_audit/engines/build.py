@@ -5,8 +5,9 @@ Plan (in the driver, no model loaded):
 1. each LoRA gets its case folder ``DEST/cases/<id>/`` (case.toml, run.json), as before;
 2. arms without an adapter (the base arm) are computed ONCE for the whole build, in a shared
    folder ``DEST/cases/_shared/<arm>-<key>/`` keyed by everything that determines their bytes
-   (base model, embedder, generation parameters, batch layout, the prompt text actually sent
-   and the seeds). With trigger policy "both" the base prompt carries the trigger words, so LoRAs
+   (the reproducibility key of case/signature.py: base model, generation parameters, batch
+   layout, the prompt text actually sent, the seeds, the environment that changes bits, thread
+   count included; plus the embedder). With trigger policy "both" the base prompt carries the trigger words, so LoRAs
    with different trigger words would get different base arms; in a corpus build every LoRA
    takes its trigger words from the template, so there is one shared base arm per build;
 3. one unit per (LoRA, LoRA arm, batch) into the LoRA's case folder;
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carlos_audit.corpus.store import BUILD_CASES_DIR
 from carlos_audit.engines.units import WorkUnit
 from carlos_audit.errors import AuditError
 from carlos_audit.run import cost as cost_mod
@@ -52,24 +54,39 @@ class BuildPlan:
         return (self.n_lora_arms + len(self.shared)) * self.n_prompts * self.n_seeds
 
 
-def shared_arm_key(case, arm, prompts) -> str:
-    """What fixes the bytes of an arm without adapter, from the case alone (no model loaded)."""
-    from carlos_audit.hashing import sha256_json
+def shared_arm_key(case, arm, pairs, environment: dict) -> str:
+    """What fixes the bytes of an arm without adapter, from the case alone (no model loaded): the
+    reproducibility key (case/signature.py) of the whole arm, with the base model as the case names
+    it, the embedder (the shared folder holds embeddings too), and ``environment``, the build's
+    (``planned_environment``)."""
+    from carlos_audit.case.signature import reproducibility_key
 
     pc = case.protocol
-    return sha256_json({
-        "base_model": {k: case.base_model.get(k) for k in ("source", "sha256", "dtype", "device")},
-        "embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")},
-        "base_dir": str(case.base_dir),
-        "params": {k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "batch_size")},
-        "arm": {"scale": arm.scale, "with_triggers": arm.with_triggers},
-        "prompts_sent": [arm.prompt_for(p.text, list(case.lora["trigger_words"])) for p in prompts],
-        "seeds": list(pc["seeds"]),
-    })
+    key, _ = reproducibility_key(
+        base_model={"source": case.base_model["source"], "sha256": case.base_model.get("sha256"),
+                    "base_dir": str(case.base_dir)},
+        params={k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt",
+                                   "seed_mode")},
+        batch_size=pc["batch_size"],
+        prompts_sent=[arm.prompt_for(p.prompt.text, list(case.lora["trigger_words"])) for p in pairs],
+        seeds=[p.seed for p in pairs], environment=environment,
+        extra={"embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")}})
+    return key
 
 
-def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: list[str] | None = None) -> BuildPlan:
-    """``cases``: [(row id, LoRA path, Case)] in sorted order. Prepares the case folders."""
+def planned_environment(case, threads: int | None) -> dict:
+    """The environment a build's units will run under, as far as the driver knows it: this
+    process's packages and machine, the case's device and dtype as written, ``threads``."""
+    from carlos_audit.run.environment import capture
+
+    env = capture(case.base_model["device"], case.base_model["dtype"], {})
+    return env | {"torch_threads": threads or env["torch_threads"]}
+
+
+def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: list[str] | None = None,
+               threads: int | None = None) -> BuildPlan:
+    """``cases``: [(row id, LoRA path, Case)] in sorted order; ``threads``: the torch threads every
+    unit runs with (default: this process's). Prepares the case folders."""
     from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
     from carlos_audit.engines.inputs import planned_inputs
     from carlos_audit.hashing import sha256_file
@@ -80,7 +97,7 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
     argv = tuple(argv or ())
     inputs = planned_inputs(cases[0][2]) if cases else ()  # the same template for every LoRA
     for rid, lora, case in cases:
-        case_dir = plan.dest / "cases" / rid
+        case_dir = plan.dest / BUILD_CASES_DIR / rid
         prepare_case_dir(case_dir, case, force=False)
         lora_sha = sha256_file(lora)
         plan.rows.append((rid, lora, lora_sha))
@@ -95,8 +112,8 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
         shared, deps = [], []
         for arm in arms.arms.values():
             if arm.adapter is None:
-                sid = f"{arm.name}-{shared_arm_key(case, arm, prompts)[:16]}"
-                sdir = plan.dest / "cases" / SHARED_DIR / sid
+                sid = f"{arm.name}-{shared_arm_key(case, arm, pairs, planned_environment(case, threads))[:16]}"
+                sdir = plan.dest / BUILD_CASES_DIR / SHARED_DIR / sid
                 if sid not in plan.shared:
                     # computed with the first LoRA's session (adapters disabled: the base weights)
                     plan.shared[sid] = {"dir": str(sdir), "arm": arm.name, "rows": [], "batches": batch_ids}
@@ -180,7 +197,7 @@ def build_record(plan: BuildPlan, run: dict, *, engine: str, threads: int, ray_a
         "engine": engine, "ray_address": ray_address, "gpus_per_task": gpus_per_task, "torch_threads": threads,
         "loras": [r[0] for r in plan.rows], "n_loras": n_l, "n_prompts": plan.n_prompts, "n_seeds": plan.n_seeds,
         "steps": plan.steps,
-        "shared_arms": {k: {"folder": f"cases/{SHARED_DIR}/{k}", "arm": v["arm"], "used_by": v["rows"]} for k, v in plan.shared.items()},
+        "shared_arms": {k: {"folder": f"{BUILD_CASES_DIR}/{SHARED_DIR}/{k}", "arm": v["arm"], "used_by": v["rows"]} for k, v in plan.shared.items()},
         "images": {
             "minimum": plan.minimum_images,
             "formula": "(L + 1) x P x S: each LoRA arm, and the base arm once per build",

@@ -25,7 +25,7 @@ from carlos_audit.run.store import CaseStore
 
 #: The pipeline session of the last unit run in this process, reused by the next unit of the same
 #: LoRA case (profile.load_models keeps the pipeline loaded across cases; only the adapter swaps).
-_CURRENT: dict = {}
+CURRENT: dict = {}
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,10 @@ def _context(unit: WorkUnit) -> _Context:
     from carlos_audit.run.profile import make_session
 
     key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial, unit.inputs)
-    ctx = _CURRENT.get("ctx")
+    ctx = CURRENT.get("ctx")
     if ctx is not None and ctx.key == key:
         return ctx
-    _CURRENT.clear()
+    CURRENT.clear()
     case = parse_case(unit.case_text, Path(unit.case_path))
     paths, inputs, inspection = intake(case)
     lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=unit.allow_partial)
@@ -92,7 +92,7 @@ def _context(unit: WorkUnit) -> _Context:
     session, _ = make_session(case, CaseStore(unit.store), lp, emb, determinism)
     pairs = enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"])
     ctx = _Context(key, session, plan_arms(case, unit.lora_sha256, []), {b[0].batch: b for b in batches(pairs)})
-    _CURRENT["ctx"] = ctx
+    CURRENT["ctx"] = ctx
     return ctx
 
 
@@ -153,11 +153,11 @@ def finalize_case(unit: WorkUnit, case_files: dict) -> dict:
         for rel, data in case_files.items():
             write_bytes_atomic(out / rel, data)
         case = parse_case(unit.case_text, Path(unit.case_path))
-        _CURRENT.clear()  # run_case reloads the adapter: the cached session is no longer trusted
+        CURRENT.clear()  # run_case reloads the adapter: the cached session is no longer trusted
         try:
             result = run_case(case, out, allow_partial=unit.allow_partial, argv=list(unit.argv), progress=False)
         finally:
-            _CURRENT.clear()
+            CURRENT.clear()
         m = result["manifest"]
         check_inputs(unit, m["inputs"], {"base_model": m["base_model"]["sha256"], "embedder": m["embedder"]["sha256"]})
         written = []

@@ -43,7 +43,6 @@ import struct
 from pathlib import Path
 
 from carlos_audit.errors import AuditError
-from carlos_audit.hashing import sha256_file
 
 # --------------------------------------------------------------------------------------------
 # Validation
@@ -282,15 +281,4 @@ def payload_sha256(path: str | Path, payload_start: int | None = None) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def file_hashes(path: str | Path) -> dict:
-    """``{"sha256", "autov2", "payload_sha256"}`` of a validated safetensors file."""
-    _, payload_start, _ = read_header(path)
-    digest = sha256_file(path)
-    return {
-        "sha256": digest,
-        "autov2": digest[:10],
-        "payload_sha256": payload_sha256(path, payload_start),
-    }
 

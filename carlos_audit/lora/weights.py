@@ -131,21 +131,57 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
     }
 
 
+#: Thresholds of the weight-space reading; their error rates on generated LoRA pairs are measured
+#: by ``lora/families.py`` (bench/bench_weights_error.py, docs/VALIDATION.md).
+SAME_COSINE = 0.999       # cosine at or above: the same weight changes (up to a factor)
+RESCALE_TOLERANCE = 0.01  # |norm ratio - 1| above: rescaled
+PARTIAL_COSINE = 0.5      # cosine at or above (and below SAME_COSINE): partial similarity
+ERROR_RATES_FILE = Path(__file__).resolve().parent / "weight_error_rates.json"
+
+#: class -> one-line reading (an indicator, never a conclusion about copying or authorship)
+READINGS = {
+    "identical-payload": "re-upload (tensor payload identical; metadata may differ)",
+    "none": "no comparable modules (no shared LoRA modules with computable weight changes)",
+    "rescaled-copy": "rescaled copy",
+    "same-weights": "same weights (possibly different format)",
+    "merge-like": "high but partial similarity (consistent with a merge or continued training)",
+    "unrelated": "low similarity (consistent with independent training)",
+}
+
+
+def weights_class(result: dict) -> str:
+    """The class of a ``compare_weights`` result (a key of ``READINGS``)."""
+    if result.get("payload_identical"):
+        return "identical-payload"
+    cosine, ratio = result.get("cosine"), result.get("norm_ratio")
+    if cosine is None:
+        return "none"
+    if cosine >= SAME_COSINE:
+        if ratio is not None and abs(ratio - 1.0) > RESCALE_TOLERANCE:
+            return "rescaled-copy"
+        return "same-weights"
+    if cosine >= PARTIAL_COSINE:
+        return "merge-like"
+    return "unrelated"
+
+
+def class_error_rates(cls: str) -> dict | None:
+    """How often the generated pairs of each family got the reading ``cls`` (the measured table
+    ``ERROR_RATES_FILE``, written by bench/bench_weights_error.py); None when it is absent."""
+    from carlos_audit.fileio import read_json
+    from carlos_audit.lora.families import rates_for_class
+
+    if not ERROR_RATES_FILE.is_file():
+        return None
+    table = read_json(ERROR_RATES_FILE)
+    return {"class": cls, "reps": table["reps"], "thresholds": table["thresholds"],
+            "source": "bench/bench_weights_error.py (docs/VALIDATION.md)", "families": rates_for_class(table, cls)}
+
+
 def weights_reading(result: dict) -> str:
     """A one-line reading of a ``compare_weights`` result, phrased as an indicator.
 
     These readings describe what the numbers are consistent with; they are not conclusions
     about copying, authorship or infringement.
     """
-    if result.get("payload_identical"):
-        return "re-upload (tensor payload identical; metadata may differ)"
-    cosine, ratio = result.get("cosine"), result.get("norm_ratio")
-    if cosine is None:
-        return "no comparable modules (no shared LoRA modules with computable weight changes)"
-    if cosine >= 0.999:
-        if ratio is not None and abs(ratio - 1.0) > 0.01:
-            return "rescaled copy"
-        return "same weights (possibly different format)"
-    if cosine >= 0.5:
-        return "high but partial similarity (consistent with a merge or continued training)"
-    return "low similarity (consistent with independent training)"
+    return READINGS[weights_class(result)]

@@ -3,6 +3,8 @@
 ``embedded:tiny-sd``   a Stable Diffusion pipeline of diffusers classes (UNet2DConditionModel,
                        AutoencoderKL, transformers CLIPTextModel + CLIPTokenizer), 64x64 images.
 ``embedded:tiny-clip`` an open_clip model from a custom config, saved for ``local-dir:`` loading.
+``embedded:tiny-hf-clip`` a transformers CLIPModel + CLIPProcessor (the reference's embedder
+                       classes), saved with ``save_pretrained``, loaded with ``from_pretrained``.
 
 They are written once into ``$CARLOS_AUDIT_HOME/models/<name>-v<N>`` with ``save_pretrained``
 (or safetensors for open_clip) and always loaded back through the real loaders, so the code
@@ -23,6 +25,7 @@ from carlos_audit.hashing import sha256_file, sha256_json
 
 TINY_SD_VERSION = 1
 TINY_CLIP_VERSION = 1
+TINY_HF_CLIP_VERSION = 1
 SEED = 0
 
 TINY_CLIP_CONFIG = {
@@ -42,17 +45,30 @@ def carlos_home() -> Path:
     return Path(os.environ.get("CARLOS_AUDIT_HOME", Path.home() / ".cache" / "carlos-audit"))
 
 
-def tree_sha256(folder: Path) -> str:
-    """Hash of a model folder: sha256 over the sorted (relative path, file sha256) list."""
+def tree_files(folder: Path) -> list[list[str]]:
+    """Every file under ``folder`` as sorted ``[relative path, sha256]`` pairs, following symbolic
+    links (a Hugging Face cache snapshot is links into ``blobs/``; a re-pointed link changes the
+    hash). A link cycle is refused."""
     folder = Path(folder)
     entries = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            entries.append([p.relative_to(folder).as_posix(), sha256_file(p)])
-    return sha256_json(entries)
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if any(os.path.realpath(folder / a) == real for a in Path(root).relative_to(folder).parents):
+            raise OSError(f"symbolic link cycle under {folder} at {root}")
+        dirs.sort()
+        for name in files:
+            p = Path(root) / name
+            if p.is_file():
+                entries.append([p.relative_to(folder).as_posix(), sha256_file(p)])
+    return sorted(entries)
 
 
-def _build_into(final: Path, builder) -> Path:
+def tree_sha256(folder: Path) -> str:
+    """Hash of a model folder: sha256 over the sorted (relative path, file sha256) list, links followed."""
+    return sha256_json(tree_files(folder))
+
+
+def build_into(final: Path, builder) -> Path:
     """Build into a temp folder beside ``final`` and rename: concurrent builders cannot clash."""
     if (final / ".complete").is_file():
         return final
@@ -72,7 +88,7 @@ def _build_into(final: Path, builder) -> Path:
     return final
 
 
-def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
+def clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     """vocab and merges exactly as open_clip's SimpleTokenizer builds them from its BPE file."""
     import open_clip.tokenizer as oct
 
@@ -87,10 +103,10 @@ def _clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(vocab)}, [" ".join(m) for m in merges]
 
 
-def _write_tokenizer(dest: Path) -> None:
+def write_clip_tokenizer(dest: Path) -> None:
     from transformers import CLIPTokenizer
 
-    vocab, merges = _clip_bpe_vocab()
+    vocab, merges = clip_bpe_vocab()
     with tempfile.TemporaryDirectory() as td:
         vf, mf = Path(td) / "vocab.json", Path(td) / "merges.txt"
         vf.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -160,7 +176,7 @@ def _build_tiny_sd(dest: Path) -> None:
         steps_offset=1,
     )
     tok_dir = dest / "_tok"
-    _write_tokenizer(tok_dir)
+    write_clip_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     pipe = StableDiffusionPipeline(
         unet=unet,
@@ -191,9 +207,34 @@ def _build_tiny_clip(dest: Path) -> None:
 
 def ensure_tiny_sd(home: Path | None = None) -> Path:
     home = home or carlos_home()
-    return _build_into(home / "models" / f"tiny-sd-v{TINY_SD_VERSION}", _build_tiny_sd)
+    return build_into(home / "models" / f"tiny-sd-v{TINY_SD_VERSION}", _build_tiny_sd)
 
 
 def ensure_tiny_clip(home: Path | None = None) -> Path:
     home = home or carlos_home()
-    return _build_into(home / "models" / f"tiny-clip-v{TINY_CLIP_VERSION}", _build_tiny_clip)
+    return build_into(home / "models" / f"tiny-clip-v{TINY_CLIP_VERSION}", _build_tiny_clip)
+
+
+def _build_tiny_hf_clip(dest: Path) -> None:
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    torch.manual_seed(SEED)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu")
+    cfg = CLIPConfig(text_config=CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **common).to_dict(),
+                     vision_config=CLIPVisionConfig(image_size=64, patch_size=8, **common).to_dict(), projection_dim=64)
+    CLIPModel(cfg).eval().save_pretrained(dest, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                       image_mean=TINY_CLIP_PREPROCESS["mean"], image_std=TINY_CLIP_PREPROCESS["std"]).save_pretrained(dest)
+    write_clip_tokenizer(dest)
+
+
+def ensure_tiny_hf_clip(home: Path | None = None) -> Path:
+    home = home or carlos_home()
+    return build_into(home / "models" / f"tiny-hf-clip-v{TINY_HF_CLIP_VERSION}", _build_tiny_hf_clip)

@@ -1,19 +1,26 @@
-"""The evidentiary PDF report of a case run (figures with matplotlib, HTML from the top-level
-``templates/`` folder, PDF/A-3b with weasyprint). Rendering reads only stored results.
+"""The evidentiary PDF report of a case run, in two copies: ``report.pdf`` for filing (PDF/A-2u,
+tagged, nothing embedded) and ``report-archive.pdf`` (PDF/A-3b, tagged, the JSON files
+embedded). Figures with matplotlib, HTML from the templates folder, PDF with weasyprint;
+rendering reads only stored results. Also: the pre-flight check and the signature.
 
     from carlos_audit.report import render_report
-    render_report(Path("reports/demo"))   # -> reports/demo/report.pdf (+ report.pdf.sha256)
+    render_report(Path("reports/demo"))   # -> reports/demo/report.pdf (+ report-archive.pdf, .sha256 files)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+FILING_PDF = "report.pdf"
+ARCHIVE_PDF = "report-archive.pdf"
+SIGNED_PDF = "report-archive-signed.pdf"
+REPORT_FILES = (FILING_PDF, f"{FILING_PDF}.sha256", ARCHIVE_PDF, f"{ARCHIVE_PDF}.sha256", SIGNED_PDF, f"{SIGNED_PDF}.sha256")
 
-def render_report(case_dir: Path) -> Path:
-    from carlos_audit.report.render import render_report as _render
 
-    return _render(case_dir)
+def render_report(case_dir: Path, check: bool = True) -> Path:
+    from carlos_audit.report.render import render_report as render
+
+    return render(case_dir, check=check)
 
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "FILING_PDF", "ARCHIVE_PDF", "SIGNED_PDF", "REPORT_FILES"]

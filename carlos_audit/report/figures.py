@@ -296,14 +296,14 @@ def contact_sheet(columns: list[tuple[bytes, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def display_copy(data: bytes) -> bytes | None:
-    """A downscaled PNG for the body when the original is larger than DISPLAY_MAX_PX; else None."""
+def display_copy(data: bytes, px: int = DISPLAY_MAX_PX) -> bytes | None:
+    """A downscaled PNG for the body when the original is larger than ``px``; else None."""
     from PIL import Image
 
     im = _open_rgb(data)
-    if max(im.size) <= DISPLAY_MAX_PX:
+    if max(im.size) <= px:
         return None
-    im.thumbnail((DISPLAY_MAX_PX, DISPLAY_MAX_PX), Image.Resampling.LANCZOS)
+    im.thumbnail((px, px), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=False)
     return buf.getvalue()

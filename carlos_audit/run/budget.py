@@ -48,15 +48,14 @@ def measure(case, n_images: int) -> dict:
     pc = case.protocol
     t0 = time.perf_counter()
     lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
-                            base_dir=case.base_dir)
+                            base_dir=case.base_dir, variant=case.base_model.get("variant"), config=case.base_model.get("config"))
     if pc["scheduler"]:
         set_scheduler(lp.pipe, pc["scheduler"])
     emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device, base_dir=case.base_dir)
     load_s = time.perf_counter() - t0
     cost.install_pipeline_hooks(lp.pipe)
     cost.install_embedder_hooks(emb)
-    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
-                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
+    params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     prompts, _ = load_prompts(pc["prompts"], case.base_dir)
     pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
     chosen = [pairs[i % len(pairs)] for i in range(n_images)]  # more than the protocol has: wrap around

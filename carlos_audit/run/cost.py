@@ -92,13 +92,15 @@ def install_pipeline_hooks(pipe) -> None:
 
 
 def install_embedder_hooks(embedder) -> None:
-    """Count image encodings of an open_clip embedder (``encode_image`` runs ``model.visual``)."""
+    """Count image encodings of an embedder's image tower: ``model.visual`` (open_clip
+    ``encode_image``) or ``model.vision_model`` (transformers ``get_image_features``)."""
 
     def on_visual(module, args, kwargs):
         COUNTS["clip_forward_calls"] += 1
-        COUNTS["clip_image_encodings"] += _batch_of(args, kwargs, "x")
+        COUNTS["clip_image_encodings"] += _batch_of(args, kwargs, "x") or _batch_of(args, kwargs, "pixel_values")
 
-    _hook_once(getattr(getattr(embedder, "model", None), "visual", None), on_visual)
+    model = getattr(embedder, "model", None)
+    _hook_once(getattr(model, "visual", None) or getattr(model, "vision_model", None), on_visual)
 
 
 # --------------------------------------------------------------------------- records -> sections

@@ -1,4 +1,6 @@
-"""Raw (unnormalised) CLIP image and text features from an open_clip model."""
+"""Raw (unnormalised) CLIP image and text features from an open_clip model, or from a transformers
+CLIPModel exactly as the CARLoS reference computes them (``CLIPProcessor`` output into
+``get_image_features`` / ``get_text_features``)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,10 @@ def image_features(embedder, images) -> np.ndarray:
     """(n, d) float32 raw image features, one batch exactly as given (batch layout is recorded)."""
     import torch
 
+    if embedder.kind == "hf-transformers":
+        inputs = embedder.preprocess(images=list(images), return_tensors="pt", padding=True).to(embedder.device)
+        with torch.no_grad():
+            return _projected(embedder.model.get_image_features(**inputs))
     x = torch.stack([embedder.preprocess(im) for im in images]).to(embedder.device)
     with torch.no_grad():
         f = embedder.model.encode_image(x, normalize=False)
@@ -21,7 +27,61 @@ def text_features(embedder, texts: list[str], batch_size: int = 64) -> np.ndarra
 
     out = []
     for i in range(0, len(texts), batch_size):
+        if embedder.kind == "hf-transformers":
+            inputs = embedder.preprocess(text=texts[i : i + batch_size], return_tensors="pt", truncation=True,
+                                         padding=True).to(embedder.device)
+            with torch.no_grad():
+                out.append(_projected(embedder.model.get_text_features(**inputs)))
+            continue
         tok = embedder.tokenizer(texts[i : i + batch_size]).to(embedder.device)
         with torch.no_grad():
             out.append(embedder.model.encode_text(tok, normalize=False).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32)
+
+
+def _projected(out) -> np.ndarray:
+    """transformers 5 returns a model output whose ``pooler_output`` is the projected feature;
+    transformers 4 (the reference's era) returned that tensor itself."""
+    import torch
+
+    f = out if torch.is_tensor(out) else out.pooler_output
+    return f.float().cpu().numpy().astype(np.float32)
+
+
+def store_text_features(store, embedder, prompts) -> dict:
+    """Raw text features of each prompt as the user wrote it (no trigger words), one file per
+    prompt under embeddings/text/ (the prompt-override indicator reads them). Returns
+    {prompt id: {path, sha256}} for the manifest's ``text_features``."""
+    from carlos_audit.fileio import write_bytes_atomic
+    from carlos_audit.hashing import sha256_bytes
+    from carlos_audit.run.store import npy_bytes
+
+    feats = text_features(embedder, [p.text for p in prompts])
+    records = {}
+    for p, f in zip(prompts, feats):
+        data = npy_bytes(f)
+        rel = f"embeddings/text/{p.id}.npy"
+        write_bytes_atomic(store.path(rel), data)
+        records[p.id] = {"path": rel, "sha256": sha256_bytes(data)}
+    return records
+
+
+LABEL_SIGNATURES = "embeddings/text/label_signatures.npy"
+
+
+def store_label_signatures(store, embedder, extra_labels: list[str]) -> dict:
+    """The text signature of every effect-label word over the retrieval prompts (float64, one row
+    per word), so the effect labels are computed without a model. Returns the manifest's
+    ``label_signatures``: {path, sha256, words: [[group, word], ...]}."""
+    from carlos_audit.analysis.indicators import label_signatures
+    from carlos_audit.case.protocol import load_prompts
+    from carlos_audit.fileio import write_bytes_atomic
+    from carlos_audit.hashing import sha256_bytes
+    from carlos_audit.run.store import npy_bytes
+
+    retrieval, _ = load_prompts("builtin:retrieval")
+    words, sigs = label_signatures(lambda texts: text_features(embedder, texts), [p.text for p in retrieval],
+                                   extra_labels)
+    data = npy_bytes(sigs, dtype="<f8")
+    write_bytes_atomic(store.path(LABEL_SIGNATURES), data)
+    return {"path": LABEL_SIGNATURES, "sha256": sha256_bytes(data), "words": [list(w) for w in words]}

@@ -32,17 +32,20 @@ def apply_determinism(device: str) -> dict:
     }
 
 
-def capture(device: str, dtype: str, determinism: dict) -> dict:
+def capture(device: str, dtype: str, determinism: dict, fastpath: dict | None = None) -> dict:
+    """The environment record of a run (manifest ``environment``); ``fastpath``: the settings
+    run/fastpath.py applied, recorded when there are any. case/signature.bits_environment says
+    which of these fields change the numbers."""
     import torch
+
+    from carlos_audit.case.signature import BIT_PACKAGES
 
     env = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
-        "packages": {d: _version(d) for d in (
-            "carlos-audit", "torch", "torchvision", "diffusers", "transformers", "peft", "open_clip_torch",
-            "safetensors", "numpy", "pillow", "weasyprint")},
+        "packages": {d: _version(d) for d in BIT_PACKAGES + ("weasyprint",)},
         "device": device,
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
@@ -51,6 +54,8 @@ def capture(device: str, dtype: str, determinism: dict) -> dict:
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "determinism": determinism,
     }
+    if fastpath is not None:
+        env["fastpath"] = fastpath
     return env
 
 

@@ -12,10 +12,12 @@ from carlos_audit.case.casefile import Case, expand_path
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
+from carlos_audit.report import REPORT_FILES
+from carlos_audit.run.lock import LOCK_NAME
 from carlos_audit.run.store import hash_inputs
 
-CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json", "report.pdf",
-                  "report.pdf.sha256", "images", "embeddings", "units", "figures")
+CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json",
+                  "images", "embeddings", "units", "figures") + REPORT_FILES
 
 # ----------------------------------------------------------------------------- intake
 
@@ -82,26 +84,32 @@ def prepare_case_dir(out: Path, case: Case, force: bool) -> None:
     run = out / "run.json"
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         same = run.is_file() and read_json(run).get("casefile_sha256") == casefile_sha
         if not same:
             if not force:
                 what = "a different case" if run.is_file() else "files that are not a carlos-audit case"
                 raise AuditError(f"output folder {out} holds {what}; pass --force to replace it, or choose another --out")
-            foreign = [p.name for p in out.iterdir() if p.name not in CASE_ARTIFACTS]
-            if foreign:
-                raise AuditError(f"output folder {out} holds files carlos-audit did not write ({', '.join(sorted(foreign)[:5])}); refusing even with --force")
-            for name in CASE_ARTIFACTS:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            clear_artifacts(out, CASE_ARTIFACTS)
     out.mkdir(parents=True, exist_ok=True)
     if not run.is_file():
         write_json_atomic(run, {"casefile_sha256": casefile_sha, "case_id": case.id, "started_utc": utc_now(),
                                 "started_epoch": _now_epoch()})
         write_text_atomic(out / "case.toml", case.raw_text)
+
+
+def clear_artifacts(out: Path, artifacts) -> None:
+    """Remove what carlos-audit wrote in ``out`` (the names in ``artifacts``), for --force;
+    a folder holding anything else is refused untouched."""
+    foreign = [p.name for p in out.iterdir() if p.name not in artifacts and p.name != LOCK_NAME]
+    if foreign:
+        raise AuditError(f"output folder {out} holds files carlos-audit did not write ({', '.join(sorted(foreign)[:5])}); refusing even with --force")
+    for name in artifacts:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def _now_epoch() -> int:

@@ -1,20 +1,38 @@
 """Loading a case's models: the base pipeline, the LoRA as an adapter (with its module
 accounting) and the embedder, each checked against the hashes the case expects; kept loaded for
-the next case in the same process."""
+the next case in the same process.
+
+Module accounting is decided from what peft actually wrapped, never from names: a module of the
+file counts as applied when every one of its factor tensors (not its alpha) is held, value for
+value, by one peft-wrapped module of the pipeline under the adapter's name. The text-encoder
+prefixes of the installed transformers version (``text_model.`` or not), kohya's SDXL block
+names and any other renaming therefore cannot make the count wrong. For a module that was not
+applied, diffusers' own conversion (``lora_state_dict``) is run on the file to say why.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from carlos_audit.case.casefile import Case
 from carlos_audit.errors import AuditError
 from carlos_audit.run.arms import TARGET_ADAPTER
 
+#: Pipeline components a LoRA can wrap.
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
+
 # ----------------------------------------------------------------------------- loading
 
 
 def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: bool) -> dict:
-    """Load through diffusers' load_lora_weights and check every module in the file was applied."""
+    """Load through diffusers' load_lora_weights and check every module in the file was applied.
+
+    Returns the load record of the manifest: ``partial``, ``applied`` (modules of the file that
+    peft applied), ``in_file`` (modules in the file), ``wrapped`` (peft-wrapped modules of the
+    pipeline under this adapter), ``by_component`` (applied modules per pipeline component),
+    ``skipped`` (``[{"module", "reason"}]``) and ``unapplied`` (the skipped module names).
+    """
     import diffusers.utils.logging as dlog
 
     level = dlog.get_verbosity()
@@ -22,34 +40,131 @@ def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: b
     try:
         pipe.load_lora_weights(str(path), adapter_name=adapter)
     except Exception as e:
-        raise AuditError(f"LoRA {path.name} could not be loaded into the base model: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise AuditError(f"LoRA {path.name} could not be loaded into the base model: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
     finally:
         dlog.set_verbosity(level)
-    applied = applied_modules(pipe, adapter)
-    in_file = {m["name"] for m in inspection.get("modules", [])}
-    missing = sorted(in_file - applied) if in_file and all("." in n for n in in_file) else []
-    n_file = inspection.get("module_count", len(in_file))
-    if len(applied) < n_file or missing:
-        n_missing = max(len(missing), n_file - len(applied))
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        msg = f"LoRA {path.name}: {n_missing} of {n_file} modules in the file were not applied to the base model ({shown or 'names not mappable'})"
+    state = module_accounting(pipe, adapter, path, inspection)
+    if state["partial"]:
+        shown = "; ".join(f"{s['module']} ({s['reason']})" for s in state["skipped"][:3])
+        more = f"; and {len(state['skipped']) - 3} more" if len(state["skipped"]) > 3 else ""
+        msg = (f"LoRA {path.name}: {len(state['skipped'])} of {state['in_file']} modules in the file were not applied "
+               f"to the base model: {shown}{more}")
+        state["message"] = msg
         if not allow_partial:
             raise AuditError(msg + "; pass --allow-partial to profile it anyway (the report will flag it)")
-        return {"partial": True, "applied": len(applied), "in_file": n_file, "unapplied": missing, "message": msg}
-    return {"partial": False, "applied": len(applied), "in_file": n_file, "unapplied": []}
+    return state
+
+
+def tensor_fingerprint(tensor) -> str:
+    """sha256 of a tensor's bytes (shape-free: a (r, in) and an (r, in, 1, 1) factor agree)."""
+    import torch
+
+    t = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def wrapped_modules(pipe, adapter: str) -> dict[str, list]:
+    """``{"component.module": [adapter tensors]}`` for every module peft wrapped for ``adapter``."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out: dict[str, list] = {}
+    for comp in LORA_COMPONENTS:
+        model = getattr(pipe, comp, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        for name, module in model.named_modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            tensors = []
+            for attr in module.adapter_layer_names:
+                holder = getattr(module, attr, None)
+                if holder is None or adapter not in holder:
+                    continue
+                held = holder[adapter]
+                tensors += list(held.parameters()) if isinstance(held, torch.nn.Module) else [held]
+            if tensors:
+                out[f"{comp}.{name}"] = tensors
+    return out
 
 
 def applied_modules(pipe, adapter: str) -> set[str]:
-    names = set()
-    for comp in ("unet", "text_encoder", "text_encoder_2", "transformer"):
-        model = getattr(pipe, comp, None)
-        if model is None:
-            continue
-        for n, m in model.named_modules():
-            la = getattr(m, "lora_A", None)
-            if la is not None and hasattr(la, "keys") and adapter in la.keys():
-                names.add(f"{comp}.{n}")
-    return names
+    """Names (``component.module``) of the modules peft wrapped for ``adapter``."""
+    return set(wrapped_modules(pipe, adapter))
+
+
+def module_accounting(pipe, adapter: str, path: Path, inspection: dict) -> dict:
+    """Which modules of the file peft applied, matched by tensor values (see the module doc)."""
+    from safetensors import safe_open
+
+    from carlos_audit.lora.keys import parse_key
+
+    wrapped = wrapped_modules(pipe, adapter)
+    dtypes = {t.dtype for ts in wrapped.values() for t in ts}
+    where: dict[str, set[str]] = {}
+    for name, tensors in wrapped.items():
+        for t in tensors:
+            where.setdefault(tensor_fingerprint(t), set()).add(name)
+    rows = inspection.get("modules") or []
+    if not rows:  # a pickle file allowed unopened: nothing to match against
+        return {"partial": False, "applied": len(wrapped), "in_file": None, "wrapped": len(wrapped),
+                "by_component": _by_component(wrapped), "skipped": [], "unapplied": []}
+    applied: dict[str, str] = {}
+    skipped = []
+    with safe_open(str(path), framework="pt") as f:
+        for row in rows:
+            factors = [k for k in row["tensors"] if (parse_key(k) or ("", "", ""))[2] != "alpha"]
+            homes = None
+            for key in factors:
+                t = f.get_tensor(key)
+                found = set().union(*(where.get(tensor_fingerprint(t.to(d)), set()) for d in dtypes)) if dtypes else set()
+                homes = found if homes is None else homes & found
+            if homes:
+                applied[row["name"]] = sorted(homes)[0]
+            else:
+                skipped.append(row["name"])
+    reasons = skip_reasons(pipe, path, skipped, {r["name"]: r for r in rows}) if skipped else {}
+    return {"partial": bool(skipped), "applied": len(applied), "in_file": len(rows), "wrapped": len(wrapped),
+            "by_component": _by_component(applied.values()),
+            "skipped": [{"module": n, "reason": reasons.get(n, "not applied")} for n in skipped],
+            "unapplied": skipped}
+
+
+def _by_component(names) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in names:
+        comp = n.split(".", 1)[0]
+        counts[comp] = counts.get(comp, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def skip_reasons(pipe, path: Path, skipped: list[str], rows: dict[str, dict]) -> dict[str, str]:
+    """Why each skipped module was not applied, from diffusers' own conversion of the file."""
+    from safetensors.torch import load_file
+
+    from carlos_audit.lora.keys import parse_key
+
+    tensors = load_file(str(path))
+    origin = {id(t): k for k, t in tensors.items()}
+    kwargs = {"unet_config": pipe.unet.config} if getattr(pipe, "unet", None) is not None else {}
+    try:
+        converted, _ = type(pipe).lora_state_dict(dict(tensors), **kwargs)
+    except Exception as e:
+        why = f"diffusers cannot convert the file: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        return {n: why for n in skipped}
+    converted_as = {origin[id(t)]: k for k, t in converted.items() if id(t) in origin}
+    out = {}
+    for name in skipped:
+        roles = {k: (parse_key(k) or ("", "", k))[2] for k in rows[name]["tensors"]}
+        keys = [k for k, role in roles.items() if role != "alpha"]
+        dropped = [roles[k] for k in keys if k not in converted_as]
+        if len(dropped) == len(keys):
+            out[name] = "dropped by diffusers' conversion (a layout it does not load)"
+        elif dropped:
+            out[name] = f"diffusers' conversion dropped its {', '.join(sorted(dropped))} tensor(s)"
+        else:
+            out[name] = f"converted to {converted_as[keys[0]]}, but no module of the base model took it"
+    return out
 
 
 #: The last loaded (pipeline, embedder), reused by the next case in the same process with the same
@@ -69,6 +184,7 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     from carlos_audit.run.environment import apply_determinism
 
     key = (case.base_model["source"], case.base_model["dtype"], case.base_model["device"], str(case.base_dir),
+           case.base_model.get("variant"), case.base_model.get("config"),
            case.embedder["model"], case.embedder.get("pretrained"), allow_download, allow_unsafe_pickle)
     cached = LOADED.get(key)
     if cached is not None:
@@ -77,11 +193,13 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     else:
         LOADED.clear()
         lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
-                                allow_download=allow_download, base_dir=case.base_dir)
+                                allow_download=allow_download, base_dir=case.base_dir,
+                                variant=case.base_model.get("variant"), config=case.base_model.get("config"))
         emb = None
     want = case.base_model.get("sha256")
     if want and lp.sha256 != want.lower():
         raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
+    inspection.update(claimed_base_hash_check(inspection, lp))
     arch = inspection.get("architecture")
     if arch and arch != lp.architecture:
         raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
@@ -103,3 +221,36 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     return lp, emb, load_state, determinism
 
 
+
+
+def claimed_base_hash_check(inspection: dict, lp) -> dict:
+    """The LoRA's self-reported base-model hash against the loaded base model.
+
+    ``base_model_hash_check`` is ``match`` / ``mismatch`` when the base is a single checkpoint file
+    (its sha256 is what kohya's ``ss_new_sd_model_hash`` claims), ``absent`` without a claim, and
+    ``not_comparable`` otherwise (a legacy 64 KiB A1111 hash, or a folder whose tree hash is not a
+    file hash); ``base_model_hash_check_detail`` says which, in words.
+    """
+    from carlos_audit.lora.intake import compare_base_hash
+
+    claim = inspection.get("claimed_base_model_hash")
+    if not claim:
+        return {"base_model_hash_check": "absent", "base_model_hash_check_detail": "the LoRA file claims no base-model hash"}
+    if claim.get("legacy"):
+        return {"base_model_hash_check": "not_comparable",
+                "base_model_hash_check_detail": f"cannot compare: {claim['source']} is the legacy A1111 hash of a 64 KiB window, not a sha256"}
+    if not lp.identity.startswith("file:"):
+        return {"base_model_hash_check": "not_comparable",
+                "base_model_hash_check_detail": f"cannot compare: the base model {lp.identity} is a folder (its tree hash is not a checkpoint-file sha256)"}
+    result = compare_base_hash(claim["value"], lp.sha256)
+    word = "matches" if result == "match" else "differs from"
+    return {"base_model_hash_check": result,
+            "base_model_hash_check_detail": f"the claimed {claim['source']} {word} the sha256 of {lp.identity[5:]}"}
+
+
+def base_model_record(case: Case, lp) -> dict:
+    """The manifest's ``base_model`` section: what was loaded, and every file that affects the images."""
+    return {"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
+            "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
+            "pipeline": type(lp.pipe).__name__, "variant": lp.variant, "config": case.base_model.get("config"),
+            "config_source": lp.config_source, "files": lp.files}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from carlos_audit import __version__
-from carlos_audit.analysis.case_analysis import analyse, head_to_head
+from carlos_audit.analysis.case_analysis import analyse_case
 from carlos_audit.case.casefile import Case, expand_path
 from carlos_audit.case.protocol import (
     Pair,
@@ -28,20 +28,23 @@ from carlos_audit.case.protocol import (
     load_prompts,
     prompts_sha256,
 )
+from carlos_audit.case.signature import case_signature, reproducibility_key
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
-from carlos_audit.hashing import sha256_bytes, sha256_file, sha256_json
+from carlos_audit.fileio import read_json
+from carlos_audit.hashing import sha256_file
+from carlos_audit.kit.paths import portable_command
+from carlos_audit.records import Manifest
 from carlos_audit.run.arms import Arm, plan_arms
+from carlos_audit.run.embed import store_label_signatures, store_text_features
 from carlos_audit.run.generate import (
     GenerationParams,
     generate_batch,
     set_adapter_state,
 )
 from carlos_audit.run.intake import intake, prepare_case_dir, utc_now
-from carlos_audit.run.load import load_lora, load_models
+from carlos_audit.run.load import base_model_record, load_lora, load_models
 from carlos_audit.run.store import BaseImageCache, CaseStore, hash_inputs, png_bytes
 
-MANIFEST_SCHEMA = "carlos-audit/manifest/1"
 # ----------------------------------------------------------------------------- generation
 
 
@@ -57,14 +60,14 @@ class Session:
     params: GenerationParams
     triggers: list[str]
     cache: BaseImageCache
-    env_key: dict
+    environment: dict  # the run's environment record (environment.capture + fast path)
     batch_size: int
 
-
-def _cache_key(s: Session, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
-    desc = {"base_model_sha256": s.base_info.sha256, "env": s.env_key, "params": s.params.as_dict(),
-            "batch_size": s.batch_size, "batch": [[p, int(sd)] for p, sd in zip(prompts_sent, seeds)]}
-    return sha256_json(desc), desc
+    def cache_key(self, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
+        """The base-image cache key of one batch: the reproducibility key (case/signature.py)."""
+        return reproducibility_key(base_model=self.base_info.sha256, params=self.params.as_dict(),
+                                   batch_size=self.batch_size, prompts_sent=prompts_sent, seeds=seeds,
+                                   environment=self.environment)
 
 
 def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> dict:
@@ -100,7 +103,7 @@ def run_batch(s: Session, arm: Arm, batch: list[Pair]) -> dict:
     pngs = None
     key = desc = None
     if arm.adapter is None:
-        key, desc = _cache_key(s, prompts_sent, seeds)
+        key, desc = s.cache_key(prompts_sent, seeds)
         pngs = s.cache.get(key, len(batch))
     source = "base-cache" if pngs is not None else "generated"
     if pngs is None:
@@ -139,21 +142,22 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     from carlos_audit.run.environment import capture
 
     pc = case.protocol
-    params = GenerationParams(pc["steps"], pc["guidance_scale"], pc["width"], pc["height"],
-                              type(lp.pipe.scheduler).__name__, pc["negative_prompt"])
-    env = capture(lp.device, lp.dtype, determinism)
-    env_key = {k: env["packages"][k] for k in ("torch", "diffusers", "transformers", "peft")} | {"device": lp.device, "dtype": lp.dtype}
-    fastpath = getattr(lp, "fastpath", None)
-    if fastpath is not None:
-        env["fastpath"] = fastpath
-        if fastpath.get("active"):  # settings that change the numbers are part of the cache key
-            env_key["fastpath"] = fastpath
+    params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
+    env = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
     session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
-                      BaseImageCache(carlos_home() / "base-cache"), env_key, pc["batch_size"])
+                      BaseImageCache(carlos_home() / "base-cache"), env, pc["batch_size"])
     return session, env
 
 
-def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
+def run_case(case: Case, out: Path, **kwargs) -> dict:
+    """Profile ``case`` into case folder ``out``, holding the folder's lock (run/lock.py)."""
+    from carlos_audit.run.lock import case_lock
+
+    with case_lock(out):
+        return profile_case(case, out, **kwargs)
+
+
+def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
              allow_unsafe_pickle: bool = False, allow_download: bool = False, argv: list[str] | None = None,
              progress: bool = True, allow_incompatible: bool = False) -> dict:
     from carlos_audit.run.cost import case_cost
@@ -172,20 +176,17 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
     pc = case.protocol
     session, env = make_session(case, store, lp, emb, determinism)
     params = session.params
-    signature = {
-        "base_model": lp.identity, "base_model_sha256": lp.sha256,
-        "embedder": emb.identity, "embedder_sha256": emb.sha256, "feature": "raw_image_features",
-        "prompts_sha256": prompts_sha256(prompts), "seeds": list(pc["seeds"]),
-        "lora_scale": case.lora["scale"], "trigger_policy": case.lora["trigger_policy"],
-        "steps": pc["steps"], "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
-        "scheduler": params.scheduler,
-    }
+    signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
+                               embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=params.scheduler)
     corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
     if corpus_path is not None:
         from carlos_audit.corpus.placement import check_corpus_signature
 
         check_corpus_signature(corpus_path, signature, allow_incompatible)
+        from carlos_audit.analysis.replication import check_replicate_id
+
+        check_replicate_id(corpus_path, case.reference["replicate_id"])
     pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
     lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
     comparisons = load_comparisons(lp.pipe, paths, inputs, allow_partial, allow_unsafe_pickle)
@@ -195,63 +196,58 @@ def run_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool 
         stats[arm.name] = run_arm(session, arm, pairs, progress)
 
     pair_rows = collect_pairs(store, pairs, plan.arms.values())
-    text_records = store_text_features(store, emb, prompts) if case.indicators["prompt_override"] else None
-    metrics = analyse(case, store, plan, pairs, pair_rows, emb, text_records)
-    write_json_atomic(out / "metrics.json", metrics)
-    if comparisons:
-        head_to_head(case, store, plan, pairs, pair_rows, paths, comparisons)
-    if corpus_path is not None:
-        from carlos_audit.corpus.placement import compare_with_corpus
-
-        compare_with_corpus(out, corpus_path, top_k=case.reference["top_k"], allow_incompatible=allow_incompatible,
-                            signature=signature, lora_sha256=lora_sha)
+    ind = case.indicators
+    text_records = store_text_features(store, emb, prompts) if ind["prompt_override"] else None
+    labels = store_label_signatures(store, emb, list(ind["labels"])) if ind["effect_labels"] else None
+    manifest = Manifest(
+        case=dict(case.case),
+        tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
+        run={"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
+             "finished_utc": None, "command": portable_command(argv or ["carlos-audit", "run", str(case.path)]),
+             "stats": stats},
+        inputs=inputs,  # with their end hashes once the results are written (custody)
+        custody_ok=False,
+        base_model=base_model_record(case, lp),
+        embedder={"model": case.embedder["model"], "pretrained": case.embedder.get("pretrained"),
+                  "identity": emb.identity, "sha256": emb.sha256, "feature_dim": emb.feature_dim,
+                  "features": "raw image features (encode_image, normalize=False)",
+                  "preprocess": emb.preprocess_description},
+        lora={"path": str(paths["lora"]), "file_name": paths["lora"].name, "sha256": lora_sha,
+              "scale": case.lora["scale"], "trigger_words": list(case.lora["trigger_words"]),
+              "trigger_policy": case.lora["trigger_policy"], "load": load_state, "inspection": inspection},
+        protocol={"prompts": case.protocol["prompts"], "prompt_source": prompt_source,
+                  "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),
+                  "seeds": list(pc["seeds"]), **params.as_dict(), "batch_size": pc["batch_size"],
+                  "bootstrap_resamples": pc["bootstrap_resamples"], "bootstrap_seed": pc["bootstrap_seed"],
+                  "scales": list(pc["scales"]),
+                  "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers,
+                                    "lora_sha256": a.lora_sha256} for a in plan.arms.values()},
+                  "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},
+        comparison_loras=[{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
+        text_features=text_records,
+        label_signatures=labels,
+        cost=case_cost(store, plan, pairs),
+        signature=signature,
+        prompts=[{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
+        pairs=pair_rows,
+        results={},
+        environment=env,
+    )
+    # the analysis step (model-free): the same code `carlos-audit analyse CASE_DIR` runs
+    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible)
+    manifest.results = {r.FILE: sha256_file(r.write(out)) for r in (metrics, comparison) if r is not None}
 
     end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
-    custody = []
-    for a, b in zip(inputs, end_inputs):
-        custody.append({**a, "sha256_end": b["sha256"], "unchanged": a["sha256"] == b["sha256"]})
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "case": dict(case.case),
-        "tool": {"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
-        "run": {"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
-                "finished_utc": utc_now(), "command": argv or ["carlos-audit", "run", str(case.path)],
-                "stats": stats},
-        "inputs": custody,
-        "custody_ok": all(c["unchanged"] for c in custody),
-        "base_model": {"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
-                       "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
-                       "pipeline": type(lp.pipe).__name__},
-        "embedder": {"model": case.embedder["model"], "pretrained": case.embedder.get("pretrained"),
-                     "identity": emb.identity, "sha256": emb.sha256, "feature_dim": emb.feature_dim,
-                     "features": "raw image features (encode_image, normalize=False)",
-                     "preprocess": emb.preprocess_description},
-        "lora": {"path": str(paths["lora"]), "file_name": paths["lora"].name,
-                 "sha256": next(e["sha256"] for e in inputs if e["role"] == "lora"),
-                 "scale": case.lora["scale"], "trigger_words": list(case.lora["trigger_words"]),
-                 "trigger_policy": case.lora["trigger_policy"], "load": load_state, "inspection": inspection},
-        "protocol": {"prompts": case.protocol["prompts"], "prompt_source": prompt_source,
-                     "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),
-                     "seeds": list(pc["seeds"]), **params.as_dict(), "batch_size": pc["batch_size"],
-                     "bootstrap_resamples": pc["bootstrap_resamples"], "bootstrap_seed": pc["bootstrap_seed"],
-                     "scales": list(pc["scales"]),
-                     "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers,
-                                       "lora_sha256": a.lora_sha256} for a in plan.arms.values()},
-                     "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},
-        "comparison_loras": [{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
-        "text_features": text_records,
-        "cost": case_cost(store, plan, pairs),
-        "signature": signature,
-        "prompts": [{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
-        "pairs": pair_rows,
-        "results": {name: sha256_file(out / name) for name in ("metrics.json", "comparison.json") if (out / name).is_file()},
-        "environment": env,
-    }
-    write_manifest(out, manifest)
-    if not manifest["custody_ok"]:
-        changed = [c["role"] for c in custody if not c["unchanged"]]
+    manifest.inputs = [{**a, "sha256_end": b["sha256"], "unchanged": a["sha256"] == b["sha256"]}
+                       for a, b in zip(inputs, end_inputs)]
+    manifest.custody_ok = all(c["unchanged"] for c in manifest.inputs)
+    manifest.run["finished_utc"] = utc_now()
+    manifest.write(out)
+    if not manifest.custody_ok:
+        changed = [c["role"] for c in manifest.inputs if not c["unchanged"]]
         raise AuditError(f"input file(s) changed during the run ({', '.join(changed)}): the run is marked invalid in manifest.json")
-    return {"out": str(out), "manifest": manifest, "metrics": metrics}
+    return {"out": str(out), "manifest": manifest.to_json(), "metrics": metrics.to_json(),
+            "comparison": comparison.to_json() if comparison is not None else None}
 
 
 def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool) -> list[dict]:
@@ -270,28 +266,6 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool,
             entry["load"] = load_lora(pipe, p, adapter, inspection, allow_partial)
         out.append(entry)
     return out
-
-
-def store_text_features(store: CaseStore, emb, prompts) -> dict:
-    """Raw text features of each prompt as the user wrote it (no trigger words)."""
-    from carlos_audit.fileio import write_bytes_atomic
-    from carlos_audit.run.embed import text_features
-    from carlos_audit.run.store import npy_bytes
-
-    feats = text_features(emb, [p.text for p in prompts])
-    records = {}
-    for p, f in zip(prompts, feats):
-        data = npy_bytes(f)
-        rel = f"embeddings/text/{p.id}.npy"
-        write_bytes_atomic(store.path(rel), data)
-        records[p.id] = {"path": rel, "sha256": sha256_bytes(data)}
-    return records
-
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    """manifest.json and, beside it, its sha256 (sha256sum format) for verify."""
-    write_json_atomic(out / "manifest.json", manifest)
-    write_text_atomic(out / "manifest.json.sha256", f"{sha256_file(out / 'manifest.json')}  manifest.json\n")
 
 
 def collect_pairs(store: CaseStore, pairs: list[Pair], arms) -> list[dict]:

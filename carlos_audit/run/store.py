@@ -29,9 +29,9 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def npy_bytes(vec: np.ndarray) -> bytes:
+def npy_bytes(vec: np.ndarray, dtype: str = "<f4") -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(vec, dtype="<f4"), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(vec, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 

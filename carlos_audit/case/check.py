@@ -1,0 +1,260 @@
+"""``carlos-audit check``: everything ``run`` needs, resolved before any GPU hour is spent.
+
+Validates the case file, resolves every input (present or missing, and the command that supplies
+it), compares the case's signature with its reference corpus field by field, and counts the work
+(images, UNet calls) — without loading any weights and without importing torch: a hub model is
+looked up as files in the local Hugging Face cache, a LoRA through its safetensors header. The
+result says ``ready`` only when ``run`` could start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from carlos_audit.errors import AuditError
+
+#: What ``init`` writes where the examiner must fill in; ``run`` refuses a case that still has it.
+PLACEHOLDER = "<FILL IN"
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def unfilled_fields(case) -> list[str]:
+    return [f"case.{k}" for k in ("id", "title", "examiner", "question") if PLACEHOLDER in str(case.case.get(k) or "")]
+
+
+def require_filled(case) -> None:
+    missing = unfilled_fields(case)
+    if missing:
+        raise AuditError(f"{case.path}: {', '.join(missing)} still hold the {PLACEHOLDER} placeholder written by "
+                         "`carlos-audit init`; fill them in before running")
+
+
+def hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(home) / "hub"
+
+
+def hub_snapshot_with(repo_id: str, files: tuple) -> Path | None:
+    """The cached snapshot of ``repo_id`` (refs/main, else any) holding all ``files``, or None."""
+    root = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    snaps = root / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = root / "refs" / "main"
+    candidates = [snaps / ref.read_text().strip()] if ref.is_file() else []
+    candidates += sorted(p for p in snaps.iterdir() if p.is_dir())
+    for snap in candidates:
+        if all(any(snap.glob(f)) for f in files):
+            return snap
+    return None
+
+
+def _hub_item(role: str, repo: str, files: tuple, what: str) -> dict:
+    snap = hub_snapshot_with(repo, files)
+    if snap is not None:
+        return {"role": role, "status": "present", "source": f"hf:{repo}", "path": str(snap)}
+    return {"role": role, "status": "missing", "source": f"hf:{repo}",
+            "detail": f"{what} {repo} is not in the local Hugging Face cache ({hf_hub_cache()}; needs {', '.join(files)})",
+            "supply": f"on a machine with network: `hf download {repo}` (fills the cache; copy "
+                      f"models--{repo.replace('/', '--')} into {hf_hub_cache()} here), or run with --allow-download"}
+
+
+def _base_model_item(case) -> tuple[dict, str]:
+    from carlos_audit.case.casefile import expand_path
+
+    src = case.base_model["source"]
+    if src.startswith("embedded:"):
+        return {"role": "base_model", "status": "present", "source": src, "detail": "built from code on first use"}, src
+    p = expand_path(src, case.base_dir)
+    if p.exists():
+        ok = p.is_file() and p.suffix.lower() == ".safetensors" or (p / "model_index.json").is_file()
+        item = {"role": "base_model", "status": "present" if ok else "invalid", "source": src, "path": str(p)}
+        if not ok:
+            item["detail"] = "neither a .safetensors file nor a diffusers folder (model_index.json)"
+        return item, (f"file:{p.name}" if p.is_file() else f"dir:{p.name}")
+    if HUB_ID_RE.match(src):
+        files = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model*.safetensors", "vae/*.safetensors")
+        return _hub_item("base_model", src, files, "base model"), f"hf:{src}"
+    return {"role": "base_model", "status": "missing", "source": src, "detail": f"{p} does not exist"}, src
+
+
+def _embedder_item(case) -> tuple[dict, str]:
+    from carlos_audit.case.casefile import expand_path
+
+    model, pre = case.embedder["model"], case.embedder.get("pretrained")
+    if model.startswith("embedded:"):
+        return {"role": "embedder", "status": "present", "source": model, "detail": "built from code on first use"}, model
+    if model.startswith("hf:"):
+        ref = model[3:]
+        folder = expand_path(ref, case.base_dir)
+        if folder.is_dir():
+            ok = (folder / "config.json").is_file()
+            return ({"role": "embedder", "status": "present" if ok else "invalid", "source": model, "path": str(folder)},
+                    f"hf-transformers:dir:{folder.name}")
+        files = ("config.json", "*.safetensors", "preprocessor_config.json", "tokenizer_config.json")
+        return _hub_item("embedder", ref, files, "embedder"), f"hf-transformers:{ref}"
+    identity = f"open_clip:{model}/{pre}"
+    if pre:
+        p = expand_path(pre, case.base_dir)
+        if p.exists():
+            return {"role": "embedder", "status": "present", "source": model, "path": str(p)}, f"open_clip:{model}/file:{p.name}"
+    return {"role": "embedder", "status": "unchecked", "source": identity,
+            "detail": "open_clip tags are resolved by open_clip at load time"}, identity
+
+
+def _file_item(role: str, path: Path, want_sha: str | None = None) -> dict:
+    from carlos_audit.hashing import sha256_file
+
+    if not path.is_file():
+        return {"role": role, "status": "missing", "path": str(path), "detail": f"{path} does not exist"}
+    item = {"role": role, "status": "present", "path": str(path), "size": path.stat().st_size}
+    if want_sha:
+        digest = sha256_file(path)
+        item["sha256"] = digest
+        if digest != want_sha.lower():
+            item.update(status="invalid", detail=f"sha256 {digest} differs from the pinned {want_sha.lower()}")
+    return item
+
+
+def _lora_item(case) -> tuple[dict, dict | None]:
+    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.lora.intake import inspect_lora
+
+    item = _file_item("lora", expand_path(case.lora["path"], case.base_dir), case.lora.get("sha256"))
+    if item["status"] != "present":
+        if item["status"] == "missing":
+            item["supply"] = "put the disputed LoRA there, or point lora.path at it (`carlos-audit init LORA` writes a case for it)"
+        return item, None
+    try:
+        inspection = inspect_lora(item["path"])
+    except AuditError as e:
+        item.update(status="invalid", detail=str(e))
+        return item, None
+    item["architecture"] = inspection["architecture"]
+    return item, inspection
+
+
+def _device_item(case) -> dict:
+    dev = case.base_model["device"]
+    if dev == "cpu" or case.base_model["source"].startswith("embedded:"):
+        return {"role": "device", "status": "present", "source": dev}
+    has_gpu = Path("/proc/driver/nvidia/version").is_file() or shutil.which("nvidia-smi") is not None
+    if has_gpu:
+        return {"role": "device", "status": "present", "source": dev, "detail": "NVIDIA driver found (torch not loaded)"}
+    status = "missing" if dev.startswith("cuda") else "present"
+    return {"role": "device", "status": status, "source": dev,
+            "detail": "no NVIDIA driver found" + ("" if status == "missing" else "; auto would run on the CPU"),
+            **({"supply": "run on a machine with a CUDA GPU"} if status == "missing" else {})}
+
+
+def expected_signature(case, prompts, base_identity: str, embedder_identity: str) -> dict:
+    """The signature ``run`` will record (case/signature.case_signature), as far as it is known
+    without loading weights: model hashes only when the case pins them, the scheduler only when the
+    case names it; otherwise null (unverifiable, not differing). Without prompts, no prompt hash."""
+    from carlos_audit.case.signature import case_signature
+
+    sig = case_signature(case, prompts or [], base_model=base_identity, base_model_sha256=case.base_model.get("sha256"),
+                         embedder=embedder_identity, embedder_sha256=case.embedder.get("sha256"),
+                         scheduler=case.protocol["scheduler"] or None)
+    return sig if prompts else dict(sig, prompts_sha256=None)
+
+
+def _corpus_section(case, signature: dict) -> dict | None:
+    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.case.signature import check_compatible, unverifiable_fields
+
+    if not case.reference.get("corpus"):
+        return None
+    path = expand_path(case.reference["corpus"], case.base_dir)
+    out = {"path": str(path), "allow_incompatible": case.reference["allow_incompatible"]}
+    if not (path / "corpus.json").is_file():
+        from carlos_audit.corpus.public import FETCH_COMMAND, PUBLIC_NAME
+
+        supply = FETCH_COMMAND if path.name == PUBLIC_NAME else "carlos-audit corpus import|build|fetch ..."
+        return dict(out, status="missing", compatible=None, supply=supply)
+    from carlos_audit.corpus.store import Corpus
+
+    corpus = Corpus.open(path, verify=False)
+    differing = check_compatible(corpus.signature, signature)
+    unverifiable = unverifiable_fields(corpus.signature, signature)
+    fields = [{"field": f, "corpus": corpus.signature.get(f), "case": signature.get(f),
+               "status": "differs" if f in differing else "unverifiable" if f in unverifiable else "equal"}
+              for f in signature]
+    for f in fields:  # a 280 x 16 seed list or a hash is shown in full in --json only
+        if f["field"] == "seeds" and f["status"] == "equal":
+            f["corpus"] = f["case"] = f"{len(signature['seeds'])} seeds {signature['seeds'][0]}..{signature['seeds'][-1]}"
+    return dict(out, status="present", name=corpus.name, n=corpus.n, compatible=not differing,
+                differing=differing, unverifiable=unverifiable, fields=fields)
+
+
+def _plan(case, n_prompts: int | None, lora_sha: str | None) -> dict:
+    from carlos_audit.run.arms import plan_arms
+    from carlos_audit.run.budget import counts
+
+    pc = case.protocol
+    comparisons = [{"adapter": f"cmp{i}", "sha256": f"cmp{i}"} for i in range(1, len(case.comparison["loras"]) + 1)]
+    arms = plan_arms(case, lora_sha or "target", comparisons).arms
+    n_prompts = n_prompts or 0
+    per_arm = counts(len(arms) - 1, n_prompts, len(pc["seeds"]), pc["batch_size"], pc["steps"], pc["guidance_scale"] > 1)
+    return {"arms": sorted(arms), "n_arms": len(arms), "n_prompts": n_prompts, "n_seeds": len(pc["seeds"]),
+            "images": per_arm["images"], "unet_forward_calls": per_arm["unet_forward_calls"],
+            "unet_image_steps": per_arm["unet_image_steps"], "device_hours": None,
+            "device_hours_how": f"carlos-audit plan {case.path} --measure-images 8  (on the GPU that will run it; "
+                                "it generates and times 8 images)",
+            "note": "base-arm batches already in the base-image cache are not generated again"}
+
+
+def check_case(casefile) -> dict:
+    """What ``run`` needs for this case, resolved without loading weights. ``ready`` is True only
+    when ``run`` could start."""
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.case.protocol import load_prompts
+
+    case = load_case(casefile)
+    items, problems = [], []
+    lora, inspection = _lora_item(case)
+    base, base_identity = _base_model_item(case)
+    emb, emb_identity = _embedder_item(case)
+    items += [lora, base, emb]
+    prompts = None
+    try:
+        prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
+        items.append({"role": "prompts", "status": "present", "source": case.protocol["prompts"], "n": len(prompts)})
+    except AuditError as e:
+        from carlos_audit.corpus.public import FETCH_COMMAND
+
+        items.append({"role": "prompts", "status": "missing", "source": case.protocol["prompts"], "detail": str(e),
+                      "supply": FETCH_COMMAND if case.protocol["prompts"].startswith("builtin:carlos-") else None})
+    from carlos_audit.case.casefile import expand_path
+
+    for i, c in enumerate(case.comparison["loras"], start=1):
+        items.append(_file_item(f"comparison_lora_{i}", expand_path(c, case.base_dir)))
+    items.append(_device_item(case))
+    signature = expected_signature(case, prompts, base_identity, emb_identity)
+    corpus = _corpus_section(case, signature)
+    if corpus is not None:
+        items.append({"role": "reference_corpus", "status": corpus["status"], "path": corpus["path"],
+                      **({"supply": corpus["supply"]} if "supply" in corpus else {})})
+    for it in items:
+        if it["status"] in ("missing", "invalid"):
+            problems.append(f"{it['role']}: {it['status']}" + (f" ({it['detail']})" if it.get("detail") else ""))
+    if corpus is not None and corpus["status"] == "present" and case.reference.get("replicate_id"):
+        from carlos_audit.analysis.replication import check_replicate_id
+
+        try:
+            check_replicate_id(Path(corpus["path"]), case.reference["replicate_id"])
+        except AuditError as e:
+            problems.append(f"reference.replicate_id: {e}")
+    if corpus is not None and corpus["compatible"] is False and not corpus["allow_incompatible"]:
+        problems.append("reference_corpus: profiled differently in " + ", ".join(corpus["differing"]))
+    unfilled = unfilled_fields(case)
+    if unfilled:
+        problems.append(f"{', '.join(unfilled)}: placeholder not filled in")
+    return {"casefile": str(case.path), "case_id": case.id, "ready": not problems, "problems": problems,
+            "inputs": items, "signature": signature, "corpus": corpus,
+            "plan": _plan(case, len(prompts) if prompts else None, lora.get("sha256"))}

@@ -1,0 +1,158 @@
+"""The result files of a case folder as typed records: one class and one writer each.
+
+    manifest.json    Manifest     what was run, on what, with which inputs (run/profile.run_case)
+    metrics.json     Metrics      the CARLoS representation and the indicators (analysis/case_analysis)
+    comparison.json  Comparison   head to head and placement in the reference corpus (analysis/case_analysis)
+
+A record's fields are its file's top-level keys; docs/SCHEMAS.md documents them and
+tests/test_records.py checks the docs against these classes. Adding a field is one line here
+(give it a default, so that files written before it still read), its value where the record is
+built, and its line in docs/SCHEMAS.md. Sub-objects stay plain JSON values (dicts, lists). Files
+are written with fileio.json_dumps (sorted keys), so the order of the fields never changes bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+from carlos_audit.errors import AuditError
+from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
+from carlos_audit.hashing import sha256_file
+
+MANIFEST_SCHEMA = "carlos-audit/manifest/1"
+METRICS_SCHEMA = "carlos-audit/metrics/1"
+COMPARISON_SCHEMA = "carlos-audit/comparison/1"
+
+#: field metadata: the key is left out of the file when its value is None
+OPTIONAL = {"optional": True}
+
+
+@dataclass
+class Record:
+    FILE: ClassVar[str]
+    SCHEMA: ClassVar[str]
+
+    def to_json(self) -> dict:
+        """The file's JSON object (values are not copied)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("optional"):
+                continue
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict, where: str | None = None):
+        where = where or cls.FILE
+        if not isinstance(data, dict):
+            raise AuditError(f"{where}: not a JSON object")
+        if data.get("schema", cls.SCHEMA) != cls.SCHEMA:
+            raise AuditError(f"{where}: unsupported schema {data.get('schema')!r} (expected {cls.SCHEMA!r})")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise AuditError(f"{where}: unknown field(s) {', '.join(unknown)} (written by a newer carlos-audit?)")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise AuditError(f"{where}: {e}") from None
+
+    @classmethod
+    def read(cls, case_dir: str | Path):
+        path = Path(case_dir) / cls.FILE
+        if not path.is_file():
+            raise AuditError(f"{case_dir} has no {cls.FILE}")
+        try:
+            data = read_json(path)
+        except ValueError as e:
+            raise AuditError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_json(data, str(path))
+
+    @classmethod
+    def read_optional(cls, case_dir: str | Path):
+        """The record, or None when the case folder has no such file."""
+        return cls.read(case_dir) if (Path(case_dir) / cls.FILE).is_file() else None
+
+    def write(self, case_dir: str | Path) -> Path:
+        path = Path(case_dir) / self.FILE
+        write_json_atomic(path, self.to_json())
+        return path
+
+
+@dataclass
+class Metrics(Record):
+    """metrics.json: Direction, Strength, Consistency with their CIs (analysis/metrics.py), then
+    the indicators (analysis/indicators.py)."""
+
+    FILE: ClassVar[str] = "metrics.json"
+    SCHEMA: ClassVar[str] = METRICS_SCHEMA
+
+    n_pairs: int
+    n_prompts: int
+    n_seeds: int
+    feature_dim: int
+    direction: list
+    strength: float
+    consistency: float | None
+    consistency_note: str | None
+    ci: dict
+    per_category: dict
+    per_prompt: dict
+    per_pair: list
+    indicators: dict = field(default_factory=dict)
+    schema: str = METRICS_SCHEMA
+
+
+@dataclass
+class Comparison(Record):
+    """comparison.json: the head-to-head comparisons and the placement in the reference corpus;
+    each part is present when the case asked for it."""
+
+    FILE: ClassVar[str] = "comparison.json"
+    SCHEMA: ClassVar[str] = COMPARISON_SCHEMA
+
+    head_to_head: list | None = field(default=None, metadata=OPTIONAL)
+    corpus: dict | None = field(default=None, metadata=OPTIONAL)
+    target: dict | None = field(default=None, metadata=OPTIONAL)
+    corpus_points: dict | None = field(default=None, metadata=OPTIONAL)
+    replication: dict | None = field(default=None, metadata=OPTIONAL)
+    schema: str = COMPARISON_SCHEMA
+
+
+@dataclass
+class Manifest(Record):
+    """manifest.json: the case, the tool, the run, every input with its hashes at start and end,
+    the models as loaded, the protocol and arms, every pair with the hashes of its files, the
+    hashes of the result files, the signature and the environment."""
+
+    FILE: ClassVar[str] = "manifest.json"
+    SCHEMA: ClassVar[str] = MANIFEST_SCHEMA
+
+    case: dict
+    tool: dict
+    run: dict
+    inputs: list
+    custody_ok: bool
+    base_model: dict
+    embedder: dict
+    lora: dict
+    protocol: dict
+    comparison_loras: list
+    text_features: dict | None
+    cost: dict
+    signature: dict
+    prompts: list
+    pairs: list
+    results: dict
+    environment: dict
+    label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
+    schema: str = MANIFEST_SCHEMA
+
+    def write(self, case_dir: str | Path) -> Path:
+        """manifest.json and, beside it, its sha256 (sha256sum format) for verify."""
+        path = super().write(case_dir)
+        write_text_atomic(path.with_name(path.name + ".sha256"), f"{sha256_file(path)}  {path.name}\n")
+        return path

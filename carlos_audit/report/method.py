@@ -1,0 +1,118 @@
+"""The method chapter's context: what the LoRA file says about itself (SELF-REPORTED) and the
+arms generated with the profiles that use them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+
+from carlos_audit.report.text import clip
+
+METADATA_MAX_KEYS = 60    # self-reported metadata shown in the body (all of it is in manifest.json)
+METADATA_MAX_CHARS = 400
+
+
+def self_reported(lora: dict) -> dict:
+    inspection = lora.get("inspection")
+    if not isinstance(inspection, dict):
+        return {"present": False, "has_metadata": False, "rows": [], "n_keys": 0, "facts": []}
+    meta = inspection.get("metadata")
+    rows = []
+    if isinstance(meta, dict):
+        for k in sorted(meta, key=str)[:METADATA_MAX_KEYS]:
+            key, _ = clip(k, 120)
+            value, cut = clip(meta[k] if isinstance(meta[k], str) else json.dumps(meta[k], ensure_ascii=False), METADATA_MAX_CHARS)
+            rows.append({"key": key, "value": value, "truncated": cut})
+    facts = [(label, inspection.get(key)) for label, key in (
+        ("format", "format"), ("detected architecture", "architecture"), ("modules", "module_count"),
+        ("parameters", "parameter_count"), ("payload sha256 (tensors only)", "payload_sha256"),
+        ("AutoV2 short hash", "autov2")) if inspection.get(key) is not None]
+    facts += base_hash_facts(inspection)
+    ranks = (inspection.get("rank_summary") or {}).get("distinct")
+    if ranks:
+        facts.append(("ranks", ", ".join(str(r) for r in ranks)))
+    hints = inspection.get("trigger_word_hints")
+    if hints:
+        shown = []
+        for h in hints[:20]:
+            if isinstance(h, dict):
+                count = f"{h['count']}× in " if h.get("count") is not None else ""
+                shown.append(f"“{clip(h.get('text', ''), 120)[0]}” ({count}{h.get('source', '?')})")
+            else:
+                shown.append(f"“{clip(h, 120)[0]}”")
+        facts.append(("trigger word hints (SELF-REPORTED)", "; ".join(shown)))
+    return {"present": True, "has_metadata": isinstance(meta, dict) and bool(meta), "rows": rows,
+            "n_keys": len(meta) if isinstance(meta, dict) else 0, "facts": facts}
+
+
+def base_hash_facts(inspection: dict) -> list[tuple[str, str]]:
+    """The claimed base-model hash as text, and the check made during the run."""
+    claim = inspection.get("claimed_base_model_hash")
+    if not isinstance(claim, dict):
+        return []
+    text = f"{clip(str(claim.get('value', '')), 120)[0]} ({claim.get('source')}{', legacy A1111 hash' if claim.get('legacy') else ''})"
+    words = {"match": "matches", "mismatch": "differs", "not_comparable": "cannot compare", "absent": "no claim",
+             "not_checked": "not checked", "legacy_not_comparable": "cannot compare"}
+    check = inspection.get("base_model_hash_check")
+    detail = inspection.get("base_model_hash_check_detail")
+    shown = words.get(check, str(check)) + (f": {detail}" if detail else "")
+    return [("claimed base model hash (SELF-REPORTED)", text), ("base model hash check", shown)]
+
+
+
+def _profile_purpose(name: str, adapters: dict) -> str:
+    if name == "main":
+        return "the CARLoS profile (sections 1 and 3)"
+    if name.startswith("scale:"):
+        return f"dose-response at LoRA scale {name.split(':', 1)[1]}"
+    if name == "trigger:with":
+        return "trigger dependence: trigger words in the prompt"
+    if name == "trigger:without":
+        return "trigger dependence: no trigger words in either arm"
+    if name.startswith("comparison:"):
+        adapter = name.split(":", 1)[1]
+        return f"head-to-head with {adapters.get(adapter, adapter)}"
+    return ""
+
+
+def arms_plan(manifest: dict) -> dict:
+    """Method: the arms generated and the profiles (base arm, LoRA arm) that use them."""
+    proto = manifest.get("protocol") or {}
+    arms = proto.get("arms") or {}
+    profiles = proto.get("profiles") or ({"main": ["base", "lora"]} if {"base", "lora"} <= set(arms) else {})
+    aliases = proto.get("arm_aliases") or {}
+    lora_name = (manifest.get("lora") or {}).get("file_name") or "the examined LoRA"
+    adapters = {"target": f"the examined LoRA ({clip(lora_name, 60)[0]})"}
+    for c in manifest.get("comparison_loras") or []:
+        if isinstance(c, dict) and c.get("adapter"):
+            adapters[str(c["adapter"])] = f"comparison LoRA {clip(PurePosixPath(str(c.get('path', ''))).name or c['adapter'], 60)[0]}"
+    def order(name: str):
+        kind, _, rest = name.partition(":")
+        rank = {"main": 0, "scale": 1, "trigger": 2, "comparison": 3}.get(kind, 4)
+        try:
+            sub = (float(rest), "") if kind == "scale" else (0.0, rest)
+        except ValueError:
+            sub = (0.0, rest)
+        return (rank, sub, name)
+
+    profiles = {k: profiles[k] for k in sorted(profiles, key=order)}
+    used: dict[str, list[str]] = {}
+    for prof, pair in profiles.items():
+        for a in pair:
+            used.setdefault(a, []).append(prof)
+    first_use = {}
+    for prof, pair in profiles.items():
+        for a in pair:
+            first_use.setdefault(a, len(first_use))
+    rows = []
+    for name in sorted(arms, key=lambda n: (first_use.get(n, len(first_use)), n)):
+        a = arms[name]
+        adapter = a.get("adapter")
+        rows.append({"name": name, "adapter": "none (base weights)" if adapter is None else adapters.get(adapter, str(adapter)),
+                     "scale": a.get("scale"), "triggers": bool(a.get("with_triggers")),
+                     "profiles": used.get(name, [])})
+    profile_rows = [{"name": p, "base": pair[0], "lora": pair[1], "purpose": _profile_purpose(p, adapters)}
+                    for p, pair in profiles.items() if isinstance(pair, (list, tuple)) and len(pair) == 2]
+    shared = [{"arm": a, "profiles": ps} for a, ps in used.items() if len(ps) > 1]
+    renamed = [{"requested": k, "generated": v} for k, v in aliases.items() if k != v]
+    return {"rows": rows, "profiles": profile_rows, "shared": shared, "aliases": renamed}

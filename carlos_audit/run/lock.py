@@ -1,0 +1,92 @@
+"""The case-folder lock: one run at a time writes a case folder.
+
+``case_lock(out)`` creates ``out/.carlos-audit.lock`` exclusively (O_CREAT | O_EXCL), holding the
+process id, host name and start time of the run, and removes it when the run ends, however it
+ends. A second run on the same folder is refused with a one-line error naming the holder. A lock
+left by a process that died on this host (its pid no longer exists) is taken over; one held from
+another host is never guessed stale: the message says which file to delete once that run is gone.
+Nested use in one process (run_full around run_case) takes the lock once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from carlos_audit.errors import AuditError
+
+LOCK_NAME = ".carlos-audit.lock"
+
+#: case folders whose lock this process holds (for nested use)
+HELD: set = set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _acquire(path: Path, record: dict) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    return True
+
+
+@contextmanager
+def case_lock(out: Path):
+    """Hold the lock of case folder ``out`` (created when missing) for the duration of the block."""
+    out = Path(out)
+    key = out.resolve()
+    if key in HELD:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"output {out} exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    host = socket.gethostname()
+    record = {"pid": os.getpid(), "host": host, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if not _acquire(path, record):
+        held = _holder(path)
+        if held.get("host") == host and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+            path.unlink(missing_ok=True)  # left by a run that died on this host
+        if not _acquire(path, record):
+            held = _holder(path)
+            _remove_if_empty(out, created)
+            raise AuditError(f"case folder {out} is being written by another run (pid {held.get('pid')} on host "
+                             f"{held.get('host')}, since {held.get('started_utc')}); wait for it to finish, or delete "
+                             f"{path} if that run is gone")
+    HELD.add(key)
+    try:
+        yield
+    finally:
+        HELD.discard(key)
+        path.unlink(missing_ok=True)
+        _remove_if_empty(out, created)
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A folder the lock created for a run that wrote nothing is not left behind."""
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
