@@ -14,6 +14,7 @@ Then connecting to a wrong address or with a wrong token fails in one line, with
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ from ray_cluster import Cluster, free_port, loopback_env, ray_sockets, short_tmp
 from test_engines import L, P, S, tree_sha256s, inputs, local_build, pinned_clock  # noqa: F401  (fixtures)
 
 from carlos_audit.fileio import read_json
+
+pytestmark = pytest.mark.slow  # a real cluster: head + 2 worker nodes started with `ray start`
 
 VICTIM = "weak/lora/b00003"  # the last arm unit submitted: left for the second driver
 
@@ -84,7 +87,8 @@ def test_cluster_build_without_shared_folders_survives_a_killed_driver_and_a_kil
     from carlos_audit.corpus.build import build_corpus
 
     tmp, loras, template = inputs
-    dest = tmp / "dest-cluster"
+    dest = tmp / "dest"  # the local build's path (the manifest records the command line, DEST included)
+    shutil.rmtree(dest, ignore_errors=True)
     with loopback_env(cluster.root):
         # 1. a driver (the CLI, in a subprocess) killed after a few units were written
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -130,14 +134,17 @@ def test_cluster_build_without_shared_folders_survives_a_killed_driver_and_a_kil
     assert inv["images_generated"] == sum(n["images_generated"] for n in inv["nodes"].values())
     assert b["images"]["generated"] == b["images"]["minimum"] == (L + 1) * P * S  # nothing generated twice
     assert inv["nodes"] and all(n["units"] > 0 for n in inv["nodes"].values())
-    # every file in DEST has the bytes of the local build (build.json aside)
-    ours, local = tree_sha256s(dest), tree_sha256s(local_build[1])
-    differing = sorted(k for k in ours.keys() | local.keys() if ours.get(k) != local.get(k))
-    assert not differing, (differing, _json_differences(dest, local_build[1], differing))
     # every Ray process of the cluster and the driver used loopback only (sampled mid-build)
     socks = killed["sockets"]
     assert socks["listening"] and socks["connected"]
     assert socks["non_loopback"] == [], socks["non_loopback"]
+    # every file in DEST has the bytes of the local build (build.json aside)
+    kept = tmp / "built-cluster"
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.move(dest, kept)
+    ours, local = tree_sha256s(kept), tree_sha256s(local_build[1])
+    differing = sorted(k for k in ours.keys() | local.keys() if ours.get(k) != local.get(k))
+    assert not differing, (differing, _json_differences(kept, local_build[1], differing))
 
 
 def test_wrong_token_and_wrong_address_fail_in_one_line(cluster, inputs, tmp_path):  # noqa: F811
