@@ -32,7 +32,6 @@ from carlos_audit.case.signature import case_signature, reproducibility_key
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
-from carlos_audit.kit.paths import portable_command
 from carlos_audit.records import Manifest
 from carlos_audit.run.arms import Arm, plan_arms
 from carlos_audit.run.embed import store_label_signatures, store_text_features
@@ -203,7 +202,7 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
         case=dict(case.case),
         tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
         run={"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
-             "finished_utc": None, "command": portable_command(argv or ["carlos-audit", "run", str(case.path)]),
+             "finished_utc": None, "command": list(argv or ["carlos-audit", "run", str(case.path)]),
              "stats": stats},
         inputs=inputs,  # with their end hashes once the results are written (custody)
         custody_ok=False,
