@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported anywhere in this process
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no cloud-metadata probes or usage reports from any Ray we start
 
 RAY = str(Path(sys.executable).parent / "ray")
 RAY_START_LOOPBACK = [sys.executable, str(Path(__file__).with_name("ray_start_loopback.py"))]

@@ -48,6 +48,10 @@ def worker_env(local: bool) -> dict:
 
 
 def import_ray():
+    # Ray's usage statistics (on unless disabled) make the head query cloud metadata addresses
+    # (169.254.169.254, metadata.google.internal) and report to Anyscale: nothing may leave this
+    # machine unasked, so a Ray started or joined from here has them off unless the user chose.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
     except ImportError:
