@@ -249,7 +249,7 @@ def test_weight_reading_on_generated_families():
 
 
 def test_case_similarities_carry_rates_into_comparison_and_report(demo_case_dir):
-    from carlos_audit.report.render import prepare_html
+    from carlos_audit.report.render import report_html
 
     comparison = json.loads((demo_case_dir / "comparison.json").read_text())
     er = comparison["corpus"]["error_rates"]
@@ -260,7 +260,7 @@ def test_case_similarities_carry_rates_into_comparison_and_report(demo_case_dir)
         fm = h["behaviour"]["direction_cosine_false_match"]
         assert fm["similarity"] == h["behaviour"]["direction_cosine"] and fm["comparable"] is True
         assert h["weights"]["class"] and h["weights"]["class_error_rates"]["families"]
-    html, _, _ = prepare_html(demo_case_dir)
+    html = report_html(demo_case_dir)
     assert re.search(r'<h1 id="error-rates">[0-9]+[A-Z] Known error rates</h1>', html)
     nb = comparison["target"]["neighbours"][0]
     assert f"a similarity of {nb['similarity']:.3f} or more occurs between" in html
