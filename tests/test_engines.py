@@ -216,6 +216,9 @@ def test_a_node_with_a_different_input_file_refuses_the_unit_naming_node_and_fil
     from carlos_audit.engines.units import run_unit
     from carlos_audit.errors import AuditError
 
+    import torch
+
+    threads_before = torch.get_num_threads()
     _, loras, template = inputs
     lora = tmp_path / "target.safetensors"
     shutil.copy(loras / "target.safetensors", lora)
@@ -230,6 +233,8 @@ def test_a_node_with_a_different_input_file_refuses_the_unit_naming_node_and_fil
     with pytest.raises(AuditError, match=r"base_model embedded:tiny-sd has sha256 \w+ here, the build planned 0{64}"):
         run_unit(bad, 1)
     assert not any((tmp_path / "dest" / "cases" / "target").glob("units/*/*.json"))  # nothing written
+    # run_unit(unit, 1) ran in this process: it must give the thread count back (it changes CPU bits)
+    assert torch.get_num_threads() == threads_before
 
 
 def test_ray_address_errors_are_one_line_and_fast(monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from carlos_audit.cli.common import main, print_json, quiet_libraries
+from carlos_audit.cli.common import echo_checks, main, print_json, quiet_libraries
 
 
 @main.command()
@@ -58,9 +58,7 @@ def preflight(pdf, max_mb, paper, as_json):
     if as_json:
         print_json(result)
     else:
-        width = max(len(c["check"]) for c in result["checks"])
-        for c in result["checks"]:
-            click.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<{width}}  {c['detail']}")
+        echo_checks(result["checks"])
         for s in (result.get("sections") or [])[:5]:
             click.echo(f"      {s['bytes'] / 1e6:8.2f} MB  {s['title']}")
         if result.get("advice"):
@@ -151,9 +149,7 @@ def verify(case_dir, sample, seed, trust, as_json):
     if as_json:
         print_json(result)
     else:
-        width = max(len(c["check"]) for c in result["checks"])
-        for c in result["checks"]:
-            click.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<{width}}  {c['detail']}")
+        echo_checks(result["checks"])
         click.echo(f"sample: {sample} pairs, seed {seed}")
     if not result["ok"]:
         failed = [c["check"] for c in result["checks"] if not c["ok"]]

@@ -121,19 +121,23 @@ def run_unit(unit: WorkUnit, threads: int | None = None, case_files: dict | None
     from carlos_audit.engines.inputs import node_label
     from carlos_audit.run.profile import run_batch
 
-    set_threads(threads)
+    before = set_threads(threads)  # restored after the unit: a unit never changes its process's count
     t0 = time.perf_counter()
-    if unit.kind == "finalize":
-        result = finalize_case(unit, case_files or {})
-    else:
-        ctx = _context(unit)
-        arm = ctx.plan.arms.get(unit.arm)
-        if arm is None or unit.batch not in ctx.batches:
-            raise AuditError(f"unit {unit.key}: the case has no arm {unit.arm!r} batch {unit.batch}")
-        store = ReturningStore(unit.store)
-        record = run_batch(replace(ctx.session, store=store), arm, ctx.batches[unit.batch])
-        result = {"unit": unit.key, "status": "done", "source": record["source"], "cost": record.get("cost"),
-                  "images": (record.get("cost") or {}).get("images_generated", 0), "files": store.files, "record": record}
+    try:
+        if unit.kind == "finalize":
+            result = finalize_case(unit, case_files or {})
+        else:
+            ctx = _context(unit)
+            arm = ctx.plan.arms.get(unit.arm)
+            if arm is None or unit.batch not in ctx.batches:
+                raise AuditError(f"unit {unit.key}: the case has no arm {unit.arm!r} batch {unit.batch}")
+            store = ReturningStore(unit.store)
+            record = run_batch(replace(ctx.session, store=store), arm, ctx.batches[unit.batch])
+            result = {"unit": unit.key, "status": "done", "source": record["source"], "cost": record.get("cost"),
+                      "images": (record.get("cost") or {}).get("images_generated", 0), "files": store.files,
+                      "record": record}
+    finally:
+        set_threads(before)
     return result | {"node": node_label(), "seconds": time.perf_counter() - t0}
 
 
