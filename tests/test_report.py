@@ -127,7 +127,10 @@ def test_demo_report_has_every_section_in_order(demo_case_dir, demo_report):
         assert row["arms"]["base"]["image_sha256"] in raw
         assert row["arms"]["lora"]["image_sha256"] in raw
     # the reproducing command
-    assert " ".join(manifest["run"]["command"]) in raw
+    # Appendix D shows the recorded command with paths reduced to file names (kit/paths.py)
+    from carlos_audit.kit.paths import portable_command
+
+    assert " ".join(portable_command(manifest["run"]["command"])) in raw
     # page X of Y on every page
     n_pages = int(next(ln.split()[-1] for ln in subprocess.run(["pdfinfo", str(demo_report)], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Pages:")))
     for i in range(1, n_pages + 1):
