@@ -35,7 +35,7 @@ VICTIM = "weak/lora/b00003"  # the last arm unit submitted: left for the second 
 
 @pytest.fixture(scope="module")
 def cluster(carlos_home, pinned_clock):  # noqa: F811
-    pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    import ray  # noqa: F401  (the `ray` extra: `make test` installs it)
     root = short_tmp()
     c = Cluster(root, {"RAY_AUTH_MODE": "token", "OMP_WAIT_POLICY": "PASSIVE"})
     try:
@@ -82,6 +82,20 @@ def _kill_node_running_the_victim(cluster, marker: Path, killed: dict) -> None:
         killed["node"], killed["pids"] = name, cluster.kill_node(name)
 
 
+def _run_and_stop_a_local_ray_with_another_token() -> None:
+    import ray
+
+    other = short_tmp()
+    try:
+        with loopback_env(other):
+            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     _node_ip_address="127.0.0.1", _temp_dir=str(other / "ray"))
+            assert ray.get(ray.put(1)) == 1
+            ray.shutdown()
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_cluster_build_without_shared_folders_survives_a_killed_driver_and_a_killed_node(
         cluster, local_build, inputs, carlos_home, tmp_path):  # noqa: F811
     from carlos_audit.corpus.build import build_corpus
@@ -89,6 +103,10 @@ def test_cluster_build_without_shared_folders_survives_a_killed_driver_and_a_kil
     tmp, loras, template = inputs
     dest = tmp / "dest"  # the local build's path (the manifest records the command line, DEST included)
     shutil.rmtree(dest, ignore_errors=True)
+    # 0. this process first runs a Ray of its own, with another token (as a notebook might, or
+    #    test_engines before this file): the in-process driver of step 2 must still present this
+    #    cluster's token, not the one Ray cached then
+    _run_and_stop_a_local_ray_with_another_token()
     with loopback_env(cluster.root):
         # 1. a driver (the CLI, in a subprocess) killed after a few units were written
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

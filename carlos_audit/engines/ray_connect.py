@@ -129,25 +129,32 @@ def init_ray(address: str | None, runtime_env: dict):
     ray = import_ray()
     if address is not None and check_cluster(address):
         os.environ["RAY_AUTH_MODE"] = "token"
-        _refresh_ray_config()
+    refresh_ray_auth()
     try:
         ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        cause = "version mismatch between this driver and the cluster" if "ersion mismatch" in str(e) else "refused"
-        raise AuditError(f"cannot join the Ray cluster at {address or '(new local cluster)'}: {cause}: {first[:200]}") from None
+        text = " ".join(str(x) for x in (e, e.__cause__) if x is not None)
+        first = "; ".join(ln.strip() for x in (e, e.__cause__) if x is not None
+                          for ln in (str(x).strip().splitlines() or [type(x).__name__])[:1])
+        cause = "version mismatch between this driver and the cluster" if "ersion mismatch" in text else "refused"
+        raise AuditError(f"cannot join the Ray cluster at {address or '(new local cluster)'}: {cause}: {first[:300]}") from None
     return ray
 
 
-def _refresh_ray_config() -> None:
-    """Make this process's Ray read RAY_AUTH_MODE again (Ray caches its config at import)."""
-    try:
-        from ray._raylet import Config
+def refresh_ray_auth() -> None:
+    """Make this process's Ray read RAY_AUTH_MODE and the token (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``, ~/.ray/auth_token) again before it joins a cluster.
 
-        Config.initialize("")
-    except (ImportError, AttributeError):  # a Ray without token authentication
-        pass
+    Ray caches both on first use: its config at import, the token in a process-wide loader. A
+    process that joined (or started) one cluster would otherwise present that cluster's token to
+    the next one, which refuses it, and ``ray.init`` ends in a bare "Failed to connect"."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _probe_main(address: str) -> None:
