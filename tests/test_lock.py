@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,3 +60,22 @@ def test_a_second_run_says_who_holds_the_folder(demo_assets, tmp_path):
     r = CliRunner().invoke(main, ["run", str(cf), "--out", str(tmp_path / "out"), "--no-progress"])
     assert r.exit_code == 1 and r.output.startswith("Error: case folder") and f"pid {os.getppid()}" in r.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_NAME]
+
+
+def test_a_corpus_build_into_a_held_folder_is_refused_before_any_work(demo_assets, tmp_path):
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shutil.copy(demo_assets["loras"]["target"], loras / "target.safetensors")
+    template = write_case(tmp_path, demo_assets, case_id="tmpl")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _hold(tmp_path / "corpus", sleeper.pid)
+        r = CliRunner().invoke(main, ["corpus", "build", str(loras), "--casefile", str(template),
+                                      str(tmp_path / "corpus"), "--no-progress"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith("Error: corpus folder") and f"pid {sleeper.pid}" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == [LOCK_NAME]  # nothing planned or written

@@ -31,6 +31,7 @@ from carlos_audit.corpus.store import (
 )
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import write_json_atomic
+from carlos_audit.run.lock import LOCK_NAME
 
 
 def _npy_header(n: int, dim: int, dtype: np.dtype) -> bytes:
@@ -168,8 +169,9 @@ def _prepare_dest(dest: Path, overwrite: bool, protect: Path | None = None) -> N
     if dest.exists() and not dest.is_dir():
         raise AuditError(f"{dest} exists and is not a folder")
     if dest.exists():
-        # ``cases/`` holds the case folders of ``corpus build`` (kept, never replaced here)
-        entries = sorted(p.name for p in dest.iterdir() if p.name != BUILD_CASES_DIR)
+        # ``cases/`` holds the case folders of ``corpus build`` (kept, never replaced here); the
+        # lock is the build's own (run/lock.py)
+        entries = sorted(p.name for p in dest.iterdir() if p.name not in (BUILD_CASES_DIR, LOCK_NAME))
         if entries and not overwrite:
             raise AuditError(f"{dest} exists and is not empty; pass --overwrite to replace a corpus there")
         foreign = [e for e in entries

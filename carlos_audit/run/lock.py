@@ -5,7 +5,10 @@ process id, host name and start time of the run, and removes it when the run end
 ends. A second run on the same folder is refused with a one-line error naming the holder. A lock
 left by a process that died on this host (its pid no longer exists) is taken over; one held from
 another host is never guessed stale: the message says which file to delete once that run is gone.
-Nested use in one process (run_full around run_case) takes the lock once.
+Nested use in one process (run_full around run_case) takes the lock once. A corpus build
+(corpus/build.py) holds the same lock on its DEST for the whole build, whatever the engine: two
+drivers never add rows to one corpus at once, and a driver killed mid-build leaves a lock that
+the next driver on this host takes over.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def _acquire(path: Path, record: dict) -> bool:
 
 
 @contextmanager
-def case_lock(out: Path):
-    """Hold the lock of case folder ``out`` (created when missing) for the duration of the block."""
+def case_lock(out: Path, what: str = "case folder"):
+    """Hold the lock of case folder ``out`` (created when missing) for the duration of the block.
+    ``what`` names the folder in the refusal (a corpus build locks its DEST as "corpus folder")."""
     out = Path(out)
     key = out.resolve()
     if key in HELD:
@@ -74,7 +78,7 @@ def case_lock(out: Path):
         if not _acquire(path, record):
             held = _holder(path)
             _remove_if_empty(out, created)
-            raise AuditError(f"case folder {out} is being written by another run (pid {held.get('pid')} on host "
+            raise AuditError(f"{what} {out} is being written by another run (pid {held.get('pid')} on host "
                              f"{held.get('host')}, since {held.get('started_utc')}); wait for it to finish, or delete "
                              f"{path} if that run is gone")
     HELD.add(key)
