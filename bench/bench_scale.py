@@ -28,6 +28,7 @@ os.environ["CARLOS_AUDIT_HOME"] = str(HOME)
 sys.path.insert(0, str(REPO / "tests"))
 
 import carlos_audit  # noqa: E402,F401  (OMP_WAIT_POLICY before torch)
+import ray_cluster  # noqa: E402,F401  (loopback-only Ray and no usage stats: set before Ray is imported)
 
 STEPS = 10
 BUILD_LORAS = ("strong", "target", "weak", "derivative")
@@ -139,9 +140,12 @@ def cluster_build(tmp: Path, assets: dict, n_workers: int) -> dict:
     """A build on a `ray start` head + ``n_workers`` worker nodes (each 1 CPU, its own temp dir and
     CARLOS_AUDIT_HOME), joined with --ray-address; images/s over the build and per node."""
     import ray
-    from ray_cluster import Cluster, loopback_env, short_tmp
+    from ray_cluster import Cluster, loopback_env, ray_resolves_loopback, short_tmp
 
     from carlos_audit.fileio import read_json
+
+    # without it the driver turns 127.0.0.1 into this machine's interface address and connects there
+    assert ray_resolves_loopback(), "Ray was imported before tests/ray_cluster.py set its loopback variable"
 
     root = short_tmp()
     c = Cluster(root, {"RAY_AUTH_MODE": "token", "OMP_WAIT_POLICY": "PASSIVE"})

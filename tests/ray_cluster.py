@@ -51,13 +51,16 @@ def ray_resolves_loopback() -> bool:
 
 
 def loopback_vars(tmp: Path) -> dict:
-    """Environment for Ray processes of a test: loopback node address, no usage stats, and a
-    token file of its own (Ray would otherwise create ~/.ray/auth_token)."""
+    """Environment for Ray processes of a test: loopback node address, no usage stats, the head's
+    cloud-metadata probe sent to a closed loopback port (engines/ray_connect.no_cloud_probe_env),
+    and a token file of its own (Ray would otherwise create ~/.ray/auth_token)."""
     token = tmp / "auth_token"
     if not token.exists():
         token.write_text(secrets.token_hex(32))
+    from carlos_audit.engines.ray_connect import no_cloud_probe_env
+
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_TOKEN_PATH": str(token)}
+            "RAY_AUTH_TOKEN_PATH": str(token)} | no_cloud_probe_env()
 
 
 @contextlib.contextmanager
@@ -173,4 +176,9 @@ class Cluster:
     def stop(self) -> None:
         for name in reversed(list(self.nodes)):
             kill(self.nodes[name])
+        # the head's Ray client server detaches and its command line names the GCS address, not a temp dir
+        for p, (_, cmd) in _procs().items():
+            if "ray.util.client.server" in cmd and f"--address={self.address}" in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)

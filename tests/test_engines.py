@@ -8,8 +8,11 @@ same inputs must write the same bytes everywhere in DEST except build.json (engi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -258,3 +261,33 @@ def test_ray_address_errors_are_one_line_and_fast(monkeypatch):
         check_cluster("headnode")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     assert resolve_address(None) == "10.0.0.5:6379" and resolve_address("127.0.0.1:1") == "127.0.0.1:1"
+
+
+def test_a_ray_head_started_here_cannot_query_cloud_metadata():
+    """Ray 2.60's head asks 169.254.169.254 and metadata.google.internal which cloud it is on, even
+    with usage statistics off. Run that very function of Ray's, in a subprocess with the environment
+    the product gives a Ray it starts (and the test clusters use): every connection it attempts is
+    to 127.0.0.1 and no host name is resolved."""
+    from carlos_audit.engines.ray_connect import CLOUD_PROBE_SINK, no_cloud_probe_env
+
+    code = (
+        "import json, sys\n"
+        "seen = []\n"
+        "def hook(event, args):\n"
+        "    if event == 'socket.connect': seen.append(['connect', str(args[1])])\n"
+        "    if event == 'socket.getaddrinfo': seen.append(['resolve', str(args[0])])\n"
+        "from ray._common.usage import usage_lib\n"
+        "sys.addaudithook(hook)\n"
+        "cloud = usage_lib.get_cloud_from_metadata_requests()\n"
+        "print(json.dumps({'cloud': cloud, 'seen': seen}))\n")
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+    env |= no_cloud_probe_env()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["cloud"] == "unknown"
+    connects = [t for kind, t in out["seen"] if kind == "connect"]
+    assert connects, "the probe made no connection attempt: the check would prove nothing"
+    sink = CLOUD_PROBE_SINK.removeprefix("http://").split(":")
+    assert all(t == str((sink[0], int(sink[1]))) for t in connects), out["seen"]
+    assert all(t in ("127.0.0.1", "localhost") for kind, t in out["seen"] if kind == "resolve"), out["seen"]

@@ -18,6 +18,7 @@ Ray's native retry loop and log lines stay out of the driver, with a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -131,8 +132,9 @@ def init_ray(address: str | None, runtime_env: dict):
         os.environ["RAY_AUTH_MODE"] = "token"
     refresh_ray_auth()
     try:
-        ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        with _environ(no_cloud_probe_env(ray) if address is None else {}):  # inherited by the processes Ray starts
+            ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         text = " ".join(str(x) for x in (e, e.__cause__) if x is not None)
         first = "; ".join(ln.strip() for x in (e, e.__cause__) if x is not None
@@ -140,6 +142,45 @@ def init_ray(address: str | None, runtime_env: dict):
         cause = "version mismatch between this driver and the cluster" if "ersion mismatch" in text else "refused"
         raise AuditError(f"cannot join the Ray cluster at {address or '(new local cluster)'}: {cause}: {first[:300]}") from None
     return ray
+
+
+#: where a Ray head's plain-HTTP requests go when Ray is started here: a closed loopback port
+CLOUD_PROBE_SINK = "http://127.0.0.1:9"
+
+
+def no_cloud_probe_env(ray=None) -> dict:
+    """Environment for the processes of a Ray started on this machine, so that its head does not
+    query cloud metadata servers.
+
+    Ray 2.60's head always runs ``UsageStatsHead`` (it is the one dashboard module loaded even with
+    ``include_dashboard=False``), and that module asks 169.254.169.254 (Azure, AWS) and
+    metadata.google.internal which cloud it runs on before it checks whether usage statistics are
+    enabled, so ``RAY_USAGE_STATS_ENABLED=0`` does not stop it. It asks with ``requests`` over
+    plain HTTP, which honours ``http_proxy``: pointed at a closed port on 127.0.0.1, the probe is
+    refused on this machine (no DNS lookup, no packet out) and Ray records the cloud as
+    "unknown". ``no_proxy`` keeps loopback and this node's own address direct; Ray's gRPC ignores
+    proxies (``RAY_grpc_enable_http_proxy`` is off by default) and HTTPS is untouched."""
+    direct = ["127.0.0.1", "localhost", "::1"]
+    if ray is not None:
+        node_ip = ray._private.services.get_node_ip_address()
+        if node_ip not in direct:
+            direct.append(node_ip)
+    keep = ",".join(direct)
+    return {"http_proxy": CLOUD_PROBE_SINK, "HTTP_PROXY": CLOUD_PROBE_SINK, "no_proxy": keep, "NO_PROXY": keep}
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def refresh_ray_auth() -> None:
