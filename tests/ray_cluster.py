@@ -63,20 +63,12 @@ def loopback_vars(tmp: Path) -> dict:
             "RAY_AUTH_TOKEN_PATH": str(token)} | no_cloud_probe_env()
 
 
-@contextlib.contextmanager
 def loopback_env(tmp: Path, **extra):
-    """Set loopback_vars (and ``extra``) in this process, restored afterwards."""
-    new = loopback_vars(tmp) | extra
-    before = {k: os.environ.get(k) for k in list(new) + ["RAY_AUTH_MODE"]}
-    os.environ.update(new)
-    try:
-        yield new
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """Set loopback_vars (and ``extra``) in this process, restored afterwards (RAY_AUTH_MODE too,
+    which the driver may turn on)."""
+    from carlos_audit.engines.ray_connect import environ_set
+
+    return environ_set(loopback_vars(tmp) | extra, also_restore=("RAY_AUTH_MODE",))
 
 
 def _procs() -> dict[int, tuple[int, str]]:

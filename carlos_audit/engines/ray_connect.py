@@ -132,7 +132,7 @@ def init_ray(address: str | None, runtime_env: dict):
         os.environ["RAY_AUTH_MODE"] = "token"
     refresh_ray_auth()
     try:
-        with _environ(no_cloud_probe_env(ray) if address is None else {}):  # inherited by the processes Ray starts
+        with environ_set(no_cloud_probe_env(ray) if address is None else {}):  # inherited by the processes Ray starts
             ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -170,11 +170,12 @@ def no_cloud_probe_env(ray=None) -> dict:
 
 
 @contextlib.contextmanager
-def _environ(values: dict):
-    before = {k: os.environ.get(k) for k in values}
+def environ_set(values: dict, also_restore: tuple = ()):
+    """Set ``values`` in os.environ for the block; they (and ``also_restore``) are put back after."""
+    before = {k: os.environ.get(k) for k in [*values, *also_restore]}
     os.environ.update(values)
     try:
-        yield
+        yield values
     finally:
         for k, v in before.items():
             if v is None:
