@@ -63,12 +63,16 @@ def loopback_vars(tmp: Path) -> dict:
             "RAY_AUTH_TOKEN_PATH": str(token)} | no_cloud_probe_env()
 
 
+@contextlib.contextmanager
 def loopback_env(tmp: Path, **extra):
     """Set loopback_vars (and ``extra``) in this process, restored afterwards (RAY_AUTH_MODE too,
-    which the driver may turn on)."""
-    from carlos_audit.engines.ray_connect import environ_set
+    which the driver may turn on). Ray's cached auth settings and token are reloaded on entry, as
+    init_ray does: a Ray started here with ``ray.init`` then uses this token, not one cached before."""
+    from carlos_audit.engines.ray_connect import environ_set, refresh_ray_auth
 
-    return environ_set(loopback_vars(tmp) | extra, also_restore=("RAY_AUTH_MODE",))
+    with environ_set(loopback_vars(tmp) | extra, also_restore=("RAY_AUTH_MODE",)) as new:
+        refresh_ray_auth()
+        yield new
 
 
 def _procs() -> dict[int, tuple[int, str]]:

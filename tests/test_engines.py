@@ -95,10 +95,7 @@ def ray_cluster(carlos_home, pinned_clock):
     import ray  # the `ray` extra: `make test` installs it
     assert ray_resolves_loopback(), "Ray was imported before tests/ray_cluster.py set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     tmp = short_tmp()
-    with loopback_env(tmp):
-        from carlos_audit.engines.ray_connect import refresh_ray_auth
-
-        refresh_ray_auth()  # this token, not one a Ray started earlier in this process cached
+    with loopback_env(tmp):  # reloads Ray's cached token: this one, not one cached earlier in this process
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  _node_ip_address="127.0.0.1", _temp_dir=str(tmp / "ray"),
                  runtime_env={"env_vars": {"CARLOS_AUDIT_HOME": str(carlos_home), "OMP_WAIT_POLICY": "PASSIVE",

@@ -85,12 +85,9 @@ def _kill_node_running_the_victim(cluster, marker: Path, killed: dict) -> None:
 def _run_and_stop_a_local_ray_with_another_token() -> None:
     import ray
 
-    from carlos_audit.engines.ray_connect import refresh_ray_auth
-
     other = short_tmp()
     try:
-        with loopback_env(other):
-            refresh_ray_auth()  # a Ray started here reads this token (test_engines ran a Ray with its own before)
+        with loopback_env(other):  # reloads Ray's cached token (test_engines ran a Ray with its own before)
             ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      _node_ip_address="127.0.0.1", _temp_dir=str(other / "ray"))
             assert ray.get(ray.put(1)) == 1

@@ -49,7 +49,12 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     on ``engine`` ("local": this process; "ray": Ray tasks). Rows are added in sorted LoRA order;
     with the same ``threads`` (torch CPU threads of every generating process, default: this
     process's) the corpus bytes do not depend on the engine. Writes DEST/build.json."""
+    from carlos_audit.corpus.cases import add_case
+    from carlos_audit.corpus.store import BUILD_CASES_DIR, load_corpus
+    from carlos_audit.corpus.write import create_empty
     from carlos_audit.engines import ENGINES
+    from carlos_audit.engines.build import build_record, default_threads, plan_build, run_plan
+    from carlos_audit.fileio import write_json_atomic
     from carlos_audit.run.lock import case_lock
 
     lora_dir, dest = Path(lora_dir), Path(dest)
@@ -65,44 +70,31 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
         raise AuditError(f"LoRA file names map to the same row id: {', '.join(sorted(dupes))}")
-    with case_lock(dest, what="corpus folder"):
-        return _build_locked(dest, loras, ids, template, template_path, lora_dir, name=name, allow_partial=allow_partial,
-                             engine=engine, ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
-                             progress=progress, unit_fn=_unit_fn)
+    with case_lock(dest, what="corpus folder"):  # held from the first read of DEST to build.json
+        present = set(load_corpus(dest).ids) if (dest / "corpus.json").is_file() else set()
+        skipped = [rid for rid in ids if rid in present]
+        todo = [(rid, lora, case_for_lora(template, lora, rid)) for lora, rid in zip(loras, ids) if rid not in present]
+        if not todo:
+            return {"corpus": str(dest), "added": [], "already_present": skipped, "n": load_corpus(dest).n, "build": None}
+        if engine == "ray":
+            from carlos_audit.engines.ray_connect import check_cluster, resolve_address
+            from carlos_audit.engines.ray_engine import import_ray
 
-
-def _build_locked(dest, loras, ids, template, template_path, lora_dir, *, name, allow_partial, engine, ray_address,
-                  gpus_per_task, threads, progress, unit_fn) -> dict:
-    from carlos_audit.corpus.cases import add_case
-    from carlos_audit.corpus.store import BUILD_CASES_DIR, load_corpus
-    from carlos_audit.corpus.write import create_empty
-    from carlos_audit.engines.build import build_record, default_threads, plan_build, run_plan
-    from carlos_audit.fileio import write_json_atomic
-
-    present = set(load_corpus(dest).ids) if (dest / "corpus.json").is_file() else set()
-    skipped = [rid for rid in ids if rid in present]
-    todo = [(rid, lora, case_for_lora(template, lora, rid)) for lora, rid in zip(loras, ids) if rid not in present]
-    if not todo:
-        return {"corpus": str(dest), "added": [], "already_present": skipped, "n": load_corpus(dest).n, "build": None}
-    if engine == "ray":
-        from carlos_audit.engines.ray_connect import check_cluster, resolve_address
-        from carlos_audit.engines.ray_engine import import_ray
-
-        import_ray()  # fail before preparing anything when Ray is missing or the cluster refuses us
-        if resolve_address(ray_address):
-            check_cluster(resolve_address(ray_address))
-    threads = threads or default_threads()
-    argv = ["carlos-audit", "corpus", "build", str(lora_dir), "--casefile", str(template_path), str(dest)]
-    plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv, threads=threads)
-    run = run_plan(plan, engine=engine, ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
-                   unit_fn=unit_fn, progress=progress)
-    added = []
-    for rid, lora, _ in todo:  # sorted order, whatever order the engine finished in
-        fin = run["finalized"][rid]
-        if not (dest / "corpus.json").is_file():
-            create_empty(dest, fin["signature"], name or dest.name, dim=fin["dim"])
-        add_case(dest, dest / BUILD_CASES_DIR / rid, row_id=rid, name=lora.name)
-        added.append(rid)
-    record = build_record(plan, run, engine=engine, threads=threads, ray_address=ray_address, gpus_per_task=gpus_per_task)
-    write_json_atomic(dest / "build.json", record)
-    return {"corpus": str(dest), "added": added, "already_present": skipped, "n": load_corpus(dest).n, "build": record}
+            import_ray()  # fail before preparing anything when Ray is missing or the cluster refuses us
+            if resolve_address(ray_address):
+                check_cluster(resolve_address(ray_address))
+        threads = threads or default_threads()
+        argv = ["carlos-audit", "corpus", "build", str(lora_dir), "--casefile", str(template_path), str(dest)]
+        plan = plan_build(dest, todo, allow_partial=allow_partial, argv=argv, threads=threads)
+        run = run_plan(plan, engine=engine, ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads,
+                       unit_fn=_unit_fn, progress=progress)
+        added = []
+        for rid, lora, _ in todo:  # sorted order, whatever order the engine finished in
+            fin = run["finalized"][rid]
+            if not (dest / "corpus.json").is_file():
+                create_empty(dest, fin["signature"], name or dest.name, dim=fin["dim"])
+            add_case(dest, dest / BUILD_CASES_DIR / rid, row_id=rid, name=lora.name)
+            added.append(rid)
+        record = build_record(plan, run, engine=engine, threads=threads, ray_address=ray_address, gpus_per_task=gpus_per_task)
+        write_json_atomic(dest / "build.json", record)
+        return {"corpus": str(dest), "added": added, "already_present": skipped, "n": load_corpus(dest).n, "build": record}

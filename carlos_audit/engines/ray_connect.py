@@ -132,14 +132,16 @@ def init_ray(address: str | None, runtime_env: dict):
         os.environ["RAY_AUTH_MODE"] = "token"
     refresh_ray_auth()
     try:
-        with environ_set(no_cloud_probe_env(ray) if address is None else {}):  # inherited by the processes Ray starts
+        # a Ray started here: its processes inherit the environment of this call
+        local = no_cloud_probe_env(ray._private.services.get_node_ip_address()) if address is None else {}
+        with environ_set(local):
             ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        text = " ".join(str(x) for x in (e, e.__cause__) if x is not None)
-        first = "; ".join(ln.strip() for x in (e, e.__cause__) if x is not None
-                          for ln in (str(x).strip().splitlines() or [type(x).__name__])[:1])
-        cause = "version mismatch between this driver and the cluster" if "ersion mismatch" in text else "refused"
+        errors = [x for x in (e, e.__cause__) if x is not None]  # Ray's "Failed to connect" hides its cause
+        first = "; ".join((str(x).strip().splitlines() or [type(x).__name__])[0].strip() for x in errors)
+        cause = ("version mismatch between this driver and the cluster" if any("ersion mismatch" in str(x) for x in errors)
+                 else "refused")
         raise AuditError(f"cannot join the Ray cluster at {address or '(new local cluster)'}: {cause}: {first[:300]}") from None
     return ray
 
@@ -148,7 +150,7 @@ def init_ray(address: str | None, runtime_env: dict):
 CLOUD_PROBE_SINK = "http://127.0.0.1:9"
 
 
-def no_cloud_probe_env(ray=None) -> dict:
+def no_cloud_probe_env(node_ip: str | None = None) -> dict:
     """Environment for the processes of a Ray started on this machine, so that its head does not
     query cloud metadata servers.
 
@@ -159,13 +161,9 @@ def no_cloud_probe_env(ray=None) -> dict:
     plain HTTP, which honours ``http_proxy``: pointed at a closed port on 127.0.0.1, the probe is
     refused on this machine (no DNS lookup, no packet out) and Ray records the cloud as
     "unknown". ``no_proxy`` keeps loopback and this node's own address direct; Ray's gRPC ignores
-    proxies (``RAY_grpc_enable_http_proxy`` is off by default) and HTTPS is untouched."""
-    direct = ["127.0.0.1", "localhost", "::1"]
-    if ray is not None:
-        node_ip = ray._private.services.get_node_ip_address()
-        if node_ip not in direct:
-            direct.append(node_ip)
-    keep = ",".join(direct)
+    proxies (``RAY_grpc_enable_http_proxy`` is off by default) and HTTPS is untouched. ``node_ip``:
+    the address Ray gives this node (kept direct too)."""
+    keep = ",".join(dict.fromkeys(["127.0.0.1", "localhost", "::1", *([node_ip] if node_ip else [])]))
     return {"http_proxy": CLOUD_PROBE_SINK, "HTTP_PROXY": CLOUD_PROBE_SINK, "no_proxy": keep, "NO_PROXY": keep}
 
 
