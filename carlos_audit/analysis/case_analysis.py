@@ -59,6 +59,11 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Me
         extra["effect_labels"] = ind.effect_labels(
             np.array(metrics["direction"]), [tuple(w) for w in labels["words"]], load_npy(store.path(labels["path"])),
             case.indicators["top_labels"])
+    if manifest.sequential:
+        from carlos_audit.analysis.sequential import metrics_record, stopped_look
+
+        seq = metrics_record(stopped_look(d_main, prompt_ids, manifest.sequential, p), manifest.sequential)
+        return Metrics(**metrics, indicators=extra, sequential=seq)
     return Metrics(**metrics, indicators=extra)
 
 
@@ -90,6 +95,19 @@ def _checked(path: str, sha256: str) -> Path:
     return Path(path)
 
 
+def sequential_placement(store: CaseStore, manifest: Manifest, corpus_path: Path) -> dict:
+    """comparison.json ``target.sequential`` of a sequential case (analysis/sequential.py)."""
+    from carlos_audit.analysis.sequential import comparison_record, stopped_look
+    from carlos_audit.corpus.placement import own_row
+    from carlos_audit.corpus.store import load_corpus
+
+    corpus = load_corpus(corpus_path)
+    ids = [r["pair_id"] for r in manifest.pairs]
+    ev = stopped_look(_diffs(store, manifest, "main", ids), [r["prompt_id"] for r in manifest.pairs],
+                      manifest.sequential, manifest.protocol, corpus, own_row(corpus, manifest.lora["sha256"]))
+    return comparison_record(ev)
+
+
 def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
                  allow_incompatible: bool = False) -> tuple[Metrics, Comparison | None]:
     """The metrics and the comparison (None when the case has neither comparison LoRAs nor a
@@ -109,6 +127,8 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
                                     allow_incompatible=allow_incompatible or case.reference["allow_incompatible"])
         comparison.corpus, comparison.target, comparison.corpus_points = (
             placement["corpus"], placement["target"], placement["corpus_points"])
+        if manifest.sequential:
+            comparison.target["sequential"] = sequential_placement(store, manifest, corpus_path)
         comparison.replication = replication(store, manifest, metrics, corpus_path, case.reference.get("replicate_id"))
     if comparison.head_to_head is None and comparison.corpus is None:
         return metrics, None

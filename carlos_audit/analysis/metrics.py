@@ -113,18 +113,23 @@ def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) ->
     return out
 
 
-def bootstrap_consistency(d: np.ndarray, groups, boots: list[np.ndarray]) -> list[float | None]:
+def bootstrap_consistency(d: np.ndarray, groups, boots: list[np.ndarray],
+                          pair_counts: tuple[float, float] | None = None) -> list[float | None]:
     """C* (see ``bootstrap``) of resamples given as index arrays of rows (whole prompts drawn,
-    as ``indicators.prompt_resamples`` makes them); None for each when C is undefined."""
+    as ``indicators.prompt_resamples`` makes them); None for each when C is undefined.
+    ``pair_counts``: the (same-prompt, different-prompt) ordered pair counts of the protocol
+    whose Consistency is estimated (default: the one ``d`` comes from; analysis/sequential.py
+    passes the full protocol's for a case that ran part of it)."""
     norms, inv, S, cnt, nz = _group_sums(d, groups)
     if not (norms > 0).any() or d.shape[0] < 2:
         return [None] * len(boots)
     g = len(cnt)
     W = np.stack([np.bincount(inv[b], minlength=g) for b in boots]) / cnt if boots else np.zeros((0, g))
-    return [float(x) for x in _resampled_consistency(W, S, cnt, nz)]
+    return [float(x) for x in _resampled_consistency(W, S, cnt, nz, pair_counts)]
 
 
-def _resampled_consistency(W: np.ndarray, S: np.ndarray, cnt: np.ndarray, nz: np.ndarray) -> np.ndarray:
+def _resampled_consistency(W: np.ndarray, S: np.ndarray, cnt: np.ndarray, nz: np.ndarray,
+                           pair_counts: tuple[float, float] | None = None) -> np.ndarray:
     """C* per resample (see ``bootstrap``). Per group: ``S`` the sum of unit diffs, ``cnt`` the
     pairs, ``nz`` the non-zero diffs; ``W`` (resamples x groups) how often each group is drawn."""
     Q = np.einsum("ij,ij->i", S, S)                     # ordered pairs within a group, self pairs included
@@ -133,7 +138,7 @@ def _resampled_consistency(W: np.ndarray, S: np.ndarray, cnt: np.ndarray, nz: np
     W2 = W * W
     b_sum = np.einsum("ij,ij->i", tot, tot) - W2 @ Q     # ordered pairs of two different prompts
     b_pairs = (W @ cnt) ** 2 - W2 @ (cnt * cnt)
-    n_w, n_b = float((cnt * (cnt - 1)).sum()), float(cnt.sum() ** 2 - (cnt * cnt).sum())
+    n_w, n_b = pair_counts or (float((cnt * (cnt - 1)).sum()), float(cnt.sum() ** 2 - (cnt * cnt).sum()))
     with np.errstate(invalid="ignore", divide="ignore"):
         c_w = np.where(w_pairs > 0, w_sum / np.where(w_pairs > 0, w_pairs, 1), 0.0)
         c_b = np.where(b_pairs > 0, b_sum / np.where(b_pairs > 0, b_pairs, 1), c_w)  # one prompt drawn P times

@@ -27,6 +27,7 @@ PAPERS = ("a4", "letter")
 JURISDICTIONS = ("us-frcp26", "uk-cpr35", "none")
 
 _STR, _INT, _FLOAT, _BOOL, _STRLIST, _FLOATLIST, _SEEDS = "string", "integer", "number", "boolean", "list of strings", "list of numbers", "seeds"
+_TABLE = "table"
 
 # section -> key -> (type, required, default)
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -71,6 +72,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "bootstrap_seed": (_INT, False, 0),
         "scales": (_FLOATLIST, False, []),
         "seed_mode": (_STR, False, "per-image"),
+        "sequential": (_TABLE, False, None),  # [protocol.sequential]: case/sequential.py
     },
     "output": {
         "dir": (_STR, False, None),
@@ -146,6 +148,8 @@ def _type_ok(kind: str, v) -> bool:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
     if kind == _FLOATLIST:
         return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    if kind == _TABLE:
+        return isinstance(v, dict)
     if kind == _SEEDS:
         if isinstance(v, list):
             return bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
@@ -273,6 +277,10 @@ def _check_values(c: dict, where: str) -> None:
         if p[k] % 8:
             raise AuditError(f"{where}: protocol.{k} must be a multiple of 8")
     _check_seed_mode(p, where)
+    if p["sequential"] is not None:
+        from carlos_audit.case.sequential import check_table
+
+        p["sequential"] = check_table(p["sequential"], p, where, has_corpus=bool(c["reference"]["corpus"]))
     if c["lora"]["scale"] < 0:
         raise AuditError(f"{where}: lora.scale must be >= 0")
     if any(x < 0 for x in p["scales"]):

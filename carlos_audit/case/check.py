@@ -252,9 +252,25 @@ def check_case(casefile) -> dict:
             problems.append(f"reference.replicate_id: {e}")
     if corpus is not None and corpus["compatible"] is False and not corpus["allow_incompatible"]:
         problems.append("reference_corpus: profiled differently in " + ", ".join(corpus["differing"]))
+    plan = _plan(case, len(prompts) if prompts else None, lora.get("sha256"))
+    sequential = _sequential(case, prompts, problems, plan["n_arms"])
     unfilled = unfilled_fields(case)
     if unfilled:
         problems.append(f"{', '.join(unfilled)}: placeholder not filled in")
     return {"casefile": str(case.path), "case_id": case.id, "ready": not problems, "problems": problems,
             "inputs": items, "signature": signature, "corpus": corpus,
-            "plan": _plan(case, len(prompts) if prompts else None, lora.get("sha256"))}
+            "plan": plan, "sequential": sequential}
+
+
+def _sequential(case, prompts, problems: list, n_arms: int) -> dict | None:
+    """The looks of a ``[protocol.sequential]`` case and their cumulative image counts."""
+    from carlos_audit.case.sequential import case_plan, look_rows
+
+    if case.protocol.get("sequential") is None or not prompts:
+        return None
+    try:
+        look_plan = case_plan(case, prompts)
+    except AuditError as e:
+        problems.append(str(e))
+        return None
+    return {"rule": look_plan.rule, "order": look_plan.order, "looks": look_rows(look_plan, n_arms)}

@@ -222,6 +222,13 @@ def check_command(casefile, as_json):
         p = r["plan"]
         click.echo(f"  plan: {p['n_arms']} arms x {p['n_prompts']} prompts x {p['n_seeds']} seeds = {p['images']:,} images, "
                    f"{p['unet_forward_calls']:,} UNet calls; device-hours: {p['device_hours_how']}")
+        if r.get("sequential"):
+            seq = r["sequential"]
+            click.echo(f"  sequential: order seed {seq['rule']['order_seed']}, {seq['rule']['spending']} spending of "
+                       f"alpha {seq['rule']['alpha']:g}; stops at the first look meeting every target")
+            for look in seq["looks"]:
+                click.echo(f"    look {look['look']}: {look['n_prompts']} prompts, {look['images']:,} images "
+                           f"({look['share_of_protocol']:.0%} of the protocol)")
         for prob in r["problems"]:
             click.echo(f"  problem: {safe_text(prob, 160)}", err=True)
     if not r["ready"]:

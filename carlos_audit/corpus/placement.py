@@ -35,12 +35,8 @@ def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: d
         raise AuditError(f"reference corpus {corpus_path} does not exist")
     corpus = load_corpus(corpus_path)
     compat = require_compatible(corpus.signature, signature, allow_incompatible=allow_incompatible)
-    exclude = None
-    if "lora_sha256" in corpus.rows.column_names:
-        shas = corpus.column("lora_sha256").to_pylist()
-        hits = [i for i, s in enumerate(shas) if s and s == lora_sha256]
-        if hits:
-            exclude = corpus.ids[hits[0]]
+    own = own_row(corpus, lora_sha256)
+    exclude = None if own is None else corpus.ids[own]
     target = neighbours_for_vector(corpus, metrics.direction, metrics.strength, metrics.consistency,
                                    top_k=top_k, exclude_id=exclude)
     keep = np.ones(corpus.n, dtype=bool)
@@ -64,6 +60,16 @@ def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: d
     result["corpus"]["error_rates"] = calibrate(corpus, metrics.direction, target, head_to_head,
                                                 comparable=not compat["differing"])
     return result
+
+
+def own_row(corpus, lora_sha256: str) -> int | None:
+    """The corpus row of the same LoRA file (same sha256), left out of its own comparison; None if none."""
+    if "lora_sha256" in corpus.rows.column_names:
+        shas = corpus.column("lora_sha256").to_pylist()
+        hits = [i for i, s in enumerate(shas) if s and s == lora_sha256]
+        if hits:
+            return hits[0]
+    return None
 
 
 def check_corpus_signature(corpus_path: Path, case_signature: dict, allow_incompatible: bool) -> dict:

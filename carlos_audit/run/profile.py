@@ -190,9 +190,10 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
     lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
     comparisons = load_comparisons(lp.pipe, paths, inputs, allow_partial, allow_unsafe_pickle)
     plan = plan_arms(case, lora_sha, comparisons)
-    stats = {}
-    for arm in plan.arms.values():
-        stats[arm.name] = run_arm(session, arm, pairs, progress)
+    from carlos_audit.run.looks import run_protocol
+
+    pairs, stats, sequential = run_protocol(session, plan, pairs, prompts, corpus_path, lora_sha,
+                                            lambda arm, todo: run_arm(session, arm, todo, progress))
 
     pair_rows = collect_pairs(store, pairs, plan.arms.values())
     ind = case.indicators
@@ -231,6 +232,7 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
         pairs=pair_rows,
         results={},
         environment=env,
+        sequential=sequential,
     )
     # the analysis step (model-free): the same code `carlos-audit analyse CASE_DIR` runs
     metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible)

@@ -1,0 +1,101 @@
+"""Generate a case's pairs: all at once, or look by look under its pre-registered sequential rule.
+
+``run_protocol`` is the one call run/profile.py makes. Without ``[protocol.sequential]`` it runs
+every arm over every pair (as before). With it (case/sequential.py), look k runs the batches of
+the prompts added at look k for every arm, then evaluates the stopping rule from the stored
+features of the main profile, model-free (analysis/sequential.evaluate_look), and stops when
+every target is met or the last look is done. A killed run resumes through the unit records:
+the looks already run are skipped batch by batch and evaluated again, to the same decisions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from carlos_audit.case.sequential import case_plan, look_rows
+
+
+def run_protocol(session, plan, pairs: list, prompts: list, corpus_path: Path | None, lora_sha256: str,
+                 run_arm) -> tuple[list, dict, dict | None]:
+    """Run the case's pairs; ``run_arm(arm, pairs)`` generates one arm's missing batches and returns
+    its stats (run/profile.run_arm). Returns the pairs run, the per-arm stats and the manifest's
+    ``sequential`` record (None for a case without the table)."""
+    look_plan = case_plan(session.case, prompts)
+    if look_plan is None:
+        return pairs, {arm.name: run_arm(arm, pairs) for arm in plan.arms.values()}, None
+    corpus, own = open_reference(corpus_path, lora_sha256, look_plan.rule)
+    fractions = [look_plan.fraction(k) for k in range(1, len(look_plan.looks) + 1)]
+    done = {a: {"generated_batches": 0, "cached_batches": 0} for a in plan.arms}
+    evaluations = []
+    for look in range(1, len(look_plan.looks) + 1):
+        run = look_plan.pairs(pairs, look)
+        for arm in plan.arms.values():
+            st = run_arm(arm, run)
+            for k in done[arm.name]:
+                done[arm.name][k] += st[k]
+        ev = evaluate_stored(session.store, plan.profiles["main"], run, look_plan, fractions, look,
+                             session.case.protocol, corpus, own)
+        evaluations.append(ev)
+        if ev["met"]:
+            break
+    n_batches = len({p.batch for p in run})
+    stats = {a: {**s, "skipped_batches": n_batches - s["generated_batches"] - s["cached_batches"]}
+             for a, s in done.items()}
+    return run, stats, sequential_record(look_plan, evaluations, len(plan.arms))
+
+
+def open_reference(corpus_path: Path | None, lora_sha256: str, rule: dict):
+    """The corpus the percentile and neighbour targets are judged against, and the case's own
+    row in it (left out, as the comparison does); (None, None) when no target needs it."""
+    from carlos_audit.case.sequential import CORPUS_TARGETS
+
+    if corpus_path is None or all(rule[k] is None for k in CORPUS_TARGETS):
+        return None, None
+    from carlos_audit.corpus.placement import own_row
+    from carlos_audit.corpus.store import load_corpus
+
+    corpus = load_corpus(corpus_path)
+    return corpus, own_row(corpus, lora_sha256)
+
+
+def evaluate_stored(store, main: tuple, run: list, look_plan, fractions: list, look: int, protocol: dict,
+                    corpus=None, own: int | None = None) -> dict:
+    """``evaluate_look`` on the stored features of the pairs ``run`` (the main profile's arms)."""
+    from carlos_audit.analysis.metrics import diffs
+    from carlos_audit.analysis.sequential import evaluate_look
+
+    ids = [p.id for p in run]
+    d = diffs(store.features(main[1], ids), store.features(main[0], ids))
+    return evaluate_look(d, [p.prompt.id for p in run], look_plan.rule, fractions, look,
+                         n_protocol=look_plan.n_protocol, n_seeds=look_plan.n_seeds,
+                         n_resamples=protocol["bootstrap_resamples"], seed=protocol["bootstrap_seed"],
+                         corpus=corpus, exclude_row=own)
+
+
+def sequential_record(look_plan, evaluations: list[dict], n_arms: int) -> dict:
+    """The manifest's ``sequential``: the rule, the order, every look evaluated, where it stopped
+    and how many images that saved."""
+    rows = look_rows(look_plan, n_arms)
+    last = evaluations[-1]
+    k = last["look"]
+    full = look_plan.n_protocol * look_plan.n_seeds * n_arms
+    looks = []
+    for ev in evaluations:
+        entry = {key: ev[key] for key in ("look", "n_prompts", "alpha_look", "z", "fpc", "strength", "consistency",
+                                          "targets", "normal_approximation", "met")}
+        for key in ("strength_percentile", "consistency_percentile", "neighbours"):
+            if key in ev:
+                entry[key] = ev[key]
+        entry["images"] = rows[ev["look"] - 1]["images"]
+        looks.append(entry)
+    return {
+        "rule": dict(look_plan.rule), "construction": last["construction"], "order": list(look_plan.order),
+        "planned_looks": rows, "looks": looks, "stopped_at_look": k, "n_looks": len(look_plan.looks),
+        "stopped_early": bool(last["met"] and k < len(look_plan.looks)),
+        "reason": "every stopping target met" if last["met"] else "the last look was reached",
+        "n_prompts_run": last["n_prompts"], "n_prompts_protocol": look_plan.n_protocol,
+        "n_seeds": look_plan.n_seeds, "n_arms": n_arms,
+        "images_run": rows[k - 1]["images"], "images_full_protocol": full,
+        "images_saved": full - rows[k - 1]["images"], "share_of_protocol": rows[k - 1]["images"] / full,
+        "full_protocol": last["n_prompts"] == look_plan.n_protocol,
+    }

@@ -1,0 +1,215 @@
+"""The pre-registered sequential protocol: the case-file table, the prompt order and looks, the
+intervals for the full-protocol value (analysis/sequential.py), and a real run on the tiny models
+against the same case run in full."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carlos_audit.analysis import sequential as seq
+from carlos_audit.analysis.metrics import consistency, strength
+from carlos_audit.case.casefile import parse_case
+from carlos_audit.case.protocol import Prompt, enumerate_pairs, load_prompts
+from carlos_audit.case.sequential import look_rows, plan_looks, prompt_order, run_pairs
+from carlos_audit.errors import AuditError
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_CASE = REPO / "casefiles" / "demo-sequential.toml"
+
+
+def case_text(table: str, seeds: str = "{ count = 4, start = 0 }", batch: int = 4, corpus: str = "") -> str:
+    return f"""
+[case]
+id = "s"
+title = "t"
+examiner = "e"
+question = "q"
+[base_model]
+source = "embedded:tiny-sd"
+[embedder]
+model = "embedded:tiny-clip"
+[lora]
+path = "x.safetensors"
+[protocol]
+prompts = "builtin:standard"
+seeds = {seeds}
+batch_size = {batch}
+[protocol.sequential]
+{table}
+{corpus}
+"""
+
+
+GOOD = "order_seed = 1\nstep = 16\nmin_prompts = 16\nstrength_half_width = 0.1"
+
+
+def test_table_defaults_and_absent(tmp_path):
+    case = parse_case(case_text(GOOD), tmp_path / "c.toml")
+    rule = case.protocol["sequential"]
+    assert rule["alpha"] == 0.05 and rule["spending"] == "pocock" and rule["max_prompts"] is None
+    assert rule["neighbour_k"] == 5 and rule["consistency_half_width"] is None
+    plain = parse_case(case_text("").replace("[protocol.sequential]", ""), tmp_path / "c.toml")
+    assert plain.protocol["sequential"] is None
+
+
+@pytest.mark.parametrize("table, extra, message", [
+    ("step = 16\nmin_prompts = 16\nstrength_half_width = 0.1", {}, "missing required key protocol.sequential.order_seed"),
+    ("order_seed = 1\nstep = 16\nmin_prompts = 16", {}, "at least one stopping target"),
+    ("order_seed = 1\nstep = 16\nmin_prompts = 16\npercentile_half_width = 5.0", {}, "needs a reference corpus"),
+    (GOOD + "\nspending = \"haybittle\"", {}, "spending 'haybittle'"),
+    (GOOD + "\nwhen = 3", {}, "unknown key protocol.sequential.when"),
+    (GOOD + "\nmax_prompts = 8", {}, "max_prompts must be >= min_prompts"),
+    (GOOD, {"seeds": "{ count = 6, start = 0 }"}, "must be a multiple of batch_size"),
+    (GOOD.replace("min_prompts = 16", "min_prompts = 1"), {}, "min_prompts must be >= 2"),
+    (GOOD + "\nalpha = 1.5", {}, "alpha must lie between 0 and 1"),
+])
+def test_table_refused(tmp_path, table, extra, message):
+    with pytest.raises(AuditError, match=re.escape(message)):
+        parse_case(case_text(table, **extra), tmp_path / "c.toml")
+
+
+def test_order_is_a_stratified_permutation():
+    prompts, _ = load_prompts("builtin:standard")
+    order = prompt_order(prompts, 7)
+    assert sorted(order) == sorted(p.id for p in prompts)
+    assert order == prompt_order(prompts, 7) and order != prompt_order(prompts, 8)
+    sub = {p.id: (p.category, p.subcategory) for p in prompts}
+    n_sub = len(set(sub.values()))
+    for k in range(0, len(order), n_sub):  # every block of one prompt per subcategory is balanced
+        assert Counter(sub[i] for i in order[k:k + n_sub]) == Counter({s: 1 for s in set(sub.values())})
+    unequal = [Prompt(f"p{i}", "c", "a" if i < 6 else "b", str(i)) for i in range(8)]
+    assert sorted(prompt_order(unequal, 0)) == sorted(p.id for p in unequal)
+
+
+def test_looks_and_pairs_keep_the_full_batch_layout():
+    prompts, _ = load_prompts("builtin:standard")
+    rule = {"order_seed": 3, "step": 20, "min_prompts": 10, "max_prompts": None}
+    plan = plan_looks(rule, prompts, 4)
+    assert plan.looks == [10, 30, 50, 64]
+    assert [r["images"] for r in look_rows(plan, 2)] == [80, 240, 400, 512]
+    pairs = enumerate_pairs(prompts, [0, 1, 2, 3], 4)
+    look2 = plan.pairs(pairs, 2)
+    assert {p.prompt.id for p in look2} == set(plan.order[:30])
+    full = {p.id: (p.batch, p.position) for p in pairs}
+    assert all(full[p.id] == (p.batch, p.position) for p in look2)  # the full case's batches
+    assert run_pairs(pairs, {"order": plan.order, "n_prompts_run": 30}) == look2
+    with pytest.raises(AuditError, match="must not exceed the protocol's 64 prompts"):
+        plan_looks(dict(rule, max_prompts=65), prompts, 4)
+
+
+def test_spending_functions():
+    t = [0.25, 0.5, 0.75, 1.0]
+    for kind in ("pocock", "obrien-fleming"):
+        a = seq.look_alphas(t, 0.05, kind)
+        assert sum(a) == pytest.approx(0.05) and all(x > 0 for x in a)
+    obf = seq.look_alphas(t, 0.05, "obrien-fleming")
+    assert obf[0] < 1e-4 < obf[-1]  # O'Brien-Fleming spends almost nothing early
+    poc = seq.look_alphas(t, 0.05, "pocock")
+    assert poc[0] > obf[0] and poc == sorted(poc, reverse=True) and poc[0] / poc[-1] < 2.5  # Pocock: spread out
+
+
+def population(n_prompts=64, n_seeds=4, dim=24, seed=0, dof=3.0):
+    """One whole protocol of the coverage simulator's model (analysis/coverage.py); heavy-tailed
+    by default (Student-t scale factors with ``dof`` degrees of freedom; None: Gaussian)."""
+    from carlos_audit.analysis.coverage import Generator, Shape
+
+    gen = Generator(Shape("t", effect=0.12, prompt_share=0.4, dof=dof, lowrank=4, dim=dim), seed)
+    d = gen.draw(np.random.default_rng(seed), n_prompts, n_seeds)
+    return d, [f"p{i:03d}" for i in range(n_prompts) for _ in range(n_seeds)]
+
+
+RULE = {"alpha": 0.05, "spending": "pocock", "strength_half_width": 1.0, "consistency_half_width": 1.0,
+        "percentile_half_width": None, "neighbour_stability": None, "neighbour_k": 3}
+
+
+def test_whole_protocol_is_the_full_value_exactly():
+    d, ids = population()
+    ev = seq.evaluate_look(d, ids, RULE, [0.5, 1.0], 2, n_protocol=64, n_seeds=4, n_resamples=100, seed=0)
+    assert ev["strength"]["interval"] == [strength(d)] * 2 and ev["strength"]["half_width"] == 0
+    assert ev["consistency"]["estimate"] == pytest.approx(consistency(d), abs=1e-12)
+    assert ev["consistency"]["half_width"] == 0 and ev["met"]
+
+
+def test_part_of_the_protocol_covers_the_full_value():
+    """Subsets drawn without replacement from one protocol: the look-1 interval (level 1 - a_1 of
+    2 looks) holds the full-protocol value in (nearly) every draw; more prompts, a narrower
+    interval (the finite-population correction). Gaussian effects: at 16 prompts a heavy-tailed
+    effect is refused by Cochran's rule instead (next test)."""
+    d, ids = population(seed=1, dof=None)
+    full = {"strength": strength(d), "consistency": consistency(d)}
+    rng = np.random.default_rng(5)
+    hits = Counter()
+    widths = []
+    for r in range(60):
+        keep = set(rng.choice(64, 16, replace=False))
+        rows = [i for i in range(len(ids)) if int(ids[i][1:]) in keep]
+        ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], RULE, [0.25, 1.0], 1, n_protocol=64, n_seeds=4,
+                               n_resamples=200, seed=r)
+        for key in full:
+            lo, hi = ev[key]["interval"]
+            hits[key] += lo <= full[key] <= hi
+        widths.append(ev["strength"]["half_width"])
+    assert hits["strength"] >= 56 and hits["consistency"] >= 56
+    more = seq.evaluate_look(d[:160], ids[:160], RULE, [0.25, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=200, seed=0)
+    assert more["strength"]["half_width"] < 0.8 * np.mean(widths)  # 40 of 64 prompts
+
+
+def test_heavy_tails_at_few_prompts_do_not_stop():
+    """Heavy-tailed effects at 16 and 32 of 64 prompts: where the normal interval is too short,
+    Cochran's rule keeps the look from stopping (measured: analysis/sequential.normal_approximation)."""
+    d, ids = population(seed=1)
+    rng = np.random.default_rng(5)
+    for n in (16, 32):
+        for r in range(20):
+            keep = set(rng.choice(64, n, replace=False))
+            rows = [i for i in range(len(ids)) if int(ids[i][1:]) in keep]
+            ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], RULE, [n / 64, 1.0], 1, n_protocol=64,
+                                   n_seeds=4, n_resamples=100, seed=r)
+            assert not ev["normal_approximation"]["met"] and not ev["met"]
+
+
+def test_percentile_band_and_neighbour_stability(tmp_path):
+    from carlos_audit.corpus.write import create_corpus
+
+    d, ids = population(dim=24, seed=2)
+    rng = np.random.default_rng(0)
+    mean = d.mean(axis=0)
+    dirs = np.vstack([mean + rng.standard_normal(24) * s for s in (0.05, 0.1, 0.15)] + [rng.standard_normal((40, 24))])
+    corpus = create_corpus(tmp_path / "c", directions=dirs, name="t", signature=None,
+                           rows={"id": [f"r{i}" for i in range(len(dirs))], "strength": rng.uniform(2, 9, len(dirs)),
+                                 "consistency": rng.uniform(0, 0.5, len(dirs))})
+    rule = dict(RULE, percentile_half_width=50.0, neighbour_stability=0.9)
+    ev = seq.evaluate_look(d[:128], ids[:128], rule, [0.5, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=200,
+                           seed=0, corpus=corpus)
+    lo, hi = ev["strength"]["interval"]
+    assert ev["strength_percentile"]["band"] == [corpus.percentile("strength", lo, None),
+                                                 corpus.percentile("strength", hi, None)]
+    assert ev["neighbours"]["top_k"] == ["r0", "r1", "r2"] and ev["neighbours"]["stability"] > 0.9
+    assert set(ev["targets"]) == {"strength_half_width", "consistency_half_width", "percentile_half_width",
+                                  "neighbour_stability"}
+    own = seq.evaluate_look(d[:128], ids[:128], rule, [0.5, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=200,
+                            seed=0, corpus=corpus, exclude_row=0)
+    assert own["neighbours"]["top_k"][:2] == ["r1", "r2"]
+
+
+def test_cochran_rule_blocks_a_skewed_look():
+    rng = np.random.default_rng(0)
+    ids = [f"p{i:03d}" for i in range(40) for _ in range(2)]
+    even = rng.standard_normal((80, 8)) + 5
+    skewed = even.copy()
+    skewed[:2] *= 30  # one prompt far out: skewness ~6, Cochran asks for ~900 prompts
+    ok, far = (seq.normal_approximation(x, ids) for x in (even, skewed))
+    assert ok["met"] and ok["min_prompts"] < 40
+    assert not far["met"] and far["skewness"] > 5
+    wide = dict(RULE, strength_half_width=1e6, consistency_half_width=10.0)
+    ev = seq.evaluate_look(skewed, ids, wide, [0.5, 1.0], 1, n_protocol=80, n_seeds=2, n_resamples=100, seed=0)
+    assert all(t["met"] for t in ev["targets"].values()) and not ev["met"]
+    lax = seq.evaluate_look(skewed, ids, dict(wide, normal_check=False), [0.5, 1.0], 1, n_protocol=80, n_seeds=2,
+                            n_resamples=100, seed=0)
+    assert lax["met"]
