@@ -158,6 +158,26 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
     return Check("metrics recomputed from embeddings", True, f"strength {again['strength']:.6g}, consistency {again['consistency']} reproduced")
 
 
+def check_sequential(case_dir: Path, manifest: dict) -> Check:
+    """A sequential case: every recorded look evaluated again from the stored features."""
+    from carlos_audit.case.casefile import expand_path, parse_case
+    from carlos_audit.run.looks import recheck_looks
+
+    casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")
+    case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))
+    corpus = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
+    seq = manifest["sequential"]
+    try:
+        bad = recheck_looks(case_dir, manifest, corpus)
+    except (OSError, ValueError, AuditError) as e:
+        return Check("sequential stopping rule re-applied", False, f"cannot re-evaluate the looks: {e}")
+    if bad:
+        return Check("sequential stopping rule re-applied", False, "differs at " + ", ".join(bad))
+    return Check("sequential stopping rule re-applied", True,
+                 f"{len(seq['looks'])} look(s) re-evaluated; stopped at look {seq['stopped_at_look']} of {seq['n_looks']} "
+                 f"({seq['n_prompts_run']} of {seq['n_prompts_protocol']} prompts), as recorded")
+
+
 def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
     """Regenerate the batches holding a random sample of pairs and compare."""
     from carlos_audit.case.casefile import parse_case
@@ -258,6 +278,8 @@ def verify_case(case_dir: Path, sample: int = 4, seed: int = 0, trust: list[Path
         raise AuditError(f"{mpath} is not valid JSON: {e}") from None
     checks += check_files(case_dir, manifest, trust)
     checks.append(check_metrics(case_dir, manifest))
+    if manifest.get("sequential"):
+        checks.append(check_sequential(case_dir, manifest))
     checks.append(Check("chain of custody", bool(manifest.get("custody_ok")),
                         "inputs unchanged during the run" if manifest.get("custody_ok") else "an input changed during the run"))
     if sample > 0:

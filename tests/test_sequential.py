@@ -213,3 +213,134 @@ def test_cochran_rule_blocks_a_skewed_look():
     lax = seq.evaluate_look(skewed, ids, dict(wide, normal_check=False), [0.5, 1.0], 1, n_protocol=80, n_seeds=2,
                             n_resamples=100, seed=0)
     assert lax["met"]
+
+
+# ----------------------------------------------------------------------------- the tiny models
+
+
+def full_case_text() -> str:
+    """casefiles/demo-sequential.toml without its [protocol.sequential] table: the same case in full."""
+    text = SEQ_CASE.read_text("utf-8")
+    start = text.index("[protocol.sequential]")
+    end = text.index("[indicators]")
+    return text[:start] + text[end:].replace('id = "demo-sequential"', 'id = "demo-full"')
+
+
+@pytest.fixture(scope="module")
+def sequential_and_full(demo_assets, tmp_path_factory):
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.pipeline import run_full
+    from carlos_audit.run.profile import run_case
+
+    root = tmp_path_factory.mktemp("sequential")
+    full_file = root / "demo-full.toml"
+    full_file.write_text(full_case_text().replace('id = "demo-sequential"', 'id = "demo-full"'))
+    run_case(load_case(full_file), root / "full", progress=False)
+    run_full(load_case(SEQ_CASE), root / "seq", progress=False)
+    return root
+
+
+@pytest.mark.slow
+def test_sequential_units_are_the_full_case_units(sequential_and_full):
+    from carlos_audit.fileio import read_json
+
+    seq_dir, full_dir = sequential_and_full / "seq", sequential_and_full / "full"
+    sm, fm = read_json(seq_dir / "manifest.json"), read_json(full_dir / "manifest.json")
+    s = sm["sequential"]
+    assert "sequential" not in fm and fm["protocol"]["n_prompts"] == 64
+    assert s["stopped_early"] and s["n_prompts_run"] < 64 and s["images_saved"] > 0
+    assert s["images_run"] + s["images_saved"] == s["images_full_protocol"] == 64 * 4 * 2
+    assert sm["signature"] == fm["signature"]  # the same protocol
+    assert {r["prompt_id"] for r in sm["pairs"]} == set(s["order"][:s["n_prompts_run"]])
+    assert len(sm["pairs"]) == s["n_prompts_run"] * 4
+    full_rows = {r["pair_id"]: r for r in fm["pairs"]}
+    for r in sm["pairs"]:  # bit for bit: same batch, same position, same image and embedding bytes
+        f = full_rows[r["pair_id"]]
+        assert (r["batch"], r["position"]) == (f["batch"], f["position"])
+        for arm in ("base", "lora"):
+            for key in ("image_sha256", "embedding_sha256", "prompt"):
+                assert r["arms"][arm][key] == f["arms"][arm][key]
+    for unit in sorted((seq_dir / "units" / "lora").glob("b*.json")):
+        assert (full_dir / "units" / "lora" / unit.name).read_bytes() != b""
+        assert read_json(unit)["pairs"] == read_json(full_dir / "units" / "lora" / unit.name)["pairs"]
+    # the interval at the stopping look holds the full-protocol value the full case measured
+    seq_metrics, full_metrics = read_json(seq_dir / "metrics.json"), read_json(full_dir / "metrics.json")
+    for key in ("strength", "consistency"):
+        lo, hi = seq_metrics["sequential"][key]["interval"]
+        assert lo <= full_metrics[key] <= hi
+    assert seq_metrics["sequential"]["decision_reproduced"] is True
+    assert "sequential" not in full_metrics
+
+
+@pytest.mark.slow
+def test_a_stopped_case_verifies_reanalyses_reports_and_joins_a_corpus(sequential_and_full, tmp_path):
+    import subprocess
+
+    from carlos_audit.analysis.case_analysis import analyse_case, reanalyse
+    from carlos_audit.case.casefile import parse_case
+    from carlos_audit.corpus.cases import add_case
+    from carlos_audit.corpus.write import create_corpus, create_empty
+    from carlos_audit.records import Manifest
+    from carlos_audit.verify import check_sequential
+
+    seq_dir = sequential_and_full / "seq"
+    manifest = json.loads((seq_dir / "manifest.json").read_text())
+    check = check_sequential(seq_dir, manifest)
+    assert check.ok and "as recorded" in check.detail
+    assert reanalyse(seq_dir)["identical"]
+    tampered = json.loads(json.dumps(manifest))
+    tampered["sequential"]["looks"][-1]["met"] = not tampered["sequential"]["looks"][-1]["met"]
+    assert not check_sequential(seq_dir, tampered).ok
+    text = subprocess.run(["pdftotext", "-layout", str(seq_dir / "report.pdf"), "-"], capture_output=True, text=True,
+                          check=True).stdout
+    s = manifest["sequential"]
+    assert re.search(rf"The case stopped at look {s['stopped_at_look']} of {s['n_looks']}", " ".join(text.split()))
+    assert f"{s['images_saved']:,} images were not made" in " ".join(text.split())
+    # a corpus row records that the case ran part of its protocol
+    corpus = tmp_path / "corpus"
+    create_empty(corpus, manifest["signature"], "t", dim=len(json.loads((seq_dir / "metrics.json").read_text())["direction"]))
+    row = add_case(corpus, seq_dir)
+    assert row["note"].startswith(f"sequential: stopped at look {s['stopped_at_look']} of {s['n_looks']}")
+    # placed in a corpus: percentile bands from the ends of the full-protocol intervals
+    rng = np.random.default_rng(0)
+    metrics = json.loads((seq_dir / "metrics.json").read_text())
+    dim = len(metrics["direction"])
+    ref = create_corpus(tmp_path / "ref", directions=rng.standard_normal((30, dim)), name="ref",
+                        signature=manifest["signature"],
+                        rows={"id": [f"r{i}" for i in range(30)], "strength": rng.uniform(0, 0.3, 30),
+                              "consistency": rng.uniform(0, 0.3, 30)})
+    case = parse_case((seq_dir / "case.toml").read_text() + f'\n[reference]\ncorpus = "{tmp_path / "ref"}"\n',
+                      tmp_path / "c.toml")
+    _, comparison = analyse_case(seq_dir, Manifest.read(seq_dir), case)
+    placed = comparison.target["sequential"]
+    lo, hi = placed["strength"]["interval"]
+    assert placed["strength_percentile"]["band"] == [ref.percentile("strength", lo, None), ref.percentile("strength", hi, None)]
+    assert len(placed["neighbours"]["top_k"]) == 5 and 0 <= placed["neighbours"]["stability"] <= 1
+
+
+@pytest.mark.slow
+def test_resume_between_looks(sequential_and_full, tmp_path):
+    """A run killed after an early look resumes through the unit records, to the same bytes."""
+    import shutil
+
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.run.profile import run_case
+
+    seq_dir = sequential_and_full / "seq"
+    manifest = json.loads((seq_dir / "manifest.json").read_text())
+    s = manifest["sequential"]
+    first = set(s["order"][:s["planned_looks"][0]["n_prompts"]])
+    later = {r["batch"] for r in manifest["pairs"] if r["prompt_id"] not in first}
+    assert later  # the case ran more than one look
+    work = tmp_path / "seq"
+    shutil.copytree(seq_dir, work)
+    for name in ("manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json"):
+        (work / name).unlink(missing_ok=True)
+    for arm in ("base", "lora"):
+        for b in later:
+            (work / "units" / arm / f"b{b:05d}.json").unlink()
+    run_case(load_case(SEQ_CASE), work, progress=False)
+    again = json.loads((work / "manifest.json").read_text())
+    assert again["pairs"] == manifest["pairs"] and again["sequential"] == s
+    assert (work / "metrics.json").read_bytes() == (seq_dir / "metrics.json").read_bytes()
+    assert again["run"]["stats"]["lora"]["generated_batches"] == len(later)

@@ -166,3 +166,12 @@ def run_pairs(pairs: list, sequential: dict | None) -> list:
         return pairs
     keep = set(sequential["order"][:sequential["n_prompts_run"]])
     return [p for p in pairs if p.prompt.id in keep]
+
+
+def sequential_note(sequential: dict) -> str | None:
+    """A corpus row's note for a case that ran part of its protocol (None for a full one)."""
+    if not isinstance(sequential, dict) or sequential.get("full_protocol", True):
+        return None
+    return (f"sequential: stopped at look {sequential.get('stopped_at_look')} of {sequential.get('n_looks')}, "
+            f"{sequential.get('n_prompts_run')} of {sequential.get('n_prompts_protocol')} prompts "
+            f"({sequential.get('reason')}); values estimate the full-protocol values")

@@ -93,6 +93,10 @@ def add_case(corpus_path, case_dir, row_id: str | None = None, name: str | None 
             notes.append("added with --allow-incompatible; differing signature fields: " + ", ".join(comp["differing"]))
         if comp["unverifiable"]:
             notes.append("unverifiable signature fields: " + ", ".join(comp["unverifiable"]))
+        from carlos_audit.case.sequential import sequential_note
+
+        if sequential_note(manifest.get("sequential")):
+            notes.append(sequential_note(manifest.get("sequential")))
         dtype = c.dtype
         if dtype == "float32" and not np.array_equal(d.astype(np.float32).astype(np.float64), d):
             dtype = "float64"

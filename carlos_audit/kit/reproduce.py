@@ -278,7 +278,11 @@ def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed
                 [arm.adapter, arm.scale, arm.with_triggers, arm.lora_sha256]:
             raise AuditError(f"arm {name} of the reproduction differs from the kit's; the kit and this carlos-audit disagree on the protocol")
 
-    pairs = enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"])
+    from carlos_audit.case.sequential import run_pairs
+
+    # a sequential case: the looks it ran (recorded), never decided again here
+    pairs = run_pairs(enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"]),
+                      manifest.get("sequential"))
     if [p.id for p in pairs] != [r["pair_id"] for r in manifest["pairs"]]:
         raise AuditError("the pairs of the reproduction differ from the kit's manifest")
     sampled = None

@@ -21,6 +21,7 @@ from carlos_audit.report.comparison import corpus_placement
 from carlos_audit.report.expert import expert_context
 from carlos_audit.report.indicators import indicators
 from carlos_audit.report.method import arms_plan, self_reported
+from carlos_audit.report.sequential import sequential_context
 from carlos_audit.report.text import ellipsis, flatten, iso, seeds_text
 
 KNOWN_ERRORS = Path(__file__).resolve().parent / "known_errors.json"
@@ -156,7 +157,7 @@ def expert(inp: ReportInputs, copy: str, archive_sha256: str | None) -> dict:
                                      archive_sha256, inp.evidence["n_images"])}
 
 
-SECTION_CONTEXT = [core, custody, images, comparisons]
+SECTION_CONTEXT = [core, custody, images, comparisons, sequential_context]
 
 
 def build_context(inp: ReportInputs, copy: str, archive_sha256: str | None = None) -> dict:

@@ -33,7 +33,8 @@ def run_protocol(session, plan, pairs: list, prompts: list, corpus_path: Path | 
             st = run_arm(arm, run)
             for k in done[arm.name]:
                 done[arm.name][k] += st[k]
-        ev = evaluate_stored(session.store, plan.profiles["main"], run, look_plan, fractions, look,
+        ev = evaluate_stored(session.store, plan.profiles["main"], [p.id for p in run], [p.prompt.id for p in run],
+                             look_plan.rule, fractions, look, look_plan.n_protocol, look_plan.n_seeds,
                              session.case.protocol, corpus, own)
         evaluations.append(ev)
         if ev["met"]:
@@ -58,18 +59,46 @@ def open_reference(corpus_path: Path | None, lora_sha256: str, rule: dict):
     return corpus, own_row(corpus, lora_sha256)
 
 
-def evaluate_stored(store, main: tuple, run: list, look_plan, fractions: list, look: int, protocol: dict,
-                    corpus=None, own: int | None = None) -> dict:
-    """``evaluate_look`` on the stored features of the pairs ``run`` (the main profile's arms)."""
+def evaluate_stored(store, main: tuple, ids: list[str], prompt_ids: list[str], rule: dict, fractions: list,
+                    look: int, n_protocol: int, n_seeds: int, protocol: dict, corpus=None,
+                    own: int | None = None) -> dict:
+    """``evaluate_look`` on the stored features of the pairs ``ids`` (the main profile's arms)."""
     from carlos_audit.analysis.metrics import diffs
     from carlos_audit.analysis.sequential import evaluate_look
 
-    ids = [p.id for p in run]
     d = diffs(store.features(main[1], ids), store.features(main[0], ids))
-    return evaluate_look(d, [p.prompt.id for p in run], look_plan.rule, fractions, look,
-                         n_protocol=look_plan.n_protocol, n_seeds=look_plan.n_seeds,
+    return evaluate_look(d, prompt_ids, rule, fractions, look, n_protocol=n_protocol, n_seeds=n_seeds,
                          n_resamples=protocol["bootstrap_resamples"], seed=protocol["bootstrap_seed"],
                          corpus=corpus, exclude_row=own)
+
+
+def recheck_looks(case_dir: Path, manifest: dict, corpus_path: Path | None = None) -> list[str]:
+    """Every look a finished sequential case recorded, evaluated again from its stored features
+    (``verify``): the looks whose decision or intervals differ (empty: the rule was applied as
+    pre-registered and stopped where it says)."""
+    import math
+
+    from carlos_audit.run.store import CaseStore
+
+    seq, rows = manifest["sequential"], manifest["pairs"]
+    looks = [r["n_prompts"] for r in seq["planned_looks"]]
+    corpus, own = open_reference(corpus_path, manifest["lora"]["sha256"], seq["rule"])
+    store, bad = CaseStore(case_dir), []
+    for rec in seq["looks"]:
+        keep = set(seq["order"][:rec["n_prompts"]])
+        part = [r for r in rows if r["prompt_id"] in keep]
+        ev = evaluate_stored(store, manifest["protocol"]["profiles"]["main"], [r["pair_id"] for r in part],
+                             [r["prompt_id"] for r in part], seq["rule"], [n / looks[-1] for n in looks], rec["look"],
+                             seq["n_prompts_protocol"], seq["n_seeds"], manifest["protocol"], corpus, own)
+        same = ev["met"] == rec["met"] and all(
+            math.isclose(ev[k]["half_width"], rec[k]["half_width"], rel_tol=1e-9, abs_tol=1e-12)
+            for k in ("strength", "consistency") if rec[k]["half_width"] is not None)
+        if not same:
+            bad.append(f"look {rec['look']}")
+    last = seq["looks"][-1]
+    if not last["met"] and last["look"] != len(looks):
+        bad.append("stopped before the last look without meeting the targets")
+    return bad
 
 
 def sequential_record(look_plan, evaluations: list[dict], n_arms: int) -> dict:

@@ -1,0 +1,73 @@
+"""The method chapter's account of a sequential case: the pre-registered rule, every look
+evaluated, where the case stopped and the images that saved (manifest ``sequential``,
+metrics.json ``sequential``, comparison.json ``target.sequential``)."""
+
+from __future__ import annotations
+
+TARGET_LABELS = {
+    "strength_half_width": "strength interval half-width at most",
+    "consistency_half_width": "consistency interval half-width at most",
+    "percentile_half_width": "percentile band half-width at most (percentage points)",
+    "neighbour_stability": "top-k neighbours kept under the resamples, at least (share)",
+}
+
+
+SHORT = {"strength_half_width": "strength ±", "consistency_half_width": "consistency ±",
+         "percentile_half_width": "percentile band ±", "neighbour_stability": "neighbours kept"}
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _interval(entry: dict | None) -> str:
+    if not entry or entry.get("interval") is None:
+        return "n/a"
+    lo, hi = entry["interval"]
+    return f"{entry['estimate']:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def _band(entry: dict | None) -> str:
+    if not entry or entry.get("band") is None:
+        return "n/a"
+    lo, hi = entry["band"]
+    return f"{lo:.1f}–{hi:.1f}"
+
+
+def sequential_context(inp, copy: str) -> dict:
+    seq = inp.manifest.get("sequential")
+    if not seq:
+        return {"sequential": None}
+    rule = seq["rule"]
+    targets = [{"label": TARGET_LABELS[k], "value": rule[k]} for k in TARGET_LABELS if rule.get(k) is not None]
+    if rule.get("neighbour_stability") is not None:
+        targets[-1]["label"] = targets[-1]["label"].replace("top-k", f"top-{rule['neighbour_k']}")
+    looks = []
+    for ev in seq["looks"]:
+        t = ev.get("targets", {})
+        na = ev.get("normal_approximation") or {}
+        looks.append({
+            "look": ev["look"], "n_prompts": ev["n_prompts"], "images": ev["images"],
+            "level": 1 - ev["alpha_look"],
+            "strength": _interval(ev["strength"]), "consistency": _interval(ev["consistency"]),
+            "targets": [f"{SHORT[k]} {_num(v['value'])} (target {_num(v['target'])}): {'met' if v['met'] else 'not met'}"
+                        for k, v in t.items()],
+            "normal": "n/a" if not na else f"{'met' if na['met'] else 'not met'} (g1 {na['skewness']:.2f}, needs > {na['min_prompts']:.0f})",
+            "met": ev["met"],
+        })
+    stopped = (inp.metrics or {}).get("sequential") or {}
+    placed = ((inp.comparison or {}).get("target") or {}).get("sequential") or {}
+    return {"sequential": {
+        "rule": rule, "targets": targets, "construction": seq["construction"], "looks": looks,
+        "planned": seq["planned_looks"], "stopped_at_look": seq["stopped_at_look"], "n_looks": seq["n_looks"],
+        "stopped_early": seq["stopped_early"], "full_protocol": seq["full_protocol"], "reason": seq["reason"],
+        "n_prompts_run": seq["n_prompts_run"], "n_prompts_protocol": seq["n_prompts_protocol"],
+        "n_seeds": seq["n_seeds"], "images_run": seq["images_run"], "images_full": seq["images_full_protocol"],
+        "images_saved": seq["images_saved"], "share": seq["share_of_protocol"],
+        "strength": _interval(stopped.get("strength")), "consistency": _interval(stopped.get("consistency")),
+        "level": 1 - stopped["alpha_look"] if stopped else None,
+        "decision_reproduced": stopped.get("decision_reproduced"),
+        "strength_band": _band(placed.get("strength_percentile")) if placed else None,
+        "consistency_band": _band(placed.get("consistency_percentile")) if placed else None,
+        "neighbours": placed.get("neighbours") if placed else None,
+    }}
