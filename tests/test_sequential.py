@@ -74,6 +74,32 @@ def test_table_refused(tmp_path, table, extra, message):
         parse_case(case_text(table, **extra), tmp_path / "c.toml")
 
 
+def test_check_prints_the_looks(tmp_path):
+    from click.testing import CliRunner
+
+    from carlos_audit.case.check import check_case
+    from carlos_audit.cli import main
+
+    r = check_case(SEQ_CASE)
+    assert [(x["n_prompts"], x["images"]) for x in r["sequential"]["looks"]] == [(16, 128), (32, 256), (48, 384), (64, 512)]
+    assert len(r["sequential"]["order"]) == 64
+    out = CliRunner().invoke(main, ["check", str(SEQ_CASE)]).output
+    assert "look 1: 16 prompts, 128 images (25% of the protocol)" in out
+    assert "look 4: 64 prompts, 512 images (100% of the protocol)" in out
+    bad = tmp_path / "big.toml"
+    bad.write_text(SEQ_CASE.read_text().replace("min_prompts = 16", "min_prompts = 16\nmax_prompts = 80"))
+    assert any("must not exceed the protocol's 64 prompts" in p for p in check_case(bad)["problems"])
+
+
+def test_corpus_build_refuses_a_sequential_template(tmp_path):
+    from carlos_audit.engines.build import plan_build
+
+    case = parse_case(case_text(GOOD), tmp_path / "c.toml")
+    with pytest.raises(AuditError, match=re.escape("remove [protocol.sequential] from the template")):
+        plan_build(tmp_path / "corpus", [("r1", tmp_path / "x.safetensors", case)])
+    assert not (tmp_path / "corpus").exists()
+
+
 def test_order_is_a_stratified_permutation():
     prompts, _ = load_prompts("builtin:standard")
     order = prompt_order(prompts, 7)
@@ -112,6 +138,14 @@ def test_spending_functions():
     assert obf[0] < 1e-4 < obf[-1]  # O'Brien-Fleming spends almost nothing early
     poc = seq.look_alphas(t, 0.05, "pocock")
     assert poc[0] > obf[0] and poc == sorted(poc, reverse=True) and poc[0] / poc[-1] < 2.5  # Pocock: spread out
+
+
+def test_a_look_that_spends_nothing_cannot_stop():
+    d, ids = population()
+    rule = dict(RULE, spending="obrien-fleming")
+    ev = seq.evaluate_look(d[:8], ids[:8], rule, [0.001, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=50, seed=0)
+    assert ev["z"] is None and ev["strength"]["interval"] is None and not ev["met"]
+    json.dumps(ev, allow_nan=False)
 
 
 def population(n_prompts=64, n_seeds=4, dim=24, seed=0, dof=3.0):
@@ -221,8 +255,8 @@ def test_cochran_rule_blocks_a_skewed_look():
 def full_case_text() -> str:
     """casefiles/demo-sequential.toml without its [protocol.sequential] table: the same case in full."""
     text = SEQ_CASE.read_text("utf-8")
-    start = text.index("[protocol.sequential]")
-    end = text.index("[indicators]")
+    start = text.index("\n[protocol.sequential]\n")
+    end = text.index("\n[indicators]\n")
     return text[:start] + text[end:].replace('id = "demo-sequential"', 'id = "demo-full"')
 
 
@@ -234,7 +268,7 @@ def sequential_and_full(demo_assets, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sequential")
     full_file = root / "demo-full.toml"
-    full_file.write_text(full_case_text().replace('id = "demo-sequential"', 'id = "demo-full"'))
+    full_file.write_text(full_case_text())
     run_case(load_case(full_file), root / "full", progress=False)
     run_full(load_case(SEQ_CASE), root / "seq", progress=False)
     return root
@@ -344,3 +378,16 @@ def test_resume_between_looks(sequential_and_full, tmp_path):
     assert again["pairs"] == manifest["pairs"] and again["sequential"] == s
     assert (work / "metrics.json").read_bytes() == (seq_dir / "metrics.json").read_bytes()
     assert again["run"]["stats"]["lora"]["generated_batches"] == len(later)
+
+
+@pytest.mark.slow
+def test_a_stopped_case_exports_and_reproduces(sequential_and_full, demo_assets, tmp_path):
+    from carlos_audit.kit.export import export_case
+    from carlos_audit.kit.reproduce import reproduce
+
+    seq_dir = sequential_and_full / "seq"
+    export_case(seq_dir, tmp_path / "kit.zip")
+    rep = reproduce(tmp_path / "kit.zip", tmp_path / "repro", lora=demo_assets["loras"]["target"], sample=2,
+                    progress=False, render=False)
+    assert rep["verdict"] == "identical"
+    assert rep["summary"]["pairs_in_case"] == len(json.loads((seq_dir / "manifest.json").read_text())["pairs"]) < 64 * 4

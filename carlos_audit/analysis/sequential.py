@@ -102,8 +102,8 @@ def scale(n: int, n_protocol: int) -> float:
     return math.sqrt(n / (n - 1)) * math.sqrt(1 - n / n_protocol)
 
 
-def interval(est: float | None, replicates: np.ndarray, factor: float, z: float) -> list[float] | None:
-    if est is None or not np.isfinite(replicates).any():
+def interval(est: float | None, replicates: np.ndarray, factor: float, z: float | None) -> list[float] | None:
+    if est is None or z is None or not np.isfinite(replicates).any():
         return None
     se = float(np.nanstd(replicates, ddof=1)) * factor
     return [est - z * se, est + z * se]
@@ -117,7 +117,7 @@ def evaluate_look(d: np.ndarray, prompt_ids: list[str], rule: dict, fractions: l
     ``corpus``: a corpus.store.Corpus for the percentile and neighbour targets."""
     alphas = look_alphas(fractions, rule["alpha"], rule["spending"])
     a = alphas[look - 1]
-    z = NormalDist().inv_cdf(1 - a / 2) if a > 0 else math.inf
+    z = NormalDist().inv_cdf(1 - a / 2) if a > 1e-15 else None  # O'Brien-Fleming spends ~nothing very early
     e = estimates(d, prompt_ids, n_protocol, n_seeds, n_resamples, seed)
     n = e["n_prompts"]
     f = scale(n, n_protocol)
@@ -136,7 +136,8 @@ def evaluate_look(d: np.ndarray, prompt_ids: list[str], rule: dict, fractions: l
             out[f"{key}_percentile"] = {"band": band, "half_width": None if band is None else (band[1] - band[0]) / 2}
         worst = [out[f"{k}_percentile"]["half_width"] for k in ("strength", "consistency")]
         _target(out, "percentile_half_width", rule, None if None in worst else max(worst), below=True)
-        out["neighbours"] = neighbour_stability(corpus, e, rule["neighbour_k"], f * z / Z975, exclude_row)
+        out["neighbours"] = (neighbour_stability(corpus, e, rule["neighbour_k"], f * z / Z975, exclude_row)
+                             if z is not None else {"top_k": [], "stability": None})
         _target(out, "neighbour_stability", rule, out["neighbours"]["stability"], below=False)
     out["normal_approximation"] = normal_approximation(d, prompt_ids, whole=f == 0)
     out["met"] = (out["normal_approximation"]["met"] or not rule.get("normal_check", True)) and all(

@@ -93,6 +93,9 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.intake import prepare_case_dir
 
+    if cases and cases[0][2].protocol.get("sequential") is not None:
+        raise AuditError(f"{cases[0][2].path}: a corpus build plans every unit of the full protocol up front; "
+                         "remove [protocol.sequential] from the template (run sequential cases with `run`, then `corpus add`)")
     plan = BuildPlan(Path(dest), [])
     argv = tuple(argv or ())
     inputs = planned_inputs(cases[0][2]) if cases else ()  # the same template for every LoRA

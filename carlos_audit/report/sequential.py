@@ -48,7 +48,7 @@ def sequential_context(inp, copy: str) -> dict:
         na = ev.get("normal_approximation") or {}
         looks.append({
             "look": ev["look"], "n_prompts": ev["n_prompts"], "images": ev["images"],
-            "level": 1 - ev["alpha_look"],
+            "level": 1 - ev["alpha_look"],  # a look that spends ~nothing has no interval (n/a)
             "strength": _interval(ev["strength"]), "consistency": _interval(ev["consistency"]),
             "targets": [f"{SHORT[k]} {_num(v['value'])} (target {_num(v['target'])}): {'met' if v['met'] else 'not met'}"
                         for k, v in t.items()],
