@@ -249,6 +249,21 @@ def test_cochran_rule_blocks_a_skewed_look():
     assert lax["met"]
 
 
+def test_the_run_judges_corpus_targets_without_the_case_s_own_row(tmp_path):
+    from carlos_audit.corpus.write import create_corpus
+    from carlos_audit.run.looks import open_reference
+
+    dirs = np.random.default_rng(0).standard_normal((4, 8))
+    create_corpus(tmp_path / "c", directions=dirs, name="t", signature=None,
+                  rows={"id": ["a", "b", "c", "d"], "strength": [1.0, 2.0, 3.0, 4.0],
+                        "lora_sha256": [None, "f" * 64, None, None]})
+    rule = dict(RULE, percentile_half_width=5.0)
+    corpus, own = open_reference(tmp_path / "c", "f" * 64, rule)
+    assert corpus.n == 4 and own == 1
+    assert open_reference(tmp_path / "c", "f" * 64, RULE) == (None, None)  # no corpus target: not opened
+    assert open_reference(None, "f" * 64, rule) == (None, None)
+
+
 # ----------------------------------------------------------------------------- the tiny models
 
 
