@@ -103,6 +103,7 @@ class Metrics(Record):
     per_prompt: dict
     per_pair: list
     indicators: dict = field(default_factory=dict)
+    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = METRICS_SCHEMA
 
 
@@ -149,6 +150,7 @@ class Manifest(Record):
     results: dict
     environment: dict
     label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
+    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = MANIFEST_SCHEMA
 
     def write(self, case_dir: str | Path) -> Path:
