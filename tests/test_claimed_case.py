@@ -158,3 +158,30 @@ def test_materials_considered_give_role_and_source_as_stated(claimed_case):
     assert "Portfolio of the (fictional) artist" in w1["role"] and w1["sha256"] == m["claimed_works"]["works"][0]["sha256"]
     assert "supplied by the claimant (demo)" in w1["source"] and w1["source"].endswith("(as stated)")
     assert "claimed works: sha256 list pinning them" in rows
+
+
+def test_a_run_with_a_corrupt_claimed_work_stops_in_one_line_before_generating(demo_assets, tmp_path):
+    from conftest import write_case
+
+    works = tmp_path / "works"
+    works.mkdir()
+    good = Path(demo_assets["claimed_works"]) / "w01.png"
+    (works / "good.png").write_bytes(good.read_bytes())
+    (works / "bad.png").write_bytes(good.read_bytes()[:200])
+    sums = "".join(f"{sha256_file(p)}  {p.name}\n" for p in sorted(works.iterdir()))
+    (works / "SHA256SUMS").write_text(sums)
+    before = {p.name: sha256_file(p) for p in works.iterdir()}
+    case = write_case(tmp_path, demo_assets, case_id="bad-works", extra=f'''
+[claimed_works]
+label = "works"
+supplier = "test"
+folder = "{works}"
+sha256sums = "{works / 'SHA256SUMS'}"
+''')
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["run", str(case), "--out", str(out), "--no-progress"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and "claimed work bad.png: corrupt or truncated PNG file" in err
+    assert not (out / "images").exists()  # refused at intake: nothing generated
+    assert {p.name: sha256_file(p) for p in works.iterdir()} == before

@@ -155,6 +155,22 @@ def test_hostile_file_is_a_one_line_refusal(tmp_path, name, data, expected):
     assert sha(d / name) == before
 
 
+def test_truncated_file_is_refused_even_when_pillow_was_told_to_accept_them():
+    from PIL import ImageFile
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # what importing weasyprint does
+    try:
+        with pytest.raises(AuditError) as e:
+            decode(buf.getvalue()[: len(buf.getvalue()) // 2], "cut.png")
+        assert "corrupt or truncated PNG file" in refusal(e)
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global is left as it was
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def test_decompression_bomb_cap_is_checked_before_pixels_are_read():
     with pytest.raises(AuditError) as e:
         decode(png_header_only(300, 300), "x.png", max_pixels=1000)

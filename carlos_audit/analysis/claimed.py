@@ -100,7 +100,7 @@ def nearest_examples(works: np.ndarray, base: np.ndarray, lora: np.ndarray, rows
     s_pair = np.einsum("ij,ij->i", bn, ln)
     out = []
     for j, wid in enumerate(ids):
-        order = sorted(range(len(rows)), key=lambda i: (-s_lora[j, i], i))[:k]
+        order = np.lexsort((np.arange(len(rows)), -s_lora[j]))[:k]  # most similar first, ties by pair order
         out.append({"work": wid, "pairs": [
             {"pair_id": rows[i]["pair_id"], "prompt_id": rows[i]["prompt_id"], "seed": rows[i]["seed"],
              "work_lora": float(s_lora[j, i]), "work_base": float(s_base[j, i]), "base_lora": float(s_pair[i])}

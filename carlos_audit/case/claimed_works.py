@@ -162,7 +162,20 @@ def read_pinned(work: ClaimedFile) -> bytes:
 
 def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     """(RGB PIL image, decoding record) of one image file's bytes, or an AuditError naming the
-    file. The size is checked against ``max_pixels`` from the header, before any pixel is read."""
+    file. The size is checked against ``max_pixels`` from the header, before any pixel is read.
+    A truncated file is refused even when another library has told Pillow to accept them
+    (weasyprint sets ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` when it is imported)."""
+    from PIL import ImageFile
+
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        return _decode(data, name, max_pixels)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _decode(data: bytes, name: str, max_pixels: int):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     notes: list[str] = []
