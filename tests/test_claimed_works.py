@@ -225,3 +225,21 @@ def test_case_file_table_rules(tmp_path):
         with pytest.raises(AuditError) as e:
             parse_case(CASE_HEAD + "[claimed_works]\n" + body + "\n", tmp_path / "c.toml")
         assert msg in refusal(e)
+
+
+def test_check_reports_claimed_works_present_or_invalid(tmp_path):
+    from carlos_audit.case.check import check_case
+
+    d = tmp_path / "w"
+    d.mkdir()
+    Image.fromarray(rgb_array()).save(d / "a.png")
+    pinned_folder(d)
+    body = f'[claimed_works]\nlabel = "L"\nsupplier = "S"\nfolder = "w"\nsha256sums = "w/SHA256SUMS"\n'
+    (tmp_path / "c.toml").write_text(CASE_HEAD + body)
+    item = next(i for i in check_case(tmp_path / "c.toml")["inputs"] if i["role"] == "claimed_works")
+    assert item["status"] == "present" and item["n"] == 1 and item["path"] == str(d)
+    (d / "a.png").write_bytes(b"not an image")
+    result = check_case(tmp_path / "c.toml")
+    item = next(i for i in result["inputs"] if i["role"] == "claimed_works")
+    assert item["status"] == "invalid" and "does not match the pinned" in item["detail"]
+    assert not result["ready"] and any(p.startswith("claimed_works: invalid") for p in result["problems"])

@@ -109,3 +109,18 @@ def kit_table(table: dict, by_role: dict) -> dict:
     roles = sorted(r for r in by_role if r.startswith("claimed_work_"))
     keep = {k: v for k, v in table.items() if k not in ("folder", "sha256sums", "files", "sha256")}
     return {**keep, "files": [by_role[r]["kit_path"] for r in roles], "sha256": [by_role[r]["sha256"] for r in roles]}
+
+
+def check_items(case) -> list[dict]:
+    """``check``'s line for the claimed works: present (pinned and decodable) or invalid, why."""
+    section = case.claimed_works or {}
+    if not configured(section):
+        return []
+    from carlos_audit.case.casefile import expand_path
+
+    where = str(expand_path(section["folder"], case.base_dir)) if section.get("folder") else f"{len(section['files'])} files"
+    try:
+        n = sum(1 for role in claimed_inputs(case) if role.startswith("claimed_work_"))
+    except AuditError as e:
+        return [{"role": "claimed_works", "status": "invalid", "path": where, "detail": str(e)}]
+    return [{"role": "claimed_works", "status": "present", "path": where, "n": n}]
