@@ -14,20 +14,24 @@ from carlos_audit.models.tiny import (
 )
 
 DEMO_CASEFILE = Path(__file__).resolve().parent.parent / "casefiles" / "demo.toml"
+DEMO_CLAIMED_CASEFILE = DEMO_CASEFILE.with_name("demo-claimed.toml")  # [claimed_works]: models/demo_claimed.py
 
 
 def demo_corpus_dir() -> Path:
     return carlos_home() / "demo" / f"corpus-v{DEMO_VERSION}"
 
 
-def prepare_demo(progress: bool = False, corpus: bool = True) -> dict:
+def prepare_demo(progress: bool = False, corpus: bool = True, claimed: bool = True) -> dict:
     from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.models.demo_claimed import build_demo_claimed_works
 
     sd = ensure_tiny_sd()
     clip = ensure_tiny_clip()
     loras = build_demo_loras(demo_dir(), base_sha256=tree_sha256(sd))
     info = {"home": str(carlos_home()), "tiny_sd": str(sd), "tiny_clip": str(clip),
             "loras": {k: str(v) for k, v in loras.items()}}
+    if claimed:
+        info["claimed_works"] = str(build_demo_claimed_works(loras))
     if corpus:
         build_corpus(demo_dir(), DEMO_CASEFILE, demo_corpus_dir(), name="demo corpus", progress=progress)
         info["corpus"] = str(demo_corpus_dir())

@@ -104,6 +104,7 @@ class Metrics(Record):
     per_pair: list
     indicators: dict = field(default_factory=dict)
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # analysis/sequential.py
+    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = METRICS_SCHEMA
 
 
@@ -151,6 +152,7 @@ class Manifest(Record):
     environment: dict
     label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential.py, run/looks.py
+    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = MANIFEST_SCHEMA
 
     def write(self, case_dir: str | Path) -> Path:

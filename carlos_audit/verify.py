@@ -280,6 +280,9 @@ def verify_case(case_dir: Path, sample: int = 4, seed: int = 0, trust: list[Path
     checks.append(check_metrics(case_dir, manifest))
     if manifest.get("sequential"):
         checks.append(check_sequential(case_dir, manifest))
+    from carlos_audit.analysis.claimed import claimed_checks
+
+    checks += [Check(*c) for c in claimed_checks(case_dir, manifest)]  # [claimed_works]
     checks.append(Check("chain of custody", bool(manifest.get("custody_ok")),
                         "inputs unchanged during the run" if manifest.get("custody_ok") else "an input changed during the run"))
     if sample > 0:

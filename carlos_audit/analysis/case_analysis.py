@@ -114,6 +114,10 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
     reference corpus) of a case folder whose units are all done. Writes nothing."""
     store = CaseStore(case_dir)
     metrics = compute_case_metrics(store, manifest, case)
+    if manifest.claimed_works:  # [claimed_works]: analysis/claimed.py
+        from carlos_audit.analysis.claimed import claimed_works_metrics
+
+        metrics.claimed_works = claimed_works_metrics(store, manifest, case)
     comparison = Comparison()
     if manifest.comparison_loras:
         comparison.head_to_head = head_to_head(store, manifest)

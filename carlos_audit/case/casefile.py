@@ -106,6 +106,17 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "materials_provided": (_STRLIST, False, []),
         "jurisdiction": (_STR, False, "none"),
     },
+    "claimed_works": {  # case/claimed_works.py
+        "label": (_STR, False, None),
+        "supplier": (_STR, False, None),
+        "source": (_STR, False, None),
+        "folder": (_STR, False, None),
+        "sha256sums": (_STR, False, None),
+        "files": (_STRLIST, False, []),
+        "sha256": (_STRLIST, False, []),
+        "max_pixels": (_INT, False, 50_000_000),
+        "nearest": (_INT, False, 3),
+    },
 }
 REQUIRED_SECTIONS = ("case", "base_model", "embedder", "lora", "protocol")
 
@@ -124,6 +135,7 @@ class Case:
     comparison: dict
     report: dict = field(default_factory=dict)
     expert: dict = field(default_factory=dict)
+    claimed_works: dict = field(default_factory=dict)
     raw_text: str = field(repr=False, default="")
 
     @property
@@ -292,6 +304,9 @@ def _check_values(c: dict, where: str) -> None:
     if c["reference"]["top_k"] < 1:
         raise AuditError(f"{where}: reference.top_k must be >= 1")
     _check_report_values(c, where)
+    from carlos_audit.case.claimed_works import check_section
+
+    check_section(c["claimed_works"], where)
 
 
 def _check_seed_mode(p: dict, where: str) -> None:
@@ -403,6 +418,10 @@ def absolute_paths(case: Case) -> dict:
     rebase("reference", "corpus")
     rebase("base_model", "source", only_existing=True)  # "hf:...", "embedded:..." are not paths
     rebase("embedder", "pretrained", only_existing=True)
+    rebase("claimed_works", "folder")
+    rebase("claimed_works", "sha256sums")
+    if "claimed_works" in data and data["claimed_works"].get("files"):
+        data["claimed_works"]["files"] = [str(expand_path(v, case.base_dir)) for v in data["claimed_works"]["files"]]
     if "comparison" in data:
         data["comparison"]["loras"] = [v if "${" in v else str(expand_path(v, case.base_dir))
                                        for v in data["comparison"].get("loras", [])]

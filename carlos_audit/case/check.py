@@ -234,6 +234,9 @@ def check_case(casefile) -> dict:
 
     for i, c in enumerate(case.comparison["loras"], start=1):
         items.append(_file_item(f"comparison_lora_{i}", expand_path(c, case.base_dir)))
+    from carlos_audit.run.claimed import check_items
+
+    items += check_items(case)  # [claimed_works]: pinned, present, decodable
     items.append(_device_item(case))
     signature = expected_signature(case, prompts, base_identity, emb_identity)
     corpus = _corpus_section(case, signature)

@@ -67,7 +67,9 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
         if p.is_file():
             data = p.read_bytes() if name == "metrics.json" else json_dumps(pmap.apply(read_json(p))).encode()
             entries[f"results/{name}"] = data
-    for rel in _result_files(manifest, images):
+    from carlos_audit.run.claimed import kit_files
+
+    for rel in _result_files(manifest, images) + kit_files(manifest, include_inputs):  # claimed works: run/claimed.py
         entries[f"results/{rel}"] = (case_dir / rel).read_bytes()
     if include_inputs:
         for i in inputs:
@@ -223,6 +225,10 @@ def _kit_case_toml(case_dir: Path, manifest: dict, inputs: list[dict]) -> str:
     if "comparison" in data:
         data["comparison"]["loras"] = [by_role[f"comparison_lora_{k}"]["kit_path"]
                                        for k in range(1, len(data["comparison"].get("loras", [])) + 1)]
+    if data.get("claimed_works"):
+        from carlos_audit.run.claimed import kit_table
+
+        data["claimed_works"] = kit_table(data["claimed_works"], by_role)
     if "reference" in data and data["reference"].get("corpus") and "corpus" in by_role:
         data["reference"]["corpus"] = by_role["corpus"]["kit_path"]
     data.pop("output", None)

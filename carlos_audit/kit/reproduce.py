@@ -180,6 +180,7 @@ def _case_text(kit_dir: Path, kit: dict, given: dict[str, Path], base: str | Non
     else:
         data.pop("comparison", None)
     data.pop("reference", None)  # the corpus placement is recomputed from stored numbers (compare.py)
+    data.pop("claimed_works", None)  # not regenerated: their features are stored (results/embeddings/claimed)
     return dump_case(data)
 
 

@@ -17,6 +17,7 @@ from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
 from carlos_audit.kit.paths import portable_command
 from carlos_audit.report import evidence as ev
+from carlos_audit.report.claimed import claimed_works_context
 from carlos_audit.report.comparison import corpus_placement
 from carlos_audit.report.expert import expert_context
 from carlos_audit.report.indicators import indicators
@@ -157,7 +158,7 @@ def expert(inp: ReportInputs, copy: str, archive_sha256: str | None) -> dict:
                                      archive_sha256, inp.evidence["n_images"])}
 
 
-SECTION_CONTEXT = [core, custody, images, comparisons, sequential_context]
+SECTION_CONTEXT = [core, custody, images, comparisons, sequential_context, claimed_works_context]
 
 
 def build_context(inp: ReportInputs, copy: str, archive_sha256: str | None = None) -> dict:

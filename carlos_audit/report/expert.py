@@ -17,6 +17,7 @@ published in 2026). Without ``[expert]`` none of this appears and the report is 
 
 from __future__ import annotations
 
+from carlos_audit.report.claimed import claimed_materials
 from carlos_audit.report.text import ellipsis
 
 TO_COMPLETE = "TO BE COMPLETED BY THE EXPERT"
@@ -78,6 +79,7 @@ def materials_considered(manifest: dict, comparison: dict | None, provided: list
     for i in manifest.get("inputs", []):
         rows.append({"role": str(i.get("role", "?")), "source": str(i.get("path", "")), "size": i.get("size"),
                      "sha256": i.get("sha256"), "kind": i.get("kind", "file"), "hashed": True})
+    claimed_materials(manifest, rows)  # claimed works: role and source as stated (report/claimed.py)
     for role, key in (("base model", "base_model"), ("image embedder", "embedder")):
         rec = manifest.get(key) or {}
         if rec and not any(r["sha256"] == rec.get("sha256") for r in rows):

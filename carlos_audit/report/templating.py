@@ -49,6 +49,16 @@ def percent(x):
     return "n/a" if x is None else f"{float(x):.0f}%"
 
 
+def share(x):
+    """A share (0..1) as a percentage with the digits it needs: 0.004 -> '0.4%', 0.5 -> '50%'."""
+    if x is None:
+        return "n/a"
+    v = 100 * float(x)
+    if v == 0 or v >= 10:
+        return f"{v:.0f}%"
+    return f"{v:.1f}%" if v >= 1 else f"{sig(v, 2)}%"
+
+
 def g(x):
     return "n/a" if x is None else f"{float(x):g}"
 
@@ -58,7 +68,7 @@ def size(n) -> str:
     return "?" if n is None else f"{int(n):,} bytes"
 
 
-FILTERS = {"num": num, "g": g, "sig": sig, "percent": percent, "pct": pct, "trim": trim, "short": short, "size": size}
+FILTERS = {"num": num, "g": g, "sig": sig, "percent": percent, "share": share, "pct": pct, "trim": trim, "short": short, "size": size}
 
 
 def jinja_env(folder: Path | None = None):

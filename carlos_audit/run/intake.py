@@ -48,6 +48,9 @@ def resolve_inputs(case: Case) -> dict:
         if not cp.is_file():
             raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
         paths[f"comparison_lora_{i}"] = cp
+    from carlos_audit.run.claimed import claimed_inputs
+
+    paths.update(claimed_inputs(case))  # [claimed_works]: pinned, present, decodable
     return paths
 
 

@@ -199,6 +199,9 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
     ind = case.indicators
     text_records = store_text_features(store, emb, prompts) if ind["prompt_override"] else None
     labels = store_label_signatures(store, emb, list(ind["labels"])) if ind["effect_labels"] else None
+    from carlos_audit.run.claimed import store_claimed_works
+
+    claimed = store_claimed_works(store, emb, case)
     manifest = Manifest(
         case=dict(case.case),
         tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
@@ -226,6 +229,7 @@ def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: b
         comparison_loras=[{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
         text_features=text_records,
         label_signatures=labels,
+        claimed_works=claimed,
         cost=case_cost(store, plan, pairs),
         signature=signature,
         prompts=[{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
