@@ -262,3 +262,16 @@ def test_outline_closing_part_is_unnumbered_last_and_referable():
     second = Outline(first.headings)
     assert second.ref("end") == "“Declarations” at the end of the report" and second.ref("app") == "Appendix A"
     assert [(h.number, h.label) for h in first.headings[-2:]] == [("", "Declarations"), ("", "Statement of truth")]
+
+
+def test_preflight_fails_a_header_cell_without_its_scope(tmp_path):
+    from carlos_audit.report.preflight import preflight
+
+    html = ('<html lang="en"><head><title>t</title></head><body><h1>T</h1><table><thead><tr><th scope="col">A</th></tr>'
+            '</thead><tbody><tr><td>1</td></tr></tbody></table></body></html>')
+    raw, fixed = tmp_path / "raw.pdf", tmp_path / "fixed.pdf"
+    raw.write_bytes(_tiny_pdf(html))                       # as weasyprint writes it: no /Scope
+    fixed.write_bytes(post_process(raw.read_bytes(), html, declare_ua=False))
+    tables = {c["check"]: c for c in preflight(raw)["checks"]}["tables have header cells"]
+    assert not tables["ok"] and "1 header cell(s) without a scope" in tables["detail"]
+    assert {c["check"]: c for c in preflight(fixed)["checks"]}["tables have header cells"]["ok"]

@@ -138,13 +138,14 @@ TEXTS: tuple[RuleText, ...] = (
         version="current", source=SOT_SRC,
         note="Paraphrase of paragraph 3.3's lead-in (its verbatim wording was not found); the form's two paragraphs "
              "are quoted."),
-    _pd("3.3 form, paragraph 1", key="pd35-3.3-form-1", text="I confirm that I have made clear which facts and matters referred to in this report are within my own "
-                      "knowledge and which are not. Those that are within my own knowledge I confirm to be true. The opinions "
-                      "I have expressed represent my true and complete professional opinions on the matters to which they "
-                      "refer.", version="in force since 1 October 2009", source=SOT_SRC),
-    _pd("3.3 form, paragraph 2", key="pd35-3.3-form-2", text="I understand that proceedings for contempt of court may be brought against anyone who makes, or causes "
-                      "to be made, a false statement in a document verified by a statement of truth without an honest belief "
-                      "in its truth.", version="added from 1 October 2020", source=SOT_SRC),
+    _pd("3.3 form, paragraph 1", key="pd35-3.3-form-1", version="in force since 1 October 2009", source=SOT_SRC,
+        text="I confirm that I have made clear which facts and matters referred to in this report are within my own "
+             "knowledge and which are not. Those that are within my own knowledge I confirm to be true. The opinions I "
+             "have expressed represent my true and complete professional opinions on the matters to which they refer."),
+    _pd("3.3 form, paragraph 2", key="pd35-3.3-form-2", version="added from 1 October 2020", source=SOT_SRC,
+        text="I understand that proceedings for contempt of court may be brought against anyone who makes, or causes to be "
+             "made, a false statement in a document verified by a statement of truth without an honest belief in its "
+             "truth."),
 )
 
 BY_KEY = {t.key: t for t in TEXTS}
