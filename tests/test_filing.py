@@ -166,7 +166,7 @@ jurisdiction = "uk-cpr35"
     text = " ".join(text_of(filing).split())
     for s in ("Materials considered", "Exhibit index", "Dr A. Example", "letter of instruction dated 1 May 2026",
               "Practice Direction 35", "3.2(1)", "3.2(9)", "give details of the expert's qualifications",
-              "summarise the range of opinions", "TO BE COMPLETED BY THE EXPERT",
+              "summarise the range of opinion", "TO BE COMPLETED BY THE EXPERT",
               "I understand that proceedings for contempt of court may be brought against anyone who makes, or causes to be made, "
               "a false statement in a document verified by a statement of truth without an honest belief in its truth.",
               "differs from the case file as run"):

@@ -4,72 +4,125 @@ What the tool can state it fills in: the materials considered (every input with 
 size, role and source as stated), the exhibit index, who ran the measurement on which machine.
 What only the expert can write (qualifications, instructions, range of opinion, conclusions,
 declarations) gets a clearly marked place, "to be completed by the expert", and is never filled
-in. The required contents follow the rules' own words:
+in. The required contents are printed in the rules' own words, from report/rules.py (each entry
+quoted verbatim from a named copy, or labelled a paraphrase):
 
-- ``us-frcp26``: US Federal Rule of Civil Procedure 26(a)(2)(B)(i)-(vi), signed;
-- ``uk-cpr35``: England and Wales CPR Part 35, Practice Direction 35 paragraphs 3.2 (1)-(9) and
-  the statement of truth of paragraph 3.3;
+- ``us-frcp26``: US Federal Rule of Civil Procedure 26(a)(2)(B), its lead-in and (i)-(vi); at the
+  end of the report, the signature and the two forms of a 28 U.S.C. § 1746 declaration;
+- ``uk-cpr35``: England and Wales PD 35 paragraphs 3.1 and 3.2(1)-(9) with CPR 35.10(3); at the end
+  of the report, after the appendices, the CPR 35.10(2) statement of duty and the PD 35 3.3
+  statement of truth;
 - ``none``: the materials and exhibits only.
 
-Check the current text of the rule before relying on these lists (they are recorded here as
-published in 2026). Without ``[expert]`` none of this appears and the report is as before.
+Without ``[expert]`` none of this appears and the report is as before.
 """
 
 from __future__ import annotations
 
 from carlos_audit.report.claimed import claimed_materials
+from carlos_audit.report import rules
 from carlos_audit.report.text import ellipsis
 
 TO_COMPLETE = "TO BE COMPLETED BY THE EXPERT"
 
-# (item, what the rule requires, what this report already provides or None)
-RULES = {
+# Each layout names its rule texts by key (report/rules.py holds the words). An item lists the
+# texts it prints and what this report provides towards it (a key of ``hints``) or None. The
+# closing entries come after the appendices, at the end of the report.
+LAYOUTS = {
     "us-frcp26": {
         "title": "US Federal Rule of Civil Procedure 26(a)(2)(B)",
-        "intro": "A written report of a retained expert witness must be prepared and signed by the witness and must contain:",
+        "intro": "frcp26-lead",
         "items": [
-            ("(i)", "a complete statement of all opinions the witness will express and the basis and reasons for them", None),
-            ("(ii)", "the facts or data considered by the witness in forming them", "materials"),
-            ("(iii)", "any exhibits that will be used to summarize or support them", "exhibits"),
-            ("(iv)", "the witness's qualifications, including a list of all publications authored in the previous 10 years", None),
-            ("(v)", "a list of all other cases in which, during the previous 4 years, the witness testified as an expert at trial or by deposition", None),
-            ("(vi)", "a statement of the compensation to be paid for the study and testimony in the case", None),
+            ("(i)", ["frcp26-i"], None),
+            ("(ii)", ["frcp26-ii"], "considered"),
+            ("(iii)", ["frcp26-iii"], "exhibits"),
+            ("(iv)", ["frcp26-iv"], None),
+            ("(v)", ["frcp26-v"], None),
+            ("(vi)", ["frcp26-vi"], None),
         ],
-        "declaration": None,
-        "declaration_note": "The report must be signed by the witness. (Some courts also expect a declaration under 28 U.S.C. § 1746; "
-                            "its wording is for the expert and counsel to choose.)",
+        "closing_title": "Signature and declaration",
+        "closing": [
+            {"title": "Declaration under 28 U.S.C. § 1746", "lead": "usc1746-lead", "form": ["usc1746-1", "usc1746-2"],
+             "box": "if the report is to be verified by an unsworn declaration: the form above that applies (executed within "
+                    "or outside the United States), in the statute's words or substantially so, with the date"},
+        ],
+        "signature": "the witness's signature (FRCP 26(a)(2)(B): the report is prepared and signed by the witness), name",
     },
     "uk-cpr35": {
-        "title": "England and Wales: CPR Part 35, Practice Direction 35 paragraphs 3.2 and 3.3",
-        "intro": "PD 35 paragraph 3.2: an expert's report must:",
+        "title": "England and Wales: CPR 35.10 and Practice Direction 35 paragraphs 3.1 to 3.3",
+        "intro": None,
         "items": [
-            ("3.2(1)", "give details of the expert's qualifications", None),
-            ("3.2(2)", "give details of any literature or other material which has been relied on in making the report", "materials"),
-            ("3.2(3)", "contain a statement setting out the substance of all facts and instructions which are material to the "
-                       "opinions expressed in the report or upon which those opinions are based", "instructions"),
-            ("3.2(4)", "make clear which of the facts stated in the report are within the expert's own knowledge", None),
-            ("3.2(5)", "say who carried out any examination, measurement, test or experiment which the expert has used for the "
-                       "report, give the qualifications of that person, and say whether or not the test or experiment has been "
-                       "carried out under the expert's supervision", "operator"),
-            ("3.2(6)", "where there is a range of opinion on the matters dealt with in the report (a) summarise the range of "
-                       "opinions; and (b) give reasons for the expert's own opinion", None),
-            ("3.2(7)", "contain a summary of the conclusions reached", None),
-            ("3.2(8)", "if the expert is not able to give an opinion without qualification, state the qualification", None),
-            ("3.2(9)", "contain a statement that the expert (a) understands their duty to the court, and has complied with that "
-                       "duty; and (b) is aware of the requirements of Part 35, this practice direction and the Guidance for the "
-                       "Instruction of Experts in Civil Claims 2014", None),
+            ("3.1", ["pd35-3.1"], "addressee"),
+            ("3.2", ["pd35-3.2"], "lead"),
+            ("3.2(1)", ["pd35-3.2(1)"], None),
+            ("3.2(2)", ["pd35-3.2(2)"], "relied_on"),
+            ("3.2(3)", ["pd35-3.2(3)", "cpr35.10-3"], "instructions"),
+            ("3.2(4)", ["pd35-3.2(4)"], None),
+            ("3.2(5)", ["pd35-3.2(5)"], "operator"),
+            ("3.2(6)", ["pd35-3.2(6)"], None),
+            ("3.2(7)", ["pd35-3.2(7)"], None),
+            ("3.2(8)", ["pd35-3.2(8)"], None),
+            ("3.2(9)", ["pd35-3.2(9)"], "at_end"),
         ],
-        "declaration": [
-            "I confirm that I have made clear which facts and matters referred to in this report are within my own knowledge and "
-            "which are not. Those that are within my own knowledge I confirm to be true. The opinions I have expressed represent "
-            "my true and complete professional opinions on the matters to which they refer.",
-            "I understand that proceedings for contempt of court may be brought against anyone who makes, or causes to be made, a "
-            "false statement in a document verified by a statement of truth without an honest belief in its truth.",
+        "closing_title": "Declarations",
+        "closing": [
+            {"title": "Statement of the expert's duty to the court", "lead": "cpr35.10-2", "also": ["pd35-3.2(9)"], "form": [],
+             "box": "the statement that the expert understands and has complied with their duty to the court (CPR 35.10(2)) "
+                    "and the statement required by PD 35 paragraph 3.2(9), in the expert's own words"},
+            {"title": "Statement of truth", "lead": "pd35-3.3", "form": ["pd35-3.3-form-1", "pd35-3.3-form-2"], "box": None},
         ],
-        "declaration_note": "PD 35 paragraph 3.3: the report must be verified by a statement of truth in this form. The expert "
-                            "signs it; the tool does not.",
+        "signature": "the expert's signature under the statement of truth, name",
     },
 }
+
+
+def hints(expert: dict, manifest: dict) -> dict:
+    """What this report provides towards an item, in words that claim no more than it does:
+    {key: (text, id of the heading it points to or None)}."""
+    env = manifest.get("environment") or {}
+    who = manifest.get("case", {}).get("examiner", "?")
+    machine = env.get("machine") or env.get("platform") or "the machine in the environment appendix"
+    instructions = expert.get("instructions")
+    stated = (f"The case file states these instructions: “{ellipsis(instructions, 1500)}”. " if instructions
+              else "The case file states no instructions. ")
+    return {
+        "considered": ("The facts and data the measurement considered are listed, with sha256, in", "materials-considered"),
+        "relied_on": ("The materials the measurement considered are listed, with sha256, in", "materials-considered",
+                      "That is not a list of what the expert relied on: the expert states which of these, and what other "
+                      "literature or material, they relied on in making the report."),
+        "instructions": (stated + "The expert states the substance of all material instructions, whether written or oral "
+                         "(instructions given orally included); the case file's text is not a complete record of them.", None),
+        "operator": (f"The measurement was run with carlos-audit by {who} (the case file's examiner) on {machine}, device "
+                     f"{env.get('device', '?')}. This report does not record that person's qualifications, nor whether the "
+                     "measurement was carried out under the expert's supervision: the expert states both.", None),
+        "exhibits": ("The exhibits are listed in", "exhibit-index"),
+        "addressee": ("This measurement report is addressed to no one; the expert addresses the report to the court.", None),
+        "at_end": ("The expert makes this statement together with the CPR 35.10(2) statement, in", "expert-closing"),
+    }
+
+
+def rule_context(jurisdiction: str, expert: dict, manifest: dict) -> dict | None:
+    """The chosen layout with its texts resolved from report/rules.py, or None."""
+    layout = LAYOUTS.get(jurisdiction)
+    if layout is None:
+        return None
+    said = hints(expert, manifest)
+    used: list[str] = []
+
+    def texts(keys):
+        used.extend(k for k in keys if k not in used)
+        return [rules.text(k) for k in keys]
+
+    intro = texts([layout["intro"]])[0] if layout["intro"] else None
+    items = []
+    for item, keys, h in layout["items"]:
+        said_text, ref, after = (said[h] + ("",))[:3] if h in said else (None, None, "")
+        items.append({"item": item, "texts": texts(keys), "provided": said_text, "ref": ref, "after": after,
+                      "lead": h == "lead", "box": h not in ("at_end", "lead")})
+    closing = [{"title": c["title"], "lead": texts([c["lead"]])[0], "also": texts(c.get("also", [])),
+                "form": texts(c["form"]), "box": c["box"]} for c in layout["closing"]]
+    return {"title": layout["title"], "intro": intro, "entries": items, "closing_title": layout["closing_title"],
+            "closing": closing, "signature": layout["signature"], "sources": [rules.text(k) for k in used]}
 
 
 def materials_considered(manifest: dict, comparison: dict | None, provided: list[str]) -> list[dict]:
@@ -120,29 +173,14 @@ def expert_context(expert: dict, manifest: dict, comparison: dict | None, compan
     """The ``expert`` entry of the report context: {"present": False} without [expert]."""
     if not (expert or {}).get("name"):
         return {"present": False}
-    rule = RULES.get(expert.get("jurisdiction") or "none")
-    env = manifest.get("environment") or {}
-    operator = (f"The measurement was run with carlos-audit by {manifest.get('case', {}).get('examiner', '?')} "
-                f"(case file examiner) on {env.get('machine') or env.get('platform') or 'the machine in the environment appendix'}, "
-                f"device {env.get('device', '?')}.")
-    filled = {
-        "materials": "The materials considered by the measurement are listed in the table above (with sha256).",
-        "instructions": ("Instructions received, as stated in the case file: " + ellipsis(expert["instructions"], 1500))
-                        if expert.get("instructions") else None,
-        "operator": operator,
-        "exhibits": "The exhibits are listed in the exhibit index above.",
-    }
-    items = []
-    for item, text, provides in (rule or {}).get("items", []):
-        items.append({"item": item, "text": text, "provided": filled.get(provides) if provides else None})
+    jurisdiction = expert.get("jurisdiction") or "none"
     return {
         "present": True,
         "name": ellipsis(expert["name"], 200),
         "role": ellipsis(expert.get("role") or "", 300),
         "instructions": ellipsis(expert.get("instructions") or "", 1500),
-        "jurisdiction": expert.get("jurisdiction") or "none",
-        "rule": rule,
-        "rule_items": items,
+        "jurisdiction": jurisdiction,
+        "rule": rule_context(jurisdiction, expert, manifest),
         "materials": materials_considered(manifest, comparison, expert.get("materials_provided") or []),
         "exhibits": exhibit_index(manifest.get("case") or {}, companions, archive_sha256, n_images),
         "to_complete": TO_COMPLETE,

@@ -7,6 +7,7 @@ A section partial writes its headings through the ``outline`` object in the temp
     {{ outline.section("Metrics") }}                        <h2>3.1 Metrics</h2>
     {{ outline.section("Arms", id="arms") }}                <h2 id="arms">2.5 Arms</h2>
     {{ outline.appendix("appendix-custody", "Chain of custody") }}   Appendix B: Chain of custody
+    {{ outline.closing("expert-closing", "Declarations") }}  <h1>Declarations</h1> (unnumbered, last)
     see {{ outline.ref("arms") }}                          see section 2.5  (also forward references)
 
 The report is rendered twice: the first pass assigns the numbers, the second prints them, so a
@@ -29,6 +30,7 @@ class Heading:
     label: str       # what the heading shows: "3 Results", "Appendix B: Chain of custody"
     level: int       # 1 chapter or appendix, 2 section
     appendix: bool
+    closing: bool = False   # the unnumbered closing part after the appendices, and its sections
 
 
 class Outline:
@@ -46,6 +48,7 @@ class Outline:
         self._in_appendix = False
         self._section = 0
         self._auto = 0
+        self._closing = False
 
     # --- headings
 
@@ -55,13 +58,14 @@ class Outline:
             id = f"s-{self._auto}"
         if any(h.id == id for h in self.headings):
             raise AuditError(f"report template: heading id {id!r} used twice")
-        h = Heading(id, number, label, level, self._in_appendix)
+        h = Heading(id, number, label, level, self._in_appendix, self._closing)
         self.headings.append(h)
         return h
 
     def chapter(self, id: str, title: str, *, supplement: bool = False) -> Markup:
         """A chapter heading (h1): the next number, or with ``supplement`` the previous chapter's
         number and a letter (an addition to that chapter, e.g. 3A after 3)."""
+        self._check_open(id)
         if supplement and self._chapter and not self._in_appendix:
             self._supplement += 1
             number = f"{self._chapter}{chr(ord('A') + self._supplement - 1)}"
@@ -76,6 +80,7 @@ class Outline:
         return Markup('<h1 id="{}">{}</h1>').format(h.id, h.label)
 
     def appendix(self, id: str, title: str) -> Markup:
+        self._check_open(id)
         self._appendix += 1
         self._in_appendix = True
         letter = chr(ord("A") + self._appendix - 1)
@@ -83,8 +88,23 @@ class Outline:
         h = self._add(id, letter, f"Appendix {letter}: {title}", 1)
         return Markup('<h1 id="{}">{}</h1>').format(h.id, h.label)
 
+    def closing(self, id: str, title: str) -> Markup:
+        """The unnumbered part that ends the report, after the appendices (what a rule wants "at
+        the end of an expert's report"). Only its own sections, unnumbered, may follow it."""
+        self._check_open(id)
+        self._closing = True
+        self._current, self._section = title, 0
+        h = self._add(id, "", title, 1)
+        return Markup('<h1 id="{}">{}</h1>').format(h.id, h.label)
+
+    def _check_open(self, id: str) -> None:
+        if self._closing:
+            raise AuditError(f"report template: heading {id!r} comes after the closing part")
+
     def section(self, title: str, id: str | None = None, cls: str = "", numbered: bool = True) -> Markup:
-        """A section heading (h2) inside the current chapter or appendix."""
+        """A section heading (h2) inside the current chapter or appendix (unnumbered in the
+        closing part)."""
+        numbered = numbered and not self._closing
         if not self._current:
             raise AuditError(f"report template: section {title!r} comes before any chapter")
         if numbered:
@@ -108,8 +128,11 @@ class Outline:
         return self.previous[id].number
 
     def ref(self, id: str) -> str:
-        """How the text names a heading: "section 2.5", "section 3A", "Appendix B"."""
+        """How the text names a heading: "section 2.5", "section 3A", "Appendix B", and the
+        closing part by its title: "“Declarations” at the end of the report"."""
         n = self.number(id)
+        if self.previous is not None and self.previous[id].closing:
+            return f"“{self.previous[id].label}” at the end of the report"
         appendix = self.previous is not None and self.previous[id].appendix and self.previous[id].level == 1
         return f"Appendix {n}" if appendix else f"section {n}"
 

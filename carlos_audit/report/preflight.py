@@ -12,7 +12,7 @@ bytes, so the filing copy can be made smaller (``[report] max_pairs_in_body``,
 
 Structure (what PDF/UA checkers look at first): tagged (a structure tree, /MarkInfo), document
 language, headings that never skip a level, every figure with alternative text, every table
-with header cells linked to its data cells.
+with header cells that carry their scope and are linked to its data cells.
 
 ``render_report`` runs this on report.pdf after each rendering.
 """
@@ -157,7 +157,7 @@ def structure(pdf) -> dict:
     root = pdf.Root
     out = {"tagged": bool("/StructTreeRoot" in root and (root.get("/MarkInfo") or {}).get("/Marked")),
            "lang": str(root.get("/Lang", "")), "headings": [], "figures": 0, "figures_without_alt": 0,
-           "tables": 0, "tables_without_headers": 0, "cells_without_headers": 0}
+           "tables": 0, "tables_without_headers": 0, "cells_without_headers": 0, "headers_without_scope": 0}
     if not out["tagged"]:
         return out
     stack = [(root.StructTreeRoot.get("/K"), None)]
@@ -180,6 +180,9 @@ def structure(pdf) -> dict:
             out["_tables"] = out.get("_tables", []) + [table]
         elif s == "TH" and table is not None:
             table["th"] += 1
+            attrs = node.get("/A")
+            attrs = list(attrs) if isinstance(attrs, pikepdf.Array) else [attrs] if attrs is not None else []
+            out["headers_without_scope"] += not any(isinstance(a, pikepdf.Dictionary) and "/Scope" in a for a in attrs)
         elif s == "TD" and table is not None:
             attrs = node.get("/A") or {}
             table["td_missing"] = table.get("td_missing", 0) + (not len(attrs.get("/Headers", [])))
@@ -283,10 +286,12 @@ def preflight(pdf_path: Path, max_mb: float = 35.0, paper: str | None = None) ->
             _check("figures have alternative text", st["tagged"] and not st["figures_without_alt"],
                    f"{st['figures_without_alt']} of {st['figures']} figures lack it" if st["figures_without_alt"]
                    else f"all {st['figures']} figures"),
-            _check("tables have header cells", st["tagged"] and not (st["tables_without_headers"] or st["cells_without_headers"]),
+            _check("tables have header cells", st["tagged"] and not (st["tables_without_headers"] or st["cells_without_headers"]
+                                                                     or st["headers_without_scope"]),
                    f"{st['tables_without_headers']} table(s) without header cells, {st['cells_without_headers']} data cell(s) "
-                   f"not linked to a header" if (st["tables_without_headers"] or st["cells_without_headers"])
-                   else f"all {st['tables']} tables"),
+                   f"not linked to a header, {st['headers_without_scope']} header cell(s) without a scope"
+                   if (st["tables_without_headers"] or st["cells_without_headers"] or st["headers_without_scope"])
+                   else f"all {st['tables']} tables, every header cell with its scope"),
         ]
         result = {"pdf": str(pdf_path), "ok": all(c["ok"] for c in checks), "size_bytes": size, "pages": len(pdf.pages),
                   "pdfa": pdfa or None, "max_mb": max_mb, "paper": paper, "checks": checks,

@@ -11,7 +11,8 @@
                    report-archive.pdf   PDF/A-3b, tagged, the JSON files embedded
                    report.pdf           filing copy: PDF/A-2u, tagged, nothing embedded, no
                                         JavaScript or forms; prints the sha256 of each JSON file
-                                        and of the archive copy
+                                        and of the archive copy; declares PDF/UA-1 when the
+                                        structure checks pass (pdftags.py)
         write      both PDFs and their .sha256 files (sha256sum format)
         preflight  report.pdf against the filing rules (preflight.py); a failure is an AuditError
                    after the files are written
@@ -116,7 +117,7 @@ def render_copies(case_dir: Path) -> dict:
                         identifier=ident[:32])
     archive_sha256 = sha256_bytes(archive)
     filing = write_pdf(render_html(build_context(inp, "filing", archive_sha256)), case_dir, epoch, variant=VARIANTS["filing"],
-                       paper=paper, attachments={}, identifier=ident[32:])
+                       paper=paper, attachments={}, identifier=ident[32:], declare_ua=True)
     out = {}
     for copy, name, data in (("archive", ARCHIVE_PDF, archive), ("filing", FILING_PDF, filing)):
         write_bytes_atomic(case_dir / name, data)
@@ -140,9 +141,13 @@ def render_report(case_dir: Path, check: bool = True) -> Path:
 
 
 def write_pdf(html: str, case_dir: Path, epoch: int, *, variant: str, paper: str, attachments: dict[str, bytes],
-              identifier: str) -> bytes:
+              identifier: str, declare_ua: bool = False) -> bytes:
     """HTML -> PDF bytes (tagged, the given PDF/A variant), fetching only from the case and
-    templates folders; ``attachments`` {name: bytes} are embedded (PDF/A-3 only)."""
+    templates folders; ``attachments`` {name: bytes} are embedded (PDF/A-3 only). The tag tree
+    then gets the table scopes weasyprint drops and, with ``declare_ua``, the PDF/UA-1
+    identification when the structure checks pass (pdftags.py)."""
+    from carlos_audit.report.pdftags import post_process
+
     import logging
 
     from weasyprint import CSS, HTML, Attachment
@@ -159,7 +164,8 @@ def write_pdf(html: str, case_dir: Path, epoch: int, *, variant: str, paper: str
         files = [Attachment(string=data, name=name, description=DESCRIPTIONS.get(name, name),
                             created=when, modified=when, relationship="Data", url_fetcher=fetcher)
                  for name, data in attachments.items()]
-        return doc.write_pdf(stylesheets=css, attachments=files, pdf_variant=variant, pdf_tags=True,
+        data = doc.write_pdf(stylesheets=css, attachments=files, pdf_variant=variant, pdf_tags=True,
                              pdf_identifier=identifier.encode(), uncompressed_pdf=False)
     except RefusedFetch as e:
         raise AuditError(f"report rendering stopped: {e}") from None
+    return post_process(data, html, declare_ua=declare_ua)
