@@ -123,6 +123,13 @@ def module_accounting(pipe, adapter: str, path: Path, inspection: dict) -> dict:
                 applied[row["name"]] = sorted(homes)[0]
             else:
                 skipped.append(row["name"])
+    if skipped and getattr(pipe, "transformer", None) is not None:  # FLUX.1: fused and alpha-folded factors
+        from carlos_audit.run.flux_accounting import match_by_weight_change
+
+        by_change = match_by_weight_change(pipe, adapter, path, [r for r in rows if r["name"] in skipped],
+                                           LORA_COMPONENTS, set(applied.values()))
+        applied.update({n: homes[0] for n, homes in by_change.items()})
+        skipped = [n for n in skipped if n not in by_change]
     reasons = skip_reasons(pipe, path, skipped, {r["name"]: r for r in rows}) if skipped else {}
     return {"partial": bool(skipped), "applied": len(applied), "in_file": len(rows), "wrapped": len(wrapped),
             "by_component": _by_component(applied.values()),
@@ -144,6 +151,10 @@ def skip_reasons(pipe, path: Path, skipped: list[str], rows: dict[str, dict]) ->
 
     from carlos_audit.lora.keys import parse_key
 
+    if getattr(pipe, "transformer", None) is not None:
+        from carlos_audit.run.flux_accounting import flux_skip_reasons
+
+        return flux_skip_reasons(pipe, path, skipped, rows)
     tensors = load_file(str(path))
     origin = {id(t): k for k, t in tensors.items()}
     kwargs = {"unet_config": pipe.unet.config} if getattr(pipe, "unet", None) is not None else {}
