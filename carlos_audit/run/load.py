@@ -264,4 +264,6 @@ def base_model_record(case: Case, lp) -> dict:
     return {"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
             "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
             "pipeline": type(lp.pipe).__name__, "variant": lp.variant, "config": case.base_model.get("config"),
-            "config_source": lp.config_source, "files": lp.files}
+            "config_source": lp.config_source, "files": lp.files,
+            # a FLUX.1 transformer file: its stored dtypes (float8 is upcast to ``dtype`` on loading)
+            **({"stored_dtypes": lp.stored_dtypes} if getattr(lp, "stored_dtypes", None) else {})}
