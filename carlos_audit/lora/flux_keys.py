@@ -164,3 +164,43 @@ def blocks_touched(modules) -> dict:
         else:
             other.add(name.split(".", 1)[0] if not name.startswith("transformer.") else name)
     return {"double": sorted(double), "single": sorted(single), "other": sorted(other)}
+
+
+def resolve(target: str, linears) -> str:
+    """A text-encoder target as the model names it: transformers 5's CLIPTextModel has no
+    ``text_model.`` level (kohya's ``lora_te1_text_model_...`` names, and diffusers' conversion
+    of them, still carry it)."""
+    bare = target.replace("text_encoder.text_model.", "text_encoder.", 1)
+    return bare if target not in linears and bare in linears else target
+
+
+def map_modules(rows: list[dict], linears: dict[str, tuple[int, int]], inner_dim: int) -> dict:
+    """Map the modules of a Flux LoRA (``inspect_lora`` rows) onto a model's linear layers by the
+    key maps, checking shapes: ``linears`` is ``{"component.module": (in_features, out_features)}``
+    of the real model (full size on the meta device, or loaded). Returns ``{"mapped": {module:
+    [targets in row order]}, "skipped": [{"module", "reason"}]}``; every module is one or the other.
+    """
+    mapped, skipped = {}, []
+    for row in rows:
+        name, fin, fout = row["name"], row.get("in_features"), row.get("out_features")
+        rows_of = targets(name, fout, inner_dim)
+        reason = None
+        if not rows_of:
+            reason = "no FLUX.1 module of this name in the key maps"
+        rows_of = [(resolve(t, linears), a, b) for t, a, b in rows_of]
+        for target, start, end in rows_of:
+            if reason:
+                break
+            if target not in linears:
+                reason = f"maps to {target}, which is not a linear layer of the model"
+            elif linears[target][0] != fin:
+                reason = f"maps to {target} with {linears[target][0]} in-features; the file's module has {fin}"
+            elif linears[target][1] != end - start:
+                reason = f"rows {start}..{end} map to {target}, which has {linears[target][1]} out-features"
+        if reason is None and rows_of and rows_of[-1][2] != fout:
+            reason = f"its {fout} rows are not covered by {', '.join(t for t, _, _ in rows_of)}"
+        if reason:
+            skipped.append({"module": name, "reason": reason})
+        else:
+            mapped[name] = [t for t, _, _ in rows_of]
+    return {"mapped": mapped, "skipped": skipped}
