@@ -134,3 +134,28 @@ def write_flux_lora(path: Path, transformer, layout: str, *, rank: int = 4, seed
         meta.setdefault("ss_base_model_version", "flux1")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta or None)
     return {k: list(v.shape) for k, v in tensors.items()}
+
+
+def flux_case_text(source: str, protocol: str = "", lora: str = "x.safetensors", lora_extra: str = "") -> str:
+    """A small case file's text for the Flux tests: ``source`` as base model, the tiny CLIP
+    embedder, the demo prompts with seed 0, then ``protocol`` lines."""
+    return f'''
+[case]
+id = "f"
+title = "t"
+examiner = "pytest"
+question = "q"
+[base_model]
+source = "{source}"
+dtype = "float32"
+device = "cpu"
+[embedder]
+model = "embedded:tiny-clip"
+[lora]
+path = "{lora}"
+{lora_extra}
+[protocol]
+prompts = "builtin:demo"
+seeds = [0]
+{protocol}
+'''

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from flux_lora_writers import flux_case_text
 
 from carlos_audit.errors import AuditError
 
@@ -30,28 +31,6 @@ def flux_demo_dir(flux_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("cases") / "demo-flux"
     run_full(load_case(FLUX_CASE), out, progress=False)
     return out
-
-
-def _case_text(source: str, protocol: str = "", lora: str = "x.safetensors") -> str:
-    return f'''
-[case]
-id = "f"
-title = "t"
-examiner = "pytest"
-question = "q"
-[base_model]
-source = "{source}"
-dtype = "float32"
-device = "cpu"
-[embedder]
-model = "embedded:tiny-clip"
-[lora]
-path = "{lora}"
-[protocol]
-prompts = "builtin:demo"
-seeds = [0]
-{protocol}
-'''
 
 
 def _parse(tmp_path, text):
@@ -95,18 +74,18 @@ def test_tiny_flux_loads_as_flux_dev_and_its_t5_tokenizer_works_offline(flux_ass
 
 
 def test_flux_protocol_defaults_follow_the_variant(flux_assets, tmp_path):
-    dev = _parse(tmp_path, _case_text("embedded:tiny-flux"))
+    dev = _parse(tmp_path, flux_case_text("embedded:tiny-flux"))
     assert dev.base_model["family"] == "flux-dev"
     assert {k: dev.protocol[k] for k in ("steps", "guidance_scale", "width", "height", "max_sequence_length", "scheduler")} == {
         "steps": 28, "guidance_scale": 3.5, "width": 1024, "height": 1024, "max_sequence_length": 512,
         "scheduler": "FlowMatchEulerDiscreteScheduler"}
     folder = _schnell_folder(tmp_path)
-    schnell = _parse(tmp_path, _case_text(str(folder)))
+    schnell = _parse(tmp_path, flux_case_text(str(folder)))
     assert schnell.base_model["family"] == "flux-schnell"
     assert (schnell.protocol["steps"], schnell.protocol["guidance_scale"], schnell.protocol["max_sequence_length"]) == (4, 0.0, 256)
-    given = _parse(tmp_path, _case_text("embedded:tiny-flux", "steps = 3\nmax_sequence_length = 64\nwidth = 64\nheight = 64"))
+    given = _parse(tmp_path, flux_case_text("embedded:tiny-flux", "steps = 3\nmax_sequence_length = 64\nwidth = 64\nheight = 64"))
     assert (given.protocol["steps"], given.protocol["max_sequence_length"], given.protocol["width"]) == (3, 64, 64)
-    sd = _parse(tmp_path, _case_text("embedded:tiny-sd"))
+    sd = _parse(tmp_path, flux_case_text("embedded:tiny-sd"))
     assert sd.base_model["family"] is None and sd.protocol["steps"] == 25 and sd.protocol["max_sequence_length"] is None
 
 
@@ -121,14 +100,14 @@ def test_bad_flux_protocol_values_are_one_line_errors(flux_assets, tmp_path, pro
     if source == "schnell":
         source = str(_schnell_folder(tmp_path))
     with pytest.raises(AuditError, match=message):
-        _parse(tmp_path, _case_text(source, protocol))
+        _parse(tmp_path, flux_case_text(source, protocol))
 
 
 def test_flux_signature_records_its_parameters_and_never_matches_an_sdxl_corpus(flux_assets, tmp_path):
     from carlos_audit.case.protocol import load_prompts
     from carlos_audit.case.signature import check_compatible, preset_signature, require_compatible
 
-    case = _parse(tmp_path, _case_text("embedded:tiny-flux", "steps = 4\nwidth = 64\nheight = 64\nmax_sequence_length = 32"))
+    case = _parse(tmp_path, flux_case_text("embedded:tiny-flux", "steps = 4\nwidth = 64\nheight = 64\nmax_sequence_length = 32"))
     prompts, _ = load_prompts("builtin:demo", tmp_path)
     from carlos_audit.case.signature import case_signature
 
@@ -174,3 +153,84 @@ def test_demo_flux_images_differ_between_the_arms(flux_demo_dir):
     base = np.asarray(Image.open(flux_demo_dir / pair["arms"]["base"]["image"]), dtype=np.int16)
     lora = np.asarray(Image.open(flux_demo_dir / pair["arms"]["lora"]["image"]), dtype=np.int16)
     assert base.shape == (64, 64, 3) and np.abs(base - lora).mean() > 1.0
+
+
+# ----------------------------------------------------------------------------- init, check, single files
+
+
+def test_init_picks_the_flux_preset_for_a_flux_lora(flux_assets, tmp_path, monkeypatch):
+    from carlos_audit.case.casefile import load_case
+    from carlos_audit.case.check import check_case
+    from carlos_audit.case.init import init_case
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    lora = Path(flux_assets["loras"]["target"])
+    r = init_case(lora, out=tmp_path / "case.toml")
+    assert (r["preset"], r["architecture"]) == ("flux-dev", "flux")
+    case = load_case(tmp_path / "case.toml")
+    assert case.base_model["family"] == "flux-dev" and case.base_model["source"] == "black-forest-labs/FLUX.1-dev"
+    assert (case.protocol["steps"], case.protocol["guidance_scale"], case.protocol["max_sequence_length"]) == (28, 3.5, 512)
+    with pytest.raises(AuditError, match="is a flux LoRA; preset carlos-sdxl is for sdxl"):
+        init_case(lora, preset="carlos-sdxl", out=tmp_path / "other.toml")
+    report = check_case(tmp_path / "case.toml")
+    base = next(i for i in report["inputs"] if i["role"] == "base_model")
+    assert base["status"] == "missing" and "transformer/*.safetensors" in base["detail"]
+    assert "text_encoder_2/*.safetensors" in base["detail"] and "gated" in base["supply"]
+
+
+def _bfl_checkpoint(path: Path, guidance: bool = True, dtype=None) -> Path:
+    """A header-true Black Forest Labs transformer file (marker tensors only, float8 stored)."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = dtype or torch.float8_e4m3fn
+    names = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight"]
+    names += ["guidance_in.in_layer.weight"] if guidance else []
+    save_file({n: torch.zeros(4, 4).to(dtype) for n in names}, str(path))
+    return path
+
+
+def test_a_flux_transformer_file_is_recognised_hashed_and_needs_its_components(flux_assets, tmp_path):
+    from carlos_audit.models.loading import resolve_base_source
+
+    dev = _bfl_checkpoint(tmp_path / "flux1-dev-fp8.safetensors")
+    with pytest.raises(AuditError, match="flux-dev transformer checkpoint only; set \\[base_model\\] config"):
+        resolve_base_source(str(dev))
+    src = resolve_base_source(str(dev), config=flux_assets["tiny_flux"])
+    assert (src.kind, src.architecture, src.stored_dtypes) == ("file", "flux", ["F8_E4M3"])
+    assert src.config_source == "carried:flux-dev+components:dir:tiny-flux-v1"
+    names = {f["name"] for f in src.files}
+    assert "checkpoint/flux1-dev-fp8.safetensors" in names
+    assert "config/transformer/config.json" in names and "components/text_encoder_2/model.safetensors" in names
+    assert not any(n.startswith("components/transformer/") for n in names)
+    carried = json.loads((src.config_dir / "transformer" / "config.json").read_text())
+    assert (carried["num_layers"], carried["num_single_layers"], carried["guidance_embeds"]) == (19, 38, True)
+    schnell = resolve_base_source(str(_bfl_checkpoint(tmp_path / "flux1-schnell.safetensors", guidance=False)),
+                                  config=flux_assets["tiny_flux"])
+    assert schnell.config_source.startswith("carried:flux-schnell")
+    assert json.loads((schnell.config_dir / "transformer" / "config.json").read_text())["guidance_embeds"] is False
+
+
+def test_check_lists_the_components_a_flux_transformer_file_needs(flux_assets, tmp_path):
+    from carlos_audit.case.check import check_case
+
+    _bfl_checkpoint(tmp_path / "flux1-dev.safetensors")
+    (tmp_path / "x.safetensors").write_bytes(Path(flux_assets["loras"]["target"]).read_bytes())
+    (tmp_path / "c.toml").write_text(flux_case_text("flux1-dev.safetensors", "width = 64\nheight = 64"))
+    report = check_case(tmp_path / "c.toml")
+    comp = next(i for i in report["inputs"] if i["role"] == "base_model_components")
+    assert comp["status"] == "missing" and "VAE, CLIP-L and T5-XXL" in comp["supply"]
+    assert report["signature"]["family"] == "flux-dev"
+
+
+def test_a_case_naming_the_wrong_flux_variant_is_refused(flux_assets, tmp_path):
+    from carlos_audit.case.casefile import parse_case
+    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.run.load import load_models
+
+    lora = Path(flux_assets["loras"]["target"])
+    text = flux_case_text("embedded:tiny-flux", "steps = 2\nwidth = 64\nheight = 64", lora=str(lora))
+    case = parse_case(text.replace('device = "cpu"', 'device = "cpu"\nfamily = "flux-schnell"'), tmp_path / "c.toml")
+    assert case.protocol["guidance_scale"] == 0.0 and case.protocol["steps"] == 2
+    with pytest.raises(AuditError, match="is flux-dev but the case says base_model.family = 'flux-schnell'"):
+        load_models(case, {"lora": lora}, inspect_lora(lora))

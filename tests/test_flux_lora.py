@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flux_lora_writers import write_flux_lora
+from flux_lora_writers import flux_case_text, write_flux_lora
 
 from carlos_audit.errors import AuditError
 
@@ -146,6 +146,9 @@ def test_inspect_cli_names_the_flux_layout(flux, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert (data["architecture"], data["layout"]) == ("flux", "xlabs")
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "Flux layout     xlabs; double-stream blocks 0, single-stream blocks 0" in r.output
 
 
 # ----------------------------------------------------------------------------- cross-architecture refusals
@@ -192,26 +195,7 @@ def _case(tmp_path: Path, source: str, lora: Path):
     from carlos_audit.case.casefile import load_case
 
     p = tmp_path / "c.toml"
-    p.write_text(f'''[case]
-id = "x"
-title = "t"
-examiner = "pytest"
-question = "q"
-[base_model]
-source = "{source}"
-dtype = "float32"
-device = "cpu"
-[embedder]
-model = "embedded:tiny-clip"
-[lora]
-path = "{lora}"
-[protocol]
-prompts = "builtin:demo"
-seeds = [0]
-steps = 2
-width = 64
-height = 64
-''')
+    p.write_text(flux_case_text(source, "steps = 2\nwidth = 64\nheight = 64", lora=str(lora)))
     return load_case(p)
 
 
@@ -242,3 +226,57 @@ def test_a_flux_lora_on_sdxl_and_sd_bases_is_refused_naming_both(flux, tmp_path)
     assert "targets flux but the base model dir:tiny-sdxl is sdxl" in msg
     msg = _refused(_case(tmp_path, "embedded:tiny-sd", lora), lora)
     assert "targets flux but the base model embedded:tiny-sd is" in msg
+
+
+# ----------------------------------------------------------------------------- weights and corpora
+
+
+def test_a_kohya_file_and_its_diffusers_conversion_compare_as_the_same_weights(flux, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from carlos_audit.lora.weights import compare_weights, weights_class
+
+    kohya = tmp_path / "kohya.safetensors"
+    write_flux_lora(kohya, flux.pipe.transformer, "kohya_flux", single_subs=(), alpha=2.0, seed=5)
+    from diffusers import FluxPipeline
+
+    converted = tmp_path / "converted.safetensors"  # diffusers' own conversion: q/k/v split, alpha folded
+    save_file({k: v.clone().contiguous() for k, v in FluxPipeline.lora_state_dict(load_file(str(kohya))).items()}, str(converted))
+    r = compare_weights(kohya, converted)
+    assert r["modules_compared"] == 14 and r["modules_only_in_a"] == [] and r["modules_only_in_b"] == []
+    assert r["cosine"] == pytest.approx(1.0, abs=1e-6) and r["norm_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert weights_class(r) == "same-weights"
+    other = tmp_path / "other.safetensors"
+    write_flux_lora(other, flux.pipe.transformer, "kohya_flux", single_subs=(), alpha=2.0, seed=6)
+    assert weights_class(compare_weights(kohya, other)) == "unrelated"
+
+
+def test_flux_demo_derivative_reads_as_merge_like_in_weights(flux, tmp_path):
+    from carlos_audit.models.flux_demo import build_flux_demo_loras
+    from carlos_audit.lora.weights import compare_weights, weights_class
+
+    loras = build_flux_demo_loras(tmp_path / "demo")
+    r = compare_weights(loras["target"], loras["derivative"])
+    assert r["modules_compared"] == 11 and weights_class(r) == "merge-like"
+
+
+def test_corpus_build_with_a_flux_template(flux, tmp_path):
+    from carlos_audit.case.signature import require_compatible
+    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.corpus.store import load_corpus
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_flux_lora(folder / "a.safetensors", flux.pipe.transformer, "xlabs", seed=1)
+    write_flux_lora(folder / "b.safetensors", flux.pipe.transformer, "ai_toolkit", seed=2)
+    template = tmp_path / "template.toml"
+    template.write_text(flux_case_text("embedded:tiny-flux", "steps = 2\nwidth = 64\nheight = 64\nmax_sequence_length = 16\n"
+                                       "batch_size = 4\nbootstrap_resamples = 100", lora_extra='trigger_policy = "none"'))
+    build_corpus(folder, template, tmp_path / "corpus", name="flux corpus", progress=False)
+    corpus = load_corpus(tmp_path / "corpus")
+    sig = corpus.signature
+    assert (sig["family"], sig["guidance"], sig["max_sequence_length"], sig["steps"]) == ("flux-dev", "embedded", 16, 2)
+    assert len(corpus.rows) == 2
+    sd = dict(sig, family=None, guidance=None, max_sequence_length=None)  # a Stable Diffusion profile
+    with pytest.raises(AuditError, match="family"):
+        require_compatible(sig, sd)

@@ -44,6 +44,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "device": (_STR, False, "auto"),
         "variant": (_STR, False, None),
         "config": (_STR, False, None),
+        "family": (_STR, False, None),  # "flux-dev", "flux-schnell", "sd15", "sdxl"; default: from the source
     },
     "embedder": {
         "model": (_STR, True, None),
@@ -291,11 +292,13 @@ def _check_values(c: dict, where: str) -> None:
 def _family_defaults(c: dict, given: dict, base_dir: Path, where: str) -> None:
     """The base model's family variant (``base_model["family"]``, None for Stable Diffusion) and
     its [protocol] defaults for the keys the file leaves out (models/families.py)."""
-    from carlos_audit.models.families import protocol_defaults, variant_of_source
+    from carlos_audit.models.families import FAMILY_VARIANTS, protocol_defaults, variant_of_source
     from carlos_audit.models.tiny import carlos_home
 
     source = c["base_model"]["source"].replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
-    variant = variant_of_source(source, base_dir)
+    variant = c["base_model"]["family"] or variant_of_source(source, base_dir)
+    if variant not in (None, *FAMILY_VARIANTS):
+        raise AuditError(f"{where}: base_model.family {variant!r}; allowed: {', '.join(FAMILY_VARIANTS)}")
     c["base_model"]["family"] = variant
     p = c["protocol"]
     for k, v in protocol_defaults(variant).items():

@@ -11,9 +11,11 @@ a hub snapshot's configs); the case file takes its per-variant defaults from it.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+
+_UNET_FILES = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model*.safetensors", "vae/*.safetensors")
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,15 @@ class Family:
     protocol_keys: tuple = ()  # [protocol] keys only this family takes
     lora_layouts: tuple = ()  # LoRA layouts its key maps know
     signature_keys: tuple = ()  # extra signature fields its profiles record
-    notes: dict = field(default_factory=dict)
+    hub_files: tuple = ()  # what `check` looks for in a hub snapshot of the family's pipeline
+    supply_note: str = ""  # added to `check`'s "how to get it" line
 
 
 FAMILIES = {
     "sd15": Family("sd15", "StableDiffusionPipeline", {"sd15": {}}, "embedded:tiny-sd", "sd15",
-                   lora_layouts=("diffusers_peft", "diffusers_legacy", "kohya", "lycoris")),
+                   lora_layouts=("diffusers_peft", "diffusers_legacy", "kohya", "lycoris"), hub_files=_UNET_FILES),
     "sdxl": Family("sdxl", "StableDiffusionXLPipeline", {"sdxl": {}},
-                   lora_layouts=("diffusers_peft", "diffusers_legacy", "kohya", "lycoris")),
+                   lora_layouts=("diffusers_peft", "diffusers_legacy", "kohya", "lycoris"), hub_files=_UNET_FILES),
     "flux": Family(
         "flux", "FluxPipeline",
         {
@@ -48,8 +51,14 @@ FAMILIES = {
         protocol_keys=("max_sequence_length",),
         lora_layouts=("diffusers_peft", "ai_toolkit", "kohya_flux", "xlabs"),
         signature_keys=("family", "guidance", "max_sequence_length"),
+        hub_files=("model_index.json", "transformer/config.json", "transformer/*.safetensors", "vae/*.safetensors",
+                   "text_encoder/*.safetensors", "text_encoder_2/*.safetensors", "tokenizer_2/*"),
+        supply_note="FLUX.1-dev is gated on the Hub: accept its licence at huggingface.co/black-forest-labs/FLUX.1-dev "
+                    "first (schnell is Apache-2.0); a single flux1-dev.safetensors also needs [base_model] config "
+                    "(a diffusers FLUX.1 folder or hub id) for the VAE, CLIP-L and T5-XXL",
     ),
 }
+FAMILY_VARIANTS = tuple(v for fam in FAMILIES.values() for v in fam.variants)
 
 #: Signatures written before families were recorded are Stable Diffusion UNet profiles.
 SIGNATURE_FAMILY_DEFAULT = "stable-diffusion"
@@ -127,8 +136,6 @@ def signature_extra(variant: str | None, protocol: dict) -> dict:
     return {"family": variant, "guidance": guidance, "max_sequence_length": protocol.get("max_sequence_length")}
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
+def hub_files(variant: str | None) -> tuple:
+    """The files ``check`` needs in a hub snapshot of a base model of ``variant`` (SD when None)."""
+    return (family_of_variant(variant) or FAMILIES["sdxl"]).hub_files

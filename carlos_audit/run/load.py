@@ -211,6 +211,9 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     if want and lp.sha256 != want.lower():
         raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
     inspection.update(claimed_base_hash_check(inspection, lp))
+    fam = case.base_model.get("family")
+    if fam and lp.variant_family and fam != lp.variant_family:
+        raise AuditError(f"base model {lp.identity} is {lp.variant_family} but the case says base_model.family = {fam!r}")
     arch = inspection.get("architecture")
     if arch and arch != lp.architecture:
         raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
