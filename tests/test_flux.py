@@ -234,3 +234,12 @@ def test_a_case_naming_the_wrong_flux_variant_is_refused(flux_assets, tmp_path):
     assert case.protocol["guidance_scale"] == 0.0 and case.protocol["steps"] == 2
     with pytest.raises(AuditError, match="is flux-dev but the case says base_model.family = 'flux-schnell'"):
         load_models(case, {"lora": lora}, inspect_lora(lora))
+
+
+def test_verify_regenerates_a_flux_pair_bit_identically(flux_demo_dir):
+    from carlos_audit.verify import verify_case
+
+    r = verify_case(flux_demo_dir, sample=1)
+    assert r["ok"], [c for c in r["checks"] if not c["ok"]]
+    regen = [c for c in r["checks"] if c["check"].startswith("regenerate")]
+    assert len(regen) == 2 and all(c["detail"] == "image hash identical" for c in regen)

@@ -252,8 +252,8 @@ def test_a_kohya_file_and_its_diffusers_conversion_compare_as_the_same_weights(f
 
 
 def test_flux_demo_derivative_reads_as_merge_like_in_weights(flux, tmp_path):
-    from carlos_audit.models.flux_demo import build_flux_demo_loras
     from carlos_audit.lora.weights import compare_weights, weights_class
+    from carlos_audit.models.flux_demo import build_flux_demo_loras
 
     loras = build_flux_demo_loras(tmp_path / "demo")
     r = compare_weights(loras["target"], loras["derivative"])
@@ -261,9 +261,13 @@ def test_flux_demo_derivative_reads_as_merge_like_in_weights(flux, tmp_path):
 
 
 def test_corpus_build_with_a_flux_template(flux, tmp_path):
+    from carlos_audit.case.casefile import load_case
     from carlos_audit.case.signature import require_compatible
     from carlos_audit.corpus.build import build_corpus
     from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.engines.inputs import model_sha256
+    from carlos_audit.models.flux import ensure_tiny_flux
+    from carlos_audit.models.tiny import tree_sha256
 
     folder = tmp_path / "loras"
     folder.mkdir()
@@ -277,6 +281,8 @@ def test_corpus_build_with_a_flux_template(flux, tmp_path):
     sig = corpus.signature
     assert (sig["family"], sig["guidance"], sig["max_sequence_length"], sig["steps"]) == ("flux-dev", "embedded", 16, 2)
     assert len(corpus.rows) == 2
+    # the build checks the tiny Flux pipeline by its tree hash on every worker
+    assert model_sha256(load_case(template))["base_model"] == tree_sha256(ensure_tiny_flux())
     sd = dict(sig, family=None, guidance=None, max_sequence_length=None)  # a Stable Diffusion profile
     with pytest.raises(AuditError, match="family"):
         require_compatible(sig, sd)
