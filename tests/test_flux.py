@@ -138,6 +138,8 @@ def test_demo_flux_case_runs_end_to_end_with_exact_module_accounting(flux_demo_d
     assert manifest["lora"]["inspection"]["layout"] == "diffusers_peft"
     metrics = json.loads((flux_demo_dir / "metrics.json").read_text())
     assert metrics["strength"] > 0
+    base_cost = manifest["cost"]["arms"]["base"]  # the transformer counted as the denoiser: batches x steps
+    assert (base_cost["unet_forward_calls"], base_cost["unet_image_steps"]) == (4 * 4, 16 * 4)
     text = subprocess.run(["pdftotext", str(flux_demo_dir / "report.pdf"), "-"], capture_output=True, text=True,
                           check=True).stdout
     for s in ("embedded:tiny-flux (FluxPipeline", "T5 sequence length", "FLUX.1 layout", "11 applied of 11 in the file"):
