@@ -123,6 +123,11 @@ def test_flux_signature_records_its_parameters_and_never_matches_an_sdxl_corpus(
         require_compatible(bare, sig)
     other = dict(sig, max_sequence_length=512)
     assert check_compatible(sig, other) == ["max_sequence_length"]
+    schnell = _parse(tmp_path, flux_case_text(str(_schnell_folder(tmp_path)), "width = 64\nheight = 64"))
+    sig_s = case_signature(schnell, prompts, base_model="dir:FLUX.1-schnell", base_model_sha256=None,
+                           embedder="embedded:tiny-clip", embedder_sha256=None, scheduler="FlowMatchEulerDiscreteScheduler")
+    assert (sig_s["family"], sig_s["guidance"], sig_s["max_sequence_length"]) == ("flux-schnell", "none", 256)
+    assert {"family", "guidance", "max_sequence_length"} <= set(check_compatible(sig, sig_s))
 
 
 def test_demo_flux_case_runs_end_to_end_with_exact_module_accounting(flux_demo_dir):

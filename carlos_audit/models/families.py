@@ -130,10 +130,11 @@ def pipeline_family(pipe) -> tuple[str, str | None]:
 def signature_extra(variant: str | None, protocol: dict) -> dict:
     """The family's extra signature fields for a case's [protocol]; empty for Stable Diffusion."""
     fam = family_of_variant(variant)
-    if fam is None or fam.name != "flux":
+    if fam is None:
         return {}
-    guidance = "embedded" if variant == "flux-dev" else "none"
-    return {"family": variant, "guidance": guidance, "max_sequence_length": protocol.get("max_sequence_length")}
+    # a variant whose default guidance is 0 has no guidance input (FLUX.1-schnell)
+    values = {**protocol, "family": variant, "guidance": "embedded" if fam.variants[variant].get("guidance_scale") else "none"}
+    return {k: values.get(k) for k in fam.signature_keys}
 
 
 def hub_files(variant: str | None) -> tuple:
