@@ -73,6 +73,21 @@ def test_tiny_flux_loads_as_flux_dev_and_its_t5_tokenizer_works_offline(flux_ass
             "tokenizer_2/tokenizer.json", "scheduler/scheduler_config.json"} <= names
 
 
+def test_a_flux_hub_id_resolves_from_the_local_cache_with_its_variant(flux_assets, tmp_path, monkeypatch):
+    from conftest import hub_layout
+
+    from carlos_audit.models.loading import load_base_pipeline
+
+    hub_layout(Path(flux_assets["tiny_flux"]), tmp_path / "hub", repo="someorg/tiny-flux")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    case = _parse(tmp_path, flux_case_text("someorg/tiny-flux"))
+    assert case.base_model["family"] == "flux-dev" and case.protocol["steps"] == 28
+    lp = load_base_pipeline("someorg/tiny-flux", dtype="float32", device="cpu")
+    assert (lp.identity, lp.architecture, lp.variant_family) == ("hf:someorg/tiny-flux", "flux", "flux-dev")
+    assert {"transformer/diffusion_pytorch_model.safetensors", "tokenizer_2/tokenizer.json"} <= {f["name"] for f in lp.files}
+
+
 def test_flux_protocol_defaults_follow_the_variant(flux_assets, tmp_path):
     dev = _parse(tmp_path, flux_case_text("embedded:tiny-flux"))
     assert dev.base_model["family"] == "flux-dev"

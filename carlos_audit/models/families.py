@@ -98,9 +98,13 @@ def variant_of_source(source: str, base_dir: Path | None = None) -> str | None:
 def _hub_variant(repo_id: str) -> str | None:
     """A hub id's variant from its transformer config in the local cache (never the network)."""
     try:
+        import os
+
         from huggingface_hub import try_to_load_from_cache
 
-        idx = try_to_load_from_cache(repo_id, "model_index.json")
+        from carlos_audit.models.flux import folder_flux_variant
+
+        idx = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=os.environ.get("HF_HUB_CACHE"))
         if not isinstance(idx, str):
             return None
         return folder_flux_variant(Path(idx).parent)
