@@ -36,3 +36,18 @@ def prepare_demo(progress: bool = False, corpus: bool = True, claimed: bool = Tr
         build_corpus(demo_dir(), DEMO_CASEFILE, demo_corpus_dir(), name="demo corpus", progress=progress)
         info["corpus"] = str(demo_corpus_dir())
     return info
+
+
+DEMO_FLUX_CASEFILE = DEMO_CASEFILE.with_name("demo-flux.toml")
+
+
+def prepare_flux_demo() -> dict:
+    """The embedded tiny Flux pipeline, the tiny CLIP embedder and the Flux demo LoRAs
+    (``casefiles/demo-flux.toml``)."""
+    from carlos_audit.models.flux import ensure_tiny_flux
+    from carlos_audit.models.flux_demo import build_flux_demo_loras
+
+    flux, clip = ensure_tiny_flux(), ensure_tiny_clip()
+    loras = build_flux_demo_loras()
+    return {"home": str(carlos_home()), "tiny_flux": str(flux), "tiny_clip": str(clip),
+            "loras": {k: str(v) for k, v in loras.items()}}

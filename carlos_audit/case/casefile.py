@@ -45,6 +45,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "device": (_STR, False, "auto"),
         "variant": (_STR, False, None),
         "config": (_STR, False, None),
+        "family": (_STR, False, None),  # "flux-dev", "flux-schnell", "sd15", "sdxl"; default: from the source
     },
     "embedder": {
         "model": (_STR, True, None),
@@ -73,6 +74,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "scales": (_FLOATLIST, False, []),
         "seed_mode": (_STR, False, "per-image"),
         "sequential": (_TABLE, False, None),  # [protocol.sequential]: case/sequential.py
+        "max_sequence_length": (_INT, False, None),  # T5 tokens (Flux); default per variant
     },
     "output": {
         "dir": (_STR, False, None),
@@ -193,6 +195,7 @@ def parse_case(text: str, path: Path) -> Case:
         if data.get(section) is None and section in REQUIRED_SECTIONS:
             raise AuditError(f"{where}: missing section [{section}]")
         out[section] = _section_values(section, data.get(section) or {}, where)
+    _family_defaults(out, data.get("protocol") or {}, path.parent, where)
     _check_values(out, where)
     return Case(path=path, raw_text=text, **out)
 
@@ -307,6 +310,36 @@ def _check_values(c: dict, where: str) -> None:
     from carlos_audit.case.claimed_works import check_section
 
     check_section(c["claimed_works"], where)
+
+
+def _family_defaults(c: dict, given: dict, base_dir: Path, where: str) -> None:
+    """The base model's family variant (``base_model["family"]``, None for Stable Diffusion) and
+    its [protocol] defaults for the keys the file leaves out (models/families.py)."""
+    from carlos_audit.models.families import FAMILY_VARIANTS, protocol_defaults, variant_of_source
+    from carlos_audit.models.tiny import carlos_home
+
+    source = c["base_model"]["source"].replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
+    variant = c["base_model"]["family"] or variant_of_source(source, base_dir)
+    if variant not in (None, *FAMILY_VARIANTS):
+        raise AuditError(f"{where}: base_model.family {variant!r}; allowed: {', '.join(FAMILY_VARIANTS)}")
+    c["base_model"]["family"] = variant
+    p = c["protocol"]
+    for k, v in protocol_defaults(variant).items():
+        if k not in given:
+            p[k] = v
+    if variant is None:
+        if p["max_sequence_length"] is not None:
+            raise AuditError(f"{where}: protocol.max_sequence_length applies to FLUX.1 base models only")
+        return
+    if not 1 <= p["max_sequence_length"] <= 512:
+        raise AuditError(f"{where}: protocol.max_sequence_length must be 1..512 (T5 tokens)")
+    if variant == "flux-schnell" and p["guidance_scale"] != 0.0:
+        raise AuditError(f"{where}: protocol.guidance_scale must be 0 for FLUX.1-schnell (it has no guidance input)")
+    if p["negative_prompt"]:
+        raise AuditError(f"{where}: protocol.negative_prompt is not used by FLUX.1 (no classifier-free guidance)")
+    for k in ("width", "height"):
+        if p[k] % 16:
+            raise AuditError(f"{where}: protocol.{k} must be a multiple of 16 for FLUX.1")
 
 
 def _check_seed_mode(p: dict, where: str) -> None:

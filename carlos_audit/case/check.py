@@ -78,9 +78,37 @@ def _base_model_item(case) -> tuple[dict, str]:
             item["detail"] = "neither a .safetensors file nor a diffusers folder (model_index.json)"
         return item, (f"file:{p.name}" if p.is_file() else f"dir:{p.name}")
     if HUB_ID_RE.match(src):
-        files = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model*.safetensors", "vae/*.safetensors")
-        return _hub_item("base_model", src, files, "base model"), f"hf:{src}"
+        from carlos_audit.models.families import family_of_variant, hub_files
+
+        item = _hub_item("base_model", src, hub_files(case.base_model.get("family")), "base model")
+        fam = family_of_variant(case.base_model.get("family"))
+        if item["status"] == "missing" and fam is not None and fam.supply_note:
+            item["supply"] += f"; {fam.supply_note}"
+        return item, f"hf:{src}"
     return {"role": "base_model", "status": "missing", "source": src, "detail": f"{p} does not exist"}, src
+
+
+def _flux_components_item(case, base: dict) -> list[dict]:
+    """A FLUX.1 transformer file needs the VAE, CLIP-L and T5-XXL from ``[base_model] config``."""
+    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.models.families import family_of_variant, hub_files
+
+    fam = family_of_variant(case.base_model.get("family"))
+    if fam is None or fam.name != "flux" or not base.get("path") or not Path(base["path"]).is_file():
+        return []
+    config = case.base_model.get("config")
+    role = "base_model_components"
+    if not config:
+        return [{"role": role, "status": "missing", "source": None,
+                 "detail": "a FLUX.1 transformer checkpoint holds only the transformer",
+                 "supply": "set [base_model] config to a diffusers FLUX.1 folder or a hub id in the local cache "
+                           "(e.g. black-forest-labs/FLUX.1-dev) for the VAE, CLIP-L and T5-XXL"}]
+    folder = expand_path(config, case.base_dir)
+    if folder.is_dir():
+        ok = (folder / "model_index.json").is_file()
+        return [{"role": role, "status": "present" if ok else "invalid", "source": config, "path": str(folder)}]
+    files = tuple(f for f in hub_files(case.base_model["family"]) if not f.startswith("transformer/"))
+    return [_hub_item(role, config, files, "FLUX.1 components")]
 
 
 def _embedder_item(case) -> tuple[dict, str]:
@@ -220,7 +248,7 @@ def check_case(casefile) -> dict:
     lora, inspection = _lora_item(case)
     base, base_identity = _base_model_item(case)
     emb, emb_identity = _embedder_item(case)
-    items += [lora, base, emb]
+    items += [lora, base, emb, *_flux_components_item(case, base)]
     prompts = None
     try:
         prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)

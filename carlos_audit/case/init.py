@@ -1,7 +1,8 @@
 """``carlos-audit init LORA``: a ready case file for a LoRA.
 
 The file's sha256 is pinned; the preset follows the detected architecture (``sdxl`` ->
-``carlos-sdxl``, the CARLoS reference protocol against the public corpus; ``sd15`` -> ``sd15``),
+``carlos-sdxl``, the CARLoS reference protocol against the public corpus; ``sd15`` -> ``sd15``; ``flux`` ->
+``flux-dev``, most Flux LoRAs being trained on FLUX.1-dev),
 and the tool refuses to guess for anything else. Trigger words found in the file's self-reported
 metadata are proposed as a commented list marked SELF-REPORTED (never enabled: an examiner decides);
 the examiner and question are placeholders that ``run`` refuses until filled in.
@@ -37,6 +38,17 @@ PRESETS = {
         "embedder": {"model": "hf:openai/clip-vit-base-patch32"},
         "protocol": {"prompts": "builtin:standard", "seeds": {"count": 16, "start": 42}, "seed_mode": "carlos-batch",
                      "batch_size": 4, "steps": 25, "guidance_scale": 7.5, "width": 512, "height": 512,
+                     "bootstrap_resamples": 1000, "bootstrap_seed": 0},
+        "indicators": {"trigger_dependence": True, "prompt_override": True, "effect_labels": True},
+    }),
+    # FLUX.1-dev with the CARLoS indexing prompts and seed layout; the variant's defaults
+    # (models/families.py): guidance embedding 3.5, 28 steps, T5 length 512, 1024 px
+    "flux-dev": ("flux", {
+        "base_model": {"source": "black-forest-labs/FLUX.1-dev", "family": "flux-dev", "dtype": "bfloat16", "device": "cuda"},
+        "embedder": {"model": "hf:openai/clip-vit-base-patch32"},
+        "protocol": {"prompts": "builtin:carlos-indexing", "seeds": {"count": 16, "start": 42}, "seed_mode": "carlos-batch",
+                     "batch_size": 4, "steps": 28, "guidance_scale": 3.5, "max_sequence_length": 512,
+                     "width": 1024, "height": 1024, "scheduler": "FlowMatchEulerDiscreteScheduler",
                      "bootstrap_resamples": 1000, "bootstrap_seed": 0},
         "indicators": {"trigger_dependence": True, "prompt_override": True, "effect_labels": True},
     }),

@@ -84,7 +84,10 @@ def case_signature(case, prompts, *, base_model: str, base_model_sha256: str | N
         "steps": pc["steps"], "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
         "scheduler": scheduler, "seed_mode": seed_mode_signature(pc["seed_mode"], pc["batch_size"]),
     }
-    return {f: values[f] for f in SIGNATURE_FIELDS}
+    from carlos_audit.models.families import signature_extra
+
+    # a model family's own fields (FLUX.1: family, guidance, max_sequence_length) follow the shared ones
+    return {**{f: values[f] for f in SIGNATURE_FIELDS}, **signature_extra(case.base_model.get("family"), pc)}
 
 
 # --------------------------------------------------------------------------- reproducibility
@@ -153,8 +156,14 @@ def _signature_fields(a: dict, b: dict) -> list[str]:
 
 
 def check_compatible(corpus_signature: dict | None, case_signature: dict | None) -> list[str]:
-    """Names of the signature fields that both sides record and that differ."""
+    """Names of the signature fields that both sides record and that differ. ``family`` is always
+    compared: a signature without it is a Stable Diffusion profile, so a FLUX.1 case never matches
+    an SDXL corpus even where the corpus left its base model unrecorded."""
+    from carlos_audit.models.families import SIGNATURE_FAMILY_DEFAULT
+
     a, b = corpus_signature or {}, case_signature or {}
+    if a and b and (a.get("family") or SIGNATURE_FAMILY_DEFAULT) != (b.get("family") or SIGNATURE_FAMILY_DEFAULT):
+        a, b = {**a, "family": a.get("family") or SIGNATURE_FAMILY_DEFAULT}, {**b, "family": b.get("family") or SIGNATURE_FAMILY_DEFAULT}
     out = []
     for f in _signature_fields(a, b):
         va, vb = a.get(f), b.get(f)

@@ -134,12 +134,13 @@ def demo(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
         carlos-audit demo
     """
     from carlos_audit.case.casefile import load_case
-    from carlos_audit.demo import DEMO_CASEFILE, prepare_demo
+    from carlos_audit.demo import DEMO_CASEFILE, prepare_demo, prepare_flux_demo
 
     quiet_libraries()
     casefile = casefile or str(DEMO_CASEFILE)
-    info = prepare_demo(progress=not no_progress)
-    click.echo(f"demo models, LoRAs and reference corpus ready in {info['home']}")
+    flux = load_case(casefile).base_model["source"] == "embedded:tiny-flux"  # casefiles/demo-flux.toml
+    info = prepare_flux_demo() if flux else prepare_demo(progress=not no_progress)
+    click.echo(f"demo models, LoRAs{' and reference corpus' if 'corpus' in info else ''} ready in {info['home']}")
     argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)
     _run(load_case(casefile), out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
          allow_incompatible, argv)
@@ -237,7 +238,7 @@ def check_command(casefile, as_json):
 
 @main.command("init")
 @click.argument("lora", type=click.Path(dir_okay=False))
-@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15"]), default=None,
+@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15", "flux-dev"]), default=None,
               help="Protocol (default: from the detected architecture; refused for other or mixed LoRAs).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Case file to write (default: ./<LoRA name>.toml).")
 @click.option("--force", is_flag=True, help="Replace an existing case file.")

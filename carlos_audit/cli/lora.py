@@ -45,6 +45,10 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
     click.echo(f"payload sha256  {r['payload_sha256'] or '—'}  (AutoV3; unchanged by metadata edits)")
     click.echo(f"format          {r['format']}")
     click.echo(f"architecture    {r['architecture']}  ({evidence.get('rule')})")
+    if r.get("layout"):  # FLUX.1
+        click.echo(f"Flux layout     {r['layout']}; double-stream blocks {_blocks(evidence.get('double'))}, "
+                   f"single-stream blocks {_blocks(evidence.get('single'))}"
+                   + (f"; also {', '.join(evidence['other'])}" if evidence.get("other") else ""))
     click.echo(f"modules         {r['module_count']} ({r['parameter_count']} parameters)")
     click.echo(f"ranks           {', '.join(map(str, ranks['distinct'])) or '—'}")
     alpha_text = ", ".join(f"{a:g}" for a in alphas["distinct"]) or "—"
@@ -100,3 +104,15 @@ def compare_weights_command(lora_a, lora_b, as_json):
     click.echo(f"norm ratio |B|/|A| {fmt(r['norm_ratio'], '.6f')}")
     click.echo(f"reading            {reading}")
     click.echo("                   (an indicator from the weights alone, not a conclusion)")
+
+
+def _blocks(indices) -> str:
+    """Block indices as ranges: [0, 1, 2, 5] -> "0-2, 5"; none -> "none"."""
+    if not indices:
+        return "none"
+    runs, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cur
+    return ", ".join(runs)

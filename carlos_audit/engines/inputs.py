@@ -46,7 +46,12 @@ def model_sha256(case) -> dict:
         return sha256_file(p) if p.is_file() else None
 
     src = case.base_model["source"]
-    base = tree_sha256(ensure_tiny_sd()) if src == "embedded:tiny-sd" else of_path(expand_path(src, case.base_dir))
+    if src in ("embedded:tiny-sd", "embedded:tiny-flux"):
+        from carlos_audit.models.flux import ensure_tiny_flux
+
+        base = tree_sha256(ensure_tiny_sd() if src == "embedded:tiny-sd" else ensure_tiny_flux())
+    else:
+        base = of_path(expand_path(src, case.base_dir))
     pre = case.embedder.get("pretrained")
     if case.embedder["model"] == "embedded:tiny-clip":
         emb = tree_sha256(ensure_tiny_clip())

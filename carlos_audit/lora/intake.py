@@ -14,6 +14,7 @@ import numpy as np
 
 from carlos_audit.hashing import sha256_file
 from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
+from carlos_audit.lora.flux_keys import blocks_touched, is_flux, layout
 from carlos_audit.lora.modules import (
     TensorReader,
     delta_inner,
@@ -32,9 +33,10 @@ _TRANSFORMER_INDEX = re.compile(r"^unet\..*\.transformer_blocks\.(\d+)\.")
 
 
 def detect_architecture(modules: dict[str, dict]) -> tuple[str, dict]:
-    """Guess the base-model family a LoRA was trained for: ``sdxl``, ``sd15`` or ``other``.
+    """Guess the base-model family a LoRA was trained for: ``flux``, ``sdxl``, ``sd15`` or ``other``.
 
-    The rule, first match wins (canonical diffusers names are used, so kohya SDXL
+    First ``flux`` by ``flux_keys.is_flux`` (evidence then lists the blocks touched). Then the
+    rule, first match wins (canonical diffusers names are used, so kohya SDXL
     ``input_blocks`` names count as the diffusers blocks they map to):
 
     1. The cross-attention dim, i.e. the in-features of UNet ``attn2.to_k`` / ``attn2.to_v``
@@ -50,6 +52,9 @@ def detect_architecture(modules: dict[str, dict]) -> tuple[str, dict]:
     ``cross_attention_dims``, ``has_text_encoder_2``, ``has_down_blocks_0_attentions`` and
     ``max_transformer_block_index``.
     """
+    flux_rule = is_flux(modules)
+    if flux_rule:
+        return "flux", {"rule": flux_rule, **blocks_touched(modules)}
     dims = sorted({m["in_features"] for n, m in modules.items() if _ATTN2_KV.match(n) and m["in_features"]})
     has_te2 = any(n.startswith("text_encoder_2.") for n in modules)
     has_db0_attn = any(n.startswith("unet.down_blocks.0.attentions.") for n in modules)
@@ -282,6 +287,7 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
         "autov2": digest[:10],
         "payload_sha256": payload_sha256(path, payload_start),
         "format": detect_format(header),
+        "layout": layout(header) if architecture == "flux" else None,
         "architecture": architecture,
         "architecture_evidence": evidence,
         "module_count": len(rows),

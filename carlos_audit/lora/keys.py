@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from carlos_audit.errors import AuditError
+from carlos_audit.lora.flux_keys import parse_flux_key
 
 # --------------------------------------------------------------------------------------------
 # Key parsing: tensor name -> (style, canonical module name, role)
@@ -73,8 +74,11 @@ def _diffusers_canonical(module: str) -> str:
 def parse_key(key: str) -> tuple[str, str, str] | None:
     """``(style, canonical module name, role)`` for a LoRA tensor name, or None if unrecognised.
 
-    style is ``"kohya"``, ``"peft"`` or ``"legacy"``.
+    style is ``"kohya"``, ``"peft"``, ``"legacy"`` or ``"xlabs"`` (FLUX.1 names: ``flux_keys``).
     """
+    flux = parse_flux_key(key)
+    if flux is not None:
+        return flux
     for prefix, _ in _KOHYA_PREFIXES:
         if key.startswith(prefix) and "." in key:
             module, suffix = key.split(".", 1)

@@ -92,7 +92,8 @@ def detect_format(header: dict) -> str:
         return "mixed"
     if not styles:
         return "unknown"
-    return {"kohya": "kohya", "peft": "diffusers_peft", "legacy": "diffusers_legacy"}[styles.most_common(1)[0][0]]
+    return {"kohya": "kohya", "peft": "diffusers_peft", "legacy": "diffusers_legacy",
+            "xlabs": "xlabs"}[styles.most_common(1)[0][0]]
 
 
 def _shape(header: dict, keys: dict, role: str):

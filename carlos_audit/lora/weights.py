@@ -38,12 +38,12 @@ from pathlib import Path
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
+from carlos_audit.lora.flux_weights import flux_view, view_delta
 from carlos_audit.lora.modules import (
     TensorReader,
     delta_inner,
     delta_shape,
     detect_format,
-    module_delta,
     read_modules,
 )
 
@@ -79,13 +79,15 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
     header_a, start_a, modules_a = _open(path_a)
     header_b, start_b, modules_b = _open(path_b)
 
-    shared = sorted(set(modules_a) & set(modules_b))
+    view_a, view_b = flux_view(modules_a), flux_view(modules_b)  # FLUX.1: compared as diffusers modules
+    names_a, names_b = set(view_a or modules_a), set(view_b or modules_b)
+    shared = sorted(names_a & names_b)
     per_module, skipped = [], []
     inner_total = sq_a_total = sq_b_total = 0.0
     with TensorReader(path_a, header_a, start_a) as reader_a, TensorReader(path_b, header_b, start_b) as reader_b:
         for name in shared:
-            delta_a = module_delta(reader_a, modules_a[name])
-            delta_b = module_delta(reader_b, modules_b[name])
+            delta_a = view_delta(reader_a, modules_a, view_a, name)
+            delta_b = view_delta(reader_b, modules_b, view_b, name)
             reason = delta_a.get("unsupported") or delta_b.get("unsupported")
             if reason is None and delta_shape(delta_a) != delta_shape(delta_b):
                 reason = f"shape mismatch {list(delta_shape(delta_a))} vs {list(delta_shape(delta_b))}"
@@ -116,8 +118,8 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
         "norm_b": math.sqrt(sq_b_total),
         "payload_identical": pay_a == pay_b,
         "modules_compared": len(per_module),
-        "modules_only_in_a": sorted(set(modules_a) - set(modules_b)),
-        "modules_only_in_b": sorted(set(modules_b) - set(modules_a)),
+        "modules_only_in_a": sorted(names_a - names_b),
+        "modules_only_in_b": sorted(names_b - names_a),
         "modules_skipped": skipped,
         "per_module": per_module,
         "path_a": str(path_a),

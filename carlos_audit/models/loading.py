@@ -27,6 +27,8 @@ from pathlib import Path
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 from carlos_audit.lora.fileformat import PICKLE_EXTENSIONS
+from carlos_audit.models.families import pipeline_family
+from carlos_audit.models.flux import ensure_tiny_flux, load_single_file_flux, single_file_flux_source
 from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd, tree_sha256
 
 
@@ -43,6 +45,8 @@ class LoadedPipeline:
     variant: str | None = None  # weight-file variant loaded (e.g. "fp16")
     config_source: str | None = None  # configs a single file was loaded with ("carried:sd15", "dir:x", "hf:id")
     files: list = field(default_factory=list)  # [{"name", "sha256"}] of every file that affects the images
+    variant_family: str | None = None  # family variant (models/families.py): "flux-dev", "flux-schnell", ...
+    stored_dtypes: list | None = None  # a single file's stored tensor dtypes (float8 is upcast on loading)
 
 
 def resolve_device(device: str) -> str:
@@ -65,16 +69,6 @@ def resolve_dtype(dtype: str, device: str):
     return dtype, getattr(torch, dtype)
 
 
-def _architecture_of_pipe(pipe) -> str:
-    name = type(pipe).__name__
-    if "XL" in name:
-        return "sdxl"
-    cad = getattr(pipe.unet.config, "cross_attention_dim", None)
-    if cad == 768:
-        return "sd15"
-    return "other"
-
-
 def _hub_snapshot(repo_id: str, allow_download: bool, what: str = "base model") -> Path:
     return hf_snapshot(repo_id, allow_download, what=what)
 
@@ -85,7 +79,7 @@ def _hub_snapshot(repo_id: str, allow_download: bool, what: str = "base model") 
 #: component and tokenizer configs of SD 1.5 and SDXL base 1.0). Single-file checkpoints are loaded
 #: with them, offline; the CLIP BPE vocabulary is added from open_clip's bundled file.
 CARRIED_CONFIGS = Path(__file__).with_name("configs")
-CARRIED_ARCHITECTURES = ("sd15", "sdxl")
+CARRIED_ARCHITECTURES = ("sd15", "sdxl", "flux-dev", "flux-schnell")
 
 
 def _carried_config_contents(arch: str) -> dict[str, bytes]:
@@ -142,6 +136,8 @@ class BaseSource:
     config_dir: Path | None  # the config folder a single file is loaded with
     config_source: str | None  # "carried:sd15", "dir:<name>", "hf:<id>"
     files: list[dict]  # [{"name", "sha256"}]: weights, configs, tokenizer files
+    components_dir: Path | None = None  # a Flux transformer file: the folder its other components come from
+    stored_dtypes: list | None = None
 
 
 def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: str | None = None,
@@ -149,8 +145,8 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
     """Find a base model offline and hash every file that affects its images (links followed)."""
     from carlos_audit.models.tiny import tree_files
 
-    if source == "embedded:tiny-sd":
-        path = ensure_tiny_sd()
+    if source in ("embedded:tiny-sd", "embedded:tiny-flux"):
+        path = ensure_tiny_sd() if source == "embedded:tiny-sd" else ensure_tiny_flux()
         return _folder_source("embedded", path, source, variant, tree_files(path))
     p = Path(source).expanduser()
     if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
@@ -169,8 +165,11 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
         if p.suffix.lower() != ".safetensors":
             raise AuditError(f"base model {p}: single-file checkpoints must be .safetensors")
         arch = single_file_architecture(p)
+        flux = None if arch else single_file_flux_source(p, config, base_dir, allow_download)
+        if flux is not None:
+            return flux
         if config:
-            config_dir, config_source = _user_config_dir(config, base_dir, allow_download)
+            config_dir, config_source = user_config_dir(config, base_dir, allow_download)
         elif arch in CARRIED_ARCHITECTURES:
             config_dir, config_source = carried_config_dir(arch), f"carried:{arch}"
         else:
@@ -187,7 +186,7 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
                              hint="download them (huggingface-cli download, or pass --allow-download)")
         return _folder_source("hf", snap, f"hf:{source}", variant, tree_files(snap))
     raise AuditError(
-        f"base model {source!r} not found; allowed: embedded:tiny-sd, a diffusers folder, "
+        f"base model {source!r} not found; allowed: embedded:tiny-sd, embedded:tiny-flux, a diffusers folder, "
         "a .safetensors file, or a hub id in the local Hugging Face cache"
     )
 
@@ -199,7 +198,7 @@ def _folder_source(kind: str, path: Path, identity: str, variant: str | None, en
                       [{"name": rel, "sha256": h} for rel, h in entries])
 
 
-def _user_config_dir(config: str, base_dir: Path | None, allow_download: bool) -> tuple[Path, str]:
+def user_config_dir(config: str, base_dir: Path | None, allow_download: bool) -> tuple[Path, str]:
     c = Path(config).expanduser()
     if base_dir is not None and not c.is_absolute() and (base_dir / c).exists():
         c = base_dir / c
@@ -310,12 +309,12 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
     pipe.set_progress_bar_config(disable=True)
     from carlos_audit.run.fastpath import apply_fastpath
 
-    arch = _architecture_of_pipe(pipe)
+    arch, family_variant = pipeline_family(pipe)
     fastpath = apply_fastpath(pipe, dev, dtype_name, arch)  # a no-op on the CPU
     # the embedded model is built from code on each machine: no machine path recorded
     path = f"$CARLOS_AUDIT_HOME/models/{src.path.name}" if src.kind == "embedded" else str(src.path)
     return LoadedPipeline(pipe, src.identity, src.sha256, arch, path, dev, dtype_name, fastpath,
-                          variant, src.config_source, src.files)
+                          variant, src.config_source, src.files, family_variant, src.stored_dtypes)
 
 
 def _from_source(src: BaseSource, torch_dtype, variant: str | None, allow_download: bool):
@@ -325,12 +324,14 @@ def _from_source(src: BaseSource, torch_dtype, variant: str | None, allow_downlo
         StableDiffusionXLPipeline,
     )
 
+    if src.components_dir is not None:  # a FLUX.1 transformer file
+        return load_single_file_flux(src.path, src.config_dir, src.components_dir, torch_dtype)
     if src.kind == "file":
         index = json.loads((src.config_dir / "model_index.json").read_text("utf-8"))
         cls = StableDiffusionXLPipeline if index.get("_class_name") == "StableDiffusionXLPipeline" else StableDiffusionPipeline
         return cls.from_single_file(str(src.path), config=str(src.config_dir), local_files_only=True, dtype=torch_dtype)
     kwargs = {"variant": variant} if variant else {}
-    cls = StableDiffusionPipeline if src.kind == "embedded" else DiffusionPipeline
+    cls = StableDiffusionPipeline if src.identity == "embedded:tiny-sd" else DiffusionPipeline
     return cls.from_pretrained(src.path, local_files_only=True, use_safetensors=True, dtype=torch_dtype, **kwargs)
 
 

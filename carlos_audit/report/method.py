@@ -24,7 +24,7 @@ def self_reported(lora: dict) -> dict:
             value, cut = clip(meta[k] if isinstance(meta[k], str) else json.dumps(meta[k], ensure_ascii=False), METADATA_MAX_CHARS)
             rows.append({"key": key, "value": value, "truncated": cut})
     facts = [(label, inspection.get(key)) for label, key in (
-        ("format", "format"), ("detected architecture", "architecture"), ("modules", "module_count"),
+        ("format", "format"), ("FLUX.1 layout", "layout"), ("detected architecture", "architecture"), ("modules", "module_count"),
         ("parameters", "parameter_count"), ("payload sha256 (tensors only)", "payload_sha256"),
         ("AutoV2 short hash", "autov2")) if inspection.get(key) is not None]
     facts += base_hash_facts(inspection)

@@ -72,11 +72,12 @@ def _hook_once(module, hook) -> None:
 
 
 def install_pipeline_hooks(pipe) -> None:
-    """Count UNet and VAE-decoder work of ``pipe`` (idempotent: a cached pipeline keeps its hooks)."""
+    """Count UNet and VAE-decoder work of ``pipe`` (idempotent: a cached pipeline keeps its hooks);
+    a FLUX.1 pipeline's transformer is counted as its UNet (the denoiser; no CFG batch doubling)."""
     ref = weakref.ref(pipe)
 
     def on_unet(module, args, kwargs):
-        n = _batch_of(args, kwargs, "sample")
+        n = _batch_of(args, kwargs, "sample") or _batch_of(args, kwargs, "hidden_states")
         p = ref()
         cfg = bool(getattr(p, "do_classifier_free_guidance", False)) if p is not None else False
         COUNTS["unet_forward_calls"] += 1
@@ -87,7 +88,7 @@ def install_pipeline_hooks(pipe) -> None:
         COUNTS["vae_decoder_calls"] += 1
         COUNTS["vae_decoded_images"] += _batch_of(args, kwargs, "z")
 
-    _hook_once(getattr(pipe, "unet", None), on_unet)
+    _hook_once(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None), on_unet)
     _hook_once(getattr(getattr(pipe, "vae", None), "decoder", None), on_decode)
 
 

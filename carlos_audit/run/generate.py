@@ -22,16 +22,18 @@ class GenerationParams:
     scheduler: str
     negative_prompt: str
     seed_mode: str = "per-image"
+    max_sequence_length: int | None = None  # T5 tokens (FLUX.1); None for Stable Diffusion
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The parameters (max_sequence_length only where set, so Stable Diffusion keys are unchanged)."""
+        return {k: v for k, v in self.__dict__.items() if k != "max_sequence_length" or v is not None}
 
     @classmethod
     def from_protocol(cls, protocol: dict, scheduler: str) -> "GenerationParams":
         """From a case's [protocol] (or a manifest's ``protocol``) and the scheduler class in use."""
         p = protocol
         return cls(p["steps"], p["guidance_scale"], p["width"], p["height"], scheduler, p["negative_prompt"],
-                   p.get("seed_mode", "per-image"))
+                   p.get("seed_mode", "per-image"), p.get("max_sequence_length"))
 
 
 #: Counts of work actually done, by kind; tests and the bench read them (hooks, not estimates).
@@ -60,6 +62,8 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], params: Generatio
     else:
         call = dict(prompt=list(prompts), generator=[torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
                     negative_prompt=[params.negative_prompt] * len(prompts) if params.negative_prompt else None)
+    if params.max_sequence_length is not None:  # FLUX.1: T5 length; guidance_scale is its guidance input
+        call["max_sequence_length"] = params.max_sequence_length
     with torch.no_grad():
         out = pipe(
             **call,

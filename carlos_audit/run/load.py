@@ -123,6 +123,13 @@ def module_accounting(pipe, adapter: str, path: Path, inspection: dict) -> dict:
                 applied[row["name"]] = sorted(homes)[0]
             else:
                 skipped.append(row["name"])
+    if skipped and getattr(pipe, "transformer", None) is not None:  # FLUX.1: fused and alpha-folded factors
+        from carlos_audit.run.flux_accounting import match_by_weight_change
+
+        by_change = match_by_weight_change(pipe, adapter, path, [r for r in rows if r["name"] in skipped],
+                                           LORA_COMPONENTS, set(applied.values()))
+        applied.update({n: homes[0] for n, homes in by_change.items()})
+        skipped = [n for n in skipped if n not in by_change]
     reasons = skip_reasons(pipe, path, skipped, {r["name"]: r for r in rows}) if skipped else {}
     return {"partial": bool(skipped), "applied": len(applied), "in_file": len(rows), "wrapped": len(wrapped),
             "by_component": _by_component(applied.values()),
@@ -144,6 +151,10 @@ def skip_reasons(pipe, path: Path, skipped: list[str], rows: dict[str, dict]) ->
 
     from carlos_audit.lora.keys import parse_key
 
+    if getattr(pipe, "transformer", None) is not None:
+        from carlos_audit.run.flux_accounting import flux_skip_reasons
+
+        return flux_skip_reasons(pipe, path, skipped, rows)
     tensors = load_file(str(path))
     origin = {id(t): k for k, t in tensors.items()}
     kwargs = {"unet_config": pipe.unet.config} if getattr(pipe, "unet", None) is not None else {}
@@ -200,6 +211,9 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     if want and lp.sha256 != want.lower():
         raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
     inspection.update(claimed_base_hash_check(inspection, lp))
+    fam = case.base_model.get("family")
+    if fam and lp.variant_family and fam != lp.variant_family:
+        raise AuditError(f"base model {lp.identity} is {lp.variant_family} but the case says base_model.family = {fam!r}")
     arch = inspection.get("architecture")
     if arch and arch != lp.architecture:
         raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
@@ -253,4 +267,6 @@ def base_model_record(case: Case, lp) -> dict:
     return {"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
             "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
             "pipeline": type(lp.pipe).__name__, "variant": lp.variant, "config": case.base_model.get("config"),
-            "config_source": lp.config_source, "files": lp.files}
+            "config_source": lp.config_source, "files": lp.files,
+            # a FLUX.1 transformer file: its stored dtypes (float8 is upcast to ``dtype`` on loading)
+            **({"stored_dtypes": lp.stored_dtypes} if getattr(lp, "stored_dtypes", None) else {})}
