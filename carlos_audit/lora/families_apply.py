@@ -47,6 +47,39 @@ FAMILIES = {
 }
 
 
+#: families with a rank and an alpha (alpha absent or 0 means alpha = rank)
+LOW_RANK = ("lora", "lora_tucker", "dora", "loha", "lokr", "glora")
+
+
+def family_summary(rows: list[dict]) -> dict:
+    """Per family of an ``inspect`` report: its name, module count, ranks and alphas (low-rank
+    families only), the weight-change norm where it does not depend on the base weights, the
+    norm of its own parameters, and how the scale acts."""
+    out: dict = {}
+    for r in rows:
+        kind = r["kind"]
+        name, tensors, rule = FAMILIES.get(kind, (kind, "", ""))
+        f = out.setdefault(kind, {"name": name, "tensors": tensors, "scale_rule": rule, "modules": 0,
+                                  "weight_decompose": 0, "ranks": set(), "alphas": set(),
+                                  "delta_norm_sq": 0.0, "delta_norm_known": True, "parameter_norm_sq": 0.0})
+        f["modules"] += 1
+        f["weight_decompose"] += bool(r.get("weight_decompose"))
+        if kind in LOW_RANK:
+            f["ranks"].add(r["rank"])
+            f["alphas"].add(r["alpha"])
+        if r.get("delta_norm") is None:
+            f["delta_norm_known"] = False
+        else:
+            f["delta_norm_sq"] += r["delta_norm"] ** 2
+        f["parameter_norm_sq"] += (r.get("parameter_norm") or 0.0) ** 2
+    for f in out.values():
+        f["ranks"] = sorted(x for x in f["ranks"] if x is not None)
+        f["alphas"] = sorted(x for x in f["alphas"] if x is not None)
+        f["delta_norm"] = f.pop("delta_norm_sq") ** 0.5 if f.pop("delta_norm_known") else None
+        f["parameter_norm"] = f.pop("parameter_norm_sq") ** 0.5
+    return dict(sorted(out.items()))
+
+
 def _torch():
     import torch
 
@@ -60,13 +93,6 @@ def _flat(t):
 def _shaped(x, shape):
     """``x`` reshaped to a layer's weight shape (None: as built)."""
     return x if shape is None else x.reshape(shape)
-
-
-def low_rank_scale(alpha: float | None, rank: int | None) -> float:
-    """alpha / rank; alpha absent or 0 means alpha = rank (the library's rule)."""
-    if not rank or alpha is None or alpha == 0:
-        return 1.0
-    return alpha / rank
 
 
 def loha_delta(t: dict, scale: float, shape) -> "object":

@@ -80,7 +80,9 @@ def detect_format(header: dict) -> str:
     """Name the LoRA format of a safetensors header.
 
     * ``lycoris_loha`` / ``lycoris_lokr`` / ``lycoris_locon_mid``: any ``hada_*`` / ``lokr_*`` /
-      ``lora_mid`` tensor (checked in that order);
+      ``lora_mid`` tensor (checked in that order); then ``lycoris_full`` / ``_ia3`` / ``_glora`` /
+      ``_diag_oft`` / ``_boft``: any module of that family; ``lycoris_dora``: kohya-named
+      LoRA modules with ``dora_scale``;
     * ``kohya``: ``lora_unet_*`` / ``lora_te[12]_*`` names with ``.lora_down.weight``,
       ``.lora_up.weight``, ``.alpha``;
     * ``diffusers_peft``: ``<module path>.lora_A.weight`` / ``.lora_B.weight``;
@@ -97,6 +99,12 @@ def detect_format(header: dict) -> str:
         return "lycoris_lokr"
     if "mid" in roles:
         return "lycoris_locon_mid"
+    kinds = {_module_kind(set(m["keys"]), header, m["keys"]) for m in modules.values()}
+    for kind in ("full", "ia3", "glora", "diag_oft", "boft"):
+        if kind in kinds:
+            return f"lycoris_{kind}"
+    if "dora" in kinds and "kohya" in styles:
+        return "lycoris_dora"
     if len(styles) > 1:
         return "mixed"
     if not styles:
@@ -336,8 +344,10 @@ def module_delta(reader: TensorReader, module: dict) -> dict:
         effective_down = np.einsum("abhw,bi->aihw", mid, down).reshape(mid.shape[0], -1)
         return {"up": up, "down": effective_down, "scale": scale}
     if module.get("weight_decompose") or kind in BASE_DEPENDENT:
-        return {"unsupported": f"{kind}{' with weight decomposition' if module.get('weight_decompose') else ''}: "
-                               "the weight change depends on the base weights"}
+        from carlos_audit.lora.families_apply import FAMILIES
+
+        name = FAMILIES[kind][0] + (" with weight decomposition (DoRA)" if kind != "dora" and module.get("weight_decompose") else "")
+        return {"unsupported": f"{name}: the weight change depends on the base weights"}
     if kind in ("loha", "lokr", "full"):
         import torch
 

@@ -100,7 +100,12 @@ def resolve(pipe, rows: list[dict], source) -> tuple[list[Target], list[dict]]:
         if hit is None:
             skipped.append({"module": row["name"], "reason": f"no weight layer of the base model's {component} is named {body}"})
             continue
-        tensors = {parse_key(k)[2]: source.get_tensor(k) for k in row["tensors"]}
+        roles = {parse_key(k)[2]: k for k in row["tensors"]}
+        strange = sorted(k for r, k in roles.items() if r.startswith("other:"))
+        if strange:
+            skipped.append({"module": row["name"], "reason": f"{row['kind']} module with tensor(s) of no LoRA family: {', '.join(strange)}"})
+            continue
+        tensors = {r: source.get_tensor(k) for r, k in roles.items()}
         tensors.pop("alpha", None)
         meta = {"scale": row.get("scale"), "constraint": oft_constraint(
             (row.get("family_parameters") or {}).get("constraint"), hit[1].weight.shape[0])}
