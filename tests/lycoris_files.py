@@ -34,6 +34,11 @@ class MadeFile:
     base_unet: object
     base_text_encoder: object
 
+    def detach(self) -> None:
+        """The library's modules off the models (their forward back to the layer's own)."""
+        for lora in self.network.loras:
+            lora.restore()
+
     def set_multiplier(self, multiplier: float) -> None:
         for lora in self.network.loras:
             lora.multiplier = multiplier
@@ -146,9 +151,6 @@ def make_lycoris_file(pipe, family: str, path: Path, seed: int = 0, dim: int = 4
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     network.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya", "family": family})
-    if not copy:
-        for lora in network.loras:
-            lora.restore()
     return MadeFile(path, network, unet, te.text_model if te is not None else None, pipe.unet, pipe.text_encoder)
 
 

@@ -207,3 +207,32 @@ def test_allow_partial_reports_what_the_pipeline_holds(tiny, made, tmp_path):
     finally:
         unload(tiny)
     assert_bitwise(tiny, before)
+
+
+def test_run_and_verify_a_lokr_case_through_the_weight_patch(demo_assets, made, tmp_path):
+    """run applies a LoKr file by weight patch (scale sweep included), the manifest records how
+    and the patched-weight hash; verify --sample regenerates through the same path."""
+    import json
+
+    from click.testing import CliRunner
+    from conftest import write_case
+
+    from carlos_audit.cli import main
+    from carlos_audit.fileio import read_json
+
+    extra = "scales = [0.5]\n[indicators]\ntrigger_dependence = false\nprompt_override = false\neffect_labels = false"
+    cf = write_case(tmp_path, demo_assets, lora=str(made["lokr"].path), steps=2, extra=extra)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["run", str(cf), "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    load = read_json(out / "manifest.json")["lora"]["load"]
+    assert load["partial"] is False and load["applied"] == load["in_file"] == 151
+    fam = load["application"]["families"]["lokr"]
+    assert load["application"]["method"] == fam["method"] == "weight_patch" and fam["modules"] == 151
+    assert len(fam["patched_weights_sha256"]) == 64 and fam["delta_norm"] > 0
+    r = CliRunner().invoke(main, ["verify", str(out), "--sample", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    checks = {c["check"]: c for c in json.loads(r.output)["checks"]}
+    assert checks["LoRA application"]["ok"], checks["LoRA application"]
+    regen = [c for name, c in checks.items() if name.startswith("regenerate")]
+    assert regen and all(c["ok"] for c in regen), regen

@@ -117,9 +117,11 @@ def patched_weight(target: Target, w0, b0, scale: float):
     """``(weight, bias)`` of the target's layer at ``scale``, cast to the layer's dtype."""
     from carlos_audit.lora.families_apply import new_weight
 
-    t = {k: v.to(device=w0.device, dtype=_f64()) for k, v in target.tensors.items()}
-    w, b = new_weight(target.kind, t, target.meta, w0.to(_f64()), None if b0 is None else b0.to(_f64()), scale)
-    return w.to(w0.dtype), (None if b is None else b.to(b0.dtype))
+    device = "cpu" if w0.device.type == "mps" else w0.device  # MPS has no float64
+    t = {k: v.to(device=device, dtype=_f64()) for k, v in target.tensors.items()}
+    w, b = new_weight(target.kind, t, target.meta, w0.to(device, _f64()),
+                      None if b0 is None else b0.to(device, _f64()), scale)
+    return w.to(w0.device, w0.dtype), (None if b is None else b.to(b0.device, b0.dtype))
 
 
 def _f64():
@@ -257,3 +259,20 @@ def unload(pipe) -> None:
     restore(pipe)
     STATES.pop(pipe, None)
 
+
+
+def application_differences(recorded: dict, now: dict | None) -> str:
+    """How the LoRA's application now differs from the recorded one ("" when it does not):
+    the method, and per family the module count and the patched-weight hash."""
+    if now is None:
+        return "the LoRA was not applied"
+    if recorded.get("method") != now.get("method"):
+        return f"applied by {now.get('method')}, recorded {recorded.get('method')}"
+    out = []
+    fams, then = now.get("families", {}), recorded.get("families", {})
+    for kind in sorted(set(fams) | set(then)):
+        a, b = then.get(kind, {}), fams.get(kind, {})
+        for key in ("modules", "patched_weights_sha256"):
+            if a.get(key) != b.get(key):
+                out.append(f"{kind} {key}: recorded {a.get(key)}, now {b.get(key)}")
+    return "; ".join(out)
