@@ -17,7 +17,6 @@ carlos-audit (run/load.py -> diffusers or run/patch.py) and compared on the same
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import tempfile
@@ -30,8 +29,7 @@ os.environ.setdefault("CARLOS_AUDIT_HOME", tempfile.mkdtemp(prefix="carlos-bench
 
 
 def main() -> None:
-    from lycoris.kohya import create_network_from_weights
-    from lycoris_files import FAMILIES, TextModelHolder, make_lycoris_file, quiet
+    from lycoris_files import FAMILIES, library_models, make_lycoris_file
 
     from carlos_audit.lora.intake import inspect_lora
     from carlos_audit.models.loading import load_base_pipeline
@@ -59,11 +57,8 @@ def main() -> None:
           f" {'LoRA effect rel':>15} {'merge/fwd':>9} {'reload rel':>10}")
     for family, m in made.items():
         try:
-            unet, te = copy.deepcopy(pipe.unet), TextModelHolder(copy.deepcopy(pipe.text_encoder))
-            with quiet():
-                net, _ = create_network_from_weights(1.0, str(m.path), pipe.vae, te, unet)
-                net.apply_to(te, unet, True, True)
-            reload = f"{diff(out(unet, te.text_model)[0], out(m.unet, m.text_encoder)[0])[1]:10.1e}"
+            unet, te, _ = library_models(pipe, m.path)
+            reload = f"{diff(out(unet, te)[0], out(m.unet, m.text_encoder)[0])[1]:10.1e}"
         except Exception as e:  # the library cannot reload some of its own files
             reload = f"{type(e).__name__:>10}"
         state = load_lora(pipe, m.path, "t", inspect_lora(m.path), allow_partial=False)

@@ -92,6 +92,23 @@ class TextModelHolder(torch.nn.Module):
 
 
 @contextlib.contextmanager
+def class_presets(preset: str | None = None):
+    """The library keeps its preset in class attributes: apply ``preset`` (if given) for the
+    block, and leave none behind. Quiet: the library's INFO logging off."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    saved = {k: getattr(LycorisNetworkKohya, k) for k in dir(LycorisNetworkKohya) if k.isupper()}
+    try:
+        if preset:
+            LycorisNetworkKohya.apply_preset(_presets()[preset])
+        with quiet():
+            yield
+    finally:
+        for k, v in saved.items():
+            setattr(LycorisNetworkKohya, k, v)
+
+
+@contextlib.contextmanager
 def quiet():
     logger = logging.getLogger("LyCORIS")
     level = logger.level
@@ -128,7 +145,7 @@ def make_lycoris_file(pipe, family: str, path: Path, seed: int = 0, dim: int = 4
     """
     import copy as copying
 
-    from lycoris.kohya import LycorisNetworkKohya, create_network
+    from lycoris.kohya import create_network
 
     from lycoris.config import PRESET
 
@@ -138,15 +155,10 @@ def make_lycoris_file(pipe, family: str, path: Path, seed: int = 0, dim: int = 4
     unet = copying.deepcopy(pipe.unet) if copy else pipe.unet
     te = (TextModelHolder(copying.deepcopy(pipe.text_encoder) if copy else pipe.text_encoder)
           if text_encoder else None)
-    saved = {k: getattr(LycorisNetworkKohya, k) for k in dir(LycorisNetworkKohya) if k.isupper()}
-    with quiet():
-        try:
-            network = create_network(1.0, dim, alpha, pipe.vae, te, unet, preset=preset,
-                                     **{k: str(v) if isinstance(v, bool) else v for k, v in kwargs.items()})
-            network.apply_to(te, unet, te is not None, True)
-        finally:
-            for k, v in saved.items():  # presets are class attributes: leave none behind
-                setattr(LycorisNetworkKohya, k, v)
+    with class_presets():
+        network = create_network(1.0, dim, alpha, pipe.vae, te, unet, preset=preset,
+                                 **{k: str(v) if isinstance(v, bool) else v for k, v in kwargs.items()})
+        network.apply_to(te, unet, te is not None, True)
     _fill(network, seed, gain)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +174,7 @@ def library_models(pipe, path: Path, multiplier: float = 1.0):
     from lycoris.kohya import create_network_from_weights
 
     unet, te = copy.deepcopy(pipe.unet), TextModelHolder(copy.deepcopy(pipe.text_encoder))
-    with quiet():
+    with class_presets("carlos-full"):  # the default preset names time_embedding twice
         network, _ = create_network_from_weights(multiplier, str(path), pipe.vae, te, unet)
         network.apply_to(te, unet, True, True)
     return unet, te.text_model, network
