@@ -202,7 +202,12 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     if changed:
         return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
     checks = [check_base_files(case, manifest)] if manifest["base_model"].get("files") else []
-    lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
+    lp, emb, load_now, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
+    if "application" in manifest["lora"]["load"]:
+        from carlos_audit.run.patch import application_differences
+
+        diff = application_differences(manifest["lora"]["load"]["application"], load_now.get("application"))
+        checks.append(Check("LoRA application", not diff, diff or "applied by the recorded method; patched-weight hashes identical"))
     env_now = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
     differences = environment_differences(env_now, manifest["environment"])
     same_platform = not differences

@@ -50,6 +50,10 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
                    f"single-stream blocks {_blocks(evidence.get('single'))}"
                    + (f"; also {', '.join(evidence['other'])}" if evidence.get("other") else ""))
     click.echo(f"modules         {r['module_count']} ({r['parameter_count']} parameters)")
+    for kind, f in r.get("families", {}).items():
+        wd = f", {f['weight_decompose']} with weight decomposition" if f["weight_decompose"] and kind != "dora" else ""
+        norm = fmt(f["delta_norm"]) if f["delta_norm"] is not None else "depends on the base weights"
+        click.echo(f"family          {f['name']}: {f['modules']} modules{wd}; |dW| {norm}; scale: {f['scale_rule']}")
     click.echo(f"ranks           {', '.join(map(str, ranks['distinct'])) or '—'}")
     alpha_text = ", ".join(f"{a:g}" for a in alphas["distinct"]) or "—"
     if alphas["absent"]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from carlos_audit.hashing import sha256_file
+from carlos_audit.lora.families_apply import LOW_RANK, family_summary
 from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
 from carlos_audit.lora.flux_keys import blocks_touched, is_flux, layout
 from carlos_audit.lora.modules import (
@@ -196,6 +197,7 @@ def _pickle_report(path: Path, base_model_sha256: str | None) -> dict:
         "module_count": 0,
         "parameter_count": 0,
         "modules": [],
+        "families": {},
         "rank_summary": _summary([]),
         "alpha_summary": _summary([]),
         "weight_norm_total": None,
@@ -211,11 +213,12 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
     """Validate, hash and describe a LoRA file; a JSON-serialisable dict.
 
     Keys: ``path``, ``file_name``, ``size``, ``sha256``, ``autov2``, ``payload_sha256``,
-    ``format`` (see ``detect_format``), ``architecture`` and ``architecture_evidence`` (see
+    ``format`` (see ``detect_format``), ``families`` (see ``families_apply.family_summary``), ``architecture`` and ``architecture_evidence`` (see
     ``detect_architecture``), ``module_count``, ``parameter_count``, ``modules`` (list, sorted by
     name, of ``name, kind, rank, alpha, alpha_source, scale, in_features, out_features,
-    kernel_size, parameter_count, down_norm, up_norm, delta_norm, tensors``), ``rank_summary``,
-    ``alpha_summary``, ``weight_norm_total`` (Frobenius norm of all module dW together; None if
+    kernel_size, parameter_count, down_norm, up_norm, delta_norm, tensors, weight_decompose,
+    family_parameters, parameter_norm``), ``rank_summary``, ``alpha_summary`` (low-rank families
+    only), ``weight_norm_total`` (Frobenius norm of all module dW together; None if
     no module could be computed), ``metadata`` (``__metadata__`` verbatim, SELF-REPORTED),
     ``claimed_base_model_hash`` (see ``claimed_base_model_hash``), ``base_model_hash_check``
     (``match | mismatch | absent``; ``legacy_not_comparable`` for a legacy-only claim;
@@ -245,6 +248,8 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
             elif m["kind"] in ("lora_tucker", "dora"):
                 down_norm = _fro(reader.get(m["keys"]["down"]))
                 up_norm = _fro(reader.get(m["keys"]["up"]))
+            parameter_norm = math.sqrt(sum(_fro(reader.get(k)) ** 2 for role, k in m["keys"].items()
+                                           if role not in ("alpha", "on_input")))
             if "unsupported" not in delta:
                 delta_norm = math.sqrt(max(delta_inner(delta, delta), 0.0))
                 total_sq += delta_norm**2
@@ -265,6 +270,9 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
                     "up_norm": up_norm,
                     "delta_norm": delta_norm,
                     "tensors": sorted(m["keys"].values()),
+                    "weight_decompose": m["weight_decompose"],
+                    "family_parameters": m["family_parameters"],
+                    "parameter_norm": parameter_norm,
                 }
             )
 
@@ -293,8 +301,9 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
         "module_count": len(rows),
         "parameter_count": sum(r["parameter_count"] for r in rows),
         "modules": rows,
-        "rank_summary": _summary([r["rank"] for r in rows]),
-        "alpha_summary": _summary([r["alpha"] for r in rows]),
+        "families": family_summary(rows),
+        "rank_summary": _summary([r["rank"] for r in rows if r["kind"] in LOW_RANK]),
+        "alpha_summary": _summary([r["alpha"] for r in rows if r["kind"] in LOW_RANK]),
         "weight_norm_total": math.sqrt(total_sq) if any_delta else None,
         "metadata": metadata,
         "claimed_base_model_hash": claim,

@@ -33,6 +33,9 @@ _KOHYA_ROLES = {
     "diff_b": "diff_b",
     **{s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
     **{s: s for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+    # LyCORIS (IA)^3, diag-OFT / BOFT, GLoRA
+    **{s: s for s in ("weight", "on_input", "oft_blocks", "rescale")},
+    **{f"{s}.weight": s for s in ("a1", "a2", "b1", "b2", "bm")},
 }
 
 # diffusers / peft suffixes -> role

@@ -20,8 +20,10 @@ from carlos_audit.lora.keys import COMPONENTS, parse_key
 # --------------------------------------------------------------------------------------------
 
 
-def _module_kind(roles: set[str]) -> str:
-    """lora | lora_tucker | dora | loha | lokr | full | incomplete."""
+def _module_kind(roles: set[str], header: dict | None = None, keys: dict | None = None) -> str:
+    """lora | lora_tucker | dora | loha | lokr | full | ia3 | glora | diag_oft | boft | incomplete
+    (the families of ``families_apply.FAMILIES``); a LoHa/LoKr with ``dora_scale`` keeps its
+    family (its weight decomposition is in the module's ``weight_decompose``)."""
     if any(r.startswith("hada_") for r in roles):
         return "loha"
     if any(r.startswith("lokr_") for r in roles):
@@ -32,6 +34,13 @@ def _module_kind(roles: set[str]) -> str:
         return "lora_tucker" if "mid" in roles else "lora"
     if "diff" in roles:
         return "full"
+    if {"a1", "a2", "b1", "b2"} <= roles:
+        return "glora"
+    if "oft_blocks" in roles:
+        shape = header[keys["oft_blocks"]]["shape"] if header and keys else []
+        return "boft" if len(shape) == 4 else "diag_oft"
+    if "weight" in roles and roles <= {"weight", "on_input"}:
+        return "ia3"
     return "incomplete"
 
 
@@ -71,7 +80,9 @@ def detect_format(header: dict) -> str:
     """Name the LoRA format of a safetensors header.
 
     * ``lycoris_loha`` / ``lycoris_lokr`` / ``lycoris_locon_mid``: any ``hada_*`` / ``lokr_*`` /
-      ``lora_mid`` tensor (checked in that order);
+      ``lora_mid`` tensor (checked in that order); then ``lycoris_full`` / ``_ia3`` / ``_glora`` /
+      ``_diag_oft`` / ``_boft``: any module of that family; ``lycoris_dora``: kohya-named
+      LoRA modules with ``dora_scale``;
     * ``kohya``: ``lora_unet_*`` / ``lora_te[12]_*`` names with ``.lora_down.weight``,
       ``.lora_up.weight``, ``.alpha``;
     * ``diffusers_peft``: ``<module path>.lora_A.weight`` / ``.lora_B.weight``;
@@ -88,6 +99,12 @@ def detect_format(header: dict) -> str:
         return "lycoris_lokr"
     if "mid" in roles:
         return "lycoris_locon_mid"
+    kinds = {_module_kind(set(m["keys"]), header, m["keys"]) for m in modules.values()}
+    for kind in ("full", "ia3", "glora", "diag_oft", "boft"):
+        if kind in kinds:
+            return f"lycoris_{kind}"
+    if "dora" in kinds and "kohya" in styles:
+        return "lycoris_dora"
     if len(styles) > 1:
         return "mixed"
     if not styles:
@@ -118,7 +135,9 @@ def _module_geometry(kind: str, header: dict, keys: dict) -> dict:
         w1a, w1b = _shape(header, keys, "hada_w1_a"), _shape(header, keys, "hada_w1_b")
         if w1b and len(w1b) >= 1:
             rank = w1b[0]
-        if "hada_t1" not in keys and w1a and w1b and len(w1a) == 2 and len(w1b) == 2:
+        if "hada_t1" in keys and w1a and w1b and len(w1a) == 2 and len(w1b) == 2:
+            out_f, in_f, kernel = w1a[1], w1b[1], _shape(header, keys, "hada_t1")[2:] or None
+        elif w1a and w1b and len(w1a) == 2 and len(w1b) == 2:
             out_f, in_f = w1a[0], w1b[1]
     elif kind == "lokr":
         for role in ("lokr_w2_b", "lokr_w1_b"):
@@ -133,11 +152,22 @@ def _module_geometry(kind: str, header: dict, keys: dict) -> dict:
         w2 = _shape(header, keys, "lokr_w2") or (
             [_shape(header, keys, "lokr_w2_a")[0], _shape(header, keys, "lokr_w2_b")[1]]
             if "lokr_w2_a" in keys and "lokr_w2_b" in keys and "lokr_t2" not in keys else None
+        ) or (
+            [_shape(header, keys, "lokr_w2_a")[1], _shape(header, keys, "lokr_w2_b")[1], *_shape(header, keys, "lokr_t2")[2:]]
+            if {"lokr_w2_a", "lokr_w2_b", "lokr_t2"} <= set(keys) else None
         )
         if w1 and w2 and len(w1) >= 2 and len(w2) >= 2:
             out_f, in_f = w1[0] * w2[0], w1[1] * w2[1]
             if len(w2) == 4:
                 kernel = w2[2:]
+    elif kind == "glora":
+        a2, b1 = _shape(header, keys, "a2"), _shape(header, keys, "b1")
+        rank, in_f, out_f = a2[0], a2[1], b1[0]
+        b2 = _shape(header, keys, "b2")
+        kernel = b2[2:] if len(b2) == 4 and b2[2:] != [1, 1] else None
+    elif kind in ("diag_oft", "boft"):
+        blocks = _shape(header, keys, "oft_blocks")
+        out_f = blocks[-3] * blocks[-1]
     elif kind == "full":
         diff = _shape(header, keys, "diff")
         if diff and len(diff) >= 2:
@@ -290,6 +320,10 @@ def _flatten_up(up: np.ndarray) -> np.ndarray:
     return up.reshape(up.shape[0], -1)
 
 
+#: families whose weight change is a function of the base weights (no base-free dW)
+BASE_DEPENDENT = ("dora", "ia3", "glora", "diag_oft", "boft")
+
+
 def module_delta(reader: TensorReader, module: dict) -> dict:
     """The weight change ``dW`` of one module, in factored form where possible.
 
@@ -310,24 +344,19 @@ def module_delta(reader: TensorReader, module: dict) -> dict:
             return {"unsupported": f"lora_mid of shape {list(mid.shape)} is not a conv kernel"}
         effective_down = np.einsum("abhw,bi->aihw", mid, down).reshape(mid.shape[0], -1)
         return {"up": up, "down": effective_down, "scale": scale}
-    if kind == "loha":
-        if "hada_t1" in keys or "hada_t2" in keys:
-            return {"unsupported": "LoHa with tucker factors (hada_t1/hada_t2) is not supported"}
-        w1 = reader.get(keys["hada_w1_a"]) @ reader.get(keys["hada_w1_b"])
-        w2 = reader.get(keys["hada_w2_a"]) @ reader.get(keys["hada_w2_b"])
-        return {"dense": scale * w1 * w2}
-    if kind == "lokr":
-        if "lokr_t2" in keys:
-            return {"unsupported": "LoKr with a tucker factor (lokr_t2) is not supported"}
-        w1 = reader.get(keys["lokr_w1"]) if "lokr_w1" in keys else reader.get(keys["lokr_w1_a"]) @ reader.get(keys["lokr_w1_b"])
-        w2 = reader.get(keys["lokr_w2"]) if "lokr_w2" in keys else reader.get(keys["lokr_w2_a"]) @ reader.get(keys["lokr_w2_b"])
-        # kron of (a, b) with the flattened (c, d*kh*kw) equals the flattened 4-D kron.
-        return {"dense": scale * np.kron(w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1))}
-    if kind == "full":
-        diff = reader.get(keys["diff"])
-        return {"dense": diff.reshape(diff.shape[0], -1)}
-    if kind == "dora":
-        return {"unsupported": "DoRA rescales the merged weight column-wise; dW depends on the base weights"}
+    if module.get("weight_decompose") or kind in BASE_DEPENDENT:
+        from carlos_audit.lora.families_apply import FAMILIES
+
+        name = FAMILIES[kind][0] + (" with weight decomposition (DoRA)" if kind != "dora" and module.get("weight_decompose") else "")
+        return {"unsupported": f"{name}: the weight change depends on the base weights"}
+    if kind in ("loha", "lokr", "full"):
+        import torch
+
+        from carlos_audit.lora.families_apply import base_free_delta
+
+        t = {role: torch.from_numpy(reader.get(k)) for role, k in keys.items() if role != "alpha"}
+        dense = base_free_delta(kind, t, module, None)
+        return {"dense": dense.reshape(dense.shape[0], -1).numpy()}
     return {"unsupported": f"incomplete module (tensors: {', '.join(sorted(keys))})"}
 
 
@@ -353,6 +382,15 @@ def delta_shape(d: dict) -> tuple[int, int]:
     return (d["up"].shape[0], d["down"].shape[1])
 
 
+def _oft_parameters(header: dict, keys: dict, constraint: float | None) -> dict:
+    shape = header[keys["oft_blocks"]]["shape"]
+    out = {"blocks": shape[-3], "block_size": shape[-1], "constraint": constraint or 0.0,
+           "rescaled": "rescale" in keys}
+    if len(shape) == 4:
+        out["stages"] = shape[0]
+    return out
+
+
 def read_modules(path: str | Path, header: dict | None = None, payload_start: int | None = None) -> dict[str, dict]:
     """The LoRA modules of a validated safetensors file, from its header (+ alpha tensors).
 
@@ -370,7 +408,7 @@ def read_modules(path: str | Path, header: dict | None = None, payload_start: in
     with TensorReader(path, header, payload_start) as reader:
         for name in sorted(groups):
             keys = groups[name]["keys"]
-            kind = _module_kind(set(keys))
+            kind = _module_kind(set(keys), header, keys)
             geometry = _module_geometry(kind, header, keys)
             alpha, alpha_source, rslora = None, None, False
             if "alpha" in keys:
@@ -381,7 +419,15 @@ def read_modules(path: str | Path, header: dict | None = None, payload_start: in
             else:
                 alpha, rslora = _peft_alpha(configs, name)
                 alpha_source = "peft_metadata" if alpha is not None else None
-            if kind == "lokr" and "lokr_w1" in keys and "lokr_w2" in keys:
+            family_parameters = {}
+            if kind in ("diag_oft", "boft"):  # the alpha tensor is the rotation's norm constraint
+                family_parameters = _oft_parameters(header, keys, alpha)
+                alpha = alpha_source = scale = None
+            elif kind in ("ia3", "full"):
+                scale = None if kind == "ia3" else 1.0
+                if "on_input" in keys:
+                    family_parameters["on_input"] = bool(reader.get(keys["on_input"]).reshape(-1)[0])
+            elif kind == "lokr" and "lokr_w1" in keys and "lokr_w2" in keys:
                 scale = 1.0  # LyCORIS: both Kronecker factors full -> alpha is ignored
             else:
                 scale = _scale(alpha, geometry["rank"], rslora)
@@ -396,6 +442,8 @@ def read_modules(path: str | Path, header: dict | None = None, payload_start: in
                 "alpha_source": alpha_source,
                 "scale": scale,
                 "parameter_count": parameter_count,
+                "weight_decompose": "dora_scale" in keys,
+                "family_parameters": family_parameters,
             }
     return modules
 

@@ -41,7 +41,14 @@ COUNTERS = {"images_generated": 0}
 
 
 def set_adapter_state(pipe, adapter: str | None, scale: float = 1.0) -> None:
-    """Base arm: adapters disabled. LoRA arm: only ``adapter`` active at ``scale`` (set_adapters)."""
+    """Base arm: adapters disabled. LoRA arm: only ``adapter`` active at ``scale`` (set_adapters,
+    or the weight patch of run/patch.py; the base arm restores the base weights bit for bit)."""
+    from carlos_audit.run.patch import activate
+
+    if activate(pipe, adapter, scale):  # a weight patch: no peft adapter may act beside it
+        if getattr(pipe, "get_list_adapters", None) and pipe.get_list_adapters():
+            pipe.disable_lora()
+        return
     if not getattr(pipe, "get_list_adapters", None) or not pipe.get_list_adapters():
         if adapter is not None:
             raise RuntimeError("no LoRA adapter is loaded")

@@ -26,13 +26,34 @@ LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "
 
 
 def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: bool) -> dict:
-    """Load through diffusers' load_lora_weights and check every module in the file was applied.
+    """Load through diffusers' load_lora_weights, or as a weight patch (run/patch.py) for the
+    families diffusers does not load exactly, and check every module in the file was applied.
 
     Returns the load record of the manifest: ``partial``, ``applied`` (modules of the file that
     peft applied), ``in_file`` (modules in the file), ``wrapped`` (peft-wrapped modules of the
     pipeline under this adapter), ``by_component`` (applied modules per pipeline component),
-    ``skipped`` (``[{"module", "reason"}]``) and ``unapplied`` (the skipped module names).
+    ``skipped`` (``[{"module", "reason"}]``), ``unapplied`` (the skipped module names) and
+    ``application`` (the method, and per family the modules applied; see ``patch.load_patch``).
     """
+    from carlos_audit.run import patch
+
+    if patch.needs_patch(inspection):  # a family diffusers does not load exactly: run/patch.py
+        state = patch.load_patch(pipe, path, adapter, inspection)
+    else:
+        state = load_with_diffusers(pipe, path, adapter, inspection)
+    if state["partial"]:
+        shown = "; ".join(f"{s['module']} ({s['reason']})" for s in state["skipped"][:3])
+        more = f"; and {len(state['skipped']) - 3} more" if len(state["skipped"]) > 3 else ""
+        msg = (f"LoRA {path.name}: {len(state['skipped'])} of {state['in_file']} modules in the file were not applied "
+               f"to the base model: {shown}{more}")
+        state["message"] = msg
+        if not allow_partial:
+            raise AuditError(msg + "; pass --allow-partial to profile it anyway (the report will flag it)")
+    return state
+
+
+def load_with_diffusers(pipe, path: Path, adapter: str, inspection: dict) -> dict:
+    """diffusers' load_lora_weights (peft adapters), accounted by ``module_accounting``."""
     import diffusers.utils.logging as dlog
 
     level = dlog.get_verbosity()
@@ -44,14 +65,12 @@ def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: b
     finally:
         dlog.set_verbosity(level)
     state = module_accounting(pipe, adapter, path, inspection)
-    if state["partial"]:
-        shown = "; ".join(f"{s['module']} ({s['reason']})" for s in state["skipped"][:3])
-        more = f"; and {len(state['skipped']) - 3} more" if len(state["skipped"]) > 3 else ""
-        msg = (f"LoRA {path.name}: {len(state['skipped'])} of {state['in_file']} modules in the file were not applied "
-               f"to the base model: {shown}{more}")
-        state["message"] = msg
-        if not allow_partial:
-            raise AuditError(msg + "; pass --allow-partial to profile it anyway (the report will flag it)")
+    families: dict = {}
+    for row in inspection.get("modules") or []:
+        if row["name"] not in state["unapplied"]:
+            families[row["kind"]] = families.get(row["kind"], 0) + 1
+    state["application"] = {"method": "diffusers_peft", "families": {
+        k: {"method": "diffusers_peft", "modules": n} for k, n in sorted(families.items())}}
     return state
 
 
@@ -200,6 +219,9 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     cached = LOADED.get(key)
     if cached is not None:
         lp, emb = cached
+        from carlos_audit.run.patch import unload
+
+        unload(lp.pipe)  # weight patches: the base weights back, bit for bit
         lp.pipe.unload_lora_weights()  # removes the adapter layers; the base weights were never touched
     else:
         LOADED.clear()
