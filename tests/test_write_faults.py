@@ -50,14 +50,6 @@ def _no_half_written_unit(case_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def lite_assets(carlos_home) -> dict:
-    """The demo LoRAs without the demo corpus (write_case needs only the LoRAs)."""
-    from carlos_audit.demo import prepare_demo
-
-    return prepare_demo(corpus=False)
-
-
-@pytest.fixture(scope="module")
 def reference(lite_assets, carlos_home, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     cf = write_case(tmp, lite_assets, case_id="faults", seeds=SEEDS)
