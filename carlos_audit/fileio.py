@@ -9,7 +9,21 @@ from pathlib import Path
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file, fsync'd and renamed. A full disk, a
+    read-only folder or a permission error is one line (errors.WriteFault) and leaves no temp file."""
+    from carlos_audit.errors import write_fault
+
     path = Path(path)
+    try:
+        _write_atomic(path, data)
+    except OSError as e:
+        fault = write_fault(e, path)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -264,6 +264,14 @@ def check_base_files(case, manifest: dict) -> Check:
 
 
 def verify_case(case_dir: Path, sample: int = 4, seed: int = 0, trust: list[Path] | None = None) -> dict:
+    """Every check, every model file read and hashed again (never from models/filehash's cache)."""
+    from carlos_audit.models.filehash import rehashing
+
+    with rehashing():
+        return _verify_case(case_dir, sample, seed, trust)
+
+
+def _verify_case(case_dir: Path, sample: int, seed: int, trust: list[Path] | None) -> dict:
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise AuditError(f"case folder {case_dir} does not exist")

@@ -55,6 +55,14 @@ def demo_assets(carlos_home) -> dict:
 
 
 @pytest.fixture(scope="session")
+def lite_assets(carlos_home) -> dict:
+    """The demo LoRAs without the demo corpus (enough for write_case), minutes cheaper."""
+    from carlos_audit.demo import prepare_demo
+
+    return prepare_demo(corpus=False)
+
+
+@pytest.fixture(scope="session")
 def demo_case_dir(demo_assets, tmp_path_factory) -> Path:
     """The committed demo case, run once (profile + everything run_full writes)."""
     from carlos_audit.case.casefile import load_case

@@ -288,7 +288,9 @@ def test_hf_embedder_features_are_the_reference_computation(carlos_home, tmp_pat
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)) for _ in range(3)]
     ours = image_features(emb, images)
-    model, proc = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    # the reference's transformers 4 CLIPProcessor preprocessed with PIL (transformers 5 defaults to
+    # torchvision): the tool pins PIL (models/pinned.EMBEDDER_DEFAULTS)
+    model, proc = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder, backend="pil")
     with torch.no_grad():
         out = model.get_image_features(**proc(images=images, return_tensors="pt", padding=True))
     ref = (out if torch.is_tensor(out) else out.pooler_output).numpy()

@@ -90,6 +90,10 @@ def test_plan_counts_and_measured_estimate(demo_assets, tmp_path):
     e = out["estimate"]
     per = m["generation_s_per_image"] + m["clip_s_per_image"]
     assert e["device_hours"] == pytest.approx(c["images"] * per / 3600)
+    # the full chain is timed too (PNG encode, embedding, hashes, writes: issue 24)
+    host = m["host_chain_s_per_image"]
+    assert host > 0 and e["wall_hours_serial"] == pytest.approx(c["images"] * (m["generation_s_per_image"] + host) / 3600)
+    assert e["wall_hours_pipelined"] == pytest.approx(c["images"] * max(m["generation_s_per_image"], host) / 3600)
 
 
 def test_plan_text_output_without_measurement(demo_assets, tmp_path):

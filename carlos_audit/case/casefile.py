@@ -23,6 +23,8 @@ from carlos_audit.errors import AuditError
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TRIGGER_POLICIES = ("both", "lora_only", "none")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+EMBEDDER_PREPROCESS = ("pil", "torchvision")
+EMBEDDER_DTYPES = ("float32", "float16", "bfloat16")
 PAPERS = ("a4", "letter")
 JURISDICTIONS = ("us-frcp26", "uk-cpr35", "none")
 
@@ -46,11 +48,15 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "variant": (_STR, False, None),
         "config": (_STR, False, None),
         "family": (_STR, False, None),  # "flux-dev", "flux-schnell", "sd15", "sdxl"; default: from the source
+        "add_watermarker": (_BOOL, False, False),  # SDXL's invisible watermark (diffusers' default: on when installed)
+        "tf32": (_BOOL, False, False),  # TF32 for float32 work on CUDA (torch's cuDNN default: on)
     },
     "embedder": {
         "model": (_STR, True, None),
         "pretrained": (_STR, False, None),
         "sha256": (_STR, False, None),
+        "preprocess": (_STR, False, "pil"),  # image preprocessing backend: pil (the reference's) or torchvision
+        "dtype": (_STR, False, "float32"),
     },
     "lora": {
         "path": (_STR, True, None),
@@ -270,6 +276,10 @@ def _check_values(c: dict, where: str) -> None:
     dev = c["base_model"]["device"]
     if not (dev in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", dev)):
         raise AuditError(f"{where}: base_model.device {dev!r}; allowed: auto, cpu, cuda, cuda:N")
+    if c["embedder"]["preprocess"] not in EMBEDDER_PREPROCESS:
+        raise AuditError(f"{where}: embedder.preprocess {c['embedder']['preprocess']!r}; allowed: {', '.join(EMBEDDER_PREPROCESS)}")
+    if c["embedder"]["dtype"] not in EMBEDDER_DTYPES:
+        raise AuditError(f"{where}: embedder.dtype {c['embedder']['dtype']!r}; allowed: {', '.join(EMBEDDER_DTYPES)}")
     for sec in ("base_model", "embedder", "lora"):
         h = c[sec].get("sha256")
         if h is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", h):

@@ -97,21 +97,35 @@ def case_signature(case, prompts, *, base_model: str, base_model_sha256: str | N
 BIT_PACKAGES = ("carlos-audit", "torch", "torchvision", "diffusers", "transformers", "peft", "open_clip_torch",
                 "safetensors", "numpy", "pillow", "scipy", "accelerate", "tokenizers")
 
-#: Fields of an environment record (run/environment.capture) that can change bits.
+#: Fields of an environment record (run/environment.capture) that can change bits on the CPU.
 BIT_ENVIRONMENT_FIELDS = ("packages", "python", "machine", "platform", "device", "dtype", "torch_threads", "cuda",
                           "gpu", "fastpath")
+
+#: ... and on a CUDA device (run/devices.cuda_details): the GPU model, driver, CUDA / cuDNN /
+#: cuBLAS, dtype, TF32 and determinism flags; not the CPU's thread count, platform or python.
+#: ``device`` is the class ("cuda"), not the index: cuda:3 gives the bits of cuda:0 on a like GPU.
+CUDA_BIT_ENVIRONMENT_FIELDS = ("packages", "device", "dtype", "gpu", "gpu_capability", "driver", "cuda", "cudnn",
+                               "cublas", "tf32", "determinism_flags", "fastpath")
+
+
+def bit_fields(env: dict) -> tuple:
+    """The fields of ``env`` that can change bits, by its device class."""
+    return CUDA_BIT_ENVIRONMENT_FIELDS if str(env.get("device") or "").startswith("cuda") else BIT_ENVIRONMENT_FIELDS
 
 
 def bits_environment(env: dict) -> dict:
     """The part of an environment record (manifest ``environment``) that can change the numbers:
-    versions of BIT_PACKAGES, python, machine, platform, device, dtype, torch thread count, CUDA
-    version, GPU, and the fast path settings when a fast path is active. Missing fields read as
-    None (older manifests)."""
+    on the CPU, versions of BIT_PACKAGES, python, machine, platform, device, dtype, torch thread
+    count, CUDA version, GPU, and the fast path settings when a fast path is active; on CUDA, the
+    CUDA_BIT_ENVIRONMENT_FIELDS. Missing fields read as None (older manifests)."""
     packages = env.get("packages") or {}
     fastpath = env.get("fastpath")
     values = dict(env, packages={p: packages.get(p) for p in BIT_PACKAGES},
                   fastpath=fastpath if fastpath and fastpath.get("active") else None)
-    return {f: values.get(f) for f in BIT_ENVIRONMENT_FIELDS}
+    fields = bit_fields(env)
+    if fields is CUDA_BIT_ENVIRONMENT_FIELDS:
+        values["device"] = "cuda"
+    return {f: values.get(f) for f in fields}
 
 
 def environment_differences(env_a: dict, env_b: dict) -> list[str]:
@@ -119,7 +133,9 @@ def environment_differences(env_a: dict, env_b: dict) -> list[str]:
     way that can change bits; empty: the same platform, from which identical bytes are expected."""
     a, b = bits_environment(env_a), bits_environment(env_b)
     out = [f"packages.{p}" for p in BIT_PACKAGES if a["packages"][p] != b["packages"][p]]
-    return out + [f for f in BIT_ENVIRONMENT_FIELDS if f != "packages" and a[f] != b[f]]
+    if bit_fields(env_a) is not bit_fields(env_b):  # another device class: nothing else is comparable
+        return out + ["device"]
+    return out + [f for f in bit_fields(env_a) if f != "packages" and a[f] != b[f]]
 
 
 def reproducibility_key(*, base_model, params: dict, batch_size: int, prompts_sent: list[str], seeds: list[int],

@@ -55,7 +55,13 @@ def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, n
 @main.command()
 @click.argument("casefile", type=click.Path(dir_okay=False))
 @run_options
-def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible):
+@click.option("--rehash", is_flag=True, help="Read and hash every model file again (default: reuse a hash while "
+                                            "the file's size, mtime, ctime and inode are unchanged).")
+@click.option("--devices", default=None, metavar="LIST",
+              help="Spread the case's generation over several devices of one class, one worker process each "
+                   "(cuda:0,cuda:1,... or cpu,cpu); the case folder ends byte-identical to one device.")
+def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible,
+        rehash, devices):
     """Profile the case's LoRA: paired generation, CLIP features, CARLoS metrics, report.
 
     \b
@@ -64,10 +70,21 @@ def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download
         carlos-audit run my_case.toml --out /evidence/case-17
     """
     from carlos_audit.case.casefile import load_case
+    from carlos_audit.models.filehash import rehashing
 
-    argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)
-    _run(load_case(casefile), out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
-         allow_incompatible, argv)
+    argv = _argv("run", casefile, ["--rehash"] if rehash else [], out, allow_partial, allow_incompatible,
+                 allow_unsafe_pickle)
+    case = load_case(casefile)
+    with rehashing(rehash):
+        if devices:
+            from carlos_audit.case.casefile import output_dir
+            from carlos_audit.run.devices_run import parse_devices, run_units_on_devices
+
+            run_units_on_devices(case, output_dir(case, out), parse_devices(devices), force=force,
+                                 allow_partial=allow_partial, allow_unsafe_pickle=allow_unsafe_pickle,
+                                 allow_download=allow_download)
+        _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
+             allow_incompatible, argv)
 
 
 def _argv(command: str, casefile: str, extra: list[str], out, allow_partial, allow_incompatible,
@@ -182,9 +199,12 @@ def plan_command(casefile, n_loras, measure_images, as_json):
     m, e = r["measurement"], r["estimate"]
     if m:
         click.echo(f"measured on {m['device']} ({m['dtype']}), {m['images']} images in {m['batches']} batches: "
-                   f"{m['generation_s_per_image']:.4g} s/image generation, {m['clip_s_per_image']:.4g} s/image CLIP")
+                   f"{m['generation_s_per_image']:.4g} s/image generation, {m['clip_s_per_image']:.4g} s/image CLIP, "
+                   f"{m['host_chain_s_per_image']:.4g} s/image host chain (PNG, CLIP, hashes, writes)")
         click.echo(f"estimated device time: {e['device_hours']:.4g} device-hours "
-                   f"(generation {e['generation_hours']:.4g} h, CLIP {e['clip_hours']:.4g} h; I/O, metrics not included)")
+                   f"(generation {e['generation_hours']:.4g} h, CLIP {e['clip_hours']:.4g} h); wall on one device "
+                   f"{e['wall_hours_pipelined']:.4g} h pipelined ({e['wall_hours_serial']:.4g} h if the host chain "
+                   "were serial; metrics not included)")
 
 
 @main.command("check")

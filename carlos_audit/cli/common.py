@@ -12,7 +12,7 @@ import json
 import click
 
 from carlos_audit import __version__
-from carlos_audit.errors import AuditError
+from carlos_audit.errors import AuditError, write_fault
 
 
 class AuditGroup(click.Group):
@@ -27,6 +27,12 @@ class AuditGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Error: interrupted; run the same command again to resume.", err=True)
             ctx.exit(130)
+        except OSError as e:  # a write outside fileio (a PDF, a library's own file): one line too
+            fault = write_fault(e)
+            if fault is None:
+                raise
+            click.echo(f"Error: {fault}", err=True)
+            ctx.exit(fault.exit_code)
 
 
 @click.group(cls=AuditGroup)

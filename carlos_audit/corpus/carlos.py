@@ -27,10 +27,15 @@ CARLOS_COLUMNS = (
     "folder_name", "direction", "strength", "consistency", "model_download_count",
 )
 
-_CARLOS_PRESET_NOTES = {
+CARLOS_PRESET_NOTES = {
     "source": "shahar-sarfaty/CARLoS src/carlos/data/metrics_database.parquet (Apache-2.0)",
     "prompts": "carlos:indexing (280 prompts: 10 categories x 35 subcategories x 8)",
-    "embedder_preprocessing": "CLIPProcessor; raw (unnormalised) get_image_features",
+    "embedder_preprocessing": "CLIPProcessor of transformers 4 (its PIL/NumPy image processor, the default then; "
+                              "the tool pins backend pil); raw (unnormalised) get_image_features, float32",
+    "watermarker": "unknown: carlos/index.py loads StableDiffusionXLPipeline without add_watermarker, so diffusers "
+                   "watermarked every image if and only if the optional invisible-watermark package was installed, "
+                   "which the reference does not record; the tool passes add_watermarker = false unless the case "
+                   "file sets it",
     "base_model_dtype": "fp16",
     "dim": 512,
 }
@@ -212,9 +217,9 @@ def import_carlos_db(src, dest, preset: str | None = "carlos-sdxl-vitb32", *, ov
         raise AuditError(f"{src}: expected a .parquet or .csv file")
     if preset is not None:
         signature = preset_signature(preset)
-        if directions.shape[1] != _CARLOS_PRESET_NOTES["dim"]:
+        if directions.shape[1] != CARLOS_PRESET_NOTES["dim"]:
             raise AuditError(f"{src}: directions have {directions.shape[1]} values; preset {preset} "
-                             f"(CLIP ViT-B/32) expects {_CARLOS_PRESET_NOTES['dim']}")
+                             f"(CLIP ViT-B/32) expects {CARLOS_PRESET_NOTES['dim']}")
     else:
         signature = empty_signature()
     if not np.isfinite(directions).all():
@@ -228,7 +233,7 @@ def import_carlos_db(src, dest, preset: str | None = "carlos-sdxl-vitb32", *, ov
     }
     if origin is not None:
         created_from = dict(created_from, path=None, **origin)
-    extra = {"preset": preset, "preset_notes": dict(_CARLOS_PRESET_NOTES) if preset else None, **(extra_meta or {})}
+    extra = {"preset": preset, "preset_notes": dict(CARLOS_PRESET_NOTES) if preset else None, **(extra_meta or {})}
     dest = Path(dest)
     with (locked(dest) if dest.is_dir() else contextlib.nullcontext()):
         return create_corpus(dest, directions=directions.astype(DTYPES[dtype], copy=False), rows=cols,

@@ -70,16 +70,32 @@ def shared_arm_key(case, arm, pairs, environment: dict) -> str:
         batch_size=pc["batch_size"],
         prompts_sent=[arm.prompt_for(p.prompt.text, list(case.lora["trigger_words"])) for p in pairs],
         seeds=[p.seed for p in pairs], environment=environment,
-        extra={"embedder": {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")}})
+        extra={"embedder": embedder_key(case), **({"watermarker": True} if case.base_model.get("add_watermarker") else {})})
     return key
+
+
+def embedder_key(case) -> dict:
+    """The embedder as the case names it; its preprocessing backend and dtype only when not the
+    pinned defaults (so the keys of earlier builds hold)."""
+    from carlos_audit.models.pinned import EMBEDDER_DEFAULTS
+
+    key = {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")}
+    pinned = (case.embedder.get("preprocess", "pil"), case.embedder.get("dtype", "float32"))
+    return key | ({"preprocess": pinned[0], "dtype": pinned[1]} if pinned != EMBEDDER_DEFAULTS else {})
 
 
 def planned_environment(case, threads: int | None) -> dict:
     """The environment a build's units will run under, as far as the driver knows it: this
-    process's packages and machine, the case's device and dtype as written, ``threads``."""
+    process's packages and machine, the case's device and dtype as written, ``threads``. CUDA is
+    never queried here (a driver without a GPU plans a CUDA build): a CUDA arm is keyed by its
+    device class, and every unit records the GPU it ran on, one class per shared arm
+    (run/devices.check_one_class, in the driver)."""
     from carlos_audit.run.environment import capture
 
-    env = capture(case.base_model["device"], case.base_model["dtype"], {})
+    device = case.base_model["device"]
+    env = capture("cpu", case.base_model["dtype"], {}) | {"device": device}
+    if device.startswith("cuda"):
+        env["cuda"] = None  # the workers' toolkit, recorded per unit
     return env | {"torch_threads": threads or env["torch_threads"]}
 
 

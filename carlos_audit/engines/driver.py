@@ -60,6 +60,8 @@ class Driver:
         self.fin_results: list = []
         self.waiting = {f.key: set(plan.deps[f.key]) for f in plan.finalize_units}
         self.finalizers = {f.key: f for f in plan.finalize_units}
+        self.shared_dirs = {v["dir"] for v in plan.shared.values()}
+        self.shared_devices: dict = {}  # shared arm folder -> [{batch, device}] of the units written
 
     def arm_todo(self) -> list:
         """Arm units without a record in DEST (the others count as already done). First removes
@@ -73,6 +75,8 @@ class Driver:
             if rec is None:
                 todo.append(u)
             else:
+                if u.store in self.shared_dirs:
+                    self.shared_devices.setdefault(u.store, []).append({"batch": u.batch, "device": rec.get("device")})
                 self.arm_results[u.key] = {"unit": u.key, "status": "already-done", "source": rec.get("source"),
                                            "cost": rec.get("cost")}
                 self._unblock(u.key)
@@ -100,7 +104,13 @@ class Driver:
                 write_bytes_atomic(store.path(rel), data)
             self.fin_results.append(result)
         else:
-            store.write_unit_files(unit.arm, unit.batch, files, result.pop("record"))
+            record = result.pop("record")
+            if unit.store in self.shared_dirs:  # one device class per shared arm (run/devices.py)
+                from carlos_audit.run.devices import check_one_class
+
+                check_one_class(Path(unit.store).name, [record] + self.shared_devices.setdefault(unit.store, []))
+                self.shared_devices[unit.store].append({"batch": record.get("batch"), "device": record.get("device")})
+            store.write_unit_files(unit.arm, unit.batch, files, record)
             self.arm_results[unit.key] = result
             self._unblock(unit.key)
         self.nodes.add(result)
@@ -133,9 +143,12 @@ class Driver:
 
 
 def materialize_shared(case_dir: Path, arm: str, shared_dir: Path, shared_id: str, batch_ids) -> int:
-    """Copy a shared arm's units (images, embeddings, records) into a case folder, checking every
-    file against its recorded sha256. The copied records say ``source: shared``. Returns copies."""
-    from carlos_audit.hashing import sha256_bytes
+    """Put a shared arm's units (images, embeddings) into a case folder as hard links to the
+    shared folder's files, each checked against its recorded sha256 (read once per file while its
+    size, mtime, ctime and inode are unchanged: models/filehash), so the bytes are stored once
+    per build and the case folder stays self-contained (a copy only where the file system cannot
+    link). The records, written per case, say ``source: shared``. Returns the units placed."""
+    from carlos_audit.models.filehash import file_sha256
 
     dst, src = CaseStore(case_dir), CaseStore(shared_dir)
     n = 0
@@ -145,13 +158,36 @@ def materialize_shared(case_dir: Path, arm: str, shared_dir: Path, shared_id: st
         rec = src.unit_done(arm, b)
         if rec is None:
             raise AuditError(f"shared arm {shared_id}: batch {b} was not computed (units/{arm}/b{b:05d}.json missing)")
-        files = []
         for e in rec["pairs"]:
             for rel, digest in ((e["image"], e["image_sha256"]), (e["embedding"], e["embedding_sha256"])):
-                data = src.path(rel).read_bytes()
-                if sha256_bytes(data) != digest:
+                if file_sha256(src.path(rel)) != digest:
                     raise AuditError(f"shared arm {shared_id}: {rel} does not match its recorded sha256")
-                files.append((rel, data))
-        dst.write_unit_files(arm, b, files, dict(rec, source="shared", shared_from=shared_id))
+                link_or_copy(src.path(rel), dst.path(rel))
+        dst.write_unit_files(arm, b, [], dict(rec, source="shared", shared_from=shared_id))
         n += 1
     return n
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (atomically: linked beside it, then renamed), or an
+    atomic copy where the file system refuses links (another device, no link support)."""
+    import errno
+    import os
+
+    from carlos_audit.errors import write_fault
+    from carlos_audit.fileio import write_bytes_atomic
+
+    if dst.is_file() and os.path.samefile(src, dst):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            write_bytes_atomic(dst, src.read_bytes())
+            return
+        raise write_fault(e, dst) or e from None

@@ -37,24 +37,24 @@ def model_sha256(case) -> dict:
     folder, file hash of a file), from this machine; the case's own ``sha256`` when this machine
     does not have the model (None: not checkable, e.g. open_clip weights named by tag)."""
     from carlos_audit.case.casefile import expand_path
-    from carlos_audit.hashing import sha256_file
+    from carlos_audit.models.filehash import file_sha256
     from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd, tree_sha256
 
     def of_path(p: Path) -> str | None:
         if p.is_dir():
-            return tree_sha256(p)
-        return sha256_file(p) if p.is_file() else None
+            return tree_sha256(p, file_sha256)
+        return file_sha256(p) if p.is_file() else None
 
     src = case.base_model["source"]
     if src in ("embedded:tiny-sd", "embedded:tiny-flux"):
         from carlos_audit.models.flux import ensure_tiny_flux
 
-        base = tree_sha256(ensure_tiny_sd() if src == "embedded:tiny-sd" else ensure_tiny_flux())
+        base = of_path(ensure_tiny_sd() if src == "embedded:tiny-sd" else ensure_tiny_flux())
     else:
         base = of_path(expand_path(src, case.base_dir))
     pre = case.embedder.get("pretrained")
     if case.embedder["model"] == "embedded:tiny-clip":
-        emb = tree_sha256(ensure_tiny_clip())
+        emb = of_path(ensure_tiny_clip())
     else:
         emb = of_path(expand_path(pre, case.base_dir)) if pre else None
     return {"base_model": base or _lower(case.base_model.get("sha256")), "embedder": emb or _lower(case.embedder.get("sha256"))}

@@ -50,6 +50,21 @@ class WorkUnit:
         return f"{where}/finalize" if self.kind == "finalize" else f"{where}/{self.arm}/b{self.batch:05d}"
 
 
+def unit_threads(unit: "WorkUnit", threads: int | None) -> int | None:
+    """The build's thread count for a unit that computes on the CPU (the count changes CPU results
+    in the last bits, so every process of a build uses the same); None on a GPU, whose bits do not
+    depend on it: a GPU worker keeps its own."""
+    from carlos_audit.case.casefile import parse_case
+
+    if not threads:
+        return None
+    try:
+        device = parse_case(unit.case_text, Path(unit.case_path)).base_model["device"]
+    except AuditError:
+        return threads
+    return None if device.startswith("cuda") else threads
+
+
 def set_threads(threads: int | None) -> int:
     """Use ``threads`` torch CPU threads (the count changes CPU results in the last bits, so every
     process of a build uses the same); returns the previous count."""
@@ -121,7 +136,7 @@ def run_unit(unit: WorkUnit, threads: int | None = None, case_files: dict | None
     from carlos_audit.engines.inputs import node_label
     from carlos_audit.run.profile import run_batch
 
-    before = set_threads(threads)  # restored after the unit: a unit never changes its process's count
+    before = set_threads(unit_threads(unit, threads))  # restored after the unit: its process's count is kept
     t0 = time.perf_counter()
     try:
         if unit.kind == "finalize":

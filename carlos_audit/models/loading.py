@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from carlos_audit.errors import AuditError
-from carlos_audit.hashing import sha256_file
 from carlos_audit.lora.fileformat import PICKLE_EXTENSIONS
 from carlos_audit.models.families import pipeline_family
 from carlos_audit.models.flux import ensure_tiny_flux, load_single_file_flux, single_file_flux_source
+from carlos_audit.models.filehash import file_sha256
+from carlos_audit.models.pinned import open_clip_cached, pinned_identity, watermark_kwargs, watermark_record
 from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd, tree_sha256
 
 
@@ -47,6 +48,7 @@ class LoadedPipeline:
     files: list = field(default_factory=list)  # [{"name", "sha256"}] of every file that affects the images
     variant_family: str | None = None  # family variant (models/families.py): "flux-dev", "flux-schnell", ...
     stored_dtypes: list | None = None  # a single file's stored tensor dtypes (float8 is upcast on loading)
+    watermarker: dict | None = None  # SDXL invisible watermark: requested, applied (watermark_record)
 
 
 def resolve_device(device: str) -> str:
@@ -147,7 +149,7 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
 
     if source in ("embedded:tiny-sd", "embedded:tiny-flux"):
         path = ensure_tiny_sd() if source == "embedded:tiny-sd" else ensure_tiny_flux()
-        return _folder_source("embedded", path, source, variant, tree_files(path))
+        return _folder_source("embedded", path, source, variant, tree_files(path, file_sha256))
     p = Path(source).expanduser()
     if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
         p = base_dir / p
@@ -158,7 +160,7 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
         if not (p / "model_index.json").is_file():
             raise AuditError(f"base model folder {p} has no model_index.json (not a diffusers folder)")
         check_folder_weights(p, variant, f"base model folder {p}")
-        return _folder_source("dir", p, f"dir:{p.name}", variant, tree_files(p))
+        return _folder_source("dir", p, f"dir:{p.name}", variant, tree_files(p, file_sha256))
     if p.is_file():
         if p.suffix.lower() in PICKLE_EXTENSIONS:
             raise AuditError(f"base model {p} is a pickle-based file; only .safetensors single files are accepted")
@@ -177,14 +179,14 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
                 f"base model {p.name}: not an SD 1.5 or SDXL base checkpoint layout, so its pipeline configs are unknown "
                 "offline; set [base_model] config to a diffusers folder (model_index.json, component and tokenizer configs) "
                 "or to a hub id in the local Hugging Face cache")
-        files = [{"name": f"checkpoint/{p.name}", "sha256": sha256_file(p)}]
+        files = [{"name": f"checkpoint/{p.name}", "sha256": file_sha256(p)}]
         files += [{"name": f"config/{rel}", "sha256": h} for rel, h in tree_files(config_dir) if rel != ".complete"]
         return BaseSource("file", p, f"file:{p.name}", files[0]["sha256"], arch, config_dir, config_source, files)
     if "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
         snap = _hub_snapshot(source, allow_download)
         check_folder_weights(snap, variant, f"base model {source!r} in the local Hugging Face cache",
                              hint="download them (huggingface-cli download, or pass --allow-download)")
-        return _folder_source("hf", snap, f"hf:{source}", variant, tree_files(snap))
+        return _folder_source("hf", snap, f"hf:{source}", variant, tree_files(snap, file_sha256))
     raise AuditError(
         f"base model {source!r} not found; allowed: embedded:tiny-sd, embedded:tiny-flux, a diffusers folder, "
         "a .safetensors file, or a hub id in the local Hugging Face cache"
@@ -291,13 +293,15 @@ def single_file_architecture(path: Path) -> str | None:
 
 
 def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto", allow_download: bool = False,
-                       base_dir: Path | None = None, variant: str | None = None, config: str | None = None) -> LoadedPipeline:
-    """Load a base pipeline offline (see the module doc); every failure is one AuditError line."""
+                       base_dir: Path | None = None, variant: str | None = None, config: str | None = None,
+                       add_watermarker: bool = False) -> LoadedPipeline:
+    """Load a base pipeline offline (see the module doc); every failure is one AuditError line.
+    ``add_watermarker``: passed to pipelines that take it (SDXL), never left to diffusers' default."""
     dev = resolve_device(device)
     dtype_name, torch_dtype = resolve_dtype(dtype, dev)
     src = resolve_base_source(source, base_dir=base_dir, variant=variant, config=config, allow_download=allow_download)
     try:
-        pipe = _from_source(src, torch_dtype, variant, allow_download)
+        pipe = _from_source(src, torch_dtype, variant, allow_download, add_watermarker)
     except AuditError:
         raise
     except Exception as e:
@@ -314,10 +318,11 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
     # the embedded model is built from code on each machine: no machine path recorded
     path = f"$CARLOS_AUDIT_HOME/models/{src.path.name}" if src.kind == "embedded" else str(src.path)
     return LoadedPipeline(pipe, src.identity, src.sha256, arch, path, dev, dtype_name, fastpath,
-                          variant, src.config_source, src.files, family_variant, src.stored_dtypes)
+                          variant, src.config_source, src.files, family_variant, src.stored_dtypes,
+                          watermark_record(pipe, add_watermarker))
 
 
-def _from_source(src: BaseSource, torch_dtype, variant: str | None, allow_download: bool):
+def _from_source(src: BaseSource, torch_dtype, variant: str | None, allow_download: bool, add_watermarker: bool = False):
     from diffusers import (
         DiffusionPipeline,
         StableDiffusionPipeline,
@@ -329,9 +334,14 @@ def _from_source(src: BaseSource, torch_dtype, variant: str | None, allow_downlo
     if src.kind == "file":
         index = json.loads((src.config_dir / "model_index.json").read_text("utf-8"))
         cls = StableDiffusionXLPipeline if index.get("_class_name") == "StableDiffusionXLPipeline" else StableDiffusionPipeline
-        return cls.from_single_file(str(src.path), config=str(src.config_dir), local_files_only=True, dtype=torch_dtype)
+        return cls.from_single_file(str(src.path), config=str(src.config_dir), local_files_only=True, dtype=torch_dtype,
+                                    **watermark_kwargs(cls, add_watermarker))
     kwargs = {"variant": variant} if variant else {}
     cls = StableDiffusionPipeline if src.identity == "embedded:tiny-sd" else DiffusionPipeline
+    named = json.loads((src.path / "model_index.json").read_text("utf-8")).get("_class_name", "")
+    import diffusers
+
+    kwargs.update(watermark_kwargs(getattr(diffusers, named, cls), add_watermarker))
     return cls.from_pretrained(src.path, local_files_only=True, use_safetensors=True, dtype=torch_dtype, **kwargs)
 
 
@@ -364,16 +374,24 @@ class LoadedEmbedder:
 
 def load_embedder(model: str, pretrained: str | None, *, device: str = "cpu",
                   allow_download: bool = False, allow_unsafe_pickle: bool = False,
-                  base_dir: Path | None = None) -> LoadedEmbedder:
+                  base_dir: Path | None = None, preprocess: str = "pil", dtype: str = "float32") -> LoadedEmbedder:
+    """An embedder with its preprocessing backend and dtype pinned (``EMBEDDER_DEFAULTS``)."""
+    if device == "cpu" and dtype != "float32":
+        raise AuditError(f"embedder dtype {dtype} is not supported on the CPU (use float32)")
     if is_hf_embedder(model):
         return load_hf_embedder(model, device=device, allow_download=allow_download,
-                                allow_unsafe_pickle=allow_unsafe_pickle, base_dir=base_dir)
+                                allow_unsafe_pickle=allow_unsafe_pickle, base_dir=base_dir, preprocess=preprocess,
+                                dtype=dtype)
     import open_clip
     import torch
 
+    if preprocess != "pil":
+        raise AuditError(f"embedder {model}: open_clip preprocesses PIL images (torchvision transforms on PIL); "
+                         f"preprocess {preprocess!r} is for transformers (hf:) embedders only")
+
     if model == "embedded:tiny-clip":
         path = ensure_tiny_clip()
-        name, pre, identity, digest = f"local-dir:{path}", None, model, tree_sha256(path)
+        name, pre, identity, digest = f"local-dir:{path}", None, model, tree_sha256(path, file_sha256)
     else:
         name, identity, digest, pre = model, f"open_clip:{model}/{pretrained}", None, pretrained
         if pretrained:
@@ -383,45 +401,29 @@ def load_embedder(model: str, pretrained: str | None, *, device: str = "cpu",
             if pp.exists():
                 if pp.suffix.lower() in PICKLE_EXTENSIONS and not allow_unsafe_pickle:
                     raise AuditError(f"embedder checkpoint {pp} is pickle-based; refused unless --allow-unsafe-pickle")
-                pre, identity, digest = str(pp), f"open_clip:{model}/file:{pp.name}", sha256_file(pp)
-            elif not allow_download and not _open_clip_cached(model, pretrained):
+                pre, identity, digest = str(pp), f"open_clip:{model}/file:{pp.name}", file_sha256(pp)
+            elif not allow_download and not open_clip_cached(model, pretrained):
                 raise AuditError(
                     f"embedder weights {model}/{pretrained} are not available locally; "
                     "give a checkpoint path as `pretrained`, or pass --allow-download"
                 )
     try:
-        m, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pre, device=device)
+        precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
+        m, _, transforms = open_clip.create_model_and_transforms(name, pretrained=pre, device=device,
+                                                                 precision=precision)
     except Exception as e:
         raise AuditError(f"cannot load embedder {identity}: {type(e).__name__}: {e}") from None
     m.eval()
     tokenizer = open_clip.get_tokenizer(name)
     with torch.no_grad():
-        dim = int(m.encode_image(torch.zeros(1, 3, *_image_size(m), device=device)).shape[-1])
-    return LoadedEmbedder(m, preprocess, tokenizer, identity, digest, dim, device, repr(preprocess))
+        dim = int(m.encode_image(torch.zeros(1, 3, *_image_size(m), device=device, dtype=getattr(torch, dtype))).shape[-1])
+    return LoadedEmbedder(m, transforms, tokenizer, pinned_identity(identity, preprocess, dtype), digest, dim, device,
+                          f"open_clip transforms on PIL images, {dtype}: {transforms!r}")
 
 
 def _image_size(model) -> tuple[int, int]:
     size = model.visual.image_size
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-
-
-def _open_clip_cached(model: str, pretrained: str) -> bool:
-    """True when open_clip would find the tagged weights without the network."""
-    try:
-        import open_clip
-        from huggingface_hub import try_to_load_from_cache
-
-        cfg = open_clip.get_pretrained_cfg(model, pretrained)
-        hub = cfg.get("hf_hub", "")
-        if not hub:
-            return False
-        repo = hub.rstrip("/")
-        for fn in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(repo, fn), str):
-                return True
-    except Exception:
-        return False
-    return False
 
 
 # --------------------------------------------------------------------------- transformers CLIP (the reference's embedder)
@@ -453,7 +455,8 @@ def hf_local_folder(ref: str, base_dir: Path | None) -> Path | None:
 
 
 def load_hf_embedder(model: str, *, device: str = "cpu", allow_download: bool = False,
-                     allow_unsafe_pickle: bool = False, base_dir: Path | None = None) -> LoadedEmbedder:
+                     allow_unsafe_pickle: bool = False, base_dir: Path | None = None, preprocess: str = "pil",
+                     dtype: str = "float32") -> LoadedEmbedder:
     """transformers ``CLIPModel`` + ``CLIPProcessor``, as the CARLoS reference loads them: a hub id
     from the local Hugging Face cache only (unless ``allow_download``), or a local folder.
     Weights are read from safetensors files unless ``allow_unsafe_pickle``."""
@@ -471,13 +474,18 @@ def load_hf_embedder(model: str, *, device: str = "cpu", allow_download: bool = 
                 raise AuditError(f"embedder {model!r}: no such folder, and not a hub id (org/name)")
             folder = hf_snapshot(ref, allow_download, what="embedder")
     try:
-        m = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=not allow_unsafe_pickle).eval().to(device)
-        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        import torch
+
+        m = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=not allow_unsafe_pickle,
+                                      dtype=getattr(torch, dtype)).eval().to(device)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True, backend=preprocess)
     except Exception as e:
         hint = "" if allow_unsafe_pickle else " (safetensors weights only unless --allow-unsafe-pickle)"
         raise AuditError(f"cannot load embedder {model}{hint}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-    return LoadedEmbedder(m, processor, processor.tokenizer, hf_embedder_identity(model, base_dir), tree_sha256(folder),
-                          int(m.config.projection_dim), device, repr(processor.image_processor.to_dict()), "hf-transformers")
+    ip = processor.image_processor
+    return LoadedEmbedder(m, processor, processor.tokenizer, pinned_identity(hf_embedder_identity(model, base_dir), preprocess, dtype),
+                          tree_sha256(folder, file_sha256), int(m.config.projection_dim), device,
+                          f"{type(ip).__name__} (backend {preprocess}), {dtype}: {ip.to_dict()!r}", "hf-transformers")
 
 
 def hf_snapshot(repo_id: str, allow_download: bool, what: str) -> Path:

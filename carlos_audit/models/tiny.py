@@ -45,10 +45,10 @@ def carlos_home() -> Path:
     return Path(os.environ.get("CARLOS_AUDIT_HOME", Path.home() / ".cache" / "carlos-audit"))
 
 
-def tree_files(folder: Path) -> list[list[str]]:
+def tree_files(folder: Path, hasher=sha256_file) -> list[list[str]]:
     """Every file under ``folder`` as sorted ``[relative path, sha256]`` pairs, following symbolic
     links (a Hugging Face cache snapshot is links into ``blobs/``; a re-pointed link changes the
-    hash). A link cycle is refused."""
+    hash). A link cycle is refused. ``hasher``: models/filehash.file_sha256 for model folders."""
     folder = Path(folder)
     entries = []
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -59,13 +59,13 @@ def tree_files(folder: Path) -> list[list[str]]:
         for name in files:
             p = Path(root) / name
             if p.is_file():
-                entries.append([p.relative_to(folder).as_posix(), sha256_file(p)])
+                entries.append([p.relative_to(folder).as_posix(), hasher(p)])
     return sorted(entries)
 
 
-def tree_sha256(folder: Path) -> str:
+def tree_sha256(folder: Path, hasher=sha256_file) -> str:
     """Hash of a model folder: sha256 over the sorted (relative path, file sha256) list, links followed."""
-    return sha256_json(tree_files(folder))
+    return sha256_json(tree_files(folder, hasher))
 
 
 def build_into(final: Path, builder) -> Path:

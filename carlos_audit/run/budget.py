@@ -4,13 +4,16 @@ take on this device, before starting it.
 Counts follow the build's structure (engines/build.py): L LoRA arms plus ONE base arm shared by
 every LoRA, each of P prompts x S seeds, so (L + 1) x P x S images. Device time comes from a
 real, timed generation of a few images with the template's base model and protocol (its steps,
-size, guidance, scheduler and batch size) on the device the template names, plus their CLIP
-encoding: for a real model that is a real measurement on this machine.
+size, guidance, scheduler and batch size) on the device the template names, their CLIP
+encoding, and the whole host chain of each unit (PNG encode, embedding, hashes, fsync'd writes
+into a temporary case folder, run/hostchain.finish_unit): for a real model that is a real
+measurement on this machine.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +46,11 @@ def measure(case, n_images: int) -> dict:
     )
     from carlos_audit.run import cost
     from carlos_audit.run.embed import image_features
+    from carlos_audit.run.arms import arms_for
     from carlos_audit.run.generate import GenerationParams, generate_batch
+    from carlos_audit.run.hostchain import Produced, finish_unit
+    from carlos_audit.run.profile import make_session
+    from carlos_audit.run.store import CaseStore
 
     pc = case.protocol
     t0 = time.perf_counter()
@@ -62,20 +69,30 @@ def measure(case, n_images: int) -> dict:
     b = pc["batch_size"]
     chunks = [chosen[i:i + b] for i in range(0, n_images, b)]
     generate_batch(lp.pipe, [chosen[0].prompt.text], [chosen[0].seed], params)  # warm-up, not timed
-    before = cost.snapshot()
-    gen_s = clip_s = 0.0
-    for chunk in chunks:
-        t = time.perf_counter()
-        images = generate_batch(lp.pipe, [c.prompt.text for c in chunk], [c.seed for c in chunk], params)
-        gen_s += time.perf_counter() - t
-        t = time.perf_counter()
-        image_features(emb, images)
-        clip_s += time.perf_counter() - t
+    counted = cost.zero()  # the timed generation and CLIP encoding (the host chain's own embedding not counted)
+    gen_s = clip_s = host_s = 0.0
+    with tempfile.TemporaryDirectory(prefix="carlos-plan-") as tmp:
+        session, _ = make_session(case, CaseStore(Path(tmp)), lp, emb, {})
+        arm = arms_for(case)[0]
+        for chunk in chunks:
+            prompts, seeds = [c.prompt.text for c in chunk], [c.seed for c in chunk]
+            before, t = cost.snapshot(), time.perf_counter()
+            images = generate_batch(lp.pipe, prompts, seeds, params)
+            gen_s += time.perf_counter() - t
+            t = time.perf_counter()
+            image_features(emb, images)
+            clip_s += time.perf_counter() - t
+            cost.add(counted, cost.delta(before))
+            # the whole host chain of a unit, as a run does it: PNG encode, embed, sha256, fsync'd writes
+            t = time.perf_counter()
+            finish_unit(session, Produced(arm, chunk, prompts, seeds, "generated", images, None, None, None, cost.zero()))
+            host_s += time.perf_counter() - t
     return {"device": lp.device, "dtype": lp.dtype, "base_model": lp.identity, "embedder": emb.identity,
             "images": n_images, "batches": len(chunks), "load_s": round(load_s, 3),
-            "generation_s": gen_s, "clip_s": clip_s,
+            "generation_s": gen_s, "clip_s": clip_s, "host_chain_s": host_s,
             "generation_s_per_image": gen_s / n_images, "clip_s_per_image": clip_s / n_images,
-            "counted": cost.delta(before), "fastpath": lp.fastpath}
+            "host_chain_s_per_image": host_s / n_images,
+            "counted": counted, "fastpath": lp.fastpath}
 
 
 def plan(case_path, n_loras: int, measure_images: int = 4) -> dict:
@@ -93,13 +110,19 @@ def plan(case_path, n_loras: int, measure_images: int = 4) -> dict:
         out["measurement"] = m
         per_image = m["generation_s_per_image"] + m["clip_s_per_image"]
         images = out["counts"]["images"]
+        gen, host = m["generation_s_per_image"], m["host_chain_s_per_image"]
         out["estimate"] = {
             "device_seconds_per_image": per_image,
             "device_hours": images * per_image / 3600.0,
-            "generation_hours": images * m["generation_s_per_image"] / 3600.0,
+            "generation_hours": images * gen / 3600.0,
             "clip_hours": images * m["clip_s_per_image"] / 3600.0,
-            "note": "measured with the base weights (a LoRA adapter adds a little per UNet call) on one device; "
-                    "PNG/disk I/O, metrics and model loading are not included; divide by the number of workers "
-                    "for wall time",
+            "host_chain_seconds_per_image": host,
+            "wall_hours_serial": images * (gen + host) / 3600.0,
+            "wall_hours_pipelined": images * max(gen, host) / 3600.0,
+            "note": "measured with the base weights (a LoRA adapter adds a little per UNet call) on one device; the "
+                    "host chain (PNG encode, CLIP embedding, sha256, fsync'd writes) is timed one unit at a time: a "
+                    "run overlaps it with the next generation (run/hostchain.py), so wall time is about "
+                    "max(generation, host chain) per image; metrics and model loading are not included; divide "
+                    "by the number of workers for wall time",
         }
     return out

@@ -11,11 +11,13 @@ def image_features(embedder, images) -> np.ndarray:
     """(n, d) float32 raw image features, one batch exactly as given (batch layout is recorded)."""
     import torch
 
+    dtype = next(embedder.model.parameters()).dtype  # pinned at load (models/pinned.EMBEDDER_DEFAULTS)
     if embedder.kind == "hf-transformers":
         inputs = embedder.preprocess(images=list(images), return_tensors="pt", padding=True).to(embedder.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.no_grad():
             return _projected(embedder.model.get_image_features(**inputs))
-    x = torch.stack([embedder.preprocess(im) for im in images]).to(embedder.device)
+    x = torch.stack([embedder.preprocess(im) for im in images]).to(embedder.device, dtype=dtype)
     with torch.no_grad():
         f = embedder.model.encode_image(x, normalize=False)
     return f.float().cpu().numpy().astype(np.float32)

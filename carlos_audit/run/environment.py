@@ -15,16 +15,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def apply_determinism(device: str) -> dict:
-    """Settings that make repeated runs bit-exact on the same software and hardware."""
+def apply_determinism(device: str, tf32: bool = False) -> dict:
+    """Settings that make repeated runs bit-exact on the same software and hardware. On CUDA,
+    TF32 is off (float32 work stays float32; torch's cuDNN default is TF32 on) unless ``tf32``
+    (the case's ``[base_model] tf32``); recorded."""
     import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)
+    extra = {}
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    return {
+        extra = {"tf32": {"matmul": bool(tf32), "cudnn": bool(tf32), "requested": bool(tf32)}}
+    return extra | {
         "torch.use_deterministic_algorithms": True,
         "cudnn.benchmark": False if device.startswith("cuda") else None,
         "generators": "one CPU torch.Generator per image, seeded with the pair's seed",
@@ -50,10 +56,14 @@ def capture(device: str, dtype: str, determinism: dict, fastpath: dict | None = 
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "cuda": torch.version.cuda if device.startswith("cuda") or torch.cuda.is_available() else None,
+        "gpu": None,
         "determinism": determinism,
     }
+    if device.startswith("cuda"):  # the GPU actually used, its driver, libraries and flags (run/devices.py)
+        from carlos_audit.run.devices import cuda_details
+
+        env.update(cuda_details(device))
     if fastpath is not None:
         env["fastpath"] = fastpath
     return env

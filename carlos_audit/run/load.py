@@ -214,8 +214,9 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     from carlos_audit.run.environment import apply_determinism
 
     key = (case.base_model["source"], case.base_model["dtype"], case.base_model["device"], str(case.base_dir),
-           case.base_model.get("variant"), case.base_model.get("config"),
-           case.embedder["model"], case.embedder.get("pretrained"), allow_download, allow_unsafe_pickle)
+           case.base_model.get("variant"), case.base_model.get("config"), case.base_model.get("add_watermarker", False),
+           case.embedder["model"], case.embedder.get("pretrained"), case.embedder.get("preprocess", "pil"),
+           case.embedder.get("dtype", "float32"), allow_download, allow_unsafe_pickle)
     cached = LOADED.get(key)
     if cached is not None:
         lp, emb = cached
@@ -227,7 +228,8 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
         LOADED.clear()
         lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
                                 allow_download=allow_download, base_dir=case.base_dir,
-                                variant=case.base_model.get("variant"), config=case.base_model.get("config"))
+                                variant=case.base_model.get("variant"), config=case.base_model.get("config"),
+                                add_watermarker=case.base_model.get("add_watermarker", False))
         emb = None
     want = case.base_model.get("sha256")
     if want and lp.sha256 != want.lower():
@@ -239,12 +241,13 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     arch = inspection.get("architecture")
     if arch and arch != lp.architecture:
         raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
-    determinism = apply_determinism(lp.device)
+    determinism = apply_determinism(lp.device, tf32=case.base_model.get("tf32", False))
     if case.protocol["scheduler"]:
         set_scheduler(lp.pipe, case.protocol["scheduler"])
     load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, allow_partial)
     if emb is None:
         emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
+                            preprocess=case.embedder.get("preprocess", "pil"), dtype=case.embedder.get("dtype", "float32"),
                             allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
         LOADED[key] = (lp, emb)
     from carlos_audit.run.cost import install_embedder_hooks, install_pipeline_hooks
@@ -285,10 +288,14 @@ def claimed_base_hash_check(inspection: dict, lp) -> dict:
 
 
 def base_model_record(case: Case, lp) -> dict:
-    """The manifest's ``base_model`` section: what was loaded, and every file that affects the images."""
-    return {"source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
+    """The manifest's ``base_model`` section: what was loaded, and every file that affects the images
+    (``hashing``: how their hashes were obtained, models/filehash.py)."""
+    from carlos_audit.models.filehash import policy
+
+    return {"hashing": policy(), "source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
             "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
             "pipeline": type(lp.pipe).__name__, "variant": lp.variant, "config": case.base_model.get("config"),
+            "watermarker": lp.watermarker,
             "config_source": lp.config_source, "files": lp.files,
             # a FLUX.1 transformer file: its stored dtypes (float8 is upcast to ``dtype`` on loading)
             **({"stored_dtypes": lp.stored_dtypes} if getattr(lp, "stored_dtypes", None) else {})}

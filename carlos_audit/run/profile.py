@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from carlos_audit import __version__
 from carlos_audit.analysis.case_analysis import analyse_case
@@ -42,7 +41,8 @@ from carlos_audit.run.generate import (
 )
 from carlos_audit.run.intake import intake, prepare_case_dir, utc_now
 from carlos_audit.run.load import base_model_record, load_lora, load_models
-from carlos_audit.run.store import BaseImageCache, CaseStore, hash_inputs, png_bytes
+from carlos_audit.run.hostchain import HostChain, Produced, finish_unit
+from carlos_audit.run.store import BaseImageCache, CaseStore, hash_inputs
 
 # ----------------------------------------------------------------------------- generation
 
@@ -64,9 +64,10 @@ class Session:
 
     def cache_key(self, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
         """The base-image cache key of one batch: the reproducibility key (case/signature.py)."""
+        marked = (getattr(self.base_info, "watermarker", None) or {}).get("applied")  # keyed only when on
         return reproducibility_key(base_model=self.base_info.sha256, params=self.params.as_dict(),
                                    batch_size=self.batch_size, prompts_sent=prompts_sent, seeds=seeds,
-                                   environment=self.environment)
+                                   environment=self.environment, extra={"watermarker": True} if marked else None)
 
 
 def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> dict:
@@ -77,9 +78,13 @@ def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> d
     todo = [b for b in all_batches if s.store.unit_done(arm.name, b[0].batch) is None]
     stats = {"generated_batches": 0, "cached_batches": 0, "skipped_batches": len(all_batches) - len(todo)}
     bar = tqdm(todo, desc=f"{arm.name:>10}", unit="batch", disable=not progress, file=sys.stderr, leave=False)
-    for batch in bar:
-        record = run_batch(s, arm, batch)
+
+    def done(record: dict) -> None:
         stats["cached_batches" if record["source"] == "base-cache" else "generated_batches"] += 1
+
+    with HostChain(s, on_done=done) as chain:  # batch k written while batch k+1 generates
+        for batch in bar:
+            chain.submit(produce_batch(s, arm, batch))
     bar.close()
     return stats
 
@@ -87,49 +92,27 @@ def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> d
 def run_batch(s: Session, arm: Arm, batch: list[Pair]) -> dict:
     """One unit of work: one arm of one batch of pairs, generated (or, for an arm without adapter,
     taken from the base-image cache), embedded and written to ``s.store``; its record is written
-    last. The one implementation used by ``run_arm`` and by the build engines (engines/units.py).
-    Returns the unit record, with the hook-counted ``cost`` of producing it."""
-    import io
+    last. The one implementation used by ``run_arm`` (pipelined, run/hostchain.py) and by the
+    build engines (engines/units.py). Returns the unit record, with the hook-counted ``cost``."""
+    return finish_unit(s, produce_batch(s, arm, batch))
 
-    from PIL import Image
 
+def produce_batch(s: Session, arm: Arm, batch: list[Pair]) -> Produced:
+    """The device side of a unit: its images generated, or its PNGs from the base-image cache."""
     from carlos_audit.run import cost
-    from carlos_audit.run.embed import image_features
 
     before = cost.snapshot()
     prompts_sent = [arm.prompt_for(p.prompt.text, s.triggers) for p in batch]
     seeds = [p.seed for p in batch]
-    pngs = None
-    key = desc = None
+    key = desc = pngs = images = None
     if arm.adapter is None:
         key, desc = s.cache_key(prompts_sent, seeds)
         pngs = s.cache.get(key, len(batch))
-    source = "base-cache" if pngs is not None else "generated"
     if pngs is None:
         set_adapter_state(s.pipe, arm.adapter, arm.scale)
         images = generate_batch(s.pipe, prompts_sent, seeds, s.params)
-        pngs = [png_bytes(im) for im in images]
-        if key is not None:
-            s.cache.put(key, pngs, desc)
-    # embed what was stored (decoded PNG), so embeddings are reproducible from the files alone
-    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
-    feats = image_features(s.embedder, images)
-    check_finite(arm.name, batch, images, feats)
-    spent = cost.delta(before)
-    spent["images_generated"] = len(batch) if source == "generated" else 0
-    return s.store.write_unit(arm.name, batch[0].batch, pngs, feats, [p.id for p in batch], prompts_sent, seeds, source,
-                              cost=spent)
-
-
-def check_finite(arm: str, batch: list[Pair], images, feats: np.ndarray) -> None:
-    bad = []
-    for p, im, f in zip(batch, images, feats):
-        if not np.isfinite(f).all():
-            bad.append(f"{p.id} (embedding not finite)")
-        elif not np.asarray(im).any():
-            bad.append(f"{p.id} (all-black image)")
-    if bad:
-        raise AuditError(f"arm {arm}: degenerate output for pairs {', '.join(bad[:8])}; metrics would be computed over garbage (on a GPU try dtype = \"float32\")")
+    return Produced(arm, batch, prompts_sent, seeds, "base-cache" if pngs is not None else "generated", images, pngs,
+                    key, desc, cost.delta(before))
 
 
 # ----------------------------------------------------------------------------- the run

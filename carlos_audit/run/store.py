@@ -62,7 +62,7 @@ class CaseStore:
         return read_json(p) if p.is_file() else None
 
     def unit_files(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
-                   cost: dict | None = None) -> tuple[list, dict]:
+                   cost: dict | None = None, device: dict | None = None) -> tuple[list, dict]:
         """The files of one finished unit as ([(relative path, bytes)], record), nothing written:
         what ``write_unit`` writes here, or what a Ray worker sends back to the driver."""
         files, entries = [], []
@@ -79,6 +79,8 @@ class CaseStore:
         record = {"arm": arm, "batch": batch, "source": source, "pairs": entries}
         if cost is not None:
             record["cost"] = cost  # hook-counted work that produced this unit (cost.py)
+        if device is not None:
+            record["device"] = device  # where it ran and its device class (run/devices.device_record)
         return files, record
 
     def write_unit_files(self, arm: str, batch: int, files: list, record: dict) -> dict:
@@ -89,8 +91,9 @@ class CaseStore:
         return record
 
     def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
-                   cost: dict | None = None) -> dict:
-        files, record = self.unit_files(arm, batch, images, features, pair_ids, prompts_sent, seeds, source, cost)
+                   cost: dict | None = None, device: dict | None = None) -> dict:
+        files, record = self.unit_files(arm, batch, images, features, pair_ids, prompts_sent, seeds, source, cost,
+                                        device)
         return self.write_unit_files(arm, batch, files, record)
 
     def features(self, arm: str, pair_ids) -> np.ndarray:
@@ -134,16 +137,23 @@ class BaseImageCache:
         write_json_atomic(d / "index.json", {"key": description, "images": [sha256_bytes(b) for b in images_png]})
 
 
+#: Input roles that are model files: hashed through models/filehash (once, unless --rehash); the
+#: evidence (LoRA, comparison LoRAs, case and prompt files) is always read and hashed afresh.
+MODEL_ROLES = ("base_model", "embedder")
+
+
 def hash_inputs(inputs: list[dict]) -> list[dict]:
     """Add size and sha256 to each {role, path} entry (folders get a tree hash)."""
+    from carlos_audit.models.filehash import file_sha256
     from carlos_audit.models.tiny import tree_sha256
 
     out = []
     for e in inputs:
         p = Path(e["path"])
+        hasher = file_sha256 if e["role"] in MODEL_ROLES else sha256_file
         if p.is_dir():
             out.append({**e, "kind": "folder", "size": sum(f.stat().st_size for f in p.rglob("*") if f.is_file()),
-                        "sha256": tree_sha256(p)})
+                        "sha256": tree_sha256(p, hasher)})
         else:
-            out.append({**e, "kind": "file", "size": p.stat().st_size, "sha256": sha256_file(p)})
+            out.append({**e, "kind": "file", "size": p.stat().st_size, "sha256": hasher(p)})
     return out
