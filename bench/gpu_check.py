@@ -4,7 +4,7 @@
 
 For float16 and bfloat16, with SDPA attention (diffusers' default on torch 2): images/s at batch
 1, 4 and 8 (torch.compile of the UNet off and on), whether the VAE decode gave NaN (the fp32-VAE
-rule of run/fastpath.py is applied through load_base_pipeline, as in a real run), the drift of the
+rule of models/fastpath.py is applied through load_base_pipeline, as in a real run), the drift of the
 LoRA effect against float32 on the same seeds (cosine of the base-vs-LoRA feature differences,
 tiny CLIP features), and peak GPU memory. Prints one table. Without CUDA it exits with one line.
 """

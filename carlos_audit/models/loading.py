@@ -308,7 +308,7 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
         pipe.safety_checker = None
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    from carlos_audit.run.fastpath import apply_fastpath
+    from carlos_audit.models.fastpath import apply_fastpath
 
     arch = _architecture_of_pipe(pipe)
     fastpath = apply_fastpath(pipe, dev, dtype_name, arch)  # a no-op on the CPU
