@@ -74,7 +74,8 @@ def time_split(tmp: Path, assets: dict) -> dict:
 
     from carlos_audit.case.casefile import load_case
     from carlos_audit.report import render_report
-    from carlos_audit import records
+    from carlos_audit import pipeline, records
+    from carlos_audit.analysis import case_analysis
     from carlos_audit.run import embed, generate, load, profile, store
 
     spent = {"generation": 0.0, "clip": 0.0, "io": 0.0, "metrics": 0.0}
@@ -89,7 +90,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
         return wrapper
 
     patches = [(profile, "generate_batch", "generation"), (embed, "image_features", "clip"),
-               (profile, "png_bytes", "io"), (store.CaseStore, "write_unit", "io"), (profile, "analyse_case", "metrics"),
+               (profile, "png_bytes", "io"), (store.CaseStore, "write_unit", "io"), (case_analysis, "analyse_case", "metrics"),
                (records.Manifest, "write", "io")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, kind in patches:
@@ -100,7 +101,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
     load.LOADED.clear()
     try:
         t = time.perf_counter()
-        profile.run_case(load_case(cf), tmp / "split", progress=False)
+        pipeline.run_case(load_case(cf), tmp / "split", progress=False)
         case_s = time.perf_counter() - t
     finally:
         for obj, name, fn in saved:

@@ -14,7 +14,7 @@ row printed as measured, with the peak GPU memory of the row:
   apart, images/s, whether any decoded value was non-finite (the NaN check of the VAE rule);
 - SDPA against the classic attention processor at batch 1 (float16);
 - one static compile of the UNet through the tool's own option (CARLOS_AUDIT_TORCH_COMPILE=1,
-  run/fastpath.py), first call (compile) and steady state, batch 4.
+  models/fastpath.py), first call (compile) and steady state, batch 4.
 
 Without CUDA and without --cpu-smoke it exits with one line.
 """
@@ -88,7 +88,7 @@ def case_row(cfg: dict, home: Path, rows: Rows):
     """A case folder through the real batch path: one batch of 4 per arm, manifest written."""
     from carlos_audit.case.casefile import load_case
     from carlos_audit.run.load import LOADED
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import run_case
 
     (home / "prompts.json").write_text('{"objects": {"vehicles": ["%s"]}}' % PROMPT)
     (home / "case.toml").write_text(f'''
@@ -176,7 +176,7 @@ def main() -> int:
     lp = case_row(cfg, home, rows)
     set_adapter_state(lp.pipe, None)  # the base weights from here on
     for dtype in cfg["dtypes"]:
-        if dtype != lp.dtype:  # the VAE stays float32 (run/fastpath.py); the rest follows the row's dtype
+        if dtype != lp.dtype:  # the VAE stays float32 (models/fastpath.py); the rest follows the row's dtype
             for comp in ("unet", "text_encoder", "text_encoder_2"):
                 if getattr(lp.pipe, comp, None) is not None:
                     getattr(lp.pipe, comp).to(getattr(torch, dtype))

@@ -57,12 +57,3 @@ def write_json_atomic(path: str | Path, obj) -> None:
 def read_json(path: str | Path):
     with open(path, "r", encoding="utf-8") as f:
         return json.load(f)
-
-
-def update_json(path: str | Path, key: str, value) -> dict:
-    """Set one top-level key of a JSON object file (created when missing), atomically."""
-    path = Path(path)
-    data = read_json(path) if path.is_file() else {}
-    data[key] = value
-    write_json_atomic(path, data)
-    return data

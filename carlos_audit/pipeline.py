@@ -1,30 +1,45 @@
-"""A whole case run, step by step: profile -> comparison -> report.
+"""A whole case run, step by step, each step reading what the previous one wrote:
 
-Each step reads what the previous one wrote into the case folder, so any step can be re-run
-alone (``carlos-audit report CASE_DIR`` re-renders from stored results).
+    prepare_run      intake, case folder, models loaded                      (run/profile.py)
+    check_reference  the reference corpus accepts this profile's signature   (corpus/placement.py)
+    generate_units   every (arm, batch) unit, text features -> RunRecord     (run/profile.py)
+    finish_case      model-free: analysis (metrics.json, comparison.json), manifest.json, custody
+    render_report    report.pdf, report-archive.pdf                          (report/)
+
+``run_case`` is the first four under the case folder's lock, ``run_full`` all five (``carlos-audit
+run``). The corpus build's finalize unit (engines/units.py) runs ``finish_case`` alone, with the
+run record its workers wrote, and loads no model. Any step can be re-run alone
+(``carlos-audit analyse CASE_DIR``, ``carlos-audit report CASE_DIR``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from carlos_audit.case.casefile import Case
+from carlos_audit import __version__
+from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts, prompts_sha256
+from carlos_audit.errors import AuditError
+from carlos_audit.fileio import read_json
+from carlos_audit.hashing import sha256_file
+from carlos_audit.records import Manifest, RunRecord
+from carlos_audit.run.environment import git_commit
+from carlos_audit.run.intake import utc_now
+from carlos_audit.run.store import CaseStore
 
 
 def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> dict:
-    """profile, indicators, head-to-head and corpus comparison (run_case) -> report."""
-    from carlos_audit.errors import AuditError
+    """``carlos-audit run``: generate, finish, then the report, all under one case-folder lock."""
     from carlos_audit.report import ARCHIVE_PDF, render_report
     from carlos_audit.run.lock import case_lock
-    from carlos_audit.run.profile import run_case
 
-    with case_lock(out):  # held through the report
+    with case_lock(out):  # taken once, held through the report
         try:
-            result = run_case(case, out, allow_incompatible=allow_incompatible, **kwargs)
+            result = generate_and_finish(case, out, allow_incompatible=allow_incompatible, **kwargs)
         except AuditError:
             # an input changed during the run: the manifest is written (custody_ok false) and the
             # exhibit is still rendered, marked invalid, before the error reaches the user
-            if _custody_failed(out):
+            if custody_failed(out):
                 render_report(out, check=False)
             raise
         result.setdefault("written", [])
@@ -35,8 +50,138 @@ def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwarg
     return result
 
 
-def _custody_failed(out: Path) -> bool:
-    from carlos_audit.fileio import read_json
+def run_case(case: Case, out: Path, **kwargs) -> dict:
+    """Profile ``case`` into case folder ``out`` (no report), holding the folder's lock."""
+    from carlos_audit.run.lock import case_lock
 
+    with case_lock(out):
+        return generate_and_finish(case, out, **kwargs)
+
+
+def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
+                        allow_unsafe_pickle: bool = False, allow_download: bool = False,
+                        argv: list[str] | None = None, progress: bool = True,
+                        allow_incompatible: bool = False) -> dict:
+    """The run's steps in order; the caller holds the case folder's lock."""
+    from carlos_audit.run.profile import generate_units, prepare_run
+
+    out = Path(out)
+    prep = prepare_run(case, CaseStore(out), force=force, allow_partial=allow_partial,
+                       allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
+    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
+    check_reference(case, prep.signature, allow_incompatible)
+    record = generate_units(prep, progress)
+    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible)
+
+
+def check_reference(case: Case, signature: dict, allow_incompatible: bool) -> None:
+    """Before any generation: the reference corpus (when the case names one) accepts a profile
+    of this signature, and the case's ``replicate_id`` is one of its rows."""
+    if not case.reference.get("corpus"):
+        return
+    from carlos_audit.analysis.replication import check_replicate_id
+    from carlos_audit.corpus.placement import check_corpus_signature
+
+    corpus_path = expand_path(case.reference["corpus"], case.base_dir)
+    check_corpus_signature(corpus_path, signature, allow_incompatible)
+    check_replicate_id(corpus_path, case.reference["replicate_id"])
+
+
+def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | None = None,
+                allow_incompatible: bool = False) -> dict:
+    """The model-free end of a run, on a case folder whose units are all generated: the analysis
+    step (metrics.json, comparison.json), the manifest built from ``record`` and the unit records,
+    custody (every input hashed again) and manifest.json last. Loads no model, imports no torch."""
+    from carlos_audit.analysis.case_analysis import analyse_case
+    from carlos_audit.run.store import hash_inputs
+
+    out = Path(out)
+    manifest = build_manifest(case, out, record, argv)
+    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
+    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible)
+    manifest.results = {r.FILE: sha256_file(r.write(out)) for r in (metrics, comparison) if r is not None}
+
+    inputs = record.inputs
+    end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
+    manifest.inputs = [{**a, "sha256_end": b["sha256"], "unchanged": a["sha256"] == b["sha256"]}
+                       for a, b in zip(inputs, end_inputs)]
+    manifest.custody_ok = all(c["unchanged"] for c in manifest.inputs)
+    manifest.run["finished_utc"] = utc_now()
+    manifest.write(out)
+    if not manifest.custody_ok:
+        changed = [c["role"] for c in manifest.inputs if not c["unchanged"]]
+        raise AuditError(f"input file(s) changed during the run ({', '.join(changed)}): the run is marked invalid in manifest.json")
+    return {"out": str(out), "manifest": manifest.to_json(), "metrics": metrics.to_json(),
+            "comparison": comparison.to_json() if comparison is not None else None}
+
+
+def build_manifest(case: Case, out: Path, record: RunRecord, argv: list[str] | None) -> Manifest:
+    """manifest.json before analysis and custody: the run record, the arm plan, the pair rows
+    read from the unit records, the cost summed from them."""
+    from carlos_audit.run.arms import plan_arms
+    from carlos_audit.run.cost import case_cost
+
+    store = CaseStore(out)
+    run_info = read_json(out / "run.json")
+    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
+    pc = case.protocol
+    from carlos_audit.case.sequential import run_pairs
+
+    # a sequential case: the pairs of the looks it ran
+    pairs = run_pairs(enumerate_pairs(prompts, pc["seeds"], pc["batch_size"]), record.sequential)
+    lora_sha = next(e["sha256"] for e in record.inputs if e["role"] == "lora")
+    plan = plan_arms(case, lora_sha, record.comparison_loras)
+    return Manifest(
+        case=dict(case.case),
+        tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
+        run={"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
+             "finished_utc": None, "command": list(argv or ["carlos-audit", "run", str(case.path)]),
+             "stats": record.stats},
+        inputs=record.inputs,  # with their end hashes once the results are written (custody)
+        custody_ok=False,
+        base_model=record.base_model,
+        embedder=record.embedder,
+        lora={"path": record.lora_path, "file_name": Path(record.lora_path).name, "sha256": lora_sha,
+              "scale": case.lora["scale"], "trigger_words": list(case.lora["trigger_words"]),
+              "trigger_policy": case.lora["trigger_policy"], "load": record.lora_load,
+              "inspection": record.inspection},
+        protocol={"prompts": pc["prompts"], "prompt_source": record.prompt_source,
+                  "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),
+                  "seeds": list(pc["seeds"]), **record.generation, "batch_size": pc["batch_size"],
+                  "bootstrap_resamples": pc["bootstrap_resamples"], "bootstrap_seed": pc["bootstrap_seed"],
+                  "scales": list(pc["scales"]),
+                  "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers,
+                                    "lora_sha256": a.lora_sha256} for a in plan.arms.values()},
+                  "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},
+        comparison_loras=record.comparison_loras,
+        text_features=record.text_features,
+        label_signatures=record.label_signatures,
+        claimed_works=record.claimed_works,
+        cost=case_cost(store, plan, pairs),
+        signature=record.signature,
+        prompts=[{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
+        pairs=collect_pairs(store, pairs, plan.arms.values()),
+        results={},
+        environment=record.environment,
+        sequential=record.sequential,
+    )
+
+
+def collect_pairs(store: CaseStore, pairs: list[Pair], arms) -> list[dict]:
+    """The manifest's pair rows, from the unit records on disk."""
+    recs = {}
+    for arm in arms:
+        for b in batches(pairs):
+            unit = store.unit_done(arm.name, b[0].batch)
+            if unit is None:
+                raise AuditError(f"{store.root}: unit {arm.name}/b{b[0].batch:05d} was not generated; run the case again to resume")
+            for e in unit["pairs"]:
+                recs.setdefault(e["pair_id"], {})[arm.name] = {k: e[k] for k in ("prompt", "image", "image_sha256", "embedding", "embedding_sha256")}
+    return [{"pair_id": p.id, "prompt_id": p.prompt.id, "category": p.prompt.category,
+             "subcategory": p.prompt.subcategory, "seed": p.seed, "batch": p.batch, "position": p.position,
+             "arms": recs[p.id]} for p in pairs]
+
+
+def custody_failed(out: Path) -> bool:
     manifest = Path(out) / "manifest.json"
     return manifest.is_file() and (Path(out) / "metrics.json").is_file() and read_json(manifest).get("custody_ok") is False

@@ -3,6 +3,7 @@
     manifest.json    Manifest     what was run, on what, with which inputs (run/profile.run_case)
     metrics.json     Metrics      the CARLoS representation and the indicators (analysis/case_analysis)
     comparison.json  Comparison   head to head and placement in the reference corpus (analysis/case_analysis)
+    units/generation.json  RunRecord  what the generation step loaded and did (run/profile.generate_units)
 
 A record's fields are its file's top-level keys; docs/SCHEMAS.md documents them and
 tests/test_records.py checks the docs against these classes. Adding a field is one line here
@@ -24,6 +25,13 @@ from carlos_audit.hashing import sha256_file
 MANIFEST_SCHEMA = "carlos-audit/manifest/1"
 METRICS_SCHEMA = "carlos-audit/metrics/1"
 COMPARISON_SCHEMA = "carlos-audit/comparison/1"
+RUN_RECORD_SCHEMA = "carlos-audit/run-record/1"
+
+#: the report's files in a case folder (report/ writes them; run/intake clears them on --force)
+FILING_PDF = "report.pdf"
+ARCHIVE_PDF = "report-archive.pdf"
+SIGNED_PDF = "report-archive-signed.pdf"
+REPORT_FILES = (FILING_PDF, f"{FILING_PDF}.sha256", ARCHIVE_PDF, f"{ARCHIVE_PDF}.sha256", SIGNED_PDF, f"{SIGNED_PDF}.sha256")
 
 #: field metadata: the key is left out of the file when its value is None
 OPTIONAL = {"optional": True}
@@ -160,3 +168,33 @@ class Manifest(Record):
         path = super().write(case_dir)
         write_text_atomic(path.with_name(path.name + ".sha256"), f"{sha256_file(path)}  {path.name}\n")
         return path
+
+
+@dataclass
+class RunRecord(Record):
+    """units/generation.json: what the generation step (run/) loaded and did, everything of the
+    manifest that needs a model: the inputs as hashed at intake, the base model, the embedder and
+    the LoRA load accounting as loaded, the environment generated in, the batches generated, the
+    text features and label signatures stored. The model-free finish step (pipeline.finish_case)
+    builds the manifest from it and the case folder."""
+
+    FILE: ClassVar[str] = "units/generation.json"
+    SCHEMA: ClassVar[str] = RUN_RECORD_SCHEMA
+
+    inputs: list
+    inspection: dict
+    lora_path: str
+    lora_load: dict
+    prompt_source: dict
+    generation: dict
+    stats: dict
+    comparison_loras: list
+    base_model: dict
+    embedder: dict
+    environment: dict
+    signature: dict
+    text_features: dict | None
+    label_signatures: dict | None
+    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # the looks run (run/looks.py)
+    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)  # the claimed works embedded (run/claimed.py)
+    schema: str = RUN_RECORD_SCHEMA

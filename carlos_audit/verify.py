@@ -29,7 +29,7 @@ import numpy as np
 
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
-from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.hashing import sha256_file
 
 EMBEDDING_COSINE_TOLERANCE = 0.999
 METRICS_RTOL = 1e-9
@@ -139,23 +139,23 @@ def _pdf_text_has(pdf: Path, text: str) -> bool:
 
 
 def check_metrics(case_dir: Path, manifest: dict) -> Check:
-    from carlos_audit.analysis.metrics import compute_metrics
+    """metrics.json recomputed from the stored features by the analysis step's own code
+    (analysis/case_analysis.compute_case_metrics, what `run` and `analyse` write it with), every
+    profile and indicator included, compared within METRICS_RTOL."""
+    from carlos_audit.analysis.case_analysis import compute_case_metrics, recorded_case
+    from carlos_audit.records import Manifest, Metrics
     from carlos_audit.run.store import CaseStore
 
-    store = CaseStore(case_dir)
-    ids = [r["pair_id"] for r in manifest["pairs"]]
+    name = "metrics recomputed from embeddings"
     try:
-        base, lora = store.features("base", ids), store.features("lora", ids)
-        stored = read_json(case_dir / "metrics.json")
-    except (OSError, ValueError) as e:
-        return Check("metrics recomputed from embeddings", False, f"cannot read stored results: {e}")
-    p = manifest["protocol"]
-    again = compute_metrics(lora, base, manifest["pairs"], n_resamples=p["bootstrap_resamples"], seed=p["bootstrap_seed"])
-    core = {k: stored.get(k) for k in again}
-    diffs = _close(again, core)
+        record, stored = Manifest.from_json(manifest), Metrics.read(case_dir)
+        again = compute_case_metrics(CaseStore(case_dir), record, recorded_case(case_dir, record))
+    except (OSError, ValueError, KeyError, AuditError) as e:
+        return Check(name, False, f"cannot read stored results: {e}")
+    diffs = _close(again.to_json(), stored.to_json())
     if diffs:
-        return Check("metrics recomputed from embeddings", False, "metrics.json differs: " + "; ".join(diffs[:3]))
-    return Check("metrics recomputed from embeddings", True, f"strength {again['strength']:.6g}, consistency {again['consistency']} reproduced")
+        return Check(name, False, "metrics.json differs: " + "; ".join(diffs[:3]))
+    return Check(name, True, f"strength {again.strength:.6g}, consistency {again.consistency} reproduced")
 
 
 def check_sequential(case_dir: Path, manifest: dict) -> Check:
@@ -179,67 +179,61 @@ def check_sequential(case_dir: Path, manifest: dict) -> Check:
 
 
 def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
-    """Regenerate the batches holding a random sample of pairs and compare."""
-    from carlos_audit.case.casefile import parse_case
-    from carlos_audit.case.signature import environment_differences
-    from carlos_audit.run.arms import arms_for
-    from carlos_audit.run.embed import image_features
-    from carlos_audit.run.environment import capture
-    from carlos_audit.run.generate import (
-        GenerationParams,
-        generate_batch,
-        set_adapter_state,
-    )
-    from carlos_audit.run.intake import intake
-    from carlos_audit.run.load import load_models
-    from carlos_audit.run.store import png_bytes
+    """Regenerate the batches holding a random sample of pairs (run/profile.regenerate, the
+    path `reproduce` takes: the main profile's two arms, the run's batch layout) into a scratch
+    folder and compare with what the manifest records."""
+    import shutil
+    import tempfile
 
-    casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")
-    case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))
-    paths, inputs, inspection = intake(case)
+    from carlos_audit.analysis.case_analysis import recorded_case
+    from carlos_audit.case.signature import environment_differences
+    from carlos_audit.records import Manifest
+    from carlos_audit.run.intake import intake
+    from carlos_audit.run.profile import prepare_run, regenerate
+    from carlos_audit.run.store import CaseStore
+
+    case = recorded_case(case_dir, Manifest.from_json(manifest))
+    _, inputs, _ = intake(case)
     recorded = {i["role"]: i["sha256"] for i in manifest["inputs"]}
     changed = [i["role"] for i in inputs if recorded.get(i["role"]) not in (None, i["sha256"])]
     if changed:
         return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
     checks = [check_base_files(case, manifest)] if manifest["base_model"].get("files") else []
-    lp, emb, load_now, determinism = load_models(case, paths, inspection, allow_partial=manifest["lora"]["load"].get("partial", False))
-    if "application" in manifest["lora"]["load"]:
-        from carlos_audit.run.patch import application_differences
-
-        diff = application_differences(manifest["lora"]["load"]["application"], load_now.get("application"))
-        checks.append(Check("LoRA application", not diff, diff or "applied by the recorded method; patched-weight hashes identical"))
-    env_now = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
-    differences = environment_differences(env_now, manifest["environment"])
-    same_platform = not differences
-    p = manifest["protocol"]
-    params = GenerationParams.from_protocol(p, p["scheduler"])
     rows = manifest["pairs"]
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
-    arms = {a.name: a for a in arms_for(case)}
-    by_batch: dict[int, list[dict]] = {}
-    for r in rows:
-        by_batch.setdefault(r["batch"], []).append(r)
-    for batch_idx in sorted({rows[i]["batch"] for i in picked}):
-        members = sorted(by_batch[batch_idx], key=lambda r: r["position"])
-        wanted = [rows[i] for i in picked if rows[i]["batch"] == batch_idx]
-        for arm_name, arm in arms.items():
-            set_adapter_state(lp.pipe, arm.adapter, arm.scale)
-            images = generate_batch(lp.pipe, [m["arms"][arm_name]["prompt"] for m in members], [m["seed"] for m in members], params)
-            feats = image_features(emb, images)
-            for m, im, f in zip(members, images, feats):
-                if m not in wanted:
-                    continue
+    main = list(manifest["protocol"]["profiles"]["main"])
+    scratch = Path(tempfile.mkdtemp(prefix="verify-"))
+    try:
+        store = CaseStore(scratch)
+        prep = prepare_run(case, store, prepare_folder=False,
+                           allow_partial=manifest["lora"]["load"].get("partial", False))
+        differences = environment_differences(prep.session.environment, manifest["environment"])
+        if "application" in manifest["lora"]["load"]:  # a weight patch: the same method, the same patched weights
+            from carlos_audit.run.patch import application_differences
+
+            diff = application_differences(manifest["lora"]["load"]["application"], prep.lora_load.get("application"))
+            checks.append(Check("LoRA application", not diff, diff or "applied by the recorded method; patched-weight hashes identical"))
+        regenerate(prep, manifest, store, batch_ids={rows[i]["batch"] for i in picked}, arm_names=main,
+                   progress=progress)
+        for i in picked:
+            m = rows[i]
+            for arm_name in main:
                 rec = m["arms"][arm_name]
-                same_image = sha256_bytes(png_bytes(im)) == rec["image_sha256"]
+                unit = store.unit_done(arm_name, m["batch"])
+                now = next(e for e in unit["pairs"] if e["pair_id"] == m["pair_id"])
+                same_image = now["image_sha256"] == rec["image_sha256"]
+                f = np.load(store.path(now["embedding"]), allow_pickle=False)
                 stored = np.load(case_dir / rec["embedding"], allow_pickle=False)
                 cos = float(f @ stored / (np.linalg.norm(f) * np.linalg.norm(stored) or 1.0))
-                if same_platform:
+                if not differences:
                     ok, detail = same_image, ("image hash identical" if same_image else "image hash differs on the same platform")
                 else:
                     ok = cos >= EMBEDDING_COSINE_TOLERANCE
                     detail = (f"platform differs ({', '.join(differences)}); embedding cosine {cos:.6f} "
                               f"(tolerance {EMBEDDING_COSINE_TOLERANCE})")
                 checks.append(Check(f"regenerate {m['pair_id']} [{arm_name}]", ok, detail))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return checks
 
 

@@ -49,3 +49,29 @@ def test_analyse_names_a_result_that_does_not_follow_from_the_features(demo_case
     assert r.exit_code == 3, r.output
     assert "DIFF  metrics.json" in r.output and "does not reproduce" in r.output
     assert _tree(case) == before
+
+
+def test_the_scale_1_dose_response_interval_is_the_main_interval(demo_case_dir):
+    """One cluster bootstrap, one draw layout: the dose-response point at the case's own scale
+    carries the main intervals, and the indicators resample the prompts the main intervals drew."""
+    from carlos_audit.analysis.indicators import prompt_resamples
+    from carlos_audit.analysis.metrics import bootstrap, diffs, draw_groups, percentile_ci, strength
+    from carlos_audit.records import Manifest, Metrics
+    from carlos_audit.run.store import CaseStore
+
+    m, manifest = Metrics.read(demo_case_dir), Manifest.read(demo_case_dir)
+    (point,) = [p for p in m.indicators["dose_response"]["points"] if p["scale"] == manifest.lora["scale"] == 1.0]
+    assert point["strength_ci"] == m.ci["strength"] and point["consistency_ci"] == m.ci["consistency"]
+    assert point["strength"] == m.strength
+    # the draws: the index arrays of prompt_resamples are the groups draw_groups picks
+    ids = [r["pair_id"] for r in manifest.pairs]
+    prompts = [r["prompt_id"] for r in manifest.pairs]
+    labels = sorted(set(prompts))
+    picks = draw_groups(len(labels), 50, 0)
+    boots = prompt_resamples(prompts, 50, 0)
+    assert [sorted({prompts[i] for i in b}) for b in boots] == [sorted({labels[j] for j in row}) for row in picks]
+    b, l = manifest.protocol["profiles"]["main"]
+    store = CaseStore(demo_case_dir)
+    d = diffs(store.features(l, ids), store.features(b, ids))
+    assert np.allclose(percentile_ci(strength(d[x]) for x in boots), bootstrap(d, np.array(prompts), 50, 0)["strength"],
+                       rtol=1e-12)

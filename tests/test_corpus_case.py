@@ -13,7 +13,7 @@ from carlos_audit.corpus.store import load_corpus
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
 from carlos_audit.run import profile as profile_mod
-from carlos_audit.run.profile import run_case
+from carlos_audit.pipeline import run_case
 
 
 def test_demo_corpus_was_built_from_the_demo_loras(demo_assets):

@@ -12,7 +12,7 @@ from conftest import write_case
 from carlos_audit.case.casefile import load_case
 from carlos_audit.cli import main
 from carlos_audit.fileio import read_json
-from carlos_audit.run.profile import run_case
+from carlos_audit.pipeline import run_case
 
 P, S, STEPS, BATCH = 8, 2, 3, 4  # builtin:demo x 2 seeds
 NO_INDICATORS = "[indicators]\ntrigger_dependence = false\nprompt_override = false\neffect_labels = false\n"  # arms: base, lora
@@ -118,7 +118,7 @@ def test_plan_text_output_without_measurement(demo_assets, tmp_path):
     ("cuda:1", "float16", "other", False, "float16", "sdpa"),
 ])
 def test_fastpath_selection(device, dtype, arch, force, vae, attn):
-    from carlos_audit.run.fastpath import select
+    from carlos_audit.models.fastpath import select
 
     fp = select(device, dtype, arch, vae_force_upcast=force)
     assert fp.unet_dtype == dtype and fp.vae_dtype == vae and fp.attention == attn
@@ -128,7 +128,7 @@ def test_fastpath_selection(device, dtype, arch, force, vae, attn):
 
 
 def test_fastpath_compile_flag_and_off_switch():
-    from carlos_audit.run.fastpath import select
+    from carlos_audit.models.fastpath import select
 
     assert select("cuda", "float16", "sdxl", compile=True).compile_unet
     assert not select("cpu", "float32", "sd15", compile=True).compile_unet  # never on the CPU
@@ -162,7 +162,7 @@ def test_vae_upcast_keeps_a_half_precision_pipeline_decoding_in_float32(demo_ass
     import torch
 
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
-    from carlos_audit.run.fastpath import apply, select
+    from carlos_audit.models.fastpath import apply, select
     from carlos_audit.run.generate import GenerationParams, generate_batch
 
     lp = load_base_pipeline("embedded:tiny-sd", dtype="float32", device="cpu")

@@ -14,7 +14,7 @@ from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
 from carlos_audit.run.devices_run import parse_devices, run_units_on_devices
-from carlos_audit.run.profile import run_case
+from carlos_audit.pipeline import run_case
 
 
 def _files(case_dir):

@@ -112,7 +112,7 @@ def test_the_manifest_records_the_policy_and_verify_rehashes(lite_assets, carlos
     from carlos_audit.case.casefile import load_case
     from carlos_audit.fileio import read_json
     from carlos_audit.models.tiny import ensure_tiny_sd
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import run_case
     from carlos_audit.verify import verify_case
 
     cf = write_case(tmp_path, lite_assets, case_id="hashing", seeds="{ count = 1, start = 0 }", prompts="builtin:demo")

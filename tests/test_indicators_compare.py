@@ -9,7 +9,7 @@ from conftest import write_case
 from carlos_audit.case.casefile import load_case
 from carlos_audit.fileio import read_json
 from carlos_audit.run import profile as profile_mod
-from carlos_audit.run.profile import run_case
+from carlos_audit.pipeline import run_case
 
 
 class _Count:

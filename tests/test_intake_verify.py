@@ -19,7 +19,7 @@ from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 from carlos_audit.run import profile as profile_mod
-from carlos_audit.run.profile import run_case
+from carlos_audit.pipeline import run_case
 from carlos_audit.verify import verify_case
 
 

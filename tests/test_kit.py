@@ -19,7 +19,7 @@ from carlos_audit.cli import main
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.kit.export import export_case, zip_bytes
-from carlos_audit.kit.paths import portable_command
+from carlos_audit.portable import portable_command
 
 
 def pdftext(pdf: Path) -> str:
@@ -172,6 +172,12 @@ def test_reproduce_on_the_same_machine_is_identical_and_writes_the_pdf(kit, demo
     render_reproduction(out)
     assert pdf.read_bytes() == first
     assert (out / "reproduction.pdf.sha256").read_text().split()[0] == sha256_bytes(first)
+    # the report's PDF writer and pre-flight check: tagged, in a language, headings in order
+    from carlos_audit.report.preflight import preflight
+
+    checks = {c["check"]: c["ok"] for c in preflight(pdf)["checks"]}
+    assert checks["tagged (accessibility)"] and checks["headings in order"] and checks["fonts embedded"]
+    assert not checks["no embedded files"]  # reproduction.json is embedded on purpose
 
 
 def test_reproduce_under_another_thread_count_names_the_difference(kit, demo_assets, demo_case_dir, tmp_path):

@@ -44,9 +44,12 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path):
     with case_lock(tmp_path / "case"):
         held = json.loads((tmp_path / "case" / LOCK_NAME).read_text())
         assert held["pid"] == os.getpid()
-        with case_lock(tmp_path / "case"):  # nested use in the same process
-            pass
-        assert (tmp_path / "case" / LOCK_NAME).is_file()
+        # no process-global state: a second taking in the same (live) process is refused like any
+        # other holder, and the first holder's lock stays
+        with pytest.raises(AuditError, match=rf"pid {os.getpid()} on host"):
+            with case_lock(tmp_path / "case"):
+                pass
+        assert json.loads((tmp_path / "case" / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert not (tmp_path / "case" / LOCK_NAME).exists()
     _hold(tmp_path / "other", dead.pid, host="elsewhere")  # another host's lock is never guessed stale
     with pytest.raises(AuditError, match="on host elsewhere"):

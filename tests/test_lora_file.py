@@ -461,7 +461,7 @@ def test_base_hash_claims(tmp_path):
     report = inspect_lora(q, base_model_sha256=base)
     assert report["base_model_hash_check"] == "absent" and report["claimed_base_model_hash"] is None
     r = write_kohya(tmp_path / "o.safetensors", make_factors(), alpha=4.0, metadata={"ss_sd_model_hash": "1234abcd"})
-    assert inspect_lora(r, base_model_sha256=base)["base_model_hash_check"] == "legacy_not_comparable"
+    assert inspect_lora(r, base_model_sha256=base)["base_model_hash_check"] == "not_comparable"
 
 
 def test_trigger_word_hints():

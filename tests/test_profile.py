@@ -15,7 +15,7 @@ from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
 from carlos_audit.run import profile as profile_mod
-from carlos_audit.run.profile import run_case
+from carlos_audit.pipeline import run_case
 
 UNITS_PER_ARM = 4  # builtin:demo = 8 prompts x 2 seeds, batch 4
 
@@ -25,11 +25,12 @@ def _clear_base_cache(home: Path):
 
 
 def _files(case_dir: Path) -> dict[str, str]:
-    """sha256 of every result file (manifest compared separately, without its run section)."""
+    """sha256 of every result file (manifest and run record compared separately, without what
+    says how this run went: its run section, the batches it generated)."""
     out = {}
     for p in sorted(case_dir.rglob("*")):
         rel = p.relative_to(case_dir).as_posix()
-        if p.is_file() and rel not in ("manifest.json", "manifest.json.sha256", "run.json") and not rel.startswith(("report", "figures")):
+        if p.is_file() and rel not in ("manifest.json", "manifest.json.sha256", "run.json", "units/generation.json") and not rel.startswith(("report", "figures")):
             out[rel] = sha256_file(p)
     return out
 
@@ -118,11 +119,13 @@ def test_killed_run_resumes_byte_identical_without_regenerating(reference_run, c
     second = _Recorder(real)
     monkeypatch.setattr(profile_mod, "generate_batch", second)
     run_case(load_case(cf), target, progress=False)
-    n_units = len(list((out / "units").rglob("*.json")))  # every arm the case plans (indicators add arms)
+    n_units = len(list((out / "units").rglob("b*.json")))  # every arm the case plans (indicators add arms)
     assert len(first.calls) == 5 and len(second.calls) == n_units - 5
     assert not set(first.calls) & set(second.calls)  # no completed pair generated twice
     assert _files(target) == _files(out)
     assert _manifest_wo_run(target) == _manifest_wo_run(out) | {"case": _manifest_wo_run(target)["case"]}
+    records = [read_json(d / "units" / "generation.json") for d in (target, out)]
+    assert records[0] | {"stats": None} == records[1] | {"stats": None}  # the same models, inputs, environment
 
 
 def test_scale_zero_is_exactly_zero_and_strength_rises_with_scale(demo_assets, tmp_path):

@@ -34,7 +34,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
     Hugging Face cache, zero network attempts; the claim is checked; images equal the hub-cache
     folder's; the manifest lists the configs used; verify reproduces the sample bit for bit."""
     from carlos_audit.hashing import sha256_file
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import run_case
     from carlos_audit.verify import verify_case
 
     single = ensure_sd15_single_file()
@@ -70,7 +70,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
 def test_edited_config_is_named_by_verify(sd15, carlos_home, tmp_path, one_case_at_a_time):
     """Defect 4: an edited scheduler config made verify say only "image hash differs"."""
     from carlos_audit.models.loading import carried_config_dir
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import run_case
     from carlos_audit.verify import verify_case
 
     cfg = tmp_path / "cfg"

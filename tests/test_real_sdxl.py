@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real
 
 def test_sdxl_kohya_with_both_text_encoders_is_fully_applied_and_verified(carlos_home, tmp_path):
     """Defect 1 on SDXL: "72 of 986 modules were not applied" (te1)."""
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import run_case
     from carlos_audit.verify import verify_case
 
     folder = ensure_random_pipeline("sdxl")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from carlos_audit.errors import AuditError
-from carlos_audit.records import Comparison, Manifest, Metrics
+from carlos_audit.records import Comparison, Manifest, Metrics, RunRecord
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "SCHEMAS.md"
 
@@ -21,7 +21,7 @@ def _documented(file_name: str) -> list[str]:
     return re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M)
 
 
-@pytest.mark.parametrize("record", [Manifest, Metrics, Comparison])
+@pytest.mark.parametrize("record", [Manifest, Metrics, Comparison, RunRecord])
 def test_the_docs_list_exactly_the_fields_of_each_record(record):
     assert sorted(_documented(record.FILE)) == sorted(f.name for f in fields(record))
     assert f"Schema `{record.SCHEMA}`" in DOCS.read_text("utf-8")

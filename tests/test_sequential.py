@@ -279,7 +279,7 @@ def full_case_text() -> str:
 def sequential_and_full(demo_assets, tmp_path_factory):
     from carlos_audit.case.casefile import load_case
     from carlos_audit.pipeline import run_full
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import run_case
 
     root = tmp_path_factory.mktemp("sequential")
     full_file = root / "demo-full.toml"
@@ -373,7 +373,7 @@ def test_resume_between_looks(sequential_and_full, tmp_path):
     import shutil
 
     from carlos_audit.case.casefile import load_case
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import run_case
 
     seq_dir = sequential_and_full / "seq"
     manifest = json.loads((seq_dir / "manifest.json").read_text())

@@ -17,7 +17,7 @@ from carlos_audit.case.casefile import load_case
 from carlos_audit.errors import WriteFault
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
-from carlos_audit.run.profile import run_case
+from carlos_audit.pipeline import run_case
 
 SEEDS = "{ count = 1, start = 0 }"  # 8 pairs, 2 batches per arm
 

@@ -44,7 +44,8 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Me
     if p["scales"]:
         by_scale = {manifest.lora["scale"]: d_main}
         by_scale.update({s: _diffs(store, manifest, f"scale:{s:g}", ids) for s in p["scales"]})
-        extra["dose_response"] = ind.dose_response(by_scale, prompt_ids, n, seed)
+        extra["dose_response"] = ind.dose_response(by_scale, prompt_ids, n, seed,
+                                                   main=(manifest.lora["scale"], metrics["ci"]))
     if "trigger:without" in profiles:
         shared = list(profiles["trigger:with"]) == list(profiles["trigger:without"])
         extra["trigger_dependence"] = ind.trigger_dependence(
@@ -139,6 +140,13 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
     return metrics, comparison
 
 
+def recorded_case(case_dir: Path, manifest: Manifest) -> Case:
+    """The case a finished case folder ran: its case.toml copy, relative paths resolved from the
+    case file's recorded location."""
+    casefile = next(i for i in manifest.inputs if i["role"] == "casefile")
+    return parse_case((Path(case_dir) / "case.toml").read_text("utf-8"), Path(casefile["path"]))
+
+
 def reanalyse(case_dir: Path, *, allow_incompatible: bool = False, out: Path | None = None) -> dict:
     """``carlos-audit analyse CASE_DIR``: the analysis of a finished case folder run again from
     its manifest, case file copy and stored features, compared byte for byte with the recorded
@@ -149,8 +157,7 @@ def reanalyse(case_dir: Path, *, allow_incompatible: bool = False, out: Path | N
 
     case_dir = Path(case_dir)
     manifest = Manifest.read(case_dir)
-    casefile = next(i for i in manifest.inputs if i["role"] == "casefile")
-    case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))
+    case = recorded_case(case_dir, manifest)
     previous = Comparison.read_optional(case_dir)
     allow_incompatible = allow_incompatible or bool(previous and (previous.corpus or {}).get("allow_incompatible"))
     records = [r for r in analyse_case(case_dir, manifest, case, allow_incompatible=allow_incompatible) if r is not None]

@@ -13,7 +13,8 @@ Scope            concentration of per-category strength: 1 - H(s)/log K with s_c
                  share of the summed per-category strengths and K the number of categories.
                  0 = the same effect in every category, 1 = all of it in one category.
 Effect labels    cosine between the Direction and text signatures of concept words (the retrieval
-                 construction: mean over retrieval prompts of t(p + " " + word) - t(p)).
+                 construction: mean over retrieval prompts of t(p + " " + word) - t(p); the
+                 vocabulary and the signatures: case/labels.py).
 
 Every CI is a 95% cluster bootstrap over prompts (prompts resampled with replacement, all their
 seeds with them; stratified by category for scope), percentile interval, recorded seed.
@@ -21,12 +22,9 @@ seeds with them; stratified by category for scope), percentile interval, recorde
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 import numpy as np
 
-from carlos_audit.analysis.metrics import bootstrap_consistency, consistency, percentile_ci, strength
+from carlos_audit.analysis.metrics import bootstrap_consistency, consistency, draw_groups, percentile_ci, strength
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -35,13 +33,18 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def prompt_resamples(prompt_ids: list[str], n: int, seed: int, strata: list[str] | None = None) -> list[np.ndarray]:
-    """Index arrays of pairs for each bootstrap resample (prompts drawn with replacement)."""
-    rng = np.random.default_rng(seed)
+    """Index arrays of pairs for each bootstrap resample (prompts drawn with replacement): the
+    draws of ``metrics.draw_groups``, the layout of the main intervals; stratified (``strata``:
+    each prompt drawn within its stratum, as scope needs) otherwise."""
     ids = np.array(prompt_ids)
+    if strata is None:
+        labels = np.unique(ids)  # the group order of metrics.bootstrap
+        members = [np.flatnonzero(ids == u) for u in labels]
+        return [np.concatenate([members[j] for j in row]) for row in draw_groups(len(labels), n, seed)]
+    rng = np.random.default_rng(seed)
     uniq = list(dict.fromkeys(prompt_ids))
     members = {u: np.flatnonzero(ids == u) for u in uniq}
-    groups = [uniq] if strata is None else [
-        [u for u in uniq if strata[members[u][0]] == s] for s in dict.fromkeys(strata)]
+    groups = [[u for u in uniq if strata[members[u][0]] == s] for s in dict.fromkeys(strata)]
     out = []
     for _ in range(n):
         picked = []
@@ -52,14 +55,22 @@ def prompt_resamples(prompt_ids: list[str], n: int, seed: int, strata: list[str]
     return out
 
 
-def dose_response(diffs_by_scale: dict[float, np.ndarray], prompt_ids, n_resamples: int, seed: int) -> dict:
+def dose_response(diffs_by_scale: dict[float, np.ndarray], prompt_ids, n_resamples: int, seed: int,
+                  main: tuple[float, dict] | None = None) -> dict:
+    """Strength and consistency per LoRA scale, with intervals from the same resamples as the
+    main ones; ``main``: (the case's scale, metrics ``ci``), whose point takes the main intervals
+    themselves (the same draws; the one interval of that profile, whichever section cites it)."""
     rows = []
     boots = prompt_resamples(prompt_ids, n_resamples, seed)
     for scale in sorted(diffs_by_scale):
         d = diffs_by_scale[scale]
+        if main is not None and scale == main[0]:
+            cis = (main[1]["strength"], main[1]["consistency"])
+        else:
+            cis = (percentile_ci(strength(d[b]) for b in boots),
+                   percentile_ci(bootstrap_consistency(d, prompt_ids, boots)))
         rows.append({"scale": scale, "strength": strength(d), "consistency": consistency(d),
-                     "strength_ci": percentile_ci(strength(d[b]) for b in boots),
-                     "consistency_ci": percentile_ci(bootstrap_consistency(d, prompt_ids, boots))})
+                     "strength_ci": cis[0], "consistency_ci": cis[1]})
     s1 = next((r["strength"] for r in rows if r["scale"] == 1.0), None)
     half = None
     if s1:
@@ -124,31 +135,6 @@ def scope(d: np.ndarray, categories: list[str], prompt_ids, n_resamples: int, se
     return {"note": note,"definition": "1 - H(s)/log K over the categories' shares s of summed per-category strength (0 = even, 1 = one category)",
             "concentration": value, "ci": percentile_ci(concentration(per_cat(b)) for b in boots),
             "per_category_strength": dict(zip(cats, per_cat(all_idx)))}
-
-
-def vocabulary(extra: list[str]) -> list[tuple[str, str]]:
-    data = json.loads(resources.files("carlos_audit.case").joinpath("prompts/vocabulary.json").read_text("utf-8"))
-    words = [(group, w) for group, ws in data.items() for w in ws]
-    words += [("case", w) for w in extra if w not in {x for _, x in words}]
-    return words
-
-
-def text_signature(encode, prompts: list[str], word: str, plain: np.ndarray | None = None) -> np.ndarray:
-    """The text signature of ``word``: mean over ``prompts`` p of encode(p + " " + word) - encode(p),
-    in float64. ``plain``: encode(prompts) already computed. Used by the effect labels and by
-    corpus retrieval (corpus/retrieval.py)."""
-    with_w = encode([f"{p} {word}" for p in prompts]).astype(np.float64)
-    if plain is None:
-        plain = encode(prompts).astype(np.float64)
-    return (with_w - plain).mean(axis=0)
-
-
-def label_signatures(encode, retrieval_prompts: list[str], extra: list[str]) -> tuple[list[tuple[str, str]], np.ndarray]:
-    """The vocabulary (``extra`` words added) and each word's text signature, one row per word:
-    computed with the embedder during the run and stored, so the effect labels need no model."""
-    words = vocabulary(extra)
-    plain = encode(retrieval_prompts).astype(np.float64)
-    return words, np.stack([text_signature(encode, retrieval_prompts, w, plain) for _, w in words])
 
 
 def effect_labels(direction: np.ndarray, words: list[tuple[str, str]], signatures: np.ndarray, top: int) -> dict:

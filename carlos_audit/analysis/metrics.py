@@ -84,6 +84,14 @@ def _group_sums(d: np.ndarray, groups):
     return norms, inv, S, cnt, nz
 
 
+def draw_groups(n_groups: int, n_resamples: int, seed: int) -> np.ndarray:
+    """The one draw layout of every cluster bootstrap: (resamples x groups) indices of the groups
+    (prompts, in sorted order of their ids) drawn with replacement from ``default_rng(seed)``.
+    ``bootstrap`` and ``indicators.prompt_resamples`` both draw through it, so an indicator
+    resampled with the case's seed sees the same resamples as the main intervals."""
+    return np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
+
+
 def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) -> dict:
     """Cluster bootstrap over groups (prompts). Uses per-group sufficient statistics, so each
     resample costs O(groups x dim), whatever the number of pairs.
@@ -98,9 +106,8 @@ def bootstrap(d: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int) ->
     norms, inv, S, cnt, nz = _group_sums(d, groups)
     g = len(cnt)
     nsum = np.bincount(inv, weights=norms, minlength=g)
-    rng = np.random.default_rng(seed)
     W = np.zeros((n_resamples, g))
-    picks = rng.integers(0, g, size=(n_resamples, g))
+    picks = draw_groups(g, n_resamples, seed)
     for r in range(n_resamples):
         W[r] = np.bincount(picks[r], minlength=g)
     n = W @ cnt

@@ -14,10 +14,9 @@ import re
 import shutil
 from pathlib import Path
 
+from carlos_audit.case.init import PLACEHOLDER  # what ``init`` writes; ``run`` refuses a case that still has it
 from carlos_audit.errors import AuditError
 
-#: What ``init`` writes where the examiner must fill in; ``run`` refuses a case that still has it.
-PLACEHOLDER = "<FILL IN"
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -201,7 +200,7 @@ def _corpus_section(case, signature: dict) -> dict | None:
     path = expand_path(case.reference["corpus"], case.base_dir)
     out = {"path": str(path), "allow_incompatible": case.reference["allow_incompatible"]}
     if not (path / "corpus.json").is_file():
-        from carlos_audit.corpus.public import FETCH_COMMAND, PUBLIC_NAME
+        from carlos_audit.case.protocol import FETCH_COMMAND, PUBLIC_NAME
 
         supply = FETCH_COMMAND if path.name == PUBLIC_NAME else "carlos-audit corpus import|build|fetch ..."
         return dict(out, status="missing", compatible=None, supply=supply)
@@ -254,7 +253,7 @@ def check_case(casefile) -> dict:
         prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
         items.append({"role": "prompts", "status": "present", "source": case.protocol["prompts"], "n": len(prompts)})
     except AuditError as e:
-        from carlos_audit.corpus.public import FETCH_COMMAND
+        from carlos_audit.case.protocol import FETCH_COMMAND
 
         items.append({"role": "prompts", "status": "missing", "source": case.protocol["prompts"], "detail": str(e),
                       "supply": FETCH_COMMAND if case.protocol["prompts"].startswith("builtin:carlos-") else None})

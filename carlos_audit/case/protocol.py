@@ -137,11 +137,36 @@ def load_prompts(spec: str, base_dir: Path | None = None) -> tuple[list[Prompt],
     return prompts, {"kind": "file", "path": str(path), "sha256": sha256_bytes(raw)}
 
 
+#: ``corpus fetch carlos-public`` (corpus/public.py) stores the public corpus in the tool's home,
+#: its header (corpus.json) holding the two prompt sets derived from the official wheel
+PUBLIC_NAME = "carlos-public"
+FETCH_COMMAND = "carlos-audit corpus fetch carlos-public"
+FETCHED_HEADER = "corpus.json"
+
+
+def public_corpus_dir() -> Path:
+    from carlos_audit.models.tiny import carlos_home
+
+    return carlos_home() / "corpora" / PUBLIC_NAME
+
+
+def load_fetched_set(which: str, path: Path | None = None):
+    """(prompts, header path, header sha256) of a fetched corpus's ``indexing`` / ``retrieval`` set."""
+    from carlos_audit.fileio import read_json
+    from carlos_audit.hashing import sha256_file
+
+    path = path or public_corpus_dir() / FETCHED_HEADER
+    if not path.is_file():
+        raise AuditError(f"the public CARLoS prompts are not fetched yet ({path} is missing); run `{FETCH_COMMAND}`")
+    data = read_json(path).get("prompt_sets") or {}
+    if which not in data:
+        raise AuditError(f"{path} holds no {which!r} prompt set; run `{FETCH_COMMAND} --overwrite`")
+    return prompts_from_triples(data[which], f"{path}:{which}"), path, sha256_file(path)
+
+
 def load_fetched_suite(name: str) -> tuple[list[Prompt], dict]:
     """``builtin:carlos-indexing`` / ``builtin:carlos-retrieval``: from the prompts file that
     ``corpus fetch carlos-public`` derived from the official wheel."""
-    from carlos_audit.corpus.public import load_fetched_set
-
     prompts, path, digest = load_fetched_set(FETCHED_SUITES[name])
     return prompts, {"kind": "builtin", "name": f"builtin:{name}", "path": str(path), "sha256": digest}
 

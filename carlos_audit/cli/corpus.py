@@ -41,7 +41,7 @@ def corpus_import(src, dest, preset, name, overwrite):
 
     c = import_carlos_db(src, dest, None if preset == "none" else preset, overwrite=overwrite, name=name)
     click.echo(f"imported {c.n} rows (dim {c.dim}, {c.dtype}) into {c.path}")
-    v = corpus_validation(c)
+    v = corpus_validation(c, write=True)
     click.echo(f"stored its known error rates ({v.record['basis']}); see: carlos-audit corpus validate {c.path}")
 
 
@@ -165,7 +165,7 @@ def corpus_validate(corpus_path, as_json):
     from carlos_audit.corpus.store import Corpus
     from carlos_audit.corpus.validate import corpus_validation, validation_summary
 
-    v = corpus_validation(Corpus.open(corpus_path))
+    v = corpus_validation(Corpus.open(corpus_path), write=True)
     summary = validation_summary(v, corpus_path)
     if as_json:
         print_json(summary)
@@ -225,8 +225,10 @@ def corpus_add(corpus_path, case_dir, row_id, name, allow_incompatible):
         carlos-audit corpus add corpora/mine reports/case-001
     """
     from carlos_audit.corpus.cases import add_case
+    from carlos_audit.corpus.validate import corpus_validation
 
     row = add_case(corpus_path, case_dir, row_id=row_id, name=name, allow_incompatible=allow_incompatible)
+    corpus_validation(corpus_path, write=True)  # its known error rates, stored with it (cases only read them)
     click.echo(f"added {safe_text(row['id'], 60)} as row {row['row']} of {corpus_path}")
     if row["differing"]:
         click.echo("Warning: signatures differ in " + ", ".join(row["differing"]), err=True)

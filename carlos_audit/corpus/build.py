@@ -78,7 +78,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
             return {"corpus": str(dest), "added": [], "already_present": skipped, "n": load_corpus(dest).n, "build": None}
         if engine == "ray":
             from carlos_audit.engines.ray_connect import check_cluster, resolve_address
-            from carlos_audit.engines.ray_engine import import_ray
+            from carlos_audit.engines.ray_connect import import_ray
 
             import_ray()  # fail before preparing anything when Ray is missing or the cluster refuses us
             if resolve_address(ray_address):
@@ -95,6 +95,10 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
                 create_empty(dest, fin["signature"], name or dest.name, dim=fin["dim"])
             add_case(dest, dest / BUILD_CASES_DIR / rid, row_id=rid, name=lora.name)
             added.append(rid)
+        if added:  # the known error rates, stored with the corpus once (cases only read them)
+            from carlos_audit.corpus.validate import corpus_validation
+
+            corpus_validation(dest, write=True)
         record = build_record(plan, run, engine=engine, threads=threads, ray_address=ray_address, gpus_per_task=gpus_per_task)
         write_json_atomic(dest / "build.json", record)
         return {"corpus": str(dest), "added": added, "already_present": skipped, "n": load_corpus(dest).n, "build": record}

@@ -27,11 +27,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from carlos_audit.case.protocol import FETCHED_HEADER, PUBLIC_NAME, public_corpus_dir
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_json_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
 
-PUBLIC_NAME = "carlos-public"
 PACKAGE, VERSION = "carlos", "0.0.3"
 WHEEL_FILE = "carlos-0.0.3-py3-none-any.whl"
 WHEEL_SHA256 = "94d2f4bd246289bfc15c13d05ef1164dede3bbc812c632081645e54a677bb2a3"
@@ -39,22 +39,17 @@ PARQUET_MEMBER = "carlos/data/metrics_database.parquet"
 PROMPTS_MEMBER = "carlos/generative_prompts.py"
 PIP_ARGS = ["download", f"{PACKAGE}=={VERSION}", "--no-deps", "--python-version", "3.9", "--only-binary=:all:"]
 PIP_COMMAND = "pip " + " ".join(PIP_ARGS) + " -d DIR"
-FETCH_COMMAND = "carlos-audit corpus fetch carlos-public"
 #: the reference functions whose slices define the two prompt sets
 SET_FUNCTIONS = {"indexing": "prompts_for_indexing", "retrieval": "prompts_for_retrieval"}
 
 
 def default_dest() -> Path:
-    from carlos_audit.models.tiny import carlos_home
-
-    return carlos_home() / "corpora" / PUBLIC_NAME
+    return public_corpus_dir()
 
 
 def fetched_prompts_path() -> Path:
-    """The corpus header that holds the fetched prompt sets (``prompt_sets``)."""
-    from carlos_audit.corpus.store import META_FILE
-
-    return default_dest() / META_FILE
+    """The corpus header that holds the fetched prompt sets (``prompt_sets``): its corpus.json."""
+    return default_dest() / FETCHED_HEADER
 
 
 def wheel_cache() -> Path:
@@ -205,17 +200,4 @@ def public_prompt_sets(corpus) -> dict | None:
     """The prompt sets a fetched public corpus carries ({name: [[category, subcategory, text], ...]}), or None."""
     sets = (getattr(corpus, "meta", None) or {}).get("prompt_sets")
     return sets if isinstance(sets, dict) else None
-
-
-def load_fetched_set(which: str, path: Path | None = None):
-    """(prompts, header path, header sha256) of a fetched corpus's ``indexing`` / ``retrieval`` set."""
-    from carlos_audit.case.protocol import prompts_from_triples
-
-    path = path or fetched_prompts_path()
-    if not path.is_file():
-        raise AuditError(f"the public CARLoS prompts are not fetched yet ({path} is missing); run `{FETCH_COMMAND}`")
-    data = read_json(path).get("prompt_sets") or {}
-    if which not in data:
-        raise AuditError(f"{path} holds no {which!r} prompt set; run `{FETCH_COMMAND} --overwrite`")
-    return prompts_from_triples(data[which], f"{path}:{which}"), path, sha256_file(path)
 

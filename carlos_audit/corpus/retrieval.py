@@ -114,7 +114,7 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
 def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | None = None,
              min_consistency: float | None = None, prompts: str | None = None,
              embedder_checkpoint: str | None = None, allow_download: bool = False) -> dict:
-    from carlos_audit.analysis.indicators import text_signature
+    from carlos_audit.case.labels import text_signature
     from carlos_audit.corpus.search import nearest
     from carlos_audit.corpus.store import load_corpus
 

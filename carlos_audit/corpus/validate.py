@@ -306,14 +306,18 @@ class Validation:
 
 
 def _load_stored(c: Corpus) -> Validation | None:
-    rec = c.meta.get("validation")
+    """The validation stored with the corpus, when it matches the corpus's current files."""
+    return _load_from(c, c.meta.get("validation"), c.path, stored=True)
+
+
+def _load_from(c: Corpus, rec, folder: Path, stored: bool) -> Validation | None:
     if not isinstance(rec, dict) or rec.get("schema") != VALIDATION_SCHEMA:
         return None
     if rec.get("computed_from") != {k: c.meta[k] for k in ("directions_sha256", "rows_sha256")}:
         return None  # the corpus changed since
     arrays = {}
     for name in VALIDATION_FILES:
-        p = c.path / name
+        p = folder / name
         want = (rec.get("files") or {}).get(name)
         if want is None:
             arrays[name] = None
@@ -323,19 +327,36 @@ def _load_stored(c: Corpus) -> Validation | None:
         arrays[name] = np.load(p, allow_pickle=False)
     if arrays[TABLES_FILE] is None:
         return None
-    return Validation(rec, arrays[TABLES_FILE], arrays[WHITENING_FILE], stored=True)
+    return Validation(rec, arrays[TABLES_FILE], arrays[WHITENING_FILE], stored=stored)
 
 
-def corpus_validation(corpus, *, write: bool = True) -> Validation:
-    """The corpus's validation: the stored one when it matches the corpus's current files, else
-    computed now and (``write``) stored under the corpus lock. A read-only corpus folder gets an
-    in-memory validation (``stored`` False)."""
+def cache_dir(c: Corpus) -> Path:
+    """Where a corpus's validation is cached in the tool's home, keyed by the corpus's file hashes."""
+    from carlos_audit.hashing import sha256_json
+    from carlos_audit.models.tiny import carlos_home
+
+    key = sha256_json({k: c.meta[k] for k in ("directions_sha256", "rows_sha256")})
+    return carlos_home() / "validation" / key[:32]
+
+
+def corpus_validation(corpus, *, write: bool = False) -> Validation:
+    """The corpus's validation: the one stored with the corpus when it matches the corpus's
+    current files. Otherwise ``write`` (corpus import, build, add, validate: the commands that
+    write corpora) computes it and stores it with the corpus under the corpus lock; without
+    ``write`` (a case's analysis, neighbours: reference data is read-only) it comes from the
+    tool's home (``cache_dir``), computed and cached there when missing. ``stored`` says whether
+    it is stored with the corpus."""
     from carlos_audit.corpus.write import locked
 
     c = as_corpus(corpus)
     found = _load_stored(c)
     if found is not None:
         return found
+    cache = cache_dir(c)
+    cached = _load_from(c, read_json(cache / "validation.json"), cache, stored=False) \
+        if (cache / "validation.json").is_file() else None
+    if cached is not None and not write:
+        return cached
     record, tables, w_arr = compute_validation(c)
     files = {TABLES_FILE: _npy_bytes(tables)}
     if w_arr is not None:
@@ -350,6 +371,10 @@ def corpus_validation(corpus, *, write: bool = True) -> Validation:
                 write_json_atomic(c.path / META_FILE, dict(meta, validation=record))
                 c.meta = dict(meta, validation=record)
                 return Validation(record, tables, w_arr, stored=True)
+    with contextlib.suppress(OSError):  # a read-only home: the validation stays in memory
+        for name, data in files.items():
+            write_bytes_atomic(cache / name, data)
+        write_json_atomic(cache / "validation.json", record)
     return Validation(record, tables, w_arr, stored=False)
 
 

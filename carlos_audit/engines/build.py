@@ -11,8 +11,9 @@ Plan (in the driver, no model loaded):
    with different trigger words would get different base arms; in a corpus build every LoRA
    takes its trigger words from the template, so there is one shared base arm per build;
 3. one unit per (LoRA, LoRA arm, batch) into the LoRA's case folder;
-4. one finalize unit per LoRA: copy the shared arm into the case folder, then metrics +
-   manifest by the existing profile code (``run_case`` with every unit done).
+   (the first unit of the main LoRA arm also returns the case's run record);
+4. one finalize unit per LoRA: copy the shared arm into the case folder, then the model-free
+   finish step (``pipeline.finish_case``: metrics, manifest) with that run record.
 
 The corpus rows are added by the caller in sorted LoRA order after every finalize unit, so the
 corpus bytes do not depend on the engine or on the order units complete.
@@ -144,7 +145,8 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
             else:
                 plan.n_lora_arms += 1
                 for b in batch_ids:
-                    u = WorkUnit("arm", store=str(case_dir), arm=arm.name, batch=b, **common)
+                    first = arm.name == arms.profiles["main"][1] and b == batch_ids[0]
+                    u = WorkUnit("arm", store=str(case_dir), arm=arm.name, batch=b, record=first, **common)
                     plan.arm_units.append(u)
                     deps.append(u.key)
         fin = WorkUnit("finalize", store=str(case_dir), shared=tuple(shared), argv=argv, **common)

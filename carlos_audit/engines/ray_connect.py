@@ -125,8 +125,6 @@ def _check(address: str) -> bool:
 
 def init_ray(address: str | None, runtime_env: dict):
     """``ray.init`` for a build: join ``address`` (checked first) or start Ray in this process."""
-    from carlos_audit.engines.ray_engine import import_ray
-
     ray = import_ray()
     if address is not None and check_cluster(address):
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -221,3 +219,15 @@ def _probe_main(address: str) -> None:
 
 if __name__ == "__main__":
     _probe_main(sys.argv[1])
+
+
+def import_ray():
+    # Ray's usage statistics (on unless disabled) make the head query cloud metadata addresses
+    # (169.254.169.254, metadata.google.internal) and report to Anyscale: nothing may leave this
+    # machine unasked, so a Ray started or joined from here has them off unless the user chose.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise AuditError("the ray engine needs Ray: pip install 'carlos-audit[ray]' (or pip install 'ray[default]')") from None
+    return ray

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+from carlos_audit.engines.ray_connect import import_ray
 from carlos_audit.errors import AuditError
 
 MAX_RETRIES = 3
@@ -45,18 +46,6 @@ def worker_env(local: bool) -> dict:
         env["CARLOS_AUDIT_HOME"] = str(carlos_home())
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
-
-
-def import_ray():
-    # Ray's usage statistics (on unless disabled) make the head query cloud metadata addresses
-    # (169.254.169.254, metadata.google.internal) and report to Anyscale: nothing may leave this
-    # machine unasked, so a Ray started or joined from here has them off unless the user chose.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-    except ImportError:
-        raise AuditError("the ray engine needs Ray: pip install 'carlos-audit[ray]' (or pip install 'ray[default]')") from None
-    return ray
 
 
 def run_ray(plan, *, address: str | None, gpus_per_task: float, threads: int | None, unit_fn,

@@ -9,10 +9,11 @@ files (PNG bytes, embeddings, the unit record) and the driver writes them into t
 again; a unit whose worker died is run again whole. Nothing is duplicated or lost.
 
 Before it generates, a worker checks every input against the sha256 the driver planned
-(``engines/inputs.py``). A ``finalize`` unit receives the case folder's records and embeddings
-(not the images), runs the existing profile code (``run_case`` with every unit already done:
-metrics, manifest) in a node-local scratch copy, on the same kind of worker that generated (so
-the manifest's environment is the generating environment), and returns the files it wrote.
+(``engines/inputs.py``). The first unit of each LoRA's main arm also returns the case's run record
+(``units/generation.json``: models as loaded, LoRA load accounting, environment) and its stored
+text features. A ``finalize`` unit receives the case folder's records and embeddings (not the
+images) and runs only the model-free finish step (``pipeline.finish_case``: metrics, manifest,
+custody) in a node-local scratch copy; it loads no model and imports no torch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class WorkUnit:
     store: str  # folder written: the case folder, or a shared arm folder (cases/_shared/<arm>-<key>)
     arm: str = ""
     batch: int = -1
+    record: bool = False  # arm unit: also return the case's run record and text features
     allow_partial: bool = False
     shared: tuple = ()  # finalize: ((arm, shared folder, shared id, (batch, ...)), ...)
     argv: tuple = ()  # finalize: the command recorded in the manifest
@@ -77,22 +79,21 @@ def set_threads(threads: int | None) -> int:
 
 
 @dataclass
-class _Context:
+class UnitContext:
     key: tuple
-    session: object
+    prep: object  # run/profile.PreparedRun
     plan: object
     batches: dict
 
 
-def _context(unit: WorkUnit) -> _Context:
+def unit_context(unit: WorkUnit) -> UnitContext:
+    """The loaded run of ``unit``'s LoRA case (the previous unit's when it is the same case)."""
     from carlos_audit.case.casefile import parse_case
-    from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
+    from carlos_audit.case.protocol import batches
     from carlos_audit.engines.inputs import check_inputs
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.run.arms import plan_arms
-    from carlos_audit.run.intake import intake
-    from carlos_audit.run.load import load_models
-    from carlos_audit.run.profile import make_session
+    from carlos_audit.run.profile import prepare_run
 
     key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial, unit.inputs)
     ctx = CURRENT.get("ctx")
@@ -100,13 +101,9 @@ def _context(unit: WorkUnit) -> _Context:
         return ctx
     CURRENT.clear()
     case = parse_case(unit.case_text, Path(unit.case_path))
-    paths, inputs, inspection = intake(case)
-    lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=unit.allow_partial)
-    check_inputs(unit, inputs, {"base_model": lp.sha256, "embedder": emb.sha256})
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
-    session, _ = make_session(case, CaseStore(unit.store), lp, emb, determinism)
-    pairs = enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"])
-    ctx = _Context(key, session, plan_arms(case, unit.lora_sha256, []), {b[0].batch: b for b in batches(pairs)})
+    prep = prepare_run(case, CaseStore(unit.store), prepare_folder=False, allow_partial=unit.allow_partial)
+    check_inputs(unit, prep.inputs, {"base_model": prep.session.base_info.sha256, "embedder": prep.session.embedder.sha256})
+    ctx = UnitContext(key, prep, plan_arms(case, unit.lora_sha256, []), {b[0].batch: b for b in batches(prep.pairs)})
     CURRENT["ctx"] = ctx
     return ctx
 
@@ -117,6 +114,13 @@ class ReturningStore(CaseStore):
 
     files: list = ()
     record: dict | None = None
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.extra = []  # other files of the case folder: the run record, text features
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        self.extra.append((rel, data))
 
     def unit_done(self, arm: str, batch: int) -> None:
         return None  # the driver submits only units without a record
@@ -134,51 +138,62 @@ def run_unit(unit: WorkUnit, threads: int | None = None, case_files: dict | None
     import time
 
     from carlos_audit.engines.inputs import node_label
-    from carlos_audit.run.profile import run_batch
 
-    before = set_threads(unit_threads(unit, threads))  # restored after the unit: its process's count is kept
     t0 = time.perf_counter()
-    try:
-        if unit.kind == "finalize":
-            result = finalize_case(unit, case_files or {})
-        else:
-            ctx = _context(unit)
-            arm = ctx.plan.arms.get(unit.arm)
-            if arm is None or unit.batch not in ctx.batches:
-                raise AuditError(f"unit {unit.key}: the case has no arm {unit.arm!r} batch {unit.batch}")
-            store = ReturningStore(unit.store)
-            record = run_batch(replace(ctx.session, store=store), arm, ctx.batches[unit.batch])
-            result = {"unit": unit.key, "status": "done", "source": record["source"], "cost": record.get("cost"),
-                      "images": (record.get("cost") or {}).get("images_generated", 0), "files": store.files,
-                      "record": record}
-    finally:
-        set_threads(before)
+    if unit.kind == "finalize":  # model-free: no torch, so no thread count to set
+        result = finalize_case(unit, case_files or {})
+    else:
+        before = set_threads(unit_threads(unit, threads))  # restored after the unit: a unit never changes its process's count
+        try:
+            result = run_arm_unit(unit)
+        finally:
+            set_threads(before)
     return result | {"node": node_label(), "seconds": time.perf_counter() - t0}
 
 
+def run_arm_unit(unit: WorkUnit) -> dict:
+    """One arm of one batch, its files kept in memory; with ``unit.record`` also the case's run
+    record and text features (written by the driver before the unit's record)."""
+    from carlos_audit.fileio import json_dumps
+    from carlos_audit.run.profile import run_batch, run_record
+
+    ctx = unit_context(unit)
+    arm = ctx.plan.arms.get(unit.arm)
+    if arm is None or unit.batch not in ctx.batches:
+        raise AuditError(f"unit {unit.key}: the case has no arm {unit.arm!r} batch {unit.batch}")
+    store = ReturningStore(unit.store)
+    record = run_batch(replace(ctx.prep.session, store=store), arm, ctx.batches[unit.batch])
+    files = list(store.files)
+    if unit.record:
+        # the finalize step generates nothing: every batch of the case counts as skipped there
+        stats = {a: {"generated_batches": 0, "cached_batches": 0, "skipped_batches": len(ctx.batches)}
+                 for a in ctx.plan.arms}
+        run = run_record(replace(ctx.prep, session=replace(ctx.prep.session, store=store)), stats, [])
+        files += store.extra + [(run.FILE, json_dumps(run.to_json()).encode("utf-8"))]
+    return {"unit": unit.key, "status": "done", "source": record["source"], "cost": record.get("cost"),
+            "images": (record.get("cost") or {}).get("images_generated", 0), "files": files, "record": record}
+
+
 def finalize_case(unit: WorkUnit, case_files: dict) -> dict:
-    """Metrics + manifest by the existing profile code, in a node-local scratch copy of the case
-    folder's records and embeddings; returns the files it added or changed (manifest last)."""
+    """The model-free finish step (``pipeline.finish_case``) in a node-local scratch copy of the
+    case folder's records and embeddings; returns the files it added or changed (manifest last)."""
     import shutil
     import tempfile
 
     from carlos_audit.case.casefile import parse_case
     from carlos_audit.engines.inputs import check_inputs, scratch_root
     from carlos_audit.fileio import write_bytes_atomic
-    from carlos_audit.run.profile import run_case
+    from carlos_audit.pipeline import finish_case
+    from carlos_audit.records import RunRecord
 
     out = Path(tempfile.mkdtemp(prefix=f"{unit.case_id[:40]}-", dir=scratch_root()))
     try:
         for rel, data in case_files.items():
             write_bytes_atomic(out / rel, data)
         case = parse_case(unit.case_text, Path(unit.case_path))
-        CURRENT.clear()  # run_case reloads the adapter: the cached session is no longer trusted
-        try:
-            result = run_case(case, out, allow_partial=unit.allow_partial, argv=list(unit.argv), progress=False)
-        finally:
-            CURRENT.clear()
-        m = result["manifest"]
-        check_inputs(unit, m["inputs"], {"base_model": m["base_model"]["sha256"], "embedder": m["embedder"]["sha256"]})
+        run = RunRecord.read(out)
+        check_inputs(unit, run.inputs, {"base_model": run.base_model["sha256"], "embedder": run.embedder["sha256"]})
+        result = finish_case(case, out, run, argv=list(unit.argv))
         written = []
         for p in sorted(out.rglob("*")):
             rel = p.relative_to(out).as_posix()
@@ -188,5 +203,5 @@ def finalize_case(unit: WorkUnit, case_files: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     last = ("manifest.json", "manifest.json.sha256")
     written.sort(key=lambda f: (f[0] in last, last.index(f[0]) if f[0] in last else 0))
-    return {"unit": unit.key, "status": "done", "case_id": unit.case_id, "signature": m["signature"],
+    return {"unit": unit.key, "status": "done", "case_id": unit.case_id, "signature": result["manifest"]["signature"],
             "dim": len(result["metrics"]["direction"]), "files": written}

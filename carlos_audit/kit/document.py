@@ -67,18 +67,11 @@ def _jinja_env(templates_dir: Path):
 
 
 def render_reproduction(out: Path) -> Path:
-    """Render ``reproduction.pdf`` (and its .sha256) from ``out/reproduction.json``."""
-    import logging
-
-    from weasyprint import CSS, HTML, Attachment
-
-    from carlos_audit.report.fetcher import (
-        CASE_URL,
-        STYLESHEET,
-        TEMPLATES_URL,
-        make_url_fetcher,
-        templates_dir,
-    )
+    """Render ``reproduction.pdf`` (and its .sha256) from ``out/reproduction.json``, through the
+    report's PDF writer (report/render.write_pdf: PDF/A-3b, tagged, the record embedded) and its
+    pre-flight check (every check but "no embedded files": the record is embedded on purpose)."""
+    from carlos_audit.report.fetcher import templates_dir
+    from carlos_audit.report.render import write_pdf
 
     out = Path(out).resolve()
     tdir = templates_dir()
@@ -87,16 +80,22 @@ def render_reproduction(out: Path) -> Path:
     data = (out / "reproduction.json").read_bytes()
     r = read_json(out / "reproduction.json")
     html = _jinja_env(tdir).get_template(TEMPLATE).render(**build_context(r))
-    logging.getLogger("weasyprint").setLevel(logging.ERROR)
-    logging.getLogger("fontTools").setLevel(logging.ERROR)
-    fetcher = make_url_fetcher(out)
-    when = datetime.fromtimestamp(int(r["source_date_epoch"]), tz=timezone.utc).replace(tzinfo=None)
-    attachment = Attachment(string=data, name="reproduction.json", description="the reproduction's record: every comparison",
-                            created=when, modified=when, relationship="Data", url_fetcher=fetcher)
-    pdf = HTML(string=html, base_url=CASE_URL, url_fetcher=fetcher).write_pdf(
-        stylesheets=[CSS(url=TEMPLATES_URL + STYLESHEET, url_fetcher=fetcher)], attachments=[attachment],
-        pdf_variant="pdf/a-3b", pdf_identifier=sha256_bytes(data)[:32].encode(), uncompressed_pdf=False)
+    pdf = write_pdf(html, out, int(r["source_date_epoch"]), variant="pdf/a-3b", paper=None,
+                    attachments={"reproduction.json": data}, identifier=sha256_bytes(data)[:32])
     path = out / "reproduction.pdf"
     write_bytes_atomic(path, pdf)
     write_text_atomic(out / "reproduction.pdf.sha256", f"{sha256_bytes(pdf)}  reproduction.pdf\n")
+    check_reproduction_pdf(path)
     return path
+
+
+def check_reproduction_pdf(path: Path) -> dict:
+    """The report's pre-flight check of the reproduction PDF; an AuditError when a check other
+    than "no embedded files" fails."""
+    from carlos_audit.report.preflight import preflight
+
+    result = preflight(path)
+    failed = [f"{c['check']} ({c['detail']})" for c in result["checks"] if not c["ok"] and c["check"] != "no embedded files"]
+    if failed:
+        raise AuditError(f"wrote {path}, but it fails the pre-flight check: {'; '.join(failed)}")
+    return result

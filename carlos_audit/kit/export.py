@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import json_dumps, read_json, write_bytes_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
-from carlos_audit.kit.paths import PathMap, portable_command
+from carlos_audit.portable import PathMap, portable_command
 
 KIT_SCHEMA = "carlos-audit/kit/1"
 KIT_JSON = "kit.json"

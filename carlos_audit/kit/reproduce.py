@@ -32,16 +32,6 @@ OUT_ARTIFACTS = ("kit", "case", "case.toml", "reproduction.json", "reproduction.
 DEFAULT_SAMPLE = 8
 
 
-class NoBaseCache:
-    """A base-image cache that never hits: a reproduction regenerates the base arm too."""
-
-    def get(self, key: str, n: int):
-        return None
-
-    def put(self, key: str, images_png, description: dict) -> None:
-        return None
-
-
 # ----------------------------------------------------------------------------- the kit
 
 
@@ -248,55 +238,31 @@ def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None,
 
 def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed: int, progress: bool) -> dict:
     """Generate (into out/case) the arms of the kit's case for every pair or for the batches
-    holding a stratified sample; returns what was generated and the environment."""
-    from carlos_audit.case.protocol import enumerate_pairs, load_prompts, prompts_sha256
-    from carlos_audit.run.arms import plan_arms
-    from carlos_audit.run.intake import intake, utc_now
-    from carlos_audit.run.load import load_models
-    from carlos_audit.run.profile import load_comparisons, make_session, run_arm
+    holding a stratified sample (run/profile.regenerate, as verify does); returns what was
+    generated and the environment."""
+    from carlos_audit.case.protocol import prompts_sha256
+    from carlos_audit.run.intake import utc_now
+    from carlos_audit.run.profile import prepare_run, regenerate
     from carlos_audit.run.store import CaseStore
 
-    paths, inputs, inspection = intake(case)
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
-    if prompts_sha256(prompts) != manifest["protocol"]["prompts_sha256"]:
-        raise AuditError("the kit's prompts.json does not give the prompts the case was run with (prompts_sha256 differs)")
     partial = bool((manifest["lora"].get("load") or {}).get("partial"))
-    lp, emb, _, determinism = load_models(case, paths, inspection, allow_partial=partial)
-    for what, now, then in (("base model", lp.sha256, manifest["base_model"]["sha256"]),
-                            ("embedder", emb.sha256, manifest["embedder"]["sha256"])):
-        if now != then:
-            raise AuditError(f"refusing to reproduce, nothing generated: the {what} here ({now[:16]}…) differs from the kit's ({str(then)[:16]}…)")
     store = CaseStore(out / "case")
-    session, env = make_session(case, store, lp, emb, determinism)
-    session.cache = NoBaseCache()
-    lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
-    comparisons = load_comparisons(lp.pipe, paths, inputs, partial, False)
-    plan = plan_arms(case, lora_sha, comparisons)
-    recorded = manifest["protocol"]["arms"]
-    for name, arm in plan.arms.items():
-        want = recorded.get(name)
-        if want is None or [want["adapter"], want["scale"], want["with_triggers"], want["lora_sha256"]] != \
-                [arm.adapter, arm.scale, arm.with_triggers, arm.lora_sha256]:
-            raise AuditError(f"arm {name} of the reproduction differs from the kit's; the kit and this carlos-audit disagree on the protocol")
-
+    prep = prepare_run(case, store, prepare_folder=False, allow_partial=partial)
+    if prompts_sha256(prep.prompts) != manifest["protocol"]["prompts_sha256"]:
+        raise AuditError("the kit's prompts.json does not give the prompts the case was run with (prompts_sha256 differs)")
     from carlos_audit.case.sequential import run_pairs
 
     # a sequential case: the looks it ran (recorded), never decided again here
-    pairs = run_pairs(enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"]),
-                      manifest.get("sequential"))
-    if [p.id for p in pairs] != [r["pair_id"] for r in manifest["pairs"]]:
-        raise AuditError("the pairs of the reproduction differ from the kit's manifest")
-    sampled = None
+    sampled, pairs = None, run_pairs(prep.pairs, manifest.get("sequential"))
     if sample is not None:
         sampled = select_pairs(manifest["pairs"], sample, sample_seed)
         keep = {p.batch for p in pairs if p.id in set(sampled)}
         pairs = [p for p in pairs if p.batch in keep]
     started = utc_now()
-    for arm in plan.arms.values():
-        run_arm(session, arm, pairs, progress)
+    plan = regenerate(prep, manifest, store, batch_ids={p.batch for p in pairs}, progress=progress)
     return {"pair_ids": [p.id for p in pairs], "sampled": sampled, "batches": sorted({p.batch for p in pairs}),
             "arms": list(plan.arms), "profiles": {k: list(v) for k, v in plan.profiles.items()},
-            "environment": env, "started_utc": started, "finished_utc": utc_now()}
+            "environment": prep.session.environment, "started_utc": started, "finished_utc": utc_now()}
 
 
 def _compare(kit: dict, manifest: dict, comparison: dict | None, kit_dir: Path, out: Path, gen: dict,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carlos_audit.lora.weights import READINGS, compare_weights, weights_class
+from carlos_audit.lora.weights import READINGS, compare_weights, rates_for_class, weights_class  # noqa: F401
 
 SCHEMA = "carlos-audit/weight-error-rates/1"
 RESCALE_FACTORS = (0.5, 0.8, 0.98, 1.25, 2.0)
@@ -125,13 +125,3 @@ def measure(reps: int = 20, seed: int = 0) -> dict:
     return {"schema": SCHEMA, "reps": reps, "seed": seed,
             "thresholds": {"same_cosine": SAME_COSINE, "rescale_tolerance": RESCALE_TOLERANCE, "partial_cosine": PARTIAL_COSINE},
             "modules": len(MODULES), "rows": out}
-
-
-def rates_for_class(table: dict, cls: str) -> list[dict]:
-    """Per family: how often the generated pairs of that family got the reading ``cls``."""
-    out: dict[str, dict] = {}
-    for row in table.get("rows", []):
-        f = out.setdefault(row["family"], {"family": row["family"], "expected": row["expected"], "given": 0, "n": 0})
-        f["given"] += row["counts"].get(cls, 0)
-        f["n"] += row["n"]
-    return list(out.values())

@@ -126,6 +126,34 @@ def compare_base_hash(claimed: str | None, base_sha256: str | None) -> str:
     return "mismatch"
 
 
+#: the one vocabulary of the claimed base-model hash check (inspect_lora, run/load.py, the report)
+BASE_HASH_CHECKS = ("match", "mismatch", "absent", "not_comparable", "not_checked")
+
+
+def base_hash_check(claim: dict | None, base_sha256: str | None, base_identity: str | None = None) -> dict:
+    """The LoRA's self-reported base-model hash (``claimed_base_model_hash``) against a base model:
+    {"base_model_hash_check": one of BASE_HASH_CHECKS, "base_model_hash_check_detail": in words}.
+    ``match`` / ``mismatch`` when the base is a single checkpoint file (its sha256 is what kohya's
+    ``ss_new_sd_model_hash`` claims), ``absent`` without a claim, ``not_checked`` without a base
+    model, ``not_comparable`` for a legacy 64 KiB A1111 hash or a folder (``base_identity`` not
+    ``file:...``: its tree hash is not a file hash)."""
+    def result(check: str, detail: str) -> dict:
+        return {"base_model_hash_check": check, "base_model_hash_check_detail": detail}
+
+    if base_sha256 is None:
+        return result("not_checked", "no base model given to compare the claim with")
+    if not claim:
+        return result("absent", "the LoRA file claims no base-model hash")
+    if claim.get("legacy"):
+        return result("not_comparable", f"cannot compare: {claim['source']} is the legacy A1111 hash of a 64 KiB window, not a sha256")
+    if base_identity is not None and not base_identity.startswith("file:"):
+        return result("not_comparable", f"cannot compare: the base model {base_identity} is a folder (its tree hash is not a checkpoint-file sha256)")
+    check = compare_base_hash(claim["value"], base_sha256)
+    word = "matches" if check == "match" else "differs from"
+    what = base_identity[5:] if base_identity else "the base model"
+    return result(check, f"the claimed {claim['source']} {word} the sha256 of {what}")
+
+
 def trigger_word_hints(metadata: dict, top: int = 10) -> list[dict]:
     """Candidate trigger words from self-reported metadata.
 
@@ -221,8 +249,8 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
     only), ``weight_norm_total`` (Frobenius norm of all module dW together; None if
     no module could be computed), ``metadata`` (``__metadata__`` verbatim, SELF-REPORTED),
     ``claimed_base_model_hash`` (see ``claimed_base_model_hash``), ``base_model_hash_check``
-    (``match | mismatch | absent``; ``legacy_not_comparable`` for a legacy-only claim;
-    ``not_checked`` without ``base_model_sha256``), ``trigger_word_hints``,
+    (``base_hash_check``: ``match | mismatch | absent``; ``not_comparable`` for a legacy-only
+    claim; ``not_checked`` without ``base_model_sha256``), ``trigger_word_hints``,
     ``unrecognised_tensors``.
 
     A pickle file allowed with ``allow_unsafe_pickle`` is hashed but not opened: format
@@ -277,14 +305,7 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
             )
 
     claim = claimed_base_model_hash(metadata)
-    if base_model_sha256 is None:
-        check = "not_checked"
-    elif claim is None:
-        check = "absent"
-    elif claim["legacy"]:
-        check = "legacy_not_comparable"
-    else:
-        check = compare_base_hash(claim["value"], base_model_sha256)
+    check = base_hash_check(claim, base_model_sha256)["base_model_hash_check"]
 
     digest = sha256_file(path)
     return {

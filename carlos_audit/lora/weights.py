@@ -171,7 +171,6 @@ def class_error_rates(cls: str) -> dict | None:
     """How often the generated pairs of each family got the reading ``cls`` (the measured table
     ``ERROR_RATES_FILE``, written by bench/bench_weights_error.py); None when it is absent."""
     from carlos_audit.fileio import read_json
-    from carlos_audit.lora.families import rates_for_class
 
     if not ERROR_RATES_FILE.is_file():
         return None
@@ -187,3 +186,13 @@ def weights_reading(result: dict) -> str:
     about copying, authorship or infringement.
     """
     return READINGS[weights_class(result)]
+
+
+def rates_for_class(table: dict, cls: str) -> list[dict]:
+    """Per family: how often the generated pairs of that family got the reading ``cls``."""
+    out: dict[str, dict] = {}
+    for row in table.get("rows", []):
+        f = out.setdefault(row["family"], {"family": row["family"], "expected": row["expected"], "given": 0, "n": 0})
+        f["given"] += row["counts"].get(cls, 0)
+        f["n"] += row["n"]
+    return list(out.values())

@@ -93,7 +93,21 @@ def write_lora(path: Path, state: dict[str, np.ndarray], metadata: dict[str, str
 
     from carlos_audit.fileio import write_bytes_atomic
 
-    write_bytes_atomic(path, save({k: np.ascontiguousarray(v) for k, v in sorted(state.items())}, metadata=metadata))
+    data = save({k: np.ascontiguousarray(v) for k, v in sorted(state.items())}, metadata=metadata)
+    write_bytes_atomic(path, canonical_header(data))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted: safetensors writes the metadata in
+    the order of a Rust HashMap, which changes from one process to the next, so the same LoRA
+    would get another sha256 every time it is written. Tensor offsets are relative to the data
+    that follows the header, so the tensors are unchanged."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the header length stays a multiple of 8, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def build_demo_loras(dest: Path, base_sha256: str | None = None) -> dict[str, Path]:

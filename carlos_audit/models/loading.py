@@ -311,7 +311,7 @@ def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto"
         pipe.safety_checker = None
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    from carlos_audit.run.fastpath import apply_fastpath
+    from carlos_audit.models.fastpath import apply_fastpath
 
     arch, family_variant = pipeline_family(pipe)
     fastpath = apply_fastpath(pipe, dev, dtype_name, arch)  # a no-op on the CPU

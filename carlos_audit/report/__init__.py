@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FILING_PDF = "report.pdf"
-ARCHIVE_PDF = "report-archive.pdf"
-SIGNED_PDF = "report-archive-signed.pdf"
-REPORT_FILES = (FILING_PDF, f"{FILING_PDF}.sha256", ARCHIVE_PDF, f"{ARCHIVE_PDF}.sha256", SIGNED_PDF, f"{SIGNED_PDF}.sha256")
+from carlos_audit.records import ARCHIVE_PDF, FILING_PDF, REPORT_FILES, SIGNED_PDF  # the case folder's file names
 
 
 def render_report(case_dir: Path, check: bool = True) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from carlos_audit import __version__
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
-from carlos_audit.kit.paths import portable_command
+from carlos_audit.portable import portable_command
 from carlos_audit.report import evidence as ev
 from carlos_audit.report.claimed import claimed_works_context
 from carlos_audit.report.comparison import corpus_placement

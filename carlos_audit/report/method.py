@@ -52,7 +52,7 @@ def base_hash_facts(inspection: dict) -> list[tuple[str, str]]:
         return []
     text = f"{clip(str(claim.get('value', '')), 120)[0]} ({claim.get('source')}{', legacy A1111 hash' if claim.get('legacy') else ''})"
     words = {"match": "matches", "mismatch": "differs", "not_comparable": "cannot compare", "absent": "no claim",
-             "not_checked": "not checked", "legacy_not_comparable": "cannot compare"}
+             "not_checked": "not checked"}
     check = inspection.get("base_model_hash_check")
     detail = inspection.get("base_model_hash_check_detail")
     shown = words.get(check, str(check)) + (f": {detail}" if detail else "")

@@ -50,7 +50,8 @@ PAGE_CSS = {"a4": "@page { size: A4; }", "letter": "@page { size: letter; }"}
 COMPANIONS = ("manifest.json", "metrics.json", "comparison.json")
 DESCRIPTIONS = {"manifest.json": "the run's manifest: protocol, inputs, every pair and its hashes",
                 "metrics.json": "the CARLoS metrics and their confidence intervals",
-                "comparison.json": "the comparison with the reference corpus and the head-to-head comparisons"}
+                "comparison.json": "the comparison with the reference corpus and the head-to-head comparisons",
+                "reproduction.json": "the reproduction's record: every comparison"}
 
 
 def load_inputs(case_dir: Path) -> ReportInputs:
@@ -140,12 +141,14 @@ def render_report(case_dir: Path, check: bool = True) -> Path:
     return result["filing"]
 
 
-def write_pdf(html: str, case_dir: Path, epoch: int, *, variant: str, paper: str, attachments: dict[str, bytes],
+def write_pdf(html: str, case_dir: Path, epoch: int, *, variant: str, paper: str | None, attachments: dict[str, bytes],
               identifier: str, declare_ua: bool = False) -> bytes:
     """HTML -> PDF bytes (tagged, the given PDF/A variant), fetching only from the case and
-    templates folders; ``attachments`` {name: bytes} are embedded (PDF/A-3 only). The tag tree
-    then gets the table scopes weasyprint drops and, with ``declare_ua``, the PDF/UA-1
-    identification when the structure checks pass (pdftags.py)."""
+    templates folders; ``attachments`` {name: bytes} are embedded (PDF/A-3 only). The one PDF
+    writer: the report's two copies and the reproduction PDF (kit/document.py). ``paper``
+    None: the stylesheet's page size. The tag tree then gets the table scopes weasyprint drops
+    and, with ``declare_ua``, the PDF/UA-1 identification when the structure checks pass
+    (pdftags.py)."""
     from carlos_audit.report.pdftags import post_process
 
     import logging
@@ -158,7 +161,7 @@ def write_pdf(html: str, case_dir: Path, epoch: int, *, variant: str, paper: str
     fetcher = make_url_fetcher(case_dir)
     when = datetime.fromtimestamp(epoch, tz=timezone.utc).replace(tzinfo=None)
     try:
-        css = [CSS(url=TEMPLATES_URL + STYLESHEET, url_fetcher=fetcher), CSS(string=PAGE_CSS[paper])]
+        css = [CSS(url=TEMPLATES_URL + STYLESHEET, url_fetcher=fetcher)] + ([CSS(string=PAGE_CSS[paper])] if paper else [])
         doc = HTML(string=html, base_url=CASE_URL, url_fetcher=fetcher)
         # a weasyprint Attachment cannot serve two write_pdf calls: new objects every time
         files = [Attachment(string=data, name=name, description=DESCRIPTIONS.get(name, name),

@@ -54,7 +54,6 @@ def store_text_features(store, embedder, prompts) -> dict:
     """Raw text features of each prompt as the user wrote it (no trigger words), one file per
     prompt under embeddings/text/ (the prompt-override indicator reads them). Returns
     {prompt id: {path, sha256}} for the manifest's ``text_features``."""
-    from carlos_audit.fileio import write_bytes_atomic
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.run.store import npy_bytes
 
@@ -63,7 +62,7 @@ def store_text_features(store, embedder, prompts) -> dict:
     for p, f in zip(prompts, feats):
         data = npy_bytes(f)
         rel = f"embeddings/text/{p.id}.npy"
-        write_bytes_atomic(store.path(rel), data)
+        store.write_file(rel, data)
         records[p.id] = {"path": rel, "sha256": sha256_bytes(data)}
     return records
 
@@ -75,9 +74,8 @@ def store_label_signatures(store, embedder, extra_labels: list[str]) -> dict:
     """The text signature of every effect-label word over the retrieval prompts (float64, one row
     per word), so the effect labels are computed without a model. Returns the manifest's
     ``label_signatures``: {path, sha256, words: [[group, word], ...]}."""
-    from carlos_audit.analysis.indicators import label_signatures
+    from carlos_audit.case.labels import label_signatures
     from carlos_audit.case.protocol import load_prompts
-    from carlos_audit.fileio import write_bytes_atomic
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.run.store import npy_bytes
 
@@ -85,5 +83,5 @@ def store_label_signatures(store, embedder, extra_labels: list[str]) -> dict:
     words, sigs = label_signatures(lambda texts: text_features(embedder, texts), [p.text for p in retrieval],
                                    extra_labels)
     data = npy_bytes(sigs, dtype="<f8")
-    write_bytes_atomic(store.path(LABEL_SIGNATURES), data)
+    store.write_file(LABEL_SIGNATURES, data)
     return {"path": LABEL_SIGNATURES, "sha256": sha256_bytes(data), "words": [list(w) for w in words]}

@@ -40,7 +40,7 @@ def apply_determinism(device: str, tf32: bool = False) -> dict:
 
 def capture(device: str, dtype: str, determinism: dict, fastpath: dict | None = None) -> dict:
     """The environment record of a run (manifest ``environment``); ``fastpath``: the settings
-    run/fastpath.py applied, recorded when there are any. case/signature.bits_environment says
+    models/fastpath.py applied, recorded when there are any. case/signature.bits_environment says
     which of these fields change the numbers."""
     import torch
 

@@ -12,7 +12,7 @@ from carlos_audit.case.casefile import Case, expand_path
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
-from carlos_audit.report import REPORT_FILES
+from carlos_audit.records import REPORT_FILES
 from carlos_audit.run.lock import LOCK_NAME
 from carlos_audit.run.store import hash_inputs
 

@@ -107,11 +107,6 @@ def wrapped_modules(pipe, adapter: str) -> dict[str, list]:
     return out
 
 
-def applied_modules(pipe, adapter: str) -> set[str]:
-    """Names (``component.module``) of the modules peft wrapped for ``adapter``."""
-    return set(wrapped_modules(pipe, adapter))
-
-
 def module_accounting(pipe, adapter: str, path: Path, inspection: dict) -> dict:
     """Which modules of the file peft applied, matched by tensor values (see the module doc)."""
     from safetensors import safe_open
@@ -263,28 +258,11 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
 
 
 def claimed_base_hash_check(inspection: dict, lp) -> dict:
-    """The LoRA's self-reported base-model hash against the loaded base model.
+    """The LoRA's self-reported base-model hash against the loaded base model
+    (lora/intake.base_hash_check: one vocabulary for inspect and run)."""
+    from carlos_audit.lora.intake import base_hash_check
 
-    ``base_model_hash_check`` is ``match`` / ``mismatch`` when the base is a single checkpoint file
-    (its sha256 is what kohya's ``ss_new_sd_model_hash`` claims), ``absent`` without a claim, and
-    ``not_comparable`` otherwise (a legacy 64 KiB A1111 hash, or a folder whose tree hash is not a
-    file hash); ``base_model_hash_check_detail`` says which, in words.
-    """
-    from carlos_audit.lora.intake import compare_base_hash
-
-    claim = inspection.get("claimed_base_model_hash")
-    if not claim:
-        return {"base_model_hash_check": "absent", "base_model_hash_check_detail": "the LoRA file claims no base-model hash"}
-    if claim.get("legacy"):
-        return {"base_model_hash_check": "not_comparable",
-                "base_model_hash_check_detail": f"cannot compare: {claim['source']} is the legacy A1111 hash of a 64 KiB window, not a sha256"}
-    if not lp.identity.startswith("file:"):
-        return {"base_model_hash_check": "not_comparable",
-                "base_model_hash_check_detail": f"cannot compare: the base model {lp.identity} is a folder (its tree hash is not a checkpoint-file sha256)"}
-    result = compare_base_hash(claim["value"], lp.sha256)
-    word = "matches" if result == "match" else "differs from"
-    return {"base_model_hash_check": result,
-            "base_model_hash_check_detail": f"the claimed {claim['source']} {word} the sha256 of {lp.identity[5:]}"}
+    return base_hash_check(inspection.get("claimed_base_model_hash"), lp.sha256, lp.identity)
 
 
 def base_model_record(case: Case, lp) -> dict:

@@ -5,7 +5,9 @@ process id, host name and start time of the run, and removes it when the run end
 ends. A second run on the same folder is refused with a one-line error naming the holder. A lock
 left by a process that died on this host (its pid no longer exists) is taken over; one held from
 another host is never guessed stale: the message says which file to delete once that run is gone.
-Nested use in one process (run_full around run_case) takes the lock once. A corpus build
+The lock is taken once per run, by its outermost step (pipeline.run_full or run_case); the lock
+keeps no state in this process, so taking it again while held is refused like any other holder.
+A corpus build
 (corpus/build.py) holds the same lock on its DEST for the whole build, whatever the engine: two
 drivers never add rows to one corpus at once, and a driver killed mid-build leaves a lock that
 the next driver on this host takes over.
@@ -23,10 +25,6 @@ from pathlib import Path
 from carlos_audit.errors import AuditError
 
 LOCK_NAME = ".carlos-audit.lock"
-
-#: case folders whose lock this process holds (for nested use)
-HELD: set = set()
-
 
 def _alive(pid: int) -> bool:
     try:
@@ -60,10 +58,6 @@ def case_lock(out: Path, what: str = "case folder"):
     """Hold the lock of case folder ``out`` (created when missing) for the duration of the block.
     ``what`` names the folder in the refusal (a corpus build locks its DEST as "corpus folder")."""
     out = Path(out)
-    key = out.resolve()
-    if key in HELD:
-        yield
-        return
     if out.exists() and not out.is_dir():
         raise AuditError(f"output {out} exists and is not a folder")
     created = not out.exists()
@@ -81,11 +75,9 @@ def case_lock(out: Path, what: str = "case folder"):
             raise AuditError(f"{what} {out} is being written by another run (pid {held.get('pid')} on host "
                              f"{held.get('host')}, since {held.get('started_utc')}); wait for it to finish, or delete "
                              f"{path} if that run is gone")
-    HELD.add(key)
     try:
         yield
     finally:
-        HELD.discard(key)
         path.unlink(missing_ok=True)
         _remove_if_empty(out, created)
 

@@ -1,37 +1,26 @@
-"""Profile a LoRA: the steps of a case run, in order, each writing files into the case folder.
+"""The generation step of a case run, up to "units generated", each step writing files into the
+case folder:
 
-    intake      hash every input, refuse what cannot be examined soundly
-    load        base pipeline (+ LoRA as adapter "target"), embedder
-    generate    for each arm and batch: images (base arm from the shared cache when present)
-    embed       raw CLIP image features of each batch, stored beside the images
-    metrics     Direction, Strength, Consistency with CIs, from the stored features
-    custody     re-hash every input; write manifest.json
+    prepare_run     intake (hash every input, refuse what cannot be examined soundly), the case
+                    folder prepared, base pipeline (+ LoRA as adapter "target") and embedder loaded
+    generate_units  for each arm and batch: images (base arm from the shared cache when present)
+                    and their raw CLIP image features; text features; the run record
+                    (records.RunRecord, units/generation.json)
 
-A run killed anywhere resumes: finished (arm, batch) units are never generated again.
+What follows needs no model (pipeline.finish_case: analysis, manifest, custody). A run killed
+anywhere resumes: finished (arm, batch) units are never generated again.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
-
-from carlos_audit import __version__
-from carlos_audit.analysis.case_analysis import analyse_case
 from carlos_audit.case.casefile import Case, expand_path
-from carlos_audit.case.protocol import (
-    Pair,
-    batches,
-    enumerate_pairs,
-    load_prompts,
-    prompts_sha256,
-)
+from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts
 from carlos_audit.case.signature import case_signature, reproducibility_key
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json
-from carlos_audit.hashing import sha256_file
-from carlos_audit.records import Manifest
+from carlos_audit.records import RunRecord
 from carlos_audit.run.arms import Arm, plan_arms
 from carlos_audit.run.embed import store_label_signatures, store_text_features
 from carlos_audit.run.generate import (
@@ -39,10 +28,10 @@ from carlos_audit.run.generate import (
     generate_batch,
     set_adapter_state,
 )
-from carlos_audit.run.intake import intake, prepare_case_dir, utc_now
+from carlos_audit.run.intake import intake, prepare_case_dir
 from carlos_audit.run.load import base_model_record, load_lora, load_models
 from carlos_audit.run.hostchain import HostChain, Produced, finish_unit
-from carlos_audit.run.store import BaseImageCache, CaseStore, hash_inputs
+from carlos_audit.run.store import BaseImageCache, CaseStore
 
 # ----------------------------------------------------------------------------- generation
 
@@ -131,111 +120,134 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     return session, env
 
 
-def run_case(case: Case, out: Path, **kwargs) -> dict:
-    """Profile ``case`` into case folder ``out``, holding the folder's lock (run/lock.py)."""
-    from carlos_audit.run.lock import case_lock
+@dataclass
+class PreparedRun:
+    """A run after intake and loading, before any generation: what generate_units needs."""
 
-    with case_lock(out):
-        return profile_case(case, out, **kwargs)
+    case: Case
+    paths: dict
+    inputs: list
+    inspection: dict
+    prompts: list
+    prompt_source: str
+    session: Session
+    lora_load: dict
+    signature: dict
+    allow_partial: bool = False
+    allow_unsafe_pickle: bool = False
+
+    @property
+    def lora_sha256(self) -> str:
+        return next(e["sha256"] for e in self.inputs if e["role"] == "lora")
+
+    @property
+    def pairs(self) -> list[Pair]:
+        pc = self.case.protocol
+        return enumerate_pairs(self.prompts, pc["seeds"], pc["batch_size"])
 
 
-def profile_case(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
-             allow_unsafe_pickle: bool = False, allow_download: bool = False, argv: list[str] | None = None,
-             progress: bool = True, allow_incompatible: bool = False) -> dict:
-    from carlos_audit.run.cost import case_cost
-    from carlos_audit.run.environment import git_commit
-
+def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, force: bool = False,
+                allow_partial: bool = False, allow_unsafe_pickle: bool = False,
+                allow_download: bool = False) -> PreparedRun:
+    """intake (every input hashed or refused), the case folder prepared (``prepare_folder``; a
+    build's worker writes into no folder), base pipeline + target LoRA + embedder loaded, and the
+    signature of the profile this run will produce."""
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
     prompts, prompt_source = load_prompts(case.protocol["prompts"], case.base_dir)
-    prepare_case_dir(out, case, force)
-    store = CaseStore(out)
-    run_info = read_json(out / "run.json")
-
-    lp, emb, load_state, determinism = load_models(case, paths, inspection, allow_partial=allow_partial,
-                                                   allow_download=allow_download,
-                                                   allow_unsafe_pickle=allow_unsafe_pickle)
-
-    pc = case.protocol
-    session, env = make_session(case, store, lp, emb, determinism)
-    params = session.params
+    if prepare_folder:
+        prepare_case_dir(store.root, case, force)
+    lp, emb, lora_load, determinism = load_models(case, paths, inspection, allow_partial=allow_partial,
+                                                  allow_download=allow_download,
+                                                  allow_unsafe_pickle=allow_unsafe_pickle)
+    session, _ = make_session(case, store, lp, emb, determinism)
     signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
-                               embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=params.scheduler)
-    corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
-    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
-    if corpus_path is not None:
-        from carlos_audit.corpus.placement import check_corpus_signature
+                               embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=session.params.scheduler)
+    return PreparedRun(case, paths, inputs, inspection, prompts, prompt_source, session, lora_load, signature,
+                       allow_partial, allow_unsafe_pickle)
 
-        check_corpus_signature(corpus_path, signature, allow_incompatible)
-        from carlos_audit.analysis.replication import check_replicate_id
 
-        check_replicate_id(corpus_path, case.reference["replicate_id"])
-    pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
-    lora_sha = next(e["sha256"] for e in inputs if e["role"] == "lora")
-    comparisons = load_comparisons(lp.pipe, paths, inputs, allow_partial, allow_unsafe_pickle)
-    plan = plan_arms(case, lora_sha, comparisons)
+def generate_units(prep: PreparedRun, progress: bool = True) -> RunRecord:
+    """Every (arm, batch) unit of the case generated (resuming: finished units are skipped),
+    the text features and label signatures stored; returns the run record, also written to the
+    case folder (``units/generation.json``). Where run/ stops: the rest is model-free."""
+    s = prep.session
+    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle)
+    plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
     from carlos_audit.run.looks import run_protocol
 
-    pairs, stats, sequential = run_protocol(session, plan, pairs, prompts, corpus_path, lora_sha,
-                                            lambda arm, todo: run_arm(session, arm, todo, progress))
+    case = prep.case
+    corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
+    _, stats, sequential = run_protocol(s, plan, prep.pairs, prep.prompts, corpus_path, prep.lora_sha256,
+                                        lambda arm, todo: run_arm(s, arm, todo, progress))
+    record = run_record(prep, stats, comparisons, sequential)
+    record.write(s.store.root)
+    return record
 
-    pair_rows = collect_pairs(store, pairs, plan.arms.values())
-    ind = case.indicators
-    text_records = store_text_features(store, emb, prompts) if ind["prompt_override"] else None
-    labels = store_label_signatures(store, emb, list(ind["labels"])) if ind["effect_labels"] else None
+
+def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequential: dict | None = None) -> RunRecord:
+    """The run record of ``prep``: text features and label signatures stored through its store
+    (a build's worker returns them to the driver), the models as loaded, the environment."""
+    s, ind = prep.session, prep.case.indicators
+    text = store_text_features(s.store, s.embedder, prep.prompts) if ind["prompt_override"] else None
+    labels = store_label_signatures(s.store, s.embedder, list(ind["labels"])) if ind["effect_labels"] else None
+    emb, case = s.embedder, prep.case
     from carlos_audit.run.claimed import store_claimed_works
 
-    claimed = store_claimed_works(store, emb, case)
-    manifest = Manifest(
-        case=dict(case.case),
-        tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
-        run={"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
-             "finished_utc": None, "command": list(argv or ["carlos-audit", "run", str(case.path)]),
-             "stats": stats},
-        inputs=inputs,  # with their end hashes once the results are written (custody)
-        custody_ok=False,
-        base_model=base_model_record(case, lp),
+    claimed = store_claimed_works(s.store, emb, case)
+    return RunRecord(
+        inputs=prep.inputs, inspection=prep.inspection, lora_path=str(prep.paths["lora"]), lora_load=prep.lora_load,
+        prompt_source=prep.prompt_source, generation=s.params.as_dict(), stats=stats,
+        comparison_loras=[{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
+        base_model=base_model_record(case, s.base_info),
         embedder={"model": case.embedder["model"], "pretrained": case.embedder.get("pretrained"),
                   "identity": emb.identity, "sha256": emb.sha256, "feature_dim": emb.feature_dim,
                   "features": "raw image features (encode_image, normalize=False)",
                   "preprocess": emb.preprocess_description},
-        lora={"path": str(paths["lora"]), "file_name": paths["lora"].name, "sha256": lora_sha,
-              "scale": case.lora["scale"], "trigger_words": list(case.lora["trigger_words"]),
-              "trigger_policy": case.lora["trigger_policy"], "load": load_state, "inspection": inspection},
-        protocol={"prompts": case.protocol["prompts"], "prompt_source": prompt_source,
-                  "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),
-                  "seeds": list(pc["seeds"]), **params.as_dict(), "batch_size": pc["batch_size"],
-                  "bootstrap_resamples": pc["bootstrap_resamples"], "bootstrap_seed": pc["bootstrap_seed"],
-                  "scales": list(pc["scales"]),
-                  "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers,
-                                    "lora_sha256": a.lora_sha256} for a in plan.arms.values()},
-                  "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},
-        comparison_loras=[{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
-        text_features=text_records,
-        label_signatures=labels,
-        claimed_works=claimed,
-        cost=case_cost(store, plan, pairs),
-        signature=signature,
-        prompts=[{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
-        pairs=pair_rows,
-        results={},
-        environment=env,
-        sequential=sequential,
-    )
-    # the analysis step (model-free): the same code `carlos-audit analyse CASE_DIR` runs
-    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible)
-    manifest.results = {r.FILE: sha256_file(r.write(out)) for r in (metrics, comparison) if r is not None}
+        environment=s.environment, signature=prep.signature, text_features=text, label_signatures=labels,
+        sequential=sequential, claimed_works=claimed)
 
-    end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
-    manifest.inputs = [{**a, "sha256_end": b["sha256"], "unchanged": a["sha256"] == b["sha256"]}
-                       for a, b in zip(inputs, end_inputs)]
-    manifest.custody_ok = all(c["unchanged"] for c in manifest.inputs)
-    manifest.run["finished_utc"] = utc_now()
-    manifest.write(out)
-    if not manifest.custody_ok:
-        changed = [c["role"] for c in manifest.inputs if not c["unchanged"]]
-        raise AuditError(f"input file(s) changed during the run ({', '.join(changed)}): the run is marked invalid in manifest.json")
-    return {"out": str(out), "manifest": manifest.to_json(), "metrics": metrics.to_json(),
-            "comparison": comparison.to_json() if comparison is not None else None}
+
+class NoBaseCache:
+    """A base-image cache that never hits: a regeneration (verify, reproduce) generates the base arm too."""
+
+    def get(self, key: str, n: int):
+        return None
+
+    def put(self, key: str, images_png, description: dict) -> None:
+        return None
+
+
+def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=None, arm_names=None,
+               progress: bool = False) -> object:
+    """The one regeneration path of ``verify`` and ``reproduce``: the case's arm plan and pairs
+    checked against the manifest's (refused when they differ), then each arm (``arm_names``, or
+    every arm) of the batches ``batch_ids`` (or every batch) generated and embedded into
+    ``store`` by ``run_arm`` (the run's own batch layout), the base-image cache bypassed. Returns
+    the arm plan."""
+    for what, now, then in (("base model", prep.session.base_info.sha256, manifest["base_model"]["sha256"]),
+                            ("embedder", prep.session.embedder.sha256, manifest["embedder"]["sha256"])):
+        if now != then:
+            raise AuditError(f"refusing to regenerate, nothing generated: the {what} here ({now[:16]}…) differs from the recorded one ({str(then)[:16]}…)")
+    session = replace(prep.session, store=store, cache=NoBaseCache())
+    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle)
+    plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
+    recorded = manifest["protocol"]["arms"]
+    for name, arm in plan.arms.items():
+        want = recorded.get(name)
+        if want is None or [want["adapter"], want["scale"], want["with_triggers"], want["lora_sha256"]] != \
+                [arm.adapter, arm.scale, arm.with_triggers, arm.lora_sha256]:
+            raise AuditError(f"arm {name} regenerated here differs from the recorded one; the case and this carlos-audit disagree on the protocol")
+    from carlos_audit.case.sequential import run_pairs
+
+    pairs = run_pairs(prep.pairs, manifest.get("sequential"))  # a sequential case: the looks it ran, never decided again
+    if [p.id for p in pairs] != [r["pair_id"] for r in manifest["pairs"]]:
+        raise AuditError("the pairs regenerated here differ from the manifest's")
+    if batch_ids is not None:
+        pairs = [p for p in pairs if p.batch in set(batch_ids)]
+    for arm in plan.arms.values():
+        if arm_names is None or arm.name in arm_names:
+            run_arm(session, arm, pairs, progress)
+    return plan
 
 
 def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool) -> list[dict]:
@@ -254,19 +266,3 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool,
             entry["load"] = load_lora(pipe, p, adapter, inspection, allow_partial)
         out.append(entry)
     return out
-
-
-def collect_pairs(store: CaseStore, pairs: list[Pair], arms) -> list[dict]:
-    """The manifest's pair rows, from the unit records on disk."""
-    recs = {}
-    for arm in arms:
-        for b in batches(pairs):
-            unit = store.unit_done(arm.name, b[0].batch)
-            for e in unit["pairs"]:
-                recs.setdefault(e["pair_id"], {})[arm.name] = {k: e[k] for k in ("prompt", "image", "image_sha256", "embedding", "embedding_sha256")}
-    rows = []
-    for p in pairs:
-        rows.append({"pair_id": p.id, "prompt_id": p.prompt.id, "category": p.prompt.category,
-                     "subcategory": p.prompt.subcategory, "seed": p.seed, "batch": p.batch, "position": p.position,
-                     "arms": recs[p.id]})
-    return rows

@@ -56,6 +56,10 @@ class CaseStore:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
+    def write_file(self, rel: str, data: bytes) -> None:
+        """One file of the case folder written atomically (a build's worker keeps it instead)."""
+        write_bytes_atomic(self.path(rel), data)
+
     # units -------------------------------------------------------------
     def unit_done(self, arm: str, batch: int) -> dict | None:
         p = self.unit_path(arm, batch)
