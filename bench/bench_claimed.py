@@ -10,7 +10,7 @@ continued training). Unrelated: the other families' members and R random LoRAs. 
 profiled by ``corpus build`` under one protocol (8 demo prompts x 4 seeds, shared base arm).
 
 For family f, u_f = mean(works_f) - mean(base arm); the alignment of a LoRA is cos(D, u_f)
-(analysis/claimed.cos) and its false-alignment rate the share of the reference rows (every
+(analysis/claimed_calibration.cos) and its false-alignment rate the share of the reference rows (every
 LoRA outside family f, the row itself left out) at least as aligned (claimed_calibration.Rater).
 ROC: derived members of f (positives) against unrelated LoRAs (negatives), scored by alignment.
 
@@ -84,8 +84,8 @@ def work_features(loras: Path, families: int, size: int, steps: int) -> dict[tup
     import io
 
     from carlos_audit.case.claimed_works import decode
-    from carlos_audit.models.demo_claimed import encode, generate_works
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.demo_claimed import encode, generate_works
+    from carlos_audit.models.embedders import load_embedder
     from carlos_audit.run.embed import image_features
 
     emb = load_embedder("embedded:tiny-clip", None, device="cpu")
@@ -132,7 +132,7 @@ def roc_points(pos: list[float], neg: list[float]) -> list[tuple[float, float, f
 
 
 def main() -> None:
-    from carlos_audit.analysis.claimed import cos
+    from carlos_audit.analysis.claimed_calibration import cos
     from carlos_audit.analysis.claimed_calibration import Rater
     from carlos_audit.corpus.build import build_corpus
     from carlos_audit.corpus.store import load_corpus

@@ -56,7 +56,7 @@ def stand_in_images(n: int, seed: int = 0):
 
 
 def make_session(root: Path, pool):
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.models.embedders import load_embedder
     from carlos_audit.run.generate import GenerationParams
     from carlos_audit.run.profile import Session
     from carlos_audit.run.store import BaseImageCache, CaseStore

@@ -14,7 +14,7 @@ from carlos_audit.models.tiny import (
 )
 
 DEMO_CASEFILE = Path(__file__).resolve().parent.parent / "casefiles" / "demo.toml"
-DEMO_CLAIMED_CASEFILE = DEMO_CASEFILE.with_name("demo-claimed.toml")  # [claimed_works]: models/demo_claimed.py
+DEMO_CLAIMED_CASEFILE = DEMO_CASEFILE.with_name("demo-claimed.toml")  # [claimed_works]: demo_claimed.py
 
 
 def demo_corpus_dir() -> Path:
@@ -23,7 +23,7 @@ def demo_corpus_dir() -> Path:
 
 def prepare_demo(progress: bool = False, corpus: bool = True, claimed: bool = True) -> dict:
     from carlos_audit.corpus.build import build_corpus
-    from carlos_audit.models.demo_claimed import build_demo_claimed_works
+    from carlos_audit.demo_claimed import build_demo_claimed_works
 
     sd = ensure_tiny_sd()
     clip = ensure_tiny_clip()

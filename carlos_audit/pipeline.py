@@ -70,8 +70,18 @@ def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_par
                        allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
     check_reference(case, prep.signature, allow_incompatible)
-    record = generate_units(prep, progress)
+    record = generate_units(prep, progress, protocol=looks_of(case, prep))
     return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible)
+
+
+def looks_of(case: Case, prep):
+    """The pairs' schedule of ``generate_units``: all at once, or look by look under the case's
+    ``[protocol.sequential]`` rule (looks.py: the stopping rule evaluated from stored features)."""
+    from carlos_audit.looks import run_protocol
+
+    corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
+    return lambda session, plan, pairs, run_arm: run_protocol(session, plan, pairs, prep.prompts, corpus_path,
+                                                              prep.lora_sha256, run_arm)
 
 
 def check_reference(case: Case, signature: dict, allow_incompatible: bool) -> None:

@@ -159,7 +159,7 @@ class Manifest(Record):
     results: dict
     environment: dict
     label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
-    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential.py, run/looks.py
+    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential.py, looks.py
     claimed_works: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = MANIFEST_SCHEMA
 
@@ -195,6 +195,6 @@ class RunRecord(Record):
     signature: dict
     text_features: dict | None
     label_signatures: dict | None
-    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # the looks run (run/looks.py)
+    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # the looks run (looks.py)
     claimed_works: dict | None = field(default=None, metadata=OPTIONAL)  # the claimed works embedded (run/claimed.py)
     schema: str = RUN_RECORD_SCHEMA

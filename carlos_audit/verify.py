@@ -161,7 +161,7 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
 def check_sequential(case_dir: Path, manifest: dict) -> Check:
     """A sequential case: every recorded look evaluated again from the stored features."""
     from carlos_audit.case.casefile import expand_path, parse_case
-    from carlos_audit.run.looks import recheck_looks
+    from carlos_audit.looks import recheck_looks
 
     casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")
     case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))

@@ -161,7 +161,7 @@ def test_reference_case_file_signature_is_the_preset():
     from carlos_audit.case.casefile import load_case
     from carlos_audit.case.check import expected_signature
     from carlos_audit.case.signature import preset_signature
-    from carlos_audit.models.loading import hf_embedder_identity
+    from carlos_audit.models.embedders import hf_embedder_identity
 
     case = load_case(REPO / "casefiles" / "carlos-sdxl.toml")
     preset = preset_signature("carlos-sdxl-vitb32")
@@ -248,14 +248,14 @@ def test_init_refuses_to_guess_for_other_architectures(demo_assets, tmp_path):
 
 def test_hf_embedder_identity_equals_the_preset():
     from carlos_audit.case.signature import preset_signature
-    from carlos_audit.models.loading import hf_embedder_identity
+    from carlos_audit.models.embedders import hf_embedder_identity
 
     assert hf_embedder_identity("hf:openai/clip-vit-base-patch32") == preset_signature("carlos-sdxl-vitb32")["embedder"]
 
 
 def test_hf_embedder_is_local_only_without_allow_download(tmp_path, monkeypatch):
     from carlos_audit.errors import AuditError
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.models.embedders import load_embedder
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     attempts = []
@@ -277,7 +277,7 @@ def test_hf_embedder_features_are_the_reference_computation(carlos_home, tmp_pat
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.models.embedders import load_embedder
     from carlos_audit.models.tiny import ensure_tiny_hf_clip
     from carlos_audit.run.embed import image_features
 

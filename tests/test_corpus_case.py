@@ -72,7 +72,7 @@ def test_allow_incompatible_is_recorded(demo_assets, tmp_path):
 
 def test_text_retrieval_end_to_end(demo_assets):
     from carlos_audit.case.protocol import load_prompts
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.models.embedders import load_embedder
     from carlos_audit.run.embed import text_features
 
     r = CliRunner().invoke(main, ["retrieve", demo_assets["corpus"], "watercolor painting", "--top-k", "3",

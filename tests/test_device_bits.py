@@ -124,7 +124,7 @@ def test_the_preset_states_what_the_reference_did_about_the_watermark():
 
 @pytest.mark.parametrize("model", ["embedded:tiny-clip", "embedded:tiny-hf-clip"])
 def test_the_embedder_identity_carries_a_non_default_backend(carlos_home, model):
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.models.embedders import load_embedder
 
     emb = load_embedder(model, None)
     assert emb.identity == model and "pil" in emb.preprocess_description.lower()

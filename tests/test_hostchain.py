@@ -41,7 +41,8 @@ def reference(lite_assets, carlos_home, tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["embedded:tiny-clip", "embedded:tiny-hf-clip"])
 def test_features_from_memory_equal_features_from_the_png(carlos_home, model):
-    from carlos_audit.models.loading import load_base_pipeline, load_embedder
+    from carlos_audit.models.embedders import load_embedder
+    from carlos_audit.models.loading import load_base_pipeline
     from carlos_audit.run.generate import GenerationParams, generate_batch
 
     lp = load_base_pipeline("embedded:tiny-sd", dtype="float32", device="cpu")

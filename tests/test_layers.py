@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "carlos_audit"
 #: top down; a module belongs to the first entry that is it or a package above it
 LAYERS = [
     ["carlos_audit.cli"],
-    ["carlos_audit.demo", "carlos_audit.corpus.build", "carlos_audit.engines"],
-    ["carlos_audit.pipeline", "carlos_audit.verify", "carlos_audit.kit", "carlos_audit.case.check"],
+    ["carlos_audit.demo", "carlos_audit.demo_claimed", "carlos_audit.corpus.build", "carlos_audit.engines"],
+    ["carlos_audit.pipeline", "carlos_audit.looks", "carlos_audit.verify", "carlos_audit.kit", "carlos_audit.case.check"],
     ["carlos_audit.report"],
     ["carlos_audit.analysis"],
     ["carlos_audit.corpus"],

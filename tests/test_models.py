@@ -9,7 +9,8 @@ import pytest
 
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_bytes
-from carlos_audit.models.loading import load_base_pipeline, load_embedder
+from carlos_audit.models.embedders import load_embedder
+from carlos_audit.models.loading import load_base_pipeline
 from carlos_audit.models.tiny import (
     TINY_CLIP_CONFIG,
     ensure_tiny_clip,

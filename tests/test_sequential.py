@@ -251,7 +251,7 @@ def test_cochran_rule_blocks_a_skewed_look():
 
 def test_the_run_judges_corpus_targets_without_the_case_s_own_row(tmp_path):
     from carlos_audit.corpus.write import create_corpus
-    from carlos_audit.run.looks import open_reference
+    from carlos_audit.looks import open_reference
 
     dirs = np.random.default_rng(0).standard_normal((4, 8))
     create_corpus(tmp_path / "c", directions=dirs, name="t", signature=None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from carlos_audit.analysis.indicators import prompt_resamples
+from carlos_audit.analysis.claimed_calibration import cos
 from carlos_audit.analysis.metrics import percentile_ci
 
 DEFINITION = {
@@ -38,11 +39,6 @@ DEFINITION = {
     "reading": "an indicator of direction toward the supplied images under this embedder; not a finding of copying "
                "or of substantial similarity in law",
 }
-
-
-def cos(a: np.ndarray, b: np.ndarray) -> float | None:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else None
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -28,6 +28,12 @@ CHUNK_ROWS = 8192
 N_TOP = 5
 
 
+def cos(a: np.ndarray, b: np.ndarray) -> float | None:
+    """The cosine of two vectors, None when either is zero."""
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else None
+
+
 def corpus_path_of(case) -> Path | None:
     from carlos_audit.case.casefile import expand_path
 
@@ -153,8 +159,6 @@ def calibration(rater: Rater | None, head: dict, u: np.ndarray, align: dict) -> 
 def sensitivity(works: np.ndarray, base: np.ndarray, lora: np.ndarray, work_ids: list[str], rater: Rater | None,
                 n_resamples: int, seed: int) -> dict:
     """Alignment (and false-alignment rate) with each work left out, and over the works resampled."""
-    from carlos_audit.analysis.claimed import cos
-
     d = (lora - base).mean(axis=0)
     b_mean, m = base.mean(axis=0), works.shape[0]
     full = cos(d, works.mean(axis=0) - b_mean)

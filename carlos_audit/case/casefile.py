@@ -11,7 +11,6 @@ and must stay inside ``reports/``.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import tomllib
 
 from carlos_audit.errors import AuditError
+from carlos_audit.case.paths import expand_path  # noqa: F401  (re-exported: case files name paths)
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TRIGGER_POLICIES = ("both", "lora_only", "none")
@@ -175,14 +175,6 @@ def _type_ok(kind: str, v) -> bool:
             return bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
         return isinstance(v, dict)
     raise AssertionError(kind)
-
-
-def expand_path(value: str, base_dir: Path) -> Path:
-    from carlos_audit.models.tiny import carlos_home
-
-    value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
-    p = Path(value).expanduser()
-    return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
 
 
 def parse_case(text: str, path: Path) -> Case:

@@ -28,7 +28,7 @@ HF_CLIP_PREFIX = "hf-transformers:"
 
 def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_download: bool = False):
     """A function texts -> (n, d) raw text features, for the embedder a corpus was built with."""
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.models.embedders import load_embedder
     from carlos_audit.run.embed import text_features
 
     if identity == "embedded:tiny-hf-clip":
@@ -50,7 +50,7 @@ def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_down
 
 
 def _hf_text_encoder(repo: str, allow_download: bool):
-    from carlos_audit.models.loading import load_embedder
+    from carlos_audit.models.embedders import load_embedder
     from carlos_audit.run.embed import text_features
 
     try:

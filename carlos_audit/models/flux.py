@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from carlos_audit.errors import AuditError
 
 TINY_FLUX_VERSION = 1
 TINY_FLUX = "embedded:tiny-flux"
@@ -127,31 +126,6 @@ def single_file_flux_variant(path: Path) -> tuple[str | None, list[str]]:
             variant = "flux-dev" if prefix + BFL_GUIDANCE in keys else "flux-schnell"
             return variant, sorted({header[k]["dtype"] for k in keys})
     return None, []
-
-
-def single_file_flux_source(path: Path, config: str | None, base_dir: Path | None, allow_download: bool):
-    """The BaseSource of a FLUX.1 transformer checkpoint (None if ``path`` is not one): the
-    file, the carried transformer config of its variant, and the components folder
-    (``[base_model] config``), every file hashed."""
-    from carlos_audit.hashing import sha256_file
-    from carlos_audit.models.loading import BaseSource, carried_config_dir, user_config_dir
-    from carlos_audit.models.tiny import tree_files
-
-    variant, dtypes = single_file_flux_variant(path)
-    if variant is None:
-        return None
-    if not config:
-        raise AuditError(f"base model {path.name} is a {variant} transformer checkpoint only; set [base_model] config "
-                         "to a diffusers FLUX.1 folder or a hub id in the local Hugging Face cache for the VAE, "
-                         "CLIP-L and T5 encoders")
-    components, label = user_config_dir(config, base_dir, allow_download)
-    config_dir = carried_config_dir(variant)
-    files = [{"name": f"checkpoint/{path.name}", "sha256": sha256_file(path)}]
-    files += [{"name": f"config/{rel}", "sha256": h} for rel, h in tree_files(config_dir) if rel != ".complete"]
-    files += [{"name": f"components/{rel}", "sha256": h} for rel, h in tree_files(components)
-              if rel != ".complete" and not rel.startswith("transformer/")]
-    return BaseSource("file", path, f"file:{path.name}", files[0]["sha256"], "flux", config_dir,
-                      f"carried:{variant}+components:{label}", files, components, dtypes)
 
 
 def load_single_file_flux(path: Path, config_dir: Path, components_dir: Path, torch_dtype):

@@ -27,10 +27,10 @@ from pathlib import Path
 from carlos_audit.errors import AuditError
 from carlos_audit.lora.fileformat import PICKLE_EXTENSIONS
 from carlos_audit.models.families import pipeline_family
-from carlos_audit.models.flux import ensure_tiny_flux, load_single_file_flux, single_file_flux_source
+from carlos_audit.models.flux import ensure_tiny_flux, load_single_file_flux, single_file_flux_variant
 from carlos_audit.models.filehash import file_sha256
-from carlos_audit.models.pinned import open_clip_cached, pinned_identity, watermark_kwargs, watermark_record
-from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd, tree_sha256
+from carlos_audit.models.pinned import watermark_kwargs, watermark_record
+from carlos_audit.models.tiny import ensure_tiny_sd
 
 
 @dataclass
@@ -289,6 +289,30 @@ def single_file_architecture(path: Path) -> str | None:
     return None
 
 
+def single_file_flux_source(path: Path, config: str | None, base_dir: Path | None, allow_download: bool):
+    """The BaseSource of a FLUX.1 transformer checkpoint (None if ``path`` is not one): the
+    file, the carried transformer config of its variant, and the components folder
+    (``[base_model] config``), every file hashed."""
+    from carlos_audit.hashing import sha256_file
+    from carlos_audit.models.tiny import tree_files
+
+    variant, dtypes = single_file_flux_variant(path)
+    if variant is None:
+        return None
+    if not config:
+        raise AuditError(f"base model {path.name} is a {variant} transformer checkpoint only; set [base_model] config "
+                         "to a diffusers FLUX.1 folder or a hub id in the local Hugging Face cache for the VAE, "
+                         "CLIP-L and T5 encoders")
+    components, label = user_config_dir(config, base_dir, allow_download)
+    config_dir = carried_config_dir(variant)
+    files = [{"name": f"checkpoint/{path.name}", "sha256": sha256_file(path)}]
+    files += [{"name": f"config/{rel}", "sha256": h} for rel, h in tree_files(config_dir) if rel != ".complete"]
+    files += [{"name": f"components/{rel}", "sha256": h} for rel, h in tree_files(components)
+              if rel != ".complete" and not rel.startswith("transformer/")]
+    return BaseSource("file", path, f"file:{path.name}", files[0]["sha256"], "flux", config_dir,
+                      f"carried:{variant}+components:{label}", files, components, dtypes)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -354,138 +378,6 @@ def set_scheduler(pipe, name: str) -> None:
     if cls is None or not name.endswith("Scheduler"):
         raise AuditError(f"unknown scheduler {name!r} (use a diffusers scheduler class name, e.g. DDIMScheduler)")
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
-
-
-# --------------------------------------------------------------------------- embedders
-
-
-@dataclass
-class LoadedEmbedder:
-    model: object
-    preprocess: object
-    tokenizer: object
-    identity: str  # "embedded:tiny-clip", "open_clip:ViT-B-32/openai", "open_clip:ViT-B-32/file:x"
-    sha256: str | None
-    feature_dim: int
-    device: str
-    preprocess_description: str
-    kind: str = "open_clip"  # or "hf-transformers" (preprocess is then a CLIPProcessor)
-
-
-def load_embedder(model: str, pretrained: str | None, *, device: str = "cpu",
-                  allow_download: bool = False, allow_unsafe_pickle: bool = False,
-                  base_dir: Path | None = None, preprocess: str = "pil", dtype: str = "float32") -> LoadedEmbedder:
-    """An embedder with its preprocessing backend and dtype pinned (``EMBEDDER_DEFAULTS``)."""
-    if device == "cpu" and dtype != "float32":
-        raise AuditError(f"embedder dtype {dtype} is not supported on the CPU (use float32)")
-    if is_hf_embedder(model):
-        return load_hf_embedder(model, device=device, allow_download=allow_download,
-                                allow_unsafe_pickle=allow_unsafe_pickle, base_dir=base_dir, preprocess=preprocess,
-                                dtype=dtype)
-    import open_clip
-    import torch
-
-    if preprocess != "pil":
-        raise AuditError(f"embedder {model}: open_clip preprocesses PIL images (torchvision transforms on PIL); "
-                         f"preprocess {preprocess!r} is for transformers (hf:) embedders only")
-
-    if model == "embedded:tiny-clip":
-        path = ensure_tiny_clip()
-        name, pre, identity, digest = f"local-dir:{path}", None, model, tree_sha256(path, file_sha256)
-    else:
-        name, identity, digest, pre = model, f"open_clip:{model}/{pretrained}", None, pretrained
-        if pretrained:
-            pp = Path(pretrained)
-            if base_dir is not None and not pp.is_absolute() and (base_dir / pp).exists():
-                pp = base_dir / pp
-            if pp.exists():
-                if pp.suffix.lower() in PICKLE_EXTENSIONS and not allow_unsafe_pickle:
-                    raise AuditError(f"embedder checkpoint {pp} is pickle-based; refused unless --allow-unsafe-pickle")
-                pre, identity, digest = str(pp), f"open_clip:{model}/file:{pp.name}", file_sha256(pp)
-            elif not allow_download and not open_clip_cached(model, pretrained):
-                raise AuditError(
-                    f"embedder weights {model}/{pretrained} are not available locally; "
-                    "give a checkpoint path as `pretrained`, or pass --allow-download"
-                )
-    try:
-        precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
-        m, _, transforms = open_clip.create_model_and_transforms(name, pretrained=pre, device=device,
-                                                                 precision=precision)
-    except Exception as e:
-        raise AuditError(f"cannot load embedder {identity}: {type(e).__name__}: {e}") from None
-    m.eval()
-    tokenizer = open_clip.get_tokenizer(name)
-    with torch.no_grad():
-        dim = int(m.encode_image(torch.zeros(1, 3, *_image_size(m), device=device, dtype=getattr(torch, dtype))).shape[-1])
-    return LoadedEmbedder(m, transforms, tokenizer, pinned_identity(identity, preprocess, dtype), digest, dim, device,
-                          f"open_clip transforms on PIL images, {dtype}: {transforms!r}")
-
-
-def _image_size(model) -> tuple[int, int]:
-    size = model.visual.image_size
-    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-
-
-# --------------------------------------------------------------------------- transformers CLIP (the reference's embedder)
-
-HF_EMBEDDER_PREFIX = "hf:"
-HF_IDENTITY_PREFIX = "hf-transformers:"
-TINY_HF_CLIP = "embedded:tiny-hf-clip"
-
-
-def is_hf_embedder(model: str) -> bool:
-    return model.startswith(HF_EMBEDDER_PREFIX) or model == TINY_HF_CLIP
-
-
-def hf_embedder_identity(model: str, base_dir: Path | None = None) -> str:
-    """The signature identity of ``[embedder] model`` (no weights loaded): ``hf-transformers:<hub id>``
-    (what the CARLoS preset records), ``hf-transformers:dir:<folder name>``, or the embedded name."""
-    if model == TINY_HF_CLIP:
-        return model
-    ref = model[len(HF_EMBEDDER_PREFIX):]
-    folder = hf_local_folder(ref, base_dir)
-    return HF_IDENTITY_PREFIX + (f"dir:{folder.name}" if folder is not None else ref)
-
-
-def hf_local_folder(ref: str, base_dir: Path | None) -> Path | None:
-    p = Path(ref).expanduser()
-    if base_dir is not None and not p.is_absolute():
-        p = base_dir / p
-    return p if p.is_dir() else None
-
-
-def load_hf_embedder(model: str, *, device: str = "cpu", allow_download: bool = False,
-                     allow_unsafe_pickle: bool = False, base_dir: Path | None = None, preprocess: str = "pil",
-                     dtype: str = "float32") -> LoadedEmbedder:
-    """transformers ``CLIPModel`` + ``CLIPProcessor``, as the CARLoS reference loads them: a hub id
-    from the local Hugging Face cache only (unless ``allow_download``), or a local folder.
-    Weights are read from safetensors files unless ``allow_unsafe_pickle``."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from carlos_audit.models.tiny import ensure_tiny_hf_clip
-
-    if model == TINY_HF_CLIP:
-        folder = ensure_tiny_hf_clip()
-    else:
-        ref = model[len(HF_EMBEDDER_PREFIX):]
-        folder = hf_local_folder(ref, base_dir)
-        if folder is None:
-            if ref.count("/") != 1 or ref.startswith((".", "/")):
-                raise AuditError(f"embedder {model!r}: no such folder, and not a hub id (org/name)")
-            folder = hf_snapshot(ref, allow_download, what="embedder")
-    try:
-        import torch
-
-        m = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=not allow_unsafe_pickle,
-                                      dtype=getattr(torch, dtype)).eval().to(device)
-        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True, backend=preprocess)
-    except Exception as e:
-        hint = "" if allow_unsafe_pickle else " (safetensors weights only unless --allow-unsafe-pickle)"
-        raise AuditError(f"cannot load embedder {model}{hint}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-    ip = processor.image_processor
-    return LoadedEmbedder(m, processor, processor.tokenizer, pinned_identity(hf_embedder_identity(model, base_dir), preprocess, dtype),
-                          tree_sha256(folder, file_sha256), int(m.config.projection_dim), device,
-                          f"{type(ip).__name__} (backend {preprocess}), {dtype}: {ip.to_dict()!r}", "hf-transformers")
 
 
 def hf_snapshot(repo_id: str, allow_download: bool, what: str) -> Path:

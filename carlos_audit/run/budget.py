@@ -39,11 +39,8 @@ def measure(case, n_images: int) -> dict:
     """Time the generation and CLIP encoding of ``n_images`` images of the case's first pairs,
     in the protocol's batch layout, after a one-image warm-up (not timed)."""
     from carlos_audit.case.protocol import enumerate_pairs, load_prompts
-    from carlos_audit.models.loading import (
-        load_base_pipeline,
-        load_embedder,
-        set_scheduler,
-    )
+    from carlos_audit.models.embedders import load_embedder
+    from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run import cost
     from carlos_audit.run.embed import image_features
     from carlos_audit.run.arms import arms_for

@@ -201,11 +201,8 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
                 allow_download: bool = False, allow_unsafe_pickle: bool = False):
     """Base pipeline with the target LoRA as adapter "target", and the embedder; each checked
     against the hashes the case expects, the LoRA checked for architecture and full coverage."""
-    from carlos_audit.models.loading import (
-        load_base_pipeline,
-        load_embedder,
-        set_scheduler,
-    )
+    from carlos_audit.models.embedders import load_embedder
+    from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run.environment import apply_determinism
 
     key = (case.base_model["source"], case.base_model["dtype"], case.base_model["device"], str(case.base_dir),

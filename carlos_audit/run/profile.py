@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 
-from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.case.casefile import Case
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts
 from carlos_audit.case.signature import case_signature, reproducibility_key
 from carlos_audit.errors import AuditError
@@ -166,19 +166,23 @@ def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, fo
                        allow_partial, allow_unsafe_pickle)
 
 
-def generate_units(prep: PreparedRun, progress: bool = True) -> RunRecord:
+def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> RunRecord:
     """Every (arm, batch) unit of the case generated (resuming: finished units are skipped),
     the text features and label signatures stored; returns the run record, also written to the
-    case folder (``units/generation.json``). Where run/ stops: the rest is model-free."""
+    case folder (``units/generation.json``). Where run/ stops: the rest is model-free.
+    ``protocol(session, plan, pairs, run_arm) -> (pairs run, stats, sequential record)`` decides
+    which pairs run (pipeline.py passes looks.run_protocol, which reads the stored features
+    between looks); without it every arm runs over every pair."""
     s = prep.session
     comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle)
     plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
-    from carlos_audit.run.looks import run_protocol
+    def runner(arm, todo):
+        return run_arm(s, arm, todo, progress)
 
-    case = prep.case
-    corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
-    _, stats, sequential = run_protocol(s, plan, prep.pairs, prep.prompts, corpus_path, prep.lora_sha256,
-                                        lambda arm, todo: run_arm(s, arm, todo, progress))
+    if protocol is None:
+        stats, sequential = {arm.name: runner(arm, prep.pairs) for arm in plan.arms.values()}, None
+    else:
+        _, stats, sequential = protocol(s, plan, prep.pairs, runner)
     record = run_record(prep, stats, comparisons, sequential)
     record.write(s.store.root)
     return record

@@ -1,6 +1,6 @@
 """Generate a case's pairs: all at once, or look by look under its pre-registered sequential rule.
 
-``run_protocol`` is the one call run/profile.py makes. Without ``[protocol.sequential]`` it runs
+``run_protocol`` is how pipeline.py has run/profile.generate_units schedule the pairs. Without ``[protocol.sequential]`` it runs
 every arm over every pair (as before). With it (case/sequential.py), look k runs the batches of
 the prompts added at look k for every arm, then evaluates the stopping rule from the stored
 features of the main profile, model-free (analysis/sequential.evaluate_look), and stops when
