@@ -2,7 +2,7 @@
 per machine in $CARLOS_AUDIT_FIXTURES) with LoHa, LoKr and DoRA files made by the LyCORIS library
 on its UNet and text encoder: applied by weight patch exactly as the library's forward applies
 them, only the layers in the file touched, the base weights restored bit for bit. Slow (a few
-minutes on 2 cores, ~9 GB peak RSS): run under ``flock /tmp/carlos-heavy.lock``."""
+minutes on 2 cores; 5.7 GB RSS measured): run under ``flock /tmp/carlos-heavy.lock``."""
 
 from __future__ import annotations
 
