@@ -61,15 +61,17 @@ def run_ray(plan, *, address: str | None, gpus_per_task: float, threads: int | N
         started = True
     driver = Driver(plan, progress)
     try:
-        task = ray.remote(max_calls=0)(_execute).options(max_retries=MAX_RETRIES, retry_exceptions=False, num_cpus=1,
-                                                         num_gpus=gpus_per_task or 0)
+        remote = ray.remote(max_calls=0)(_execute)
+        task = remote.options(max_retries=MAX_RETRIES, retry_exceptions=False, num_cpus=1, num_gpus=gpus_per_task or 0)
+        # a finalize unit is model-free (pipeline.finish_case): it holds no GPU
+        finalize_task = remote.options(max_retries=MAX_RETRIES, retry_exceptions=False, num_cpus=1, num_gpus=0)
         running = {}
 
         def submit_ready():
             for f in driver.ready():
                 files = driver.finalize_files(f)
                 if files is not None:
-                    running[task.remote(unit_fn, f, threads, files)] = f
+                    running[finalize_task.remote(unit_fn, f, threads, files)] = f
 
         for u in driver.arm_todo():
             running[task.remote(unit_fn, u, threads)] = u
