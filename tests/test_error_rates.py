@@ -106,8 +106,10 @@ def test_recall_is_the_share_of_queries_with_a_sibling_in_the_top_k():
 
 
 def test_tables_are_stored_hashed_and_recomputed_when_the_corpus_changes(tmp_path):
+    """The commands that write corpora (``write=True``: import, build, add, validate) store the
+    tables with the corpus; a case's analysis only reads them (tests/test_reference_readonly.py)."""
     c = _labelled_corpus(tmp_path / "c")
-    v = corpus_validation(c)
+    v = corpus_validation(c, write=True)
     assert v.stored
     meta = json.loads((c.path / "corpus.json").read_text())
     for name in (TABLES_FILE, WHITENING_FILE):
@@ -116,13 +118,13 @@ def test_tables_are_stored_hashed_and_recomputed_when_the_corpus_changes(tmp_pat
     assert again.stored and again.record == v.record
     # a changed table is not trusted: recomputed
     (c.path / TABLES_FILE).write_bytes(b"garbage")
-    fresh = corpus_validation(Corpus.open(c.path))
+    fresh = corpus_validation(Corpus.open(c.path), write=True)
     assert fresh.record["measures"] == v.record["measures"]
     assert sha256_file(c.path / TABLES_FILE) == v.record["files"][TABLES_FILE]
     # a corpus rewritten with other rows gets new tables
     c2 = create_corpus(c.path, directions=np.asarray(c.directions)[:20], rows={"id": c.ids[:20], "strength": np.ones(20)},
                        signature=None, name="smaller", overwrite=True)
-    v2 = corpus_validation(c2)
+    v2 = corpus_validation(c2, write=True)
     assert v2.record["rows_total"] == 20 and v2.record["basis"].startswith("all pairs")
     assert v2.record["measures"]["cosine"]["unrelated_pairs"] == 20 * 19 // 2
 
@@ -137,7 +139,7 @@ def test_unwritable_corpus_gets_an_in_memory_validation(tmp_path, monkeypatch):
         raise PermissionError(f"read-only: {path}")
 
     monkeypatch.setattr(validate, "write_bytes_atomic", refuse)
-    v = corpus_validation(Corpus.open(c.path))
+    v = corpus_validation(Corpus.open(c.path), write=True)
     assert not v.stored and v.record["measures"]["cosine"]["related_pairs"] == 18
     assert (c.path / "corpus.json").read_bytes() == before and not (c.path / TABLES_FILE).exists()
 
