@@ -60,12 +60,16 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Me
         extra["effect_labels"] = ind.effect_labels(
             np.array(metrics["direction"]), [tuple(w) for w in labels["words"]], load_npy(store.path(labels["path"])),
             case.indicators["top_labels"])
+    out = Metrics(**metrics, indicators=extra)
     if manifest.sequential:
         from carlos_audit.analysis.sequential import metrics_record, stopped_look
 
-        seq = metrics_record(stopped_look(d_main, prompt_ids, manifest.sequential, p), manifest.sequential)
-        return Metrics(**metrics, indicators=extra, sequential=seq)
-    return Metrics(**metrics, indicators=extra)
+        out.sequential = metrics_record(stopped_look(d_main, prompt_ids, manifest.sequential, p), manifest.sequential)
+    if manifest.claimed_works:  # [claimed_works]: analysis/claimed.py
+        from carlos_audit.analysis.claimed import claimed_works_metrics
+
+        out.claimed_works = claimed_works_metrics(store, manifest, case)
+    return out
 
 
 def head_to_head(store: CaseStore, manifest: Manifest) -> list[dict]:
@@ -115,10 +119,6 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
     reference corpus) of a case folder whose units are all done. Writes nothing."""
     store = CaseStore(case_dir)
     metrics = compute_case_metrics(store, manifest, case)
-    if manifest.claimed_works:  # [claimed_works]: analysis/claimed.py
-        from carlos_audit.analysis.claimed import claimed_works_metrics
-
-        metrics.claimed_works = claimed_works_metrics(store, manifest, case)
     comparison = Comparison()
     if manifest.comparison_loras:
         comparison.head_to_head = head_to_head(store, manifest)
