@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from carlos_audit import __version__
-from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.case.casefile import Case
+from carlos_audit.case.paths import reference_corpus
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts, prompts_sha256
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
@@ -79,7 +80,7 @@ def looks_of(case: Case, prep):
     ``[protocol.sequential]`` rule (looks.py: the stopping rule evaluated from stored features)."""
     from carlos_audit.looks import run_protocol
 
-    corpus_path = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
+    corpus_path = reference_corpus(case)
     return lambda session, plan, pairs, run_arm: run_protocol(session, plan, pairs, prep.prompts, corpus_path,
                                                               prep.lora_sha256, run_arm)
 
@@ -87,12 +88,12 @@ def looks_of(case: Case, prep):
 def check_reference(case: Case, signature: dict, allow_incompatible: bool) -> None:
     """Before any generation: the reference corpus (when the case names one) accepts a profile
     of this signature, and the case's ``replicate_id`` is one of its rows."""
-    if not case.reference.get("corpus"):
+    corpus_path = reference_corpus(case)
+    if corpus_path is None:
         return
     from carlos_audit.analysis.replication import check_replicate_id
     from carlos_audit.corpus.placement import check_corpus_signature
 
-    corpus_path = expand_path(case.reference["corpus"], case.base_dir)
     check_corpus_signature(corpus_path, signature, allow_incompatible)
     check_replicate_id(corpus_path, case.reference["replicate_id"])
 

@@ -160,12 +160,13 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
 
 def check_sequential(case_dir: Path, manifest: dict) -> Check:
     """A sequential case: every recorded look evaluated again from the stored features."""
-    from carlos_audit.case.casefile import expand_path, parse_case
+    from carlos_audit.case.casefile import parse_case
+    from carlos_audit.case.paths import reference_corpus
     from carlos_audit.looks import recheck_looks
 
     casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")
     case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))
-    corpus = expand_path(case.reference["corpus"], case.base_dir) if case.reference.get("corpus") else None
+    corpus = reference_corpus(case)
     seq = manifest["sequential"]
     try:
         bad = recheck_looks(case_dir, manifest, corpus)

@@ -106,7 +106,8 @@ def nearest_examples(works: np.ndarray, base: np.ndarray, lora: np.ndarray, rows
 
 def claimed_works_metrics(store, manifest, case) -> dict:
     """metrics.json ``claimed_works`` of a case whose manifest records claimed works."""
-    from carlos_audit.analysis.claimed_calibration import calibration, corpus_path_of, open_rater, sensitivity
+    from carlos_audit.analysis.claimed_calibration import calibration, open_rater, sensitivity
+    from carlos_audit.case.paths import reference_corpus
     from carlos_audit.run.claimed import claimed_features
 
     rec = manifest.claimed_works
@@ -122,7 +123,7 @@ def claimed_works_metrics(store, manifest, case) -> dict:
     boots = prompt_resamples(prompt_ids, n, seed)
     align = alignment(works, base, lora, boots)
     changes = pair_changes(works, base, lora)
-    rater, head = open_rater(corpus_path_of(case), manifest, (case.reference or {}).get("replicate_id"))
+    rater, head = open_rater(reference_corpus(case), manifest, (case.reference or {}).get("replicate_id"))
     calib = calibration(rater, head, claimed_direction(works, base), align)
     return {
         "definition": DEFINITION,

@@ -34,13 +34,6 @@ def cos(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else None
 
 
-def corpus_path_of(case) -> Path | None:
-    from carlos_audit.case.casefile import expand_path
-
-    ref = case.reference or {}
-    return expand_path(ref["corpus"], case.base_dir) if ref.get("corpus") else None
-
-
 class Rater:
     """The compared rows of a corpus, and the shares of them at least as aligned as a value."""
 

@@ -13,3 +13,9 @@ def expand_path(value: str, base_dir: Path) -> Path:
     value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
     p = Path(value).expanduser()
     return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
+
+
+def reference_corpus(case) -> Path | None:
+    """The case's ``[reference] corpus`` folder resolved, or None when it names none."""
+    ref = case.reference or {}
+    return expand_path(ref["corpus"], case.base_dir) if ref.get("corpus") else None
