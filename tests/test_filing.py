@@ -266,3 +266,23 @@ def test_installed_wheel_renders_a_report(demo_case_dir, tmp_path):
     r = subprocess.run([str(py), "-c", code, str(case)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sha256(case / FILING_PDF) == sha256(demo_case_dir / FILING_PDF)
+
+
+def test_library_warnings_stay_off_the_terminal_unless_verbose(capsys):
+    """A library's warning (pyhanko's CryptographyDeprecationWarning with cryptography 51, say) must
+    not turn a one-line error into three: it goes to the py.warnings logger, printed with --verbose."""
+    import logging
+    import warnings
+
+    from carlos_audit.cli.common import route_warnings
+
+    try:
+        for verbose in (False, True):
+            route_warnings(verbose)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.warn("a library deprecation", DeprecationWarning)
+            err = capsys.readouterr().err
+            assert ("a library deprecation" in err) is verbose
+    finally:
+        logging.captureWarnings(False)

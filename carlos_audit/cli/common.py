@@ -35,9 +35,22 @@ class AuditGroup(click.Group):
             ctx.exit(fault.exit_code)
 
 
+def route_warnings(verbose: bool) -> None:
+    """Python warnings (a library's deprecation notice, say) go to the ``py.warnings`` logger:
+    printed on stderr with --verbose, otherwise kept off the terminal, so that an error stays
+    one line whatever versions a fresh install resolved."""
+    import logging
+
+    logging.captureWarnings(True)
+    log = logging.getLogger("py.warnings")
+    log.propagate = False
+    log.handlers[:] = [logging.StreamHandler() if verbose else logging.NullHandler()]
+
+
 @click.group(cls=AuditGroup)
 @click.version_option(__version__, prog_name="carlos-audit")
-def main():
+@click.option("--verbose", is_flag=True, help="Also print the libraries' warnings (otherwise kept off the terminal).")
+def main(verbose: bool):
     """Audit a Stable Diffusion LoRA with the CARLoS representation.
 
     \b
@@ -45,6 +58,7 @@ def main():
         carlos-audit demo
         carlos-audit run casefiles/demo.toml
     """
+    route_warnings(verbose)
 
 
 def print_json(obj) -> None:
