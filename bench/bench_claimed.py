@@ -138,7 +138,7 @@ def main() -> None:
     from carlos_audit.corpus.store import load_corpus
     from carlos_audit.demo import prepare_demo
     from carlos_audit.records import Manifest
-    from carlos_audit.run.store import CaseStore
+    from carlos_audit.casefolder.store import CaseStore
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", type=int, default=4)

@@ -76,7 +76,8 @@ def time_split(tmp: Path, assets: dict) -> dict:
     from carlos_audit.report import render_report
     from carlos_audit import pipeline, records
     from carlos_audit.analysis import case_analysis
-    from carlos_audit.run import embed, generate, load, profile, store
+    from carlos_audit.casefolder import store
+    from carlos_audit.run import embed, generate, load, profile
 
     spent = {"generation": 0.0, "clip": 0.0, "io": 0.0, "metrics": 0.0}
 

@@ -78,7 +78,7 @@ def recheck_looks(case_dir: Path, manifest: dict, corpus_path: Path | None = Non
     pre-registered and stopped where it says)."""
     import math
 
-    from carlos_audit.run.store import CaseStore
+    from carlos_audit.casefolder.store import CaseStore
 
     seq, rows = manifest["sequential"], manifest["pairs"]
     looks = [r["n_prompts"] for r in seq["planned_looks"]]

@@ -26,13 +26,13 @@ from carlos_audit.hashing import sha256_file
 from carlos_audit.records import Manifest, RunRecord
 from carlos_audit.run.environment import git_commit
 from carlos_audit.run.intake import utc_now
-from carlos_audit.run.store import CaseStore
+from carlos_audit.casefolder.store import CaseStore
 
 
 def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> dict:
     """``carlos-audit run``: generate, finish, then the report, all under one case-folder lock."""
     from carlos_audit.report import ARCHIVE_PDF, render_report
-    from carlos_audit.run.lock import case_lock
+    from carlos_audit.casefolder.lock import case_lock
 
     with case_lock(out):  # taken once, held through the report
         try:
@@ -53,7 +53,7 @@ def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwarg
 
 def run_case(case: Case, out: Path, **kwargs) -> dict:
     """Profile ``case`` into case folder ``out`` (no report), holding the folder's lock."""
-    from carlos_audit.run.lock import case_lock
+    from carlos_audit.casefolder.lock import case_lock
 
     with case_lock(out):
         return generate_and_finish(case, out, **kwargs)
@@ -104,7 +104,7 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
     step (metrics.json, comparison.json), the manifest built from ``record`` and the unit records,
     custody (every input hashed again) and manifest.json last. Loads no model, imports no torch."""
     from carlos_audit.analysis.case_analysis import analyse_case
-    from carlos_audit.run.store import hash_inputs
+    from carlos_audit.casefolder.store import hash_inputs
 
     out = Path(out)
     manifest = build_manifest(case, out, record, argv)

@@ -144,7 +144,7 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
     profile and indicator included, compared within METRICS_RTOL."""
     from carlos_audit.analysis.case_analysis import compute_case_metrics, recorded_case
     from carlos_audit.records import Manifest, Metrics
-    from carlos_audit.run.store import CaseStore
+    from carlos_audit.casefolder.store import CaseStore
 
     name = "metrics recomputed from embeddings"
     try:
@@ -191,7 +191,7 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     from carlos_audit.records import Manifest
     from carlos_audit.run.intake import intake
     from carlos_audit.run.profile import prepare_run, regenerate
-    from carlos_audit.run.store import CaseStore
+    from carlos_audit.casefolder.store import CaseStore
 
     case = recorded_case(case_dir, Manifest.from_json(manifest))
     _, inputs, _ = intake(case)

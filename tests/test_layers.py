@@ -18,6 +18,7 @@ LAYERS = [
     ["carlos_audit.analysis"],
     ["carlos_audit.corpus"],
     ["carlos_audit.run"],
+    ["carlos_audit.casefolder"],
     ["carlos_audit.case"],
     ["carlos_audit.models"],
     ["carlos_audit.lora"],
@@ -105,5 +106,5 @@ def test_the_rule_sees_what_it_checks(tmp_path):
     assert layer_of("carlos_audit.run.profile") > layer_of("carlos_audit.analysis.case_analysis")
     assert layer_of("carlos_audit.corpus.build") < layer_of("carlos_audit.corpus.store")
     g = graph()
-    assert "carlos_audit.run.store" in g["carlos_audit.pipeline"]
+    assert "carlos_audit.casefolder.store" in g["carlos_audit.pipeline"]
     assert "carlos_audit.analysis.metrics" in g["carlos_audit.analysis.indicators"]

@@ -1,4 +1,4 @@
-"""The case-folder lock (run/lock.py): a second run on a folder in use is refused, naming the holder."""
+"""The case-folder lock (casefolder/lock.py): a second run on a folder in use is refused, naming the holder."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import write_case
 
 from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
-from carlos_audit.run.lock import LOCK_NAME, case_lock
+from carlos_audit.casefolder.lock import LOCK_NAME, case_lock
 
 
 def _hold(folder, pid: int, host: str | None = None):

@@ -18,7 +18,7 @@ from carlos_audit.models.tiny import (
     tree_sha256,
 )
 from carlos_audit.run.generate import GenerationParams, generate_batch
-from carlos_audit.run.store import png_bytes
+from carlos_audit.casefolder.store import png_bytes
 
 PARAMS = GenerationParams(3, 5.0, 64, 64, "DDIMScheduler", "")
 

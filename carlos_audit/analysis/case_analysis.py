@@ -17,7 +17,7 @@ from carlos_audit.case.casefile import Case, expand_path, parse_case
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 from carlos_audit.records import Comparison, Manifest, Metrics
-from carlos_audit.run.store import CaseStore, load_npy
+from carlos_audit.casefolder.store import CaseStore, load_npy
 
 
 def _diffs(store: CaseStore, manifest: Manifest, profile: str, ids: list[str]) -> np.ndarray:

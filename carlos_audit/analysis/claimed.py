@@ -149,7 +149,7 @@ def claimed_checks(case_dir, manifest: dict) -> list[tuple[str, bool, str]]:
     from carlos_audit.fileio import read_json
     from carlos_audit.hashing import sha256_file
     from carlos_audit.run.claimed import claimed_features
-    from carlos_audit.run.store import CaseStore
+    from carlos_audit.casefolder.store import CaseStore
 
     rec = manifest.get("claimed_works")
     if not rec:

@@ -55,7 +55,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, *, name: str |
     from carlos_audit.engines import ENGINES
     from carlos_audit.engines.build import build_record, default_threads, plan_build, run_plan
     from carlos_audit.fileio import write_json_atomic
-    from carlos_audit.run.lock import case_lock
+    from carlos_audit.casefolder.lock import case_lock
 
     lora_dir, dest = Path(lora_dir), Path(dest)
     if engine not in ENGINES:

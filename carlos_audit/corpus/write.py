@@ -31,7 +31,7 @@ from carlos_audit.corpus.store import (
 )
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import write_json_atomic
-from carlos_audit.run.lock import LOCK_NAME
+from carlos_audit.casefolder.lock import LOCK_NAME
 
 
 def _npy_header(n: int, dim: int, dtype: np.dtype) -> bytes:
@@ -170,7 +170,7 @@ def _prepare_dest(dest: Path, overwrite: bool, protect: Path | None = None) -> N
         raise AuditError(f"{dest} exists and is not a folder")
     if dest.exists():
         # ``cases/`` holds the case folders of ``corpus build`` (kept, never replaced here); the
-        # lock is the build's own (run/lock.py)
+        # lock is the build's own (casefolder/lock.py)
         entries = sorted(p.name for p in dest.iterdir() if p.name not in (BUILD_CASES_DIR, LOCK_NAME))
         if entries and not overwrite:
             raise AuditError(f"{dest} exists and is not empty; pass --overwrite to replace a corpus there")

@@ -68,7 +68,7 @@ def planned_inputs(case) -> tuple:
     """((role, path, sha256), ...) of the inputs every unit of this build checks, LoRA excepted
     (each unit carries its own LoRA's hash)."""
     from carlos_audit.run.intake import resolve_inputs
-    from carlos_audit.run.store import hash_inputs
+    from carlos_audit.casefolder.store import hash_inputs
 
     paths = resolve_inputs(case)
     hashed = {e["role"]: e for e in hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items() if r != "lora"])}

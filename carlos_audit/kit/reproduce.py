@@ -243,7 +243,7 @@ def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed
     from carlos_audit.case.protocol import prompts_sha256
     from carlos_audit.run.intake import utc_now
     from carlos_audit.run.profile import prepare_run, regenerate
-    from carlos_audit.run.store import CaseStore
+    from carlos_audit.casefolder.store import CaseStore
 
     partial = bool((manifest["lora"].get("load") or {}).get("partial"))
     store = CaseStore(out / "case")

@@ -47,7 +47,7 @@ def measure(case, n_images: int) -> dict:
     from carlos_audit.run.generate import GenerationParams, generate_batch
     from carlos_audit.run.hostchain import Produced, finish_unit
     from carlos_audit.run.profile import make_session
-    from carlos_audit.run.store import CaseStore
+    from carlos_audit.casefolder.store import CaseStore
 
     pc = case.protocol
     t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def claimed_inputs(case) -> dict:
 def thumbnail_png(image) -> bytes:
     from PIL import Image
 
-    from carlos_audit.run.store import png_bytes
+    from carlos_audit.casefolder.store import png_bytes
 
     im = image.copy()
     if max(im.size) > THUMB_PX:
@@ -56,7 +56,7 @@ def store_claimed_works(store, embedder, case) -> dict | None:
     from carlos_audit.fileio import write_bytes_atomic
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.run.embed import image_features
-    from carlos_audit.run.store import npy_bytes
+    from carlos_audit.casefolder.store import npy_bytes
 
     section = case.claimed_works or {}
     if not configured(section):
@@ -91,7 +91,7 @@ def decoder_text() -> str:
 
 def claimed_features(store, record: dict) -> np.ndarray:
     """(works x dim) float64 features of the claimed works, from the case folder."""
-    from carlos_audit.run.store import load_npy
+    from carlos_audit.casefolder.store import load_npy
 
     return np.stack([load_npy(store.path(w["embedding"])) for w in record["works"]]).astype(np.float64)
 

@@ -13,8 +13,8 @@ from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.records import REPORT_FILES
-from carlos_audit.run.lock import LOCK_NAME
-from carlos_audit.run.store import hash_inputs
+from carlos_audit.casefolder.lock import LOCK_NAME
+from carlos_audit.casefolder.store import hash_inputs
 
 CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json",
                   "images", "embeddings", "units", "figures") + REPORT_FILES

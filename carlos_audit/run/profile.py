@@ -31,7 +31,7 @@ from carlos_audit.run.generate import (
 from carlos_audit.run.intake import intake, prepare_case_dir
 from carlos_audit.run.load import base_model_record, load_lora, load_models
 from carlos_audit.run.hostchain import HostChain, Produced, finish_unit
-from carlos_audit.run.store import BaseImageCache, CaseStore
+from carlos_audit.casefolder.store import BaseImageCache, CaseStore
 
 # ----------------------------------------------------------------------------- generation
 
