@@ -124,7 +124,7 @@ effect_labels = false
     result = run_case(load_case(home / "case.toml"), home / "case", progress=False)
     rows.sync()
     wall = time.perf_counter() - t
-    m = result["manifest"]
+    m = result.manifest.to_json()
     arms = len(m["protocol"]["arms"])
     rows.add("case folder (real batch path)", cfg["dtype"], 4 * arms, wall, None,
              f"{arms} arms incl. load; TF32 {m['environment'].get('tf32')}; fastpath active "

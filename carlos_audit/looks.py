@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from carlos_audit.case.sequential import case_plan, look_rows
+from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.records import Manifest
 
 
 def run_protocol(session, plan, pairs: list, prompts: list, corpus_path: Path | None, lora_sha256: str,
@@ -72,24 +74,22 @@ def evaluate_stored(store, main: tuple, ids: list[str], prompt_ids: list[str], r
                          corpus=corpus, exclude_row=own)
 
 
-def recheck_looks(case_dir: Path, manifest: dict, corpus_path: Path | None = None) -> list[str]:
-    """Every look a finished sequential case recorded, evaluated again from its stored features
-    (``verify``): the looks whose decision or intervals differ (empty: the rule was applied as
-    pre-registered and stopped where it says)."""
+def recheck_looks(store: CaseStore, manifest: Manifest, corpus_path: Path | None = None) -> list[str]:
+    """Every look a finished sequential case recorded (``manifest``: its records.Manifest),
+    evaluated again from the features of its unit store (``verify``): the looks whose decision or
+    intervals differ (empty: the rule was applied as pre-registered and stopped where it says)."""
     import math
 
-    from carlos_audit.casefolder.store import CaseStore
-
-    seq, rows = manifest["sequential"], manifest["pairs"]
+    seq, rows = manifest.sequential, manifest.pairs
     looks = [r["n_prompts"] for r in seq["planned_looks"]]
-    corpus, own = open_reference(corpus_path, manifest["lora"]["sha256"], seq["rule"])
-    store, bad = CaseStore(case_dir), []
+    corpus, own = open_reference(corpus_path, manifest.lora["sha256"], seq["rule"])
+    bad = []
     for rec in seq["looks"]:
         keep = set(seq["order"][:rec["n_prompts"]])
         part = [r for r in rows if r["prompt_id"] in keep]
-        ev = evaluate_stored(store, manifest["protocol"]["profiles"]["main"], [r["pair_id"] for r in part],
+        ev = evaluate_stored(store, manifest.protocol["profiles"]["main"], [r["pair_id"] for r in part],
                              [r["prompt_id"] for r in part], seq["rule"], [n / looks[-1] for n in looks], rec["look"],
-                             seq["n_prompts_protocol"], seq["n_seeds"], manifest["protocol"], corpus, own)
+                             seq["n_prompts_protocol"], seq["n_seeds"], manifest.protocol, corpus, own)
         same = ev["met"] == rec["met"] and all(
             math.isclose(ev[k]["half_width"], rec[k]["half_width"], rel_tol=1e-9, abs_tol=1e-12)
             for k in ("strength", "consistency") if rec[k]["half_width"] is not None)

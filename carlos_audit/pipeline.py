@@ -14,22 +14,35 @@ run record its workers wrote, and loads no model. Any step can be re-run alone
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from carlos_audit import __version__
 from carlos_audit.case.casefile import Case
 from carlos_audit.case.paths import reference_corpus
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts, prompts_sha256
+from carlos_audit.casefolder import CaseFolder
+from carlos_audit.casefolder.store import CaseStore
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
-from carlos_audit.hashing import sha256_file
-from carlos_audit.records import Manifest, RunRecord
+from carlos_audit.records import Comparison, Manifest, Metrics, RunRecord
 from carlos_audit.run.environment import git_commit
 from carlos_audit.run.intake import utc_now
-from carlos_audit.casefolder.store import CaseStore
 
 
-def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> dict:
+@dataclass(frozen=True)
+class CaseResult:
+    """What a run wrote: the case folder and its records (``written``: the further files of
+    ``run_full``: comparison.json when there is one, both report copies)."""
+
+    out: Path
+    manifest: Manifest
+    metrics: Metrics
+    comparison: Comparison | None
+    written: tuple[str, ...] = ()
+
+
+def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> CaseResult:
     """``carlos-audit run``: generate, finish, then the report, all under one case-folder lock."""
     from carlos_audit.report import ARCHIVE_PDF, render_report
     from carlos_audit.casefolder.lock import case_lock
@@ -43,15 +56,13 @@ def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwarg
             if custody_failed(out):
                 render_report(out, check=False)
             raise
-        result.setdefault("written", [])
-        if result["comparison"] is not None:
-            result["written"].append(str(Path(out) / "comparison.json"))
-        result["written"].append(str(render_report(out)))           # filing copy, pre-flight checked
-        result["written"].append(str(Path(out) / ARCHIVE_PDF))
-    return result
+        written = [str(Path(out) / Comparison.FILE)] if result.comparison is not None else []
+        written.append(str(render_report(out)))           # filing copy, pre-flight checked
+        written.append(str(Path(out) / ARCHIVE_PDF))
+    return replace(result, written=tuple(written))
 
 
-def run_case(case: Case, out: Path, **kwargs) -> dict:
+def run_case(case: Case, out: Path, **kwargs) -> CaseResult:
     """Profile ``case`` into case folder ``out`` (no report), holding the folder's lock."""
     from carlos_audit.casefolder.lock import case_lock
 
@@ -62,7 +73,7 @@ def run_case(case: Case, out: Path, **kwargs) -> dict:
 def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
                         allow_unsafe_pickle: bool = False, allow_download: bool = False,
                         argv: list[str] | None = None, progress: bool = True,
-                        allow_incompatible: bool = False) -> dict:
+                        allow_incompatible: bool = False) -> CaseResult:
     """The run's steps in order; the caller holds the case folder's lock."""
     from carlos_audit.run.profile import generate_units, prepare_run
 
@@ -72,7 +83,7 @@ def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_par
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
     check_reference(case, prep.signature, allow_incompatible)
     record = generate_units(prep, progress, protocol=looks_of(case, prep))
-    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible)
+    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible, units=prep.session.store)
 
 
 def looks_of(case: Case, prep):
@@ -99,18 +110,25 @@ def check_reference(case: Case, signature: dict, allow_incompatible: bool) -> No
 
 
 def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | None = None,
-                allow_incompatible: bool = False) -> dict:
+                allow_incompatible: bool = False, units: CaseStore | None = None) -> CaseResult:
     """The model-free end of a run, on a case folder whose units are all generated: the analysis
     step (metrics.json, comparison.json), the manifest built from ``record`` and the unit records,
-    custody (every input hashed again) and manifest.json last. Loads no model, imports no torch."""
+    custody (every input hashed again) and manifest.json last. Loads no model, imports no torch.
+    ``units``: the run's unit store (its unit records and features already read), else the folder's."""
     from carlos_audit.analysis.case_analysis import analyse_case
     from carlos_audit.casefolder.store import hash_inputs
 
     out = Path(out)
-    manifest = build_manifest(case, out, record, argv)
+    folder = CaseFolder(out)
+    if units is not None:
+        folder.units = units
+    manifest = build_manifest(case, folder, record, argv)
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
-    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible)
-    manifest.results = {r.FILE: sha256_file(r.write(out)) for r in (metrics, comparison) if r is not None}
+    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible, store=folder.units)
+    for r in (metrics, comparison):
+        if r is not None:
+            r.write(out)
+    manifest.results = {r.FILE: folder.digest(r.FILE) for r in (metrics, comparison) if r is not None}
 
     inputs = record.inputs
     end_inputs = hash_inputs([{"role": e["role"], "path": e["path"]} for e in inputs])
@@ -122,17 +140,16 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
     if not manifest.custody_ok:
         changed = [c["role"] for c in manifest.inputs if not c["unchanged"]]
         raise AuditError(f"input file(s) changed during the run ({', '.join(changed)}): the run is marked invalid in manifest.json")
-    return {"out": str(out), "manifest": manifest.to_json(), "metrics": metrics.to_json(),
-            "comparison": comparison.to_json() if comparison is not None else None}
+    return CaseResult(out, manifest, metrics, comparison)
 
 
-def build_manifest(case: Case, out: Path, record: RunRecord, argv: list[str] | None) -> Manifest:
+def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list[str] | None) -> Manifest:
     """manifest.json before analysis and custody: the run record, the arm plan, the pair rows
     read from the unit records, the cost summed from them."""
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.cost import case_cost
 
-    store = CaseStore(out)
+    store, out = folder.units, folder.root
     run_info = read_json(out / "run.json")
     prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
     pc = case.protocol
@@ -194,5 +211,6 @@ def collect_pairs(store: CaseStore, pairs: list[Pair], arms) -> list[dict]:
 
 
 def custody_failed(out: Path) -> bool:
-    manifest = Path(out) / "manifest.json"
-    return manifest.is_file() and (Path(out) / "metrics.json").is_file() and read_json(manifest).get("custody_ok") is False
+    """Whether ``out`` is a finished case folder whose manifest records an input changed during the run."""
+    folder = CaseFolder(out)
+    return all(folder.has(r.FILE) for r in (Manifest, Metrics)) and folder.manifest.custody_ok is False

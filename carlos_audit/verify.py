@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json
-from carlos_audit.hashing import sha256_file
+from carlos_audit.records import Manifest
 
 EMBEDDING_COSINE_TOLERANCE = 0.999
 METRICS_RTOL = 1e-9
@@ -62,26 +62,17 @@ def _close(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def check_files(case_dir: Path, manifest: dict, trust: list[Path] | None = None) -> list[Check]:
+def check_files(folder: CaseFolder, trust: list[Path] | None = None) -> list[Check]:
     checks = []
-    bad, missing = [], []
-    for row in manifest["pairs"]:
-        for arm, e in row["arms"].items():
-            for kind in ("image", "embedding"):
-                p = case_dir / e[kind]
-                if not p.is_file():
-                    missing.append(e[kind])
-                elif sha256_file(p) != e[f"{kind}_sha256"]:
-                    bad.append(e[kind])
-    text = list((manifest.get("text_features") or {}).values())
-    text += [manifest["label_signatures"]] if manifest.get("label_signatures") else []
-    for rec in text:
-        p = case_dir / rec["path"]
-        if not p.is_file():
-            missing.append(rec["path"])
-        elif sha256_file(p) != rec["sha256"]:
-            bad.append(rec["path"])
-    n = sum(2 * len(r["arms"]) for r in manifest["pairs"]) + len(text)
+    manifest = folder.manifest
+    stored = [(e[kind], e[f"{kind}_sha256"]) for row in manifest.pairs for e in row["arms"].values()
+              for kind in ("image", "embedding")]
+    text = list((manifest.text_features or {}).values())
+    text += [manifest.label_signatures] if manifest.label_signatures else []
+    stored += [(rec["path"], rec["sha256"]) for rec in text]
+    missing = [rel for rel, _ in stored if not folder.has(rel)]
+    bad = [rel for rel, digest in stored if folder.has(rel) and folder.digest(rel) != digest]
+    n = len(stored)
     if bad or missing:
         detail = "; ".join(filter(None, [
             f"modified: {', '.join(bad[:10])}" + (" ..." if len(bad) > 10 else "") if bad else "",
@@ -90,35 +81,33 @@ def check_files(case_dir: Path, manifest: dict, trust: list[Path] | None = None)
     else:
         checks.append(Check("stored images and embeddings", True, f"{n} files match their recorded sha256"))
     # (text features of the prompts and the label signatures are included in the count above)
-    for rel, digest in manifest.get("results", {}).items():
-        p = case_dir / rel
-        ok = p.is_file() and sha256_file(p) == digest
+    for rel, ok in folder.results_intact().items():
         checks.append(Check(rel, ok, "matches its recorded sha256" if ok else f"{rel} was modified or is missing"))
-    casefile = next((i for i in manifest["inputs"] if i["role"] == "casefile"), None)
-    if casefile and (case_dir / "case.toml").is_file():
-        ok = sha256_file(case_dir / "case.toml") == casefile["sha256"]
+    casefile = next((i for i in manifest.inputs if i["role"] == "casefile"), None)
+    if casefile and folder.has("case.toml"):
+        ok = folder.digest("case.toml") == casefile["sha256"]
         checks.append(Check("case.toml", ok, "equals the case file as run" if ok else "case.toml was modified"))
-    checks += check_reports(case_dir, trust)
+    checks += check_reports(folder, trust)
     return checks
 
 
-def check_reports(case_dir: Path, trust: list[Path] | None = None) -> list[Check]:
+def check_reports(folder: CaseFolder, trust: list[Path] | None = None) -> list[Check]:
     """Both copies of the report (and a signed archive copy) against their .sha256 files; the
     filing copy's record of the archive copy's sha256; the signature, when there is one."""
     from carlos_audit.report import ARCHIVE_PDF, FILING_PDF, SIGNED_PDF
     from carlos_audit.report.signing import verify_signature
 
-    checks = []
+    checks, case_dir = [], folder.root
     for name in (FILING_PDF, ARCHIVE_PDF, SIGNED_PDF):
         pdf, side = case_dir / name, case_dir / f"{name}.sha256"
         if pdf.is_file() and side.is_file():
-            ok = side.read_text().split()[0] == sha256_file(pdf)
+            ok = side.read_text().split()[0] == folder.digest(name)
             checks.append(Check(name, ok, f"matches {name}.sha256" if ok else f"{name} was modified (or its .sha256)"))
         elif pdf.is_file() or side.is_file():
             checks.append(Check(name, False, f"{name} or {name}.sha256 is missing"))
     filing, archive = case_dir / FILING_PDF, case_dir / ARCHIVE_PDF
     if filing.is_file() and archive.is_file():
-        digest = sha256_file(archive)
+        digest = folder.digest(ARCHIVE_PDF)
         ok = _pdf_text_has(filing, digest)
         checks.append(Check("filing copy bound to the archive copy", ok,
                             f"{FILING_PDF} prints the sha256 of {ARCHIVE_PDF}" if ok
@@ -138,18 +127,16 @@ def _pdf_text_has(pdf: Path, text: str) -> bool:
     return text in out.replace("\n", "")
 
 
-def check_metrics(case_dir: Path, manifest: dict) -> Check:
+def check_metrics(folder: CaseFolder) -> Check:
     """metrics.json recomputed from the stored features by the analysis step's own code
     (analysis/case_analysis.compute_case_metrics, what `run` and `analyse` write it with), every
     profile and indicator included, compared within METRICS_RTOL."""
-    from carlos_audit.analysis.case_analysis import compute_case_metrics, recorded_case
-    from carlos_audit.records import Manifest, Metrics
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.analysis.case_analysis import compute_case_metrics
 
     name = "metrics recomputed from embeddings"
     try:
-        record, stored = Manifest.from_json(manifest), Metrics.read(case_dir)
-        again = compute_case_metrics(CaseStore(case_dir), record, recorded_case(case_dir, record))
+        stored = folder.metrics
+        again = compute_case_metrics(folder.units, folder.manifest, folder.case)
     except (OSError, ValueError, KeyError, AuditError) as e:
         return Check(name, False, f"cannot read stored results: {e}")
     diffs = _close(again.to_json(), stored.to_json())
@@ -158,18 +145,15 @@ def check_metrics(case_dir: Path, manifest: dict) -> Check:
     return Check(name, True, f"strength {again.strength:.6g}, consistency {again.consistency} reproduced")
 
 
-def check_sequential(case_dir: Path, manifest: dict) -> Check:
+def check_sequential(folder: CaseFolder) -> Check:
     """A sequential case: every recorded look evaluated again from the stored features."""
-    from carlos_audit.case.casefile import parse_case
     from carlos_audit.case.paths import reference_corpus
     from carlos_audit.looks import recheck_looks
 
-    casefile = next(i for i in manifest["inputs"] if i["role"] == "casefile")
-    case = parse_case((case_dir / "case.toml").read_text("utf-8"), Path(casefile["path"]))
-    corpus = reference_corpus(case)
-    seq = manifest["sequential"]
+    corpus = reference_corpus(folder.case)
+    seq = folder.manifest.sequential
     try:
-        bad = recheck_looks(case_dir, manifest, corpus)
+        bad = recheck_looks(folder.units, folder.manifest, corpus)
     except (OSError, ValueError, AuditError) as e:
         return Check("sequential stopping rule re-applied", False, f"cannot re-evaluate the looks: {e}")
     if bad:
@@ -179,42 +163,40 @@ def check_sequential(case_dir: Path, manifest: dict) -> Check:
                  f"({seq['n_prompts_run']} of {seq['n_prompts_protocol']} prompts), as recorded")
 
 
-def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, progress: bool = False) -> list[Check]:
+def check_regenerated(folder: CaseFolder, sample: int, seed: int, progress: bool = False) -> list[Check]:
     """Regenerate the batches holding a random sample of pairs (run/profile.regenerate, the
     path `reproduce` takes: the main profile's two arms, the run's batch layout) into a scratch
     folder and compare with what the manifest records."""
     import shutil
     import tempfile
 
-    from carlos_audit.analysis.case_analysis import recorded_case
     from carlos_audit.case.signature import environment_differences
-    from carlos_audit.records import Manifest
+    from carlos_audit.casefolder.store import CaseStore
     from carlos_audit.run.intake import intake
     from carlos_audit.run.profile import prepare_run, regenerate
-    from carlos_audit.casefolder.store import CaseStore
 
-    case = recorded_case(case_dir, Manifest.from_json(manifest))
+    case, manifest = folder.case, folder.manifest
     _, inputs, _ = intake(case)
-    recorded = {i["role"]: i["sha256"] for i in manifest["inputs"]}
+    recorded = {i["role"]: i["sha256"] for i in manifest.inputs}
     changed = [i["role"] for i in inputs if recorded.get(i["role"]) not in (None, i["sha256"])]
     if changed:
         return [Check("regenerated sample", False, f"input file(s) differ from the ones recorded: {', '.join(changed)}")]
-    checks = [check_base_files(case, manifest)] if manifest["base_model"].get("files") else []
-    rows = manifest["pairs"]
+    checks = [check_base_files(case, manifest)] if manifest.base_model.get("files") else []
+    rows = folder.pairs()
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(sample, len(rows))))
-    main = list(manifest["protocol"]["profiles"]["main"])
+    main = list(folder.main_profile())
+    load = manifest.lora["load"]
     scratch = Path(tempfile.mkdtemp(prefix="verify-"))
     try:
         store = CaseStore(scratch)
-        prep = prepare_run(case, store, prepare_folder=False,
-                           allow_partial=manifest["lora"]["load"].get("partial", False))
-        differences = environment_differences(prep.session.environment, manifest["environment"])
-        if "application" in manifest["lora"]["load"]:  # a weight patch: the same method, the same patched weights
+        prep = prepare_run(case, store, prepare_folder=False, allow_partial=load.get("partial", False))
+        differences = environment_differences(prep.session.environment, manifest.environment)
+        if "application" in load:  # a weight patch: the same method, the same patched weights
             from carlos_audit.run.patch import application_differences
 
-            diff = application_differences(manifest["lora"]["load"]["application"], prep.lora_load.get("application"))
+            diff = application_differences(load["application"], prep.lora_load.get("application"))
             checks.append(Check("LoRA application", not diff, diff or "applied by the recorded method; patched-weight hashes identical"))
-        regenerate(prep, manifest, store, batch_ids={rows[i]["batch"] for i in picked}, arm_names=main,
+        regenerate(prep, manifest.to_json(), store, batch_ids={rows[i]["batch"] for i in picked}, arm_names=main,
                    progress=progress)
         for i in picked:
             m = rows[i]
@@ -223,8 +205,8 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
                 unit = store.unit_done(arm_name, m["batch"])
                 now = next(e for e in unit["pairs"] if e["pair_id"] == m["pair_id"])
                 same_image = now["image_sha256"] == rec["image_sha256"]
-                f = np.load(store.path(now["embedding"]), allow_pickle=False)
-                stored = np.load(case_dir / rec["embedding"], allow_pickle=False)
+                f = store.feature(arm_name, m["pair_id"])
+                stored = folder.units.feature(arm_name, m["pair_id"])
                 cos = float(f @ stored / (np.linalg.norm(f) * np.linalg.norm(stored) or 1.0))
                 if not differences:
                     ok, detail = same_image, ("image hash identical" if same_image else "image hash differs on the same platform")
@@ -238,7 +220,7 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     return checks
 
 
-def check_base_files(case, manifest: dict) -> Check:
+def check_base_files(case, manifest: Manifest) -> Check:
     """Every file that affects the images (weights, configs, scheduler, tokenizer) against the
     sha256 the manifest recorded; a changed, missing or added one is named."""
     from carlos_audit.models.loading import resolve_base_source
@@ -248,7 +230,7 @@ def check_base_files(case, manifest: dict) -> Check:
         src = resolve_base_source(bm["source"], base_dir=case.base_dir, variant=bm.get("variant"), config=bm.get("config"))
     except AuditError as e:
         return Check("base model files", False, str(e))
-    then = {f["name"]: f["sha256"] for f in manifest["base_model"]["files"]}
+    then = {f["name"]: f["sha256"] for f in manifest.base_model["files"]}
     now = {f["name"]: f["sha256"] for f in src.files}
     changed = sorted(n for n in then.keys() & now.keys() if then[n] != now[n])
     missing, added = sorted(then.keys() - now.keys()), sorted(now.keys() - then.keys())
@@ -267,33 +249,24 @@ def verify_case(case_dir: Path, sample: int = 4, seed: int = 0, trust: list[Path
 
 
 def _verify_case(case_dir: Path, sample: int, seed: int, trust: list[Path] | None) -> dict:
-    case_dir = Path(case_dir)
-    if not case_dir.is_dir():
-        raise AuditError(f"case folder {case_dir} does not exist")
-    mpath = case_dir / "manifest.json"
-    if not mpath.is_file():
-        raise AuditError(f"{case_dir} has no manifest.json (not a finished case)")
-    checks = []
-    side = case_dir / "manifest.json.sha256"
-    if side.is_file():
-        ok = side.read_text().split()[0] == sha256_file(mpath)
-        checks.append(Check("manifest.json", ok, "matches manifest.json.sha256" if ok else "manifest.json was modified after the run"))
-    else:
-        checks.append(Check("manifest.json", False, "manifest.json.sha256 is missing"))
-    try:
-        manifest = read_json(mpath)
-    except ValueError as e:
-        raise AuditError(f"{mpath} is not valid JSON: {e}") from None
-    checks += check_files(case_dir, manifest, trust)
-    checks.append(check_metrics(case_dir, manifest))
-    if manifest.get("sequential"):
-        checks.append(check_sequential(case_dir, manifest))
+    """The checks on the folder's records, each file read and hashed once. A missing or edited
+    metrics.json is a failed check, not a refusal: only the manifest is required."""
     from carlos_audit.analysis.claimed import claimed_checks
 
-    checks += [Check(*c) for c in claimed_checks(case_dir, manifest)]  # [claimed_works]
-    checks.append(Check("chain of custody", bool(manifest.get("custody_ok")),
-                        "inputs unchanged during the run" if manifest.get("custody_ok") else "an input changed during the run"))
+    case_dir = Path(case_dir)
+    folder = CaseFolder(case_dir).require_finished(Manifest)
+    intact = folder.manifest_intact()
+    checks = [Check("manifest.json", bool(intact), "manifest.json.sha256 is missing" if intact is None else
+                    "matches manifest.json.sha256" if intact else "manifest.json was modified after the run")]
+    manifest = folder.manifest
+    checks += check_files(folder, trust)
+    checks.append(check_metrics(folder))
+    if manifest.sequential:
+        checks.append(check_sequential(folder))
+    checks += [Check(*c) for c in claimed_checks(folder)]  # [claimed_works]
+    checks.append(Check("chain of custody", bool(manifest.custody_ok),
+                        "inputs unchanged during the run" if manifest.custody_ok else "an input changed during the run"))
     if sample > 0:
-        checks += check_regenerated(case_dir, manifest, sample, seed)
+        checks += check_regenerated(folder, sample, seed)
     return {"case_dir": str(case_dir), "sample": sample, "sample_seed": seed, "ok": all(c.ok for c in checks),
             "checks": [c.as_dict() for c in checks]}

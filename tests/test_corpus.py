@@ -430,16 +430,22 @@ def test_prefilter_is_exact_with_ties_and_small_chunks(tmp_path, monkeypatch):
 
 
 def _case(tmp_path: Path, name: str, direction, strength=4.0, consistency=0.1, signature=None, case_id=None):
+    """A finished case folder holding only what a corpus row reads (its records' other sections empty)."""
+    from carlos_audit.records import Manifest, Metrics
+
     d = tmp_path / name
     d.mkdir()
-    (d / "metrics.json").write_text(json.dumps({"direction": [float(x) for x in direction], "strength": strength,
-                                                "consistency": consistency}))
-    (d / "manifest.json").write_text(json.dumps({
-        "signature": signature if signature is not None else dict(preset_signature("carlos-sdxl-vitb32"),
-                                                                  base_model_sha256="ab" * 32),
-        "case": {"id": case_id or name, "title": "Case <b>title</b>"},
-        "lora": {"path": f"/evidence/{name}.safetensors", "sha256": "cd" * 32},
-    }))
+    Metrics(n_pairs=0, n_prompts=0, n_seeds=0, feature_dim=len(direction), direction=[float(x) for x in direction],
+            strength=strength, consistency=consistency, consistency_note=None, ci={}, per_category={}, per_prompt={},
+            per_pair=[]).write(d)
+    Manifest(
+        signature=signature if signature is not None else dict(preset_signature("carlos-sdxl-vitb32"),
+                                                               base_model_sha256="ab" * 32),
+        case={"id": case_id or name, "title": "Case <b>title</b>"},
+        lora={"path": f"/evidence/{name}.safetensors", "sha256": "cd" * 32},
+        tool={}, run={}, inputs=[], custody_ok=True, base_model={}, embedder={}, protocol={}, comparison_loras=[],
+        text_features=None, cost={}, prompts=[], pairs=[], results={}, environment={},
+    ).write(d)
     return d
 
 

@@ -27,7 +27,7 @@ def test_manifest_cost_equals_images_times_steps(demo_assets, carlos_home, tmp_p
     cf = write_case(tmp_path, demo_assets, case_id="cost", steps=STEPS, batch_size=BATCH, extra=NO_INDICATORS)
     before = dict(generate.COUNTERS)
     res = run_case(load_case(cf), tmp_path / "out", progress=False)
-    c = res["manifest"]["cost"]
+    c = res.manifest.cost
     assert sorted(c["arms"]) == ["base", "lora"]
     images = 2 * P * S  # base + LoRA arm, nothing cached
     assert generate.COUNTERS["images_generated"] - before["images_generated"] == images
@@ -45,7 +45,7 @@ def test_manifest_cost_equals_images_times_steps(demo_assets, carlos_home, tmp_p
     # a second LoRA takes the base arm from the cache: no generation, only CLIP, for that arm
     cf2 = write_case(tmp_path, demo_assets, case_id="cost2", lora="weak", steps=STEPS, batch_size=BATCH,
                      extra=NO_INDICATORS)
-    c2 = run_case(load_case(cf2), tmp_path / "out2", progress=False)["manifest"]["cost"]
+    c2 = run_case(load_case(cf2), tmp_path / "out2", progress=False).manifest.cost
     base = c2["arms"]["base"]
     assert base["sources"] == {"base-cache": P * S // BATCH}
     assert base["images_generated"] == base["unet_forward_calls"] == base["vae_decoded_images"] == 0

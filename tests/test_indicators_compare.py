@@ -61,10 +61,10 @@ def test_no_pair_is_generated_twice(demo_assets, tmp_path, monkeypatch):
     extra = 'scales = [0.5, 1.0]\n\n[comparison]\nloras = ["%s"]\n' % demo_assets["loras"]["weak"]
     cf = write_case(tmp_path, demo_assets, seeds="[0]", batch_size=4, extra=extra)
     res = run_case(load_case(cf), tmp_path / "out", progress=False)
-    arms = res["manifest"]["protocol"]["arms"]
+    arms = res.manifest.protocol["arms"]
     # base, lora, lora-s0.5, base-notrig, lora-notrig, cmp1 (scale 1.0 is the main LoRA arm)
     assert sorted(arms) == ["base", "base-notrig", "cmp1", "lora", "lora-notrig", "lora-s0.5"]
-    assert res["manifest"]["protocol"]["arm_aliases"]["lora-s1"] == "lora"
+    assert res.manifest.protocol["arm_aliases"]["lora-s1"] == "lora"
     assert len(counter.calls) == len(arms) * 2  # 8 pairs in batches of 4
     assert len(set(counter.calls)) == len(counter.calls)
 
@@ -74,10 +74,10 @@ def test_empty_trigger_list_gives_trigger_dependence_one_from_stored_variants(de
     monkeypatch.setattr(profile_mod, "generate_batch", counter)
     cf = write_case(tmp_path, demo_assets, seeds="[0]", trigger_words="[]")
     res = run_case(load_case(cf), tmp_path / "out", progress=False)
-    td = res["metrics"]["indicators"]["trigger_dependence"]
+    td = res.metrics.indicators["trigger_dependence"]
     assert td["ratio"] == 1.0 and td["ratio_ci"] == [1.0, 1.0]
-    assert td["strength_with"] == td["strength_without"] == res["metrics"]["strength"]
-    prof = res["manifest"]["protocol"]["profiles"]
+    assert td["strength_with"] == td["strength_without"] == res.metrics.strength
+    prof = res.manifest.protocol["profiles"]
     assert prof["trigger:with"] == prof["trigger:without"] == ["base", "lora"]
     # one LoRA arm (2 batches) and at most one base arm (it may come from the shared cache)
     assert [c[2] for c in counter.calls].count((("target", 1.0),)) == 2
@@ -96,7 +96,7 @@ def test_head_to_head_with_itself_is_exactly_one_and_shares_every_image(demo_ass
     assert b["direction_cosine"] == 1.0 and b["direction_cosine_ci"] == [1.0, 1.0]
     assert set(b["per_pair_cosine"]["values"].values()) == {1.0}
     assert h2h["weights"]["payload_identical"] is True and h2h["weights"]["cosine"] == pytest.approx(1.0, abs=1e-9)
-    assert sorted(res["manifest"]["protocol"]["arms"]) == ["base", "lora"]
+    assert sorted(res.manifest.protocol["arms"]) == ["base", "lora"]
     assert len(counter.calls) <= 2 * 2  # at most base + lora, 2 batches each: nothing for the comparison
 
 

@@ -141,7 +141,7 @@ def test_partial_load_allowed_is_flagged(demo_assets, tmp_path):
     lora = _partial_lora(demo_assets, tmp_path / "partial.safetensors")
     cf = write_case(tmp_path, demo_assets, lora=str(lora), seeds="[0]")
     res = run_case(load_case(cf), tmp_path / "out", allow_partial=True, progress=False)
-    load = res["manifest"]["lora"]["load"]
+    load = res.manifest.lora["load"]
     assert load["partial"] is True and load["in_file"] - load["applied"] == 1
     assert any("to_nowhere" in u for u in load["unapplied"])
 

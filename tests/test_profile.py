@@ -133,10 +133,10 @@ def test_scale_zero_is_exactly_zero_and_strength_rises_with_scale(demo_assets, t
     for scale in (0.0, 0.5, 1.0, 2.0):
         cf = write_case(tmp_path, demo_assets, case_id=f"scale{scale}".replace(".", "_"), scale=scale)
         res = run_case(load_case(cf), tmp_path / f"s{scale}", progress=False)
-        strengths[scale] = res["metrics"]["strength"]
+        strengths[scale] = res.metrics.strength
         if scale == 0.0:
-            assert res["metrics"]["consistency"] is None and res["metrics"]["consistency_note"]
-            assert res["manifest"]["run"]["stats"]["base"]["cached_batches"] == UNITS_PER_ARM  # base arm shared
+            assert res.metrics.consistency is None and res.metrics.consistency_note
+            assert res.manifest.run["stats"]["base"]["cached_batches"] == UNITS_PER_ARM  # base arm shared
     assert strengths[0.0] == 0.0
     assert strengths[0.5] < strengths[1.0] < strengths[2.0]
 
@@ -145,7 +145,7 @@ def test_diffusers_and_kohya_files_give_identical_images(reference_run, demo_ass
     cf = write_case(tmp_path, demo_assets, case_id="kohya", lora="target_kohya")
     res = run_case(load_case(cf), tmp_path / "k", progress=False)
     ref = read_json(reference_run[1] / "manifest.json")
-    ours = res["manifest"]
+    ours = res.manifest.to_json()
     assert ours["lora"]["sha256"] != ref["lora"]["sha256"]
     assert [p["arms"]["lora"]["image_sha256"] for p in ours["pairs"]] == [p["arms"]["lora"]["image_sha256"] for p in ref["pairs"]]
 
@@ -172,11 +172,11 @@ def test_base_arm_is_bit_identical_to_a_pipeline_that_never_loaded_the_lora(refe
 def test_base_images_are_reused_across_loras(reference_run, demo_assets, tmp_path):
     cf = write_case(tmp_path, demo_assets, case_id="weak", lora="weak")
     res = run_case(load_case(cf), tmp_path / "w", progress=False)
-    stats = res["manifest"]["run"]["stats"]
+    stats = res.manifest.run["stats"]
     assert stats["base"] == {"generated_batches": 0, "cached_batches": UNITS_PER_ARM, "skipped_batches": 0}
     assert stats["lora"]["generated_batches"] == UNITS_PER_ARM
     ref = read_json(reference_run[1] / "manifest.json")
-    assert [p["arms"]["base"]["image_sha256"] for p in res["manifest"]["pairs"]] == [p["arms"]["base"]["image_sha256"] for p in ref["pairs"]]
+    assert [p["arms"]["base"]["image_sha256"] for p in res.manifest.pairs] == [p["arms"]["base"]["image_sha256"] for p in ref["pairs"]]
 
 
 def test_a_thread_count_change_misses_the_base_cache(reference_run, demo_assets, tmp_path):
@@ -194,8 +194,8 @@ def test_a_thread_count_change_misses_the_base_cache(reference_run, demo_assets,
     finally:
         torch.set_num_threads(before)
     assert ref["environment"]["torch_threads"] == before
-    assert res["manifest"]["environment"]["torch_threads"] == other
-    assert res["manifest"]["run"]["stats"]["base"] == {"generated_batches": UNITS_PER_ARM, "cached_batches": 0,
+    assert res.manifest.environment["torch_threads"] == other
+    assert res.manifest.run["stats"]["base"] == {"generated_batches": UNITS_PER_ARM, "cached_batches": 0,
                                                        "skipped_batches": 0}
 
 
@@ -209,4 +209,4 @@ def test_a_different_case_is_never_overwritten_without_force(reference_run, demo
         run_case(load_case(other), target, progress=False)
     assert _files(target) == before
     res = run_case(load_case(other), target, force=True, progress=False)
-    assert res["manifest"]["case"]["id"] == "other"
+    assert res.manifest.case["id"] == "other"

@@ -45,7 +45,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     (tmp_path / "a").mkdir()
     res = run_case(full_size_case(tmp_path / "a", single, lora), tmp_path / "out-single", progress=False)
-    m = res["manifest"]
+    m = res.manifest.to_json()
     assert attempts == []
     assert m["lora"]["load"]["partial"] is False and m["lora"]["load"]["applied"] == 264
     assert m["lora"]["inspection"]["base_model_hash_check"] == "match"
@@ -61,7 +61,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     (tmp_path / "b").mkdir()
     res2 = run_case(full_size_case(tmp_path / "b", "someorg/sd15", lora), tmp_path / "out-hub", progress=False)
-    m2 = res2["manifest"]
+    m2 = res2.manifest.to_json()
     assert m2["lora"]["inspection"]["base_model_hash_check"] == "not_comparable"
     for r1, r2 in zip(m["pairs"], m2["pairs"]):
         assert {a: e["image_sha256"] for a, e in r1["arms"].items()} == {a: e["image_sha256"] for a, e in r2["arms"].items()}

@@ -22,7 +22,7 @@ def test_sdxl_kohya_with_both_text_encoders_is_fully_applied_and_verified(carlos
     lora = write_kohya_lora("sdxl", tmp_path / "kohya-xl.safetensors")
     load_mod.LOADED.clear()
     try:
-        m = run_case(full_size_case(tmp_path, folder, lora), tmp_path / "out", progress=False)["manifest"]
+        m = run_case(full_size_case(tmp_path, folder, lora), tmp_path / "out", progress=False).manifest.to_json()
         load = m["lora"]["load"]
         assert load["partial"] is False and load["applied"] == load["in_file"] == 986
         assert load["by_component"] == {"text_encoder": 72, "text_encoder_2": 192, "unet": 722}

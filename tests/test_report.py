@@ -291,7 +291,7 @@ def test_hostile_metadata_renders_escaped_and_fetches_nothing(demo_assets, liste
     cf = small_case(tmp_path, demo_assets, lora, "hostile")
     out = tmp_path / "case"
     result = run_full(load_case(cf), out, progress=False)
-    assert str(out / "report.pdf") in result["written"]
+    assert str(out / "report.pdf") in result.written
     assert listener.connections == 0
     raw = pdftext_raw(out / "report.pdf")
     assert "<img src=" in raw and f"127.0.0.1:{listener.port}/pwn.png" in raw

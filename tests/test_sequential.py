@@ -327,6 +327,7 @@ def test_a_stopped_case_verifies_reanalyses_reports_and_joins_a_corpus(sequentia
 
     from carlos_audit.analysis.case_analysis import analyse_case, reanalyse
     from carlos_audit.case.casefile import parse_case
+    from carlos_audit.casefolder import CaseFolder
     from carlos_audit.corpus.cases import add_case
     from carlos_audit.corpus.write import create_corpus, create_empty
     from carlos_audit.records import Manifest
@@ -334,12 +335,14 @@ def test_a_stopped_case_verifies_reanalyses_reports_and_joins_a_corpus(sequentia
 
     seq_dir = sequential_and_full / "seq"
     manifest = json.loads((seq_dir / "manifest.json").read_text())
-    check = check_sequential(seq_dir, manifest)
+    check = check_sequential(CaseFolder(seq_dir))
     assert check.ok and "as recorded" in check.detail
     assert reanalyse(seq_dir)["identical"]
     tampered = json.loads(json.dumps(manifest))
     tampered["sequential"]["looks"][-1]["met"] = not tampered["sequential"]["looks"][-1]["met"]
-    assert not check_sequential(seq_dir, tampered).ok
+    folder = CaseFolder(seq_dir)
+    folder.keep(Manifest.from_json(tampered))  # the tampered manifest, as if read from the folder
+    assert not check_sequential(folder).ok
     text = subprocess.run(["pdftotext", "-layout", str(seq_dir / "report.pdf"), "-"], capture_output=True, text=True,
                           check=True).stdout
     s = manifest["sequential"]

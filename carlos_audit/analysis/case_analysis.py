@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from carlos_audit.case.casefile import Case, expand_path, parse_case
+from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.casefolder import CaseFolder
+from carlos_audit.casefolder.store import CaseStore, load_npy
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 from carlos_audit.records import Comparison, Manifest, Metrics
-from carlos_audit.casefolder.store import CaseStore, load_npy
 
 
 def _diffs(store: CaseStore, manifest: Manifest, profile: str, ids: list[str]) -> np.ndarray:
@@ -113,11 +114,12 @@ def sequential_placement(store: CaseStore, manifest: Manifest, corpus_path: Path
     return comparison_record(ev)
 
 
-def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
-                 allow_incompatible: bool = False) -> tuple[Metrics, Comparison | None]:
+def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *, allow_incompatible: bool = False,
+                 store: CaseStore | None = None) -> tuple[Metrics, Comparison | None]:
     """The metrics and the comparison (None when the case has neither comparison LoRAs nor a
-    reference corpus) of a case folder whose units are all done. Writes nothing."""
-    store = CaseStore(case_dir)
+    reference corpus) of a case folder whose units are all done. Writes nothing. ``store``: the
+    folder's unit store when the caller holds one (its features already read)."""
+    store = store if store is not None else CaseStore(case_dir)
     metrics = compute_case_metrics(store, manifest, case)
     comparison = Comparison()
     if manifest.comparison_loras:
@@ -140,13 +142,6 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
     return metrics, comparison
 
 
-def recorded_case(case_dir: Path, manifest: Manifest) -> Case:
-    """The case a finished case folder ran: its case.toml copy, relative paths resolved from the
-    case file's recorded location."""
-    casefile = next(i for i in manifest.inputs if i["role"] == "casefile")
-    return parse_case((Path(case_dir) / "case.toml").read_text("utf-8"), Path(casefile["path"]))
-
-
 def reanalyse(case_dir: Path, *, allow_incompatible: bool = False, out: Path | None = None) -> dict:
     """``carlos-audit analyse CASE_DIR``: the analysis of a finished case folder run again from
     its manifest, case file copy and stored features, compared byte for byte with the recorded
@@ -155,12 +150,11 @@ def reanalyse(case_dir: Path, *, allow_incompatible: bool = False, out: Path | N
     from carlos_audit.fileio import json_dumps
     from carlos_audit.hashing import sha256_bytes
 
-    case_dir = Path(case_dir)
-    manifest = Manifest.read(case_dir)
-    case = recorded_case(case_dir, manifest)
-    previous = Comparison.read_optional(case_dir)
+    folder = CaseFolder(case_dir)
+    case_dir, manifest, previous = folder.root, folder.manifest, folder.comparison
     allow_incompatible = allow_incompatible or bool(previous and (previous.corpus or {}).get("allow_incompatible"))
-    records = [r for r in analyse_case(case_dir, manifest, case, allow_incompatible=allow_incompatible) if r is not None]
+    records = [r for r in analyse_case(case_dir, manifest, folder.case, allow_incompatible=allow_incompatible,
+                                       store=folder.units) if r is not None]
     results = {}
     for r in records:
         recorded = manifest.results.get(r.FILE)

@@ -30,6 +30,8 @@ import numpy as np
 from carlos_audit.analysis.indicators import prompt_resamples
 from carlos_audit.analysis.claimed_calibration import cos
 from carlos_audit.analysis.metrics import percentile_ci
+from carlos_audit.casefolder import CaseFolder
+from carlos_audit.errors import AuditError
 
 DEFINITION = {
     "alignment": "cos(Direction, u), u = mean(claimed-work features) - mean(base-arm features), raw image features",
@@ -141,33 +143,32 @@ def claimed_works_metrics(store, manifest, case) -> dict:
     }
 
 
-def claimed_checks(case_dir, manifest: dict) -> list[tuple[str, bool, str]]:
-    """``verify``'s checks of the claimed works: every stored feature and thumbnail against its
-    recorded sha256, and the alignment recomputed from the stored features. None without works."""
-    from pathlib import Path
-
-    from carlos_audit.fileio import read_json
-    from carlos_audit.hashing import sha256_file
+def claimed_checks(folder: CaseFolder) -> list[tuple[str, bool, str]]:
+    """``verify``'s checks of the claimed works of a case folder: every
+    stored feature and thumbnail against its recorded sha256, and the alignment recomputed from
+    the stored features. None without works."""
     from carlos_audit.run.claimed import claimed_features
-    from carlos_audit.casefolder.store import CaseStore
 
-    rec = manifest.get("claimed_works")
+    manifest = folder.manifest
+    rec = manifest.claimed_works
     if not rec:
         return []
-    case_dir = Path(case_dir)
     bad = [w[k] for w in rec["works"] for k in ("embedding", "thumbnail")
-           if not (case_dir / w[k]).is_file() or sha256_file(case_dir / w[k]) != w[f"{k}_sha256"]]
+           if not folder.has(w[k]) or folder.digest(w[k]) != w[f"{k}_sha256"]]
     out = [("claimed works: stored features and thumbnails", not bad,
             f"modified or missing: {', '.join(bad[:6])}" if bad else f"{2 * len(rec['works'])} files match their recorded sha256")]
     if bad:
         return out
-    store, rows = CaseStore(case_dir), manifest["pairs"]
+    store, rows = folder.units, manifest.pairs
     ids = [r["pair_id"] for r in rows]
-    b_arm, l_arm = manifest["protocol"]["profiles"]["main"]
+    b_arm, l_arm = folder.main_profile()
     base = store.features(b_arm, ids).astype(np.float64)
     d = store.features(l_arm, ids).astype(np.float64) - base
     again = cos(d.mean(axis=0), claimed_direction(claimed_features(store, rec), base))
-    stored = ((read_json(case_dir / "metrics.json").get("claimed_works") or {}).get("alignment") or {}).get("value")
+    try:
+        stored = ((folder.metrics.claimed_works or {}).get("alignment") or {}).get("value")
+    except AuditError:
+        stored = None  # no readable metrics.json: verify's metrics check says so
     ok = again is not None and stored is not None and abs(again - stored) <= 1e-9
     out.append(("claimed works: alignment recomputed", ok, f"alignment {again:.6g} reproduced" if ok
                 else f"metrics.json records {stored}, the stored features give {again}"))

@@ -40,8 +40,14 @@ def load_npy(path: Path) -> np.ndarray:
 
 
 class CaseStore:
+    """The units of a case folder. Each unit record and each feature file is read from disk once
+    per store object: what this object writes or reads is kept (a sequential run's looks, the
+    manifest's pair rows, the cost and the analysis all read the same units)."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._units: dict[tuple[str, int], dict] = {}
+        self._features: dict[tuple[str, str], np.ndarray] = {}
 
     # paths -------------------------------------------------------------
     def image_rel(self, arm: str, pair_id: str) -> str:
@@ -62,8 +68,14 @@ class CaseStore:
 
     # units -------------------------------------------------------------
     def unit_done(self, arm: str, batch: int) -> dict | None:
-        p = self.unit_path(arm, batch)
-        return read_json(p) if p.is_file() else None
+        """The unit's record, or None while it is not written (a missing record is looked for again)."""
+        key = (arm, batch)
+        if key not in self._units:
+            p = self.unit_path(arm, batch)
+            if not p.is_file():
+                return None
+            self._units[key] = read_json(p)
+        return self._units[key]
 
     def unit_files(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
                    cost: dict | None = None, device: dict | None = None) -> tuple[list, dict]:
@@ -91,7 +103,10 @@ class CaseStore:
         """Write a unit's images and embeddings atomically, then its record last (the resume point)."""
         for rel, data in files:
             write_bytes_atomic(self.path(rel), data)
+        for e in record.get("pairs", []):
+            self._features.pop((arm, e["pair_id"]), None)
         write_json_atomic(self.unit_path(arm, batch), record)
+        self._units[(arm, batch)] = record
         return record
 
     def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
@@ -101,7 +116,15 @@ class CaseStore:
         return self.write_unit_files(arm, batch, files, record)
 
     def features(self, arm: str, pair_ids) -> np.ndarray:
-        return np.stack([load_npy(self.path(self.embedding_rel(arm, p))) for p in pair_ids])
+        """The stored features of ``pair_ids`` in ``arm`` (a new array; each file read once)."""
+        return np.stack([self.feature(arm, p) for p in pair_ids])
+
+    def feature(self, arm: str, pair_id: str) -> np.ndarray:
+        key = (arm, pair_id)
+        if key not in self._features:
+            self._features[key] = load_npy(self.path(self.embedding_rel(arm, pair_id)))
+            self._features[key].setflags(write=False)
+        return self._features[key]
 
 
 class BaseImageCache:

@@ -26,18 +26,18 @@ def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, n
     result = run_full(case, target, force=force, allow_partial=allow_partial,
                       allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download,
                       allow_incompatible=allow_incompatible, argv=argv, progress=not no_progress)
-    m = result["metrics"]
-    ci = m["ci"]
-    cons = "null (" + m["consistency_note"] + ")" if m["consistency"] is None else f"{m['consistency']:.4f}"
-    click.echo(f"case {case.id}: {m['n_pairs']} pairs -> {result['out']}")
-    click.echo(f"  strength    {m['strength']:.4f}  95% CI [{ci['strength'][0]:.4f}, {ci['strength'][1]:.4f}]")
+    m = result.metrics
+    ci = m.ci
+    cons = "null (" + m.consistency_note + ")" if m.consistency is None else f"{m.consistency:.4f}"
+    click.echo(f"case {case.id}: {m.n_pairs} pairs -> {result.out}")
+    click.echo(f"  strength    {m.strength:.4f}  95% CI [{ci['strength'][0]:.4f}, {ci['strength'][1]:.4f}]")
     if ci["consistency"]:
         cons += f"  95% CI [{ci['consistency'][0]:.4f}, {ci['consistency'][1]:.4f}]"
     click.echo(f"  consistency {cons}")
-    warning = interval_warning(m)
+    warning = interval_warning(m.to_json())
     if warning:
         click.echo("Warning: " + warning, err=True)
-    for h in (result["comparison"] or {}).get("head_to_head", []):
+    for h in (result.comparison.head_to_head if result.comparison else None) or []:
         b, w = h["behaviour"], h["weights"]
         ci = b["direction_cosine_ci"] or [None, None]
         click.echo(f"  vs {safe_text(h['lora']['file_name'])}: behaviour direction cosine {fmt(b['direction_cosine'])} "
@@ -48,7 +48,7 @@ def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, n
             click.echo(f"    direction cosine >= {fm['similarity']:.3f} in {100 * (fm['unrelated_share'] or 0):.3g}% of "
                        f"unrelated corpus pairs ({fm['unrelated_at_least']} of {fm['unrelated_pairs']})"
                        + ("" if fm.get("comparable") else "; the corpus used another protocol"))
-    for extra in result.get("written", []):
+    for extra in result.written:
         click.echo(f"  wrote {extra}")
 
 

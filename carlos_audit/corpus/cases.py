@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from carlos_audit.case.signature import require_compatible
+from carlos_audit.casefolder import CaseFolder
 from carlos_audit.corpus.store import (
     CHUNK_ELEMENTS,
     DIRECTIONS_FILE,
@@ -18,22 +19,29 @@ from carlos_audit.corpus.store import (
 )
 from carlos_audit.corpus.write import NpyWriter, commit, locked
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json
-from carlos_audit.hashing import sha256_file
+from carlos_audit.records import Manifest, Metrics
 
 # --------------------------------------------------------------------------- cases
 
 
-def _read_case_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise AuditError(f"{path.parent} is not a finished case: {path.name} is missing")
-    try:
-        obj = read_json(path)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AuditError(f"{path} is garbled (not valid JSON: {e})") from None
-    if not isinstance(obj, dict):
-        raise AuditError(f"{path} is garbled: expected a JSON object ({what})")
-    return obj
+def case_direction(folder: CaseFolder) -> np.ndarray:
+    """The finished case's direction as float64, checked: what a corpus row can hold (a
+    non-empty, finite, non-zero vector; a finite strength, a finite or null consistency)."""
+    metrics, where = folder.metrics, folder.path(Metrics.FILE)
+    d = metrics.direction
+    if not isinstance(d, list) or not d or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d):
+        raise AuditError(f"{where}: direction must be a non-empty list of numbers")
+    d = np.asarray(d, dtype=np.float64)
+    if not np.isfinite(d).all():
+        raise AuditError(f"{where}: direction has non-finite values")
+    if not np.any(d != 0):
+        raise AuditError(f"{where}: direction is all zero (no measurable effect); a corpus row needs a direction")
+    s, cons = metrics.strength, metrics.consistency
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+        raise AuditError(f"{where}: strength must be a finite number")
+    if cons is not None and (isinstance(cons, bool) or not isinstance(cons, (int, float)) or not math.isfinite(cons)):
+        raise AuditError(f"{where}: consistency must be a finite number or null")
+    return d
 
 
 def add_case(corpus_path, case_dir, row_id: str | None = None, name: str | None = None,
@@ -45,84 +53,79 @@ def add_case(corpus_path, case_dir, row_id: str | None = None, name: str | None 
     not exactly a float32 vector (values are stored exactly). Returns the added row plus
     ``differing`` / ``unverifiable`` signature fields.
     """
-    cpath, case = Path(corpus_path), Path(case_dir)
-    if not case.is_dir():
-        raise AuditError(f"no case folder at {case}")
-    metrics = _read_case_json(case / "metrics.json", "metrics")
-    mpath = case / "manifest.json"
-    manifest = _read_case_json(mpath, "manifest")
-    for key in ("direction", "strength", "consistency"):
-        if key not in metrics:
-            raise AuditError(f"{case / 'metrics.json'} lacks {key}")
-    d = metrics["direction"]
-    if not isinstance(d, list) or not d or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d):
-        raise AuditError(f"{case / 'metrics.json'}: direction must be a non-empty list of numbers")
-    d = np.asarray(d, dtype=np.float64)
-    if not np.isfinite(d).all():
-        raise AuditError(f"{case / 'metrics.json'}: direction has non-finite values")
-    if not np.any(d != 0):
-        raise AuditError(f"{case / 'metrics.json'}: direction is all zero (no measurable effect); "
-                         f"a corpus row needs a direction")
-    s, cons = metrics["strength"], metrics["consistency"]
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-        raise AuditError(f"{case / 'metrics.json'}: strength must be a finite number")
-    if cons is not None and (isinstance(cons, bool) or not isinstance(cons, (int, float)) or not math.isfinite(cons)):
-        raise AuditError(f"{case / 'metrics.json'}: consistency must be a finite number or null")
-    sig = manifest.get("signature")
-    if not isinstance(sig, dict):
-        raise AuditError(f"{mpath} lacks a signature")
-    case_info = manifest.get("case") if isinstance(manifest.get("case"), dict) else {}
-    lora = manifest.get("lora") if isinstance(manifest.get("lora"), dict) else {}
-    rid = str(row_id) if row_id is not None else case_info.get("id")
-    if not isinstance(rid, str) or not rid.strip():
-        raise AuditError(f"{mpath} lacks case.id; pass --id")
+    cpath, folder = Path(corpus_path), CaseFolder(case_dir).require_finished()
+    d, manifest = case_direction(folder), folder.manifest
+    if not isinstance(manifest.signature, dict):
+        raise AuditError(f"{folder.path(Manifest.FILE)} lacks a signature")
+    rid = str(row_id) if row_id is not None else _text(manifest.case, "id")
+    if not rid or not rid.strip():
+        raise AuditError(f"{folder.path(Manifest.FILE)} lacks case.id; pass --id")
     if not cpath.is_dir():
         raise AuditError(f"no corpus at {cpath}: the folder does not exist")
     with locked(cpath):
         c = Corpus.open(cpath, verify=True)
         if c.dim and d.size != c.dim:
             raise AuditError(f"the case direction has {d.size} values; corpus {cpath} has dim {c.dim}")
-        dim = c.dim if c.n else d.size
-        comp = require_compatible(c.signature, sig, allow_incompatible)
+        comp = require_compatible(c.signature, manifest.signature, allow_incompatible)
         if c.lookup([rid]):
             raise AuditError(f"corpus {cpath} already has a row with id {rid!r}; pass --id to choose another")
-        lora_path = lora.get("path")
-        label = name or (Path(lora_path).name if isinstance(lora_path, str) and lora_path else rid)
-        notes = []
-        if comp["differing"]:
-            notes.append("added with --allow-incompatible; differing signature fields: " + ", ".join(comp["differing"]))
-        if comp["unverifiable"]:
-            notes.append("unverifiable signature fields: " + ", ".join(comp["unverifiable"]))
-        from carlos_audit.case.sequential import sequential_note
-
-        if sequential_note(manifest.get("sequential")):
-            notes.append(sequential_note(manifest.get("sequential")))
+        new = _row(folder, rid, name, _notes(comp, manifest), c.n)
         dtype = c.dtype
         if dtype == "float32" and not np.array_equal(d.astype(np.float32).astype(np.float64), d):
             dtype = "float64"
-        n = c.n + 1
-        writer = NpyWriter(cpath / DIRECTIONS_FILE, n, dim, DTYPES[dtype])
-        try:
-            step = max(1, CHUNK_ELEMENTS // max(dim, 1))
-            for st in range(0, c.n, step):
-                writer.write(c.directions[st:st + step])
-            writer.write(d[None, :])
-            staged, dirs_sha = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        new = pa.Table.from_pylist([{
-            "id": rid, "name": label, "source": "case", "model_id": None,
-            "folder_name": case.name, "description": case_info.get("title") if isinstance(case_info.get("title"), str) else None,
-            "download_count": None, "nsfw_level": None, "strength": float(s),
-            "consistency": None if cons is None else float(cons), "manifest_sha256": sha256_file(mpath),
-            "lora_sha256": lora.get("sha256") if isinstance(lora.get("sha256"), str) else None,
-            "note": "; ".join(notes) or None, "row": c.n,
-        }], schema=ROW_SCHEMA)
+        staged, dirs_sha = _directions(c, d, dtype)
+        meta = dict(c.meta, n=c.n + 1, dim=int(c.dim if c.n else d.size), dtype=dtype)
         table = pa.concat_tables([c.rows, new])
-        meta = dict(c.meta, n=n, dim=int(dim), dtype=dtype)
         del c
         commit(cpath, meta, staged, dirs_sha, table)
     row = new.to_pylist()[0]
     row.update(comp)
     return row
+
+
+def _text(section, key: str) -> str | None:
+    """A string field of a manifest section (None when the section or the value is not one)."""
+    value = section.get(key) if isinstance(section, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _notes(comp: dict, manifest: Manifest) -> list[str]:
+    from carlos_audit.case.sequential import sequential_note
+
+    notes = []
+    if comp["differing"]:
+        notes.append("added with --allow-incompatible; differing signature fields: " + ", ".join(comp["differing"]))
+    if comp["unverifiable"]:
+        notes.append("unverifiable signature fields: " + ", ".join(comp["unverifiable"]))
+    if sequential_note(manifest.sequential):
+        notes.append(sequential_note(manifest.sequential))
+    return notes
+
+
+def _row(folder: CaseFolder, rid: str, name: str | None, notes: list[str], index: int) -> pa.Table:
+    """The corpus row of a finished case (``index``: its row number)."""
+    manifest, metrics = folder.manifest, folder.metrics
+    lora_path = _text(manifest.lora, "path")
+    return pa.Table.from_pylist([{
+        "id": rid, "name": name or (Path(lora_path).name if lora_path else rid), "source": "case", "model_id": None,
+        "folder_name": folder.root.name, "description": _text(manifest.case, "title"),
+        "download_count": None, "nsfw_level": None, "strength": float(metrics.strength),
+        "consistency": None if metrics.consistency is None else float(metrics.consistency),
+        "manifest_sha256": folder.digest(Manifest.FILE), "lora_sha256": _text(manifest.lora, "sha256"),
+        "note": "; ".join(notes) or None, "row": index,
+    }], schema=ROW_SCHEMA)
+
+
+def _directions(c: Corpus, d: np.ndarray, dtype: str) -> tuple[Path, str]:
+    """The corpus's directions with ``d`` appended, staged (not committed): (staged file, sha256)."""
+    dim = c.dim if c.n else d.size
+    writer = NpyWriter(c.path / DIRECTIONS_FILE, c.n + 1, dim, DTYPES[dtype])
+    try:
+        step = max(1, CHUNK_ELEMENTS // max(dim, 1))
+        for st in range(0, c.n, step):
+            writer.write(c.directions[st:st + step])
+        writer.write(d[None, :])
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise

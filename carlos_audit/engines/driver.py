@@ -118,16 +118,14 @@ class Driver:
     def finalize_files(self, unit) -> dict | None:
         """The case folder's files a finalize unit needs (shared arms copied in first); None when
         the case is already finalized (its result is recorded from the manifest)."""
-        from carlos_audit.fileio import read_json
-        from carlos_audit.hashing import sha256_file
+        from carlos_audit.casefolder import CaseFolder
 
         out = Path(unit.store)
-        mf, sha = out / "manifest.json", out / "manifest.json.sha256"
-        if mf.is_file() and sha.is_file() and (out / "metrics.json").is_file() \
-                and sha.read_text().split()[0] == sha256_file(mf):
-            m = read_json(mf)
+        folder = CaseFolder(out)
+        if folder.sealed():
+            m = folder.require_finished().manifest
             self.fin_results.append({"unit": unit.key, "status": "already-done", "case_id": unit.case_id,
-                                     "signature": m["signature"], "dim": m["embedder"]["feature_dim"]})
+                                     "signature": m.signature, "dim": m.embedder["feature_dim"]})
             return None
         for arm, shared_dir, shared_id, batch_ids in unit.shared:
             materialize_shared(out, arm, Path(shared_dir), shared_id, batch_ids)

@@ -183,17 +183,18 @@ def finalize_case(unit: WorkUnit, case_files: dict) -> dict:
     from carlos_audit.case.casefile import parse_case
     from carlos_audit.engines.inputs import check_inputs, scratch_root
     from carlos_audit.fileio import write_bytes_atomic
+    from carlos_audit.casefolder import CaseFolder
     from carlos_audit.pipeline import finish_case
-    from carlos_audit.records import RunRecord
 
     out = Path(tempfile.mkdtemp(prefix=f"{unit.case_id[:40]}-", dir=scratch_root()))
     try:
         for rel, data in case_files.items():
             write_bytes_atomic(out / rel, data)
         case = parse_case(unit.case_text, Path(unit.case_path))
-        run = RunRecord.read(out)
+        folder = CaseFolder(out)
+        run = folder.run_record
         check_inputs(unit, run.inputs, {"base_model": run.base_model["sha256"], "embedder": run.embedder["sha256"]})
-        result = finish_case(case, out, run, argv=list(unit.argv))
+        result = finish_case(case, out, run, argv=list(unit.argv), units=folder.units)
         written = []
         for p in sorted(out.rglob("*")):
             rel = p.relative_to(out).as_posix()
@@ -203,5 +204,5 @@ def finalize_case(unit: WorkUnit, case_files: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     last = ("manifest.json", "manifest.json.sha256")
     written.sort(key=lambda f: (f[0] in last, last.index(f[0]) if f[0] in last else 0))
-    return {"unit": unit.key, "status": "done", "case_id": unit.case_id, "signature": result["manifest"]["signature"],
-            "dim": len(result["metrics"]["direction"]), "files": written}
+    return {"unit": unit.key, "status": "done", "case_id": unit.case_id, "signature": result.manifest.signature,
+            "dim": len(result.metrics.direction), "files": written}

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.records import Comparison
 
 #: a reproduced image's CLIP features must have at least this cosine with the original's
 #: (the value `verify` uses for a different platform)
@@ -143,16 +144,16 @@ def compare_metrics(orig: Path, repro: Path, rows: list[dict], profiles: dict, n
     return out
 
 
-def compare_conclusions(comparison: dict | None, main: dict, corpus_dir: Path | None) -> dict | None:
+def compare_conclusions(comparison: Comparison | None, main: dict, corpus_dir: Path | None) -> dict | None:
     """The case's position in its reference corpus, recomputed from the reproduction's main
     metrics: percentiles from the corpus points stored in comparison.json (or the corpus
     itself), nearest neighbours when the corpus folder is given (its hashes must match)."""
     from carlos_audit.corpus.search import neighbours_for_vector, percentile_rank
     from carlos_audit.errors import AuditError
 
-    if not comparison or "target" not in comparison:
+    if comparison is None or comparison.target is None:
         return None
-    target, corpus = comparison["target"], comparison.get("corpus", {})
+    target, corpus = comparison.target, comparison.corpus or {}
     strength, consistency = main["strength"]["reproduction"], main["consistency"]["reproduction"]
     out = {"original": {"strength_percentile": target.get("strength_percentile"),
                         "consistency_percentile": target.get("consistency_percentile"),
@@ -170,7 +171,7 @@ def compare_conclusions(comparison: dict | None, main: dict, corpus_dir: Path | 
                                "consistency_percentile": r["consistency_percentile"],
                                "neighbours": [n.get("id") for n in r["neighbours"]]}
     else:
-        pts = comparison.get("corpus_points", {})
+        pts = comparison.corpus_points or {}
         out["reproduction"] = {"strength_percentile": percentile_rank(pts.get("strength", []), strength),
                                "consistency_percentile": percentile_rank(pts.get("consistency", []), consistency),
                                "neighbours": None}

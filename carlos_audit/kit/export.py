@@ -27,14 +27,16 @@ import json
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import json_dumps, read_json, write_bytes_atomic
+from carlos_audit.fileio import json_dumps, write_bytes_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
 from carlos_audit.portable import PathMap, portable_command
+from carlos_audit.records import Comparison, Manifest, Metrics
 
 KIT_SCHEMA = "carlos-audit/kit/1"
 KIT_JSON = "kit.json"
-RESULT_FILES = ("manifest.json", "metrics.json", "comparison.json")
+RESULT_FILES = (Manifest.FILE, Metrics.FILE, Comparison.FILE)
 ZIP_EPOCH_MIN = 315532800  # 1980-01-01, the earliest time a zip entry can carry
 FILE_MODE = 0o644
 #: roles whose inputs are listed in the kit (the case file itself is replaced by the kit's case.toml)
@@ -52,21 +54,22 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
     from carlos_audit.models.tiny import carlos_home
     from carlos_audit.run.environment import git_commit
 
-    case_dir = Path(case_dir).resolve()
-    manifest, originals = _read_case(case_dir)
-    inputs = _inputs(manifest, case_dir)
-    pmap = _path_map(case_dir, manifest, inputs, carlos_home())
+    folder = CaseFolder(Path(case_dir).resolve())
+    case_dir = folder.root
+    originals = _sealed(folder)
+    manifest, comparison = folder.manifest, folder.comparison
+    inputs = _inputs(manifest, comparison)
+    pmap = _path_map(case_dir, manifest, comparison, inputs, carlos_home())
 
     entries: dict[str, bytes] = {}
     prompts_text, _ = _prompt_suite(manifest)
     entries["prompts.json"] = prompts_text.encode()
-    entries["case.toml"] = _kit_case_toml(case_dir, manifest, inputs).encode()
+    entries["case.toml"] = _kit_case_toml(case_dir, inputs).encode()
     entries["environment.lock"] = lock_text(installed_distributions()).encode()
-    for name in RESULT_FILES:
-        p = case_dir / name
-        if p.is_file():
-            data = p.read_bytes() if name == "metrics.json" else json_dumps(pmap.apply(read_json(p))).encode()
-            entries[f"results/{name}"] = data
+    entries["results/" + Manifest.FILE] = json_dumps(pmap.apply(manifest.to_json())).encode()
+    entries["results/" + Metrics.FILE] = folder.path(Metrics.FILE).read_bytes()  # a byte copy
+    if comparison is not None:
+        entries["results/" + Comparison.FILE] = json_dumps(pmap.apply(comparison.to_json())).encode()
     from carlos_audit.run.claimed import kit_files
 
     for rel in _result_files(manifest, images) + kit_files(manifest, include_inputs):  # claimed works: run/claimed.py
@@ -77,18 +80,18 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
 
     kit = {
         "schema": KIT_SCHEMA,
-        "case": manifest.get("case", {}),
-        "tool": manifest.get("tool", {}),
+        "case": manifest.case,
+        "tool": manifest.tool,
         "exported_by": {"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
-        "run": {k: manifest["run"].get(k) for k in ("started_utc", "finished_utc", "source_date_epoch")}
-        | {"command": portable_command(manifest["run"].get("command", []))},
-        "report": _report_hashes(case_dir),
+        "run": {k: manifest.run.get(k) for k in ("started_utc", "finished_utc", "source_date_epoch")}
+        | {"command": portable_command(manifest.run.get("command", []))},
+        "report": _report_hashes(folder),
         "originals": originals,
         "inputs": [{k: v for k, v in i.items() if k != "source"} | {"included": include_inputs and i["source"] is not None}
                    for i in inputs],
         "images_included": images,
-        "signature": manifest.get("signature", {}),
-        "environment": {"lock": "environment.lock", "run": pmap.apply(manifest.get("environment", {}))},
+        "signature": manifest.signature,
+        "environment": {"lock": "environment.lock", "run": pmap.apply(manifest.environment)},
         "paths": {"replaced": sorted(set(pmap.prefixes.values())),
                   "note": "absolute paths of the examiner's machine are replaced by these names in every file of the kit"},
         "files": {name: sha256_bytes(data) for name, data in sorted(entries.items())},
@@ -97,46 +100,36 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
     kit["files"]["README.md"] = sha256_bytes(entries["README.md"])
     entries[KIT_JSON] = json_dumps(kit).encode()
     _check_no_leaks(entries, pmap)
-    write_bytes_atomic(out, zip_bytes(entries, int(manifest["run"].get("source_date_epoch") or 0)))
+    write_bytes_atomic(out, zip_bytes(entries, int(manifest.run.get("source_date_epoch") or 0)))
     return kit
 
 
-def _report_hashes(case_dir: Path) -> dict:
+def _report_hashes(folder: CaseFolder) -> dict:
     """The sha256 of the report's copies (filing, archive, signed archive); none is in the kit."""
     from carlos_audit.report import ARCHIVE_PDF, FILING_PDF, SIGNED_PDF
 
-    copies = {name: sha256_file(case_dir / name) for name in (FILING_PDF, ARCHIVE_PDF, SIGNED_PDF) if (case_dir / name).is_file()}
+    copies = {name: folder.digest(name) for name in (FILING_PDF, ARCHIVE_PDF, SIGNED_PDF) if folder.has(name)}
     return {"file": FILING_PDF, "sha256": copies.get(FILING_PDF), "copies": copies, "included": False}
 
 
-def _read_case(case_dir: Path) -> tuple[dict, dict]:
-    if not case_dir.is_dir():
-        raise AuditError(f"case folder {case_dir} does not exist")
-    for name in ("manifest.json", "metrics.json"):
-        if not (case_dir / name).is_file():
-            raise AuditError(f"{case_dir} is not a finished case folder: it lacks {name}")
-    try:
-        manifest = read_json(case_dir / "manifest.json")
-    except ValueError as e:
-        raise AuditError(f"{case_dir}/manifest.json is not valid JSON: {e}") from None
-    for key in ("run", "pairs", "protocol", "prompts", "inputs"):
-        if key not in manifest:
-            raise AuditError(f"{case_dir}/manifest.json lacks {key!r}; it was not written by a finished run")
-    side = case_dir / "manifest.json.sha256"
-    recorded = side.read_text().split()[0] if side.is_file() else None
-    if recorded != sha256_file(case_dir / "manifest.json"):
-        raise AuditError(f"{case_dir}/manifest.json does not match manifest.json.sha256: refusing to export a modified case (run `carlos-audit verify`)")
-    originals = {name: sha256_file(case_dir / name) for name in RESULT_FILES if (case_dir / name).is_file()}
-    if manifest.get("results", {}).get("metrics.json") not in (None, originals["metrics.json"]):
-        raise AuditError(f"{case_dir}/metrics.json does not match the sha256 recorded in the manifest: refusing to export a modified case")
-    return manifest, originals
+def _sealed(folder: CaseFolder) -> dict:
+    """The sha256 of the result files of a finished case folder that no one edited since its
+    run (manifest.json against its .sha256, metrics.json against the manifest); else a refusal."""
+    folder.require_finished()
+    root = folder.root
+    if not folder.manifest_intact():
+        raise AuditError(f"{root}/manifest.json does not match manifest.json.sha256: refusing to export a modified case (run `carlos-audit verify`)")
+    originals = {name: folder.digest(name) for name in RESULT_FILES if folder.has(name)}
+    if folder.manifest.results.get(Metrics.FILE) not in (None, originals[Metrics.FILE]):
+        raise AuditError(f"{root}/metrics.json does not match the sha256 recorded in the manifest: refusing to export a modified case")
+    return originals
 
 
-def _inputs(manifest: dict, case_dir: Path) -> list[dict]:
+def _inputs(manifest: Manifest, comparison: Comparison | None) -> list[dict]:
     """Every input of the case by role: name, kind, size, sha256, where it would lie in the kit,
     and (``source``, not written) the file on this machine when it is still there unchanged."""
     out = []
-    for e in manifest["inputs"]:
+    for e in manifest.inputs:
         if e["role"] in ("casefile", "prompts"):
             continue  # replaced by the kit's case.toml and prompts.json
         name = Path(e["path"]).name
@@ -145,7 +138,7 @@ def _inputs(manifest: dict, case_dir: Path) -> list[dict]:
         out.append({"role": e["role"], "name": name, "kind": e.get("kind", "file"), "size": e.get("size"),
                     "sha256": e["sha256"], "kit_path": kit_input_path(e["role"], name),
                     "source": str(src) if ok or (e.get("kind") == "folder" and src.is_dir()) else None})
-    bm, emb = manifest.get("base_model", {}), manifest.get("embedder", {})
+    bm, emb = manifest.base_model, manifest.embedder
     if str(bm.get("source", "")).startswith("embedded:"):
         out.append({"role": "base_model", "name": bm["source"], "kind": "embedded", "size": None,
                     "sha256": bm.get("sha256"), "kit_path": None, "source": None})
@@ -153,8 +146,7 @@ def _inputs(manifest: dict, case_dir: Path) -> list[dict]:
         out.append({"role": "embedder", "name": emb.get("model") + (f" ({emb['pretrained']})" if emb.get("pretrained") else ""),
                     "kind": "embedded" if str(emb.get("model", "")).startswith("embedded:") else "named",
                     "size": None, "sha256": emb.get("sha256"), "kit_path": None, "source": None})
-    cmp_path = case_dir / "comparison.json"
-    corpus = read_json(cmp_path).get("corpus") if cmp_path.is_file() else None
+    corpus = comparison.corpus if comparison is not None else None
     if corpus and corpus.get("path"):
         name = Path(corpus["path"]).name
         src = Path(corpus["path"])
@@ -164,9 +156,10 @@ def _inputs(manifest: dict, case_dir: Path) -> list[dict]:
     return out
 
 
-def _path_map(case_dir: Path, manifest: dict, inputs: list[dict], home: Path) -> PathMap:
+def _path_map(case_dir: Path, manifest: Manifest, comparison: Comparison | None, inputs: list[dict],
+              home: Path) -> PathMap:
     pmap = PathMap()
-    for e in manifest["inputs"]:
+    for e in manifest.inputs:
         p = Path(e["path"])
         if e["role"] == "casefile":
             pmap.add(p, p.name)
@@ -176,33 +169,31 @@ def _path_map(case_dir: Path, manifest: dict, inputs: list[dict], home: Path) ->
     for i in inputs:
         if i["role"] == "corpus" and i["source"]:
             pmap.add(i["source"], i["kit_path"])
-    cmp_path = case_dir / "comparison.json"
-    if cmp_path.is_file():
-        corpus = read_json(cmp_path).get("corpus") or {}
-        if corpus.get("path"):
-            pmap.add(corpus["path"], kit_input_path("corpus", Path(corpus["path"]).name))
+    corpus = (comparison.corpus if comparison is not None else None) or {}
+    if corpus.get("path"):
+        pmap.add(corpus["path"], kit_input_path("corpus", Path(corpus["path"]).name))
     pmap.add(case_dir, "<case folder>")
     pmap.add(home, "${CARLOS_AUDIT_HOME}")
     pmap.add(Path.home(), "~")
     return pmap
 
 
-def _prompt_suite(manifest: dict) -> tuple[str, str]:
+def _prompt_suite(manifest: Manifest) -> tuple[str, str]:
     """The prompts as run, as a nested JSON file that loads back to the same prompts_sha256."""
     from carlos_audit.case.protocol import Prompt, prompts_sha256
 
     nested: dict = {}
-    for p in manifest["prompts"]:
+    for p in manifest.prompts:
         nested.setdefault(p["category"], {}).setdefault(p["subcategory"], []).append(p["text"])
-    flat = [Prompt(p["id"], p["category"], p["subcategory"], p["text"]) for p in manifest["prompts"]]
+    flat = [Prompt(p["id"], p["category"], p["subcategory"], p["text"]) for p in manifest.prompts]
     regrouped = [Prompt("", c, s, t) for c, subs in nested.items() for s, texts in subs.items() for t in texts]
     digest = prompts_sha256(regrouped)
-    if digest != prompts_sha256(flat) or digest != manifest["protocol"].get("prompts_sha256", digest):
+    if digest != prompts_sha256(flat) or digest != manifest.protocol.get("prompts_sha256", digest):
         raise AuditError("the case's prompts cannot be written as a prompt suite in their original order (categories interleaved)")
     return json.dumps(nested, indent=2, ensure_ascii=False) + "\n", digest
 
 
-def _kit_case_toml(case_dir: Path, manifest: dict, inputs: list[dict]) -> str:
+def _kit_case_toml(case_dir: Path, inputs: list[dict]) -> str:
     """The case file as run, its paths pointing into the kit and the input hashes pinned."""
     import tomllib
 
@@ -237,14 +228,14 @@ def _kit_case_toml(case_dir: Path, manifest: dict, inputs: list[dict]) -> str:
     return head + dump_case(data)
 
 
-def _result_files(manifest: dict, images: bool) -> list[str]:
+def _result_files(manifest: Manifest, images: bool) -> list[str]:
     rels = set()
-    for row in manifest["pairs"]:
+    for row in manifest.pairs:
         for e in row["arms"].values():
             rels.add(e["embedding"])
             if images:
                 rels.add(e["image"])
-    for rec in (manifest.get("text_features") or {}).values():
+    for rec in (manifest.text_features or {}).values():
         rels.add(rec["path"])
     return sorted(rels)
 

@@ -21,10 +21,12 @@ import random
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
+from carlos_audit.fileio import write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
 from carlos_audit.kit.export import KIT_JSON, KIT_SCHEMA
+from carlos_audit.records import Comparison, Manifest
 
 REPRO_SCHEMA = "carlos-audit/reproduction/1"
 EXIT_CODES = {"identical": 0, "within tolerance": 4, "different": 5}
@@ -205,8 +207,8 @@ def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None,
     text = _case_text(kit_dir, kit, given, base)
     write_text_atomic(out / "case.toml", text)
     case = parse_case(text, out / "case.toml")
-    manifest = read_json(kit_dir / "results" / "manifest.json")
-    comparison = read_json(kit_dir / "results" / "comparison.json") if (kit_dir / "results" / "comparison.json").is_file() else None
+    results = CaseFolder(kit_dir / "results").require_finished()  # the case's records as exported
+    manifest, comparison = results.manifest, results.comparison
 
     import torch
 
@@ -236,7 +238,7 @@ def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None,
     return result
 
 
-def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed: int, progress: bool) -> dict:
+def _regenerate(case, manifest: Manifest, out: Path, sample: int | None, sample_seed: int, progress: bool) -> dict:
     """Generate (into out/case) the arms of the kit's case for every pair or for the batches
     holding a stratified sample (run/profile.regenerate, as verify does); returns what was
     generated and the environment."""
@@ -245,40 +247,40 @@ def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed
     from carlos_audit.run.profile import prepare_run, regenerate
     from carlos_audit.casefolder.store import CaseStore
 
-    partial = bool((manifest["lora"].get("load") or {}).get("partial"))
+    partial = bool((manifest.lora.get("load") or {}).get("partial"))
     store = CaseStore(out / "case")
     prep = prepare_run(case, store, prepare_folder=False, allow_partial=partial)
-    if prompts_sha256(prep.prompts) != manifest["protocol"]["prompts_sha256"]:
+    if prompts_sha256(prep.prompts) != manifest.protocol["prompts_sha256"]:
         raise AuditError("the kit's prompts.json does not give the prompts the case was run with (prompts_sha256 differs)")
     from carlos_audit.case.sequential import run_pairs
 
     # a sequential case: the looks it ran (recorded), never decided again here
-    sampled, pairs = None, run_pairs(prep.pairs, manifest.get("sequential"))
+    sampled, pairs = None, run_pairs(prep.pairs, manifest.sequential)
     if sample is not None:
-        sampled = select_pairs(manifest["pairs"], sample, sample_seed)
+        sampled = select_pairs(manifest.pairs, sample, sample_seed)
         keep = {p.batch for p in pairs if p.id in set(sampled)}
         pairs = [p for p in pairs if p.batch in keep]
     started = utc_now()
-    plan = regenerate(prep, manifest, store, batch_ids={p.batch for p in pairs}, progress=progress)
+    plan = regenerate(prep, manifest.to_json(), store, batch_ids={p.batch for p in pairs}, progress=progress)
     return {"pair_ids": [p.id for p in pairs], "sampled": sampled, "batches": sorted({p.batch for p in pairs}),
             "arms": list(plan.arms), "profiles": {k: list(v) for k, v in plan.profiles.items()},
             "environment": prep.session.environment, "started_utc": started, "finished_utc": utc_now()}
 
 
-def _compare(kit: dict, manifest: dict, comparison: dict | None, kit_dir: Path, out: Path, gen: dict,
+def _compare(kit: dict, manifest: Manifest, comparison: Comparison | None, kit_dir: Path, out: Path, gen: dict,
              corpus_dir: Path | None) -> dict:
     from carlos_audit.kit import compare
     from carlos_audit.kit.envlock import diff_environment, installed_distributions, parse_lock
 
     orig, repro = kit_dir / "results", out / "case"
     wanted = set(gen["pair_ids"])
-    rows = [r for r in manifest["pairs"] if r["pair_id"] in wanted]
+    rows = [r for r in manifest.pairs if r["pair_id"] in wanted]
     recorded = {(r["pair_id"], arm): e["image_sha256"] for r in rows for arm, e in r["arms"].items()}
     images = compare.compare_images(orig, repro, rows, gen["arms"], recorded)
     profiles = {k: tuple(v) for k, v in gen["profiles"].items()}
-    p = manifest["protocol"]
+    p = manifest.protocol
     metrics = compare.compare_metrics(orig, repro, rows, profiles, p["bootstrap_resamples"], p["bootstrap_seed"])
-    every_pair = len(rows) == len(manifest["pairs"])
+    every_pair = len(rows) == len(manifest.pairs)
     conclusions = compare.compare_conclusions(comparison, metrics["main"], corpus_dir) if every_pair else None
     verdict, reasons = compare.verdict(images, metrics, conclusions)
     env_rows = diff_environment(parse_lock((kit_dir / "environment.lock").read_text("utf-8")), installed_distributions(),
@@ -295,7 +297,7 @@ def _compare(kit: dict, manifest: dict, comparison: dict | None, kit_dir: Path, 
         "environment": {"here": gen["environment"], "differences": env_rows,
                         "numeric_differences": sum(1 for r in env_rows if r["numeric"])},
         "summary": {
-            "pairs_compared": len(rows), "pairs_in_case": len(manifest["pairs"]), "arms": gen["arms"],
+            "pairs_compared": len(rows), "pairs_in_case": len(manifest.pairs), "arms": gen["arms"],
             "images_compared": len(images), "images_identical": sum(r["image_identical"] for r in images),
             "features_identical": sum(r["features_identical"] for r in images),
             "feature_cosine_min": min(cos) if cos else None,

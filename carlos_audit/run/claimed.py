@@ -16,6 +16,7 @@ import numpy as np
 
 from carlos_audit.case.claimed_works import DEFAULT_MAX_PIXELS, check_works, claimed_files, configured, load_work
 from carlos_audit.errors import AuditError
+from carlos_audit.records import Manifest
 
 EMBED_DIR = "embeddings/claimed"
 THUMB_DIR = "images/claimed"
@@ -96,10 +97,10 @@ def claimed_features(store, record: dict) -> np.ndarray:
     return np.stack([load_npy(store.path(w["embedding"])) for w in record["works"]]).astype(np.float64)
 
 
-def kit_files(manifest: dict, include_inputs: bool) -> list[str]:
+def kit_files(manifest: Manifest, include_inputs: bool) -> list[str]:
     """Case-folder files of the claimed works a kit carries: the features always, the thumbnails
     (copies of the works) only with the works themselves (--include-inputs)."""
-    works = (manifest.get("claimed_works") or {}).get("works") or []
+    works = (manifest.claimed_works or {}).get("works") or []
     return sorted([w["embedding"] for w in works] + ([w["thumbnail"] for w in works] if include_inputs else []))
 
 

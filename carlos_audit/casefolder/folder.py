@@ -1,0 +1,160 @@
+"""``CaseFolder(root)``: the door to a case folder, and the one answer to "is this a finished
+case folder?".
+
+Every reader of a case folder's result files (verify, export, reproduce, corpus add, the build
+driver, the claimed-works checks, the pipeline and the CLI) goes through it: each record
+(``manifest.json``, ``metrics.json``, ``comparison.json``, ``units/generation.json``) is read and
+validated once, when first asked for, and kept; each unit record and feature file is read once
+through its unit store (``units``: a ``CaseStore``); ``digest(name)`` hashes a file once while
+its size, mtime and inode are unchanged. The record classes are those of ``records.py``.
+
+A case folder is *finished* when it has ``manifest.json`` and ``metrics.json`` and both read as
+their records (every required field present, the schema known); ``require_finished`` refuses
+any other folder in one line naming what it lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.errors import AuditError
+from carlos_audit.hashing import sha256_file
+from carlos_audit.records import Comparison, Manifest, Metrics, RunRecord
+
+#: the records a finished case folder holds (comparison.json is there when the case asked for it)
+FINISHED = (Manifest, Metrics)
+#: the case file as run, copied into the case folder
+CASE_TOML = "case.toml"
+MANIFEST_SHA256 = Manifest.FILE + ".sha256"
+
+
+class CaseFolder:
+    """One case folder on disk; records, digests and units read once and kept on this object."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.units = CaseStore(self.root)
+        self._records: dict[type, object] = {}
+        self._digests: dict[str, tuple[tuple, str]] = {}
+        self._case = None
+
+    def __repr__(self) -> str:
+        return f"CaseFolder({str(self.root)!r})"
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    # records -----------------------------------------------------------
+    def record(self, cls):
+        """The record of class ``cls`` (read and validated on first use; AuditError when absent)."""
+        if cls not in self._records:
+            self._records[cls] = cls.read(self.root)
+        return self._records[cls]
+
+    def optional(self, cls):
+        """The record of class ``cls``, or None when the folder has no such file."""
+        return self.record(cls) if self.has(cls.FILE) or cls in self._records else None
+
+    def keep(self, *records) -> None:
+        """Records this process has just written here: later reads return them, not the file."""
+        for r in records:
+            if r is not None:
+                self._records[type(r)] = r
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.record(Manifest)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.record(Metrics)
+
+    @property
+    def comparison(self) -> Comparison | None:
+        return self.optional(Comparison)
+
+    @property
+    def run_record(self) -> RunRecord:
+        return self.record(RunRecord)
+
+    def unit(self, arm: str, batch: int) -> dict | None:
+        """A unit record (``units/<arm>/b<batch>.json``), or None while it is not written."""
+        return self.units.unit_done(arm, batch)
+
+    def require_finished(self, *needs) -> CaseFolder:
+        """This folder, when it is a finished case folder (``needs``: the records it must hold,
+        each read and validated; by default ``FINISHED``); else AuditError in one line naming
+        what it lacks."""
+        needs = needs or FINISHED
+        if not self.root.is_dir():
+            raise AuditError(f"case folder {self.root} does not exist")
+        missing = [r.FILE for r in needs if not self.has(r.FILE) and r not in self._records]
+        if missing:
+            raise AuditError(f"{self.root} is not a finished case folder: it has no {' and no '.join(missing)} "
+                             f"(run `carlos-audit run` first)")
+        for r in needs:
+            self.record(r)
+        return self
+
+    # files -------------------------------------------------------------
+    def digest(self, name: str) -> str | None:
+        """The sha256 of file ``name`` (None when absent), hashed again only when its size,
+        mtime or inode changed since the last call."""
+        p = self.root / name
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            self._digests.pop(name, None)
+            return None
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        held = self._digests.get(name)
+        if held is None or held[0] != key:
+            held = (key, sha256_file(p))
+            self._digests[name] = held
+        return held[1]
+
+    def manifest_intact(self) -> bool | None:
+        """Whether manifest.json matches ``manifest.json.sha256`` (None when that file is missing)."""
+        side = self.root / MANIFEST_SHA256
+        if not side.is_file():
+            return None
+        return side.read_text().split()[0] == self.digest(Manifest.FILE)
+
+    def sealed(self) -> bool:
+        """Whether the folder has the files of a finished case and manifest.json matches
+        ``manifest.json.sha256``, which a run writes last (a run that died before is not sealed)."""
+        return all(self.has(r.FILE) for r in FINISHED) and bool(self.manifest_intact())
+
+    def results_intact(self) -> dict[str, bool]:
+        """Each result file the manifest records (``results``) against its recorded sha256."""
+        return {rel: self.digest(rel) == digest for rel, digest in self.manifest.results.items()}
+
+    # the case as run ---------------------------------------------------
+    @property
+    def case(self):
+        """The case this folder ran: its case.toml copy, relative paths resolved from the case
+        file's recorded location (the manifest's ``casefile`` input)."""
+        if self._case is None:
+            from carlos_audit.case.casefile import parse_case
+
+            casefile = next(i for i in self.manifest.inputs if i["role"] == "casefile")
+            self._case = parse_case((self.root / CASE_TOML).read_text("utf-8"), Path(casefile["path"]))
+        return self._case
+
+    def pairs(self, ids=None) -> list[dict]:
+        """The manifest's pair rows (every pair the case ran), or those of ``ids`` in that order."""
+        rows = self.manifest.pairs
+        if ids is None:
+            return rows
+        wanted = set(ids)
+        return [r for r in rows if r["pair_id"] in wanted]
+
+    def main_profile(self) -> tuple[str, str]:
+        """(base arm, LoRA arm) of the main profile."""
+        b, l = self.manifest.protocol["profiles"]["main"]
+        return b, l
