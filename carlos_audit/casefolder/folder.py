@@ -15,16 +15,19 @@ any other folder in one line naming what it lacks.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from carlos_audit.casefolder.store import CaseStore
 from carlos_audit.errors import AuditError
-from carlos_audit.hashing import sha256_file
+from carlos_audit.hashing import sha256_bytes, sha256_file
 from carlos_audit.records import Comparison, Manifest, Metrics, RunRecord
 
 #: the records a finished case folder holds (comparison.json is there when the case asked for it)
 FINISHED = (Manifest, Metrics)
+#: the record files: read whole, once (their bytes kept for their digest, a byte copy, an attachment)
+RECORD_FILES = tuple(r.FILE for r in (Manifest, Metrics, Comparison, RunRecord))
 #: the case file as run, copied into the case folder
 CASE_TOML = "case.toml"
 MANIFEST_SHA256 = Manifest.FILE + ".sha256"
@@ -38,6 +41,7 @@ class CaseFolder:
         self.units = CaseStore(self.root)
         self._records: dict[type, object] = {}
         self._digests: dict[str, tuple[tuple, str]] = {}
+        self._raw: dict[str, tuple[tuple, bytes]] = {}
         self._case = None
 
     def __repr__(self) -> str:
@@ -53,7 +57,14 @@ class CaseFolder:
     def record(self, cls):
         """The record of class ``cls`` (read and validated on first use; AuditError when absent)."""
         if cls not in self._records:
-            self._records[cls] = cls.read(self.root)
+            if not self.has(cls.FILE):
+                raise AuditError(f"{self.root} has no {cls.FILE}")
+            path = self.root / cls.FILE
+            try:
+                data = json.loads(self.raw(cls.FILE).decode("utf-8"))
+            except ValueError as e:
+                raise AuditError(f"{path} is not valid JSON: {e}") from None
+            self._records[cls] = cls.from_json(data, str(path))
         return self._records[cls]
 
     def optional(self, cls):
@@ -102,21 +113,38 @@ class CaseFolder:
         return self
 
     # files -------------------------------------------------------------
+    def _stat(self, name: str) -> tuple | None:
+        try:
+            st = os.stat(self.root / name)
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
+    def raw(self, name: str) -> bytes:
+        """The bytes of file ``name``, read again only when its size, mtime or inode changed (its
+        digest is taken from them). For the record files and other small files."""
+        key = self._stat(name)
+        held = self._raw.get(name)
+        if held is None or held[0] != key:
+            data = (self.root / name).read_bytes()
+            held = self._raw[name] = (key, data)
+            self._digests[name] = (key, sha256_bytes(data))
+        return held[1]
+
     def digest(self, name: str) -> str | None:
         """The sha256 of file ``name`` (None when absent), hashed again only when its size,
-        mtime or inode changed since the last call."""
-        p = self.root / name
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
+        mtime or inode changed since the last call (a record file is read whole, once)."""
+        key = self._stat(name)
+        if key is None:
             self._digests.pop(name, None)
             return None
-        key = (st.st_size, st.st_mtime_ns, st.st_ino)
         held = self._digests.get(name)
         if held is None or held[0] != key:
-            held = (key, sha256_file(p))
-            self._digests[name] = held
-        return held[1]
+            if name in RECORD_FILES:
+                self.raw(name)
+            else:
+                self._digests[name] = (key, sha256_file(self.root / name))
+        return self._digests[name][1]
 
     def manifest_intact(self) -> bool | None:
         """Whether manifest.json matches ``manifest.json.sha256`` (None when that file is missing)."""

@@ -67,7 +67,7 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
     entries["case.toml"] = _kit_case_toml(case_dir, inputs).encode()
     entries["environment.lock"] = lock_text(installed_distributions()).encode()
     entries["results/" + Manifest.FILE] = json_dumps(pmap.apply(manifest.to_json())).encode()
-    entries["results/" + Metrics.FILE] = folder.path(Metrics.FILE).read_bytes()  # a byte copy
+    entries["results/" + Metrics.FILE] = folder.raw(Metrics.FILE)  # a byte copy
     if comparison is not None:
         entries["results/" + Comparison.FILE] = json_dumps(pmap.apply(comparison.to_json())).encode()
     from carlos_audit.run.claimed import kit_files
