@@ -53,7 +53,7 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Me
             _diffs(store, manifest, "trigger:with", ids), _diffs(store, manifest, "trigger:without", ids),
             list(manifest.lora["trigger_words"]), prompt_ids, n, seed, shared)
     if manifest.text_features is not None:
-        text = np.stack([load_npy(store.path(manifest.text_features[pid]["path"])) for pid in prompt_ids])
+        text = np.stack([store.array(manifest.text_features[pid]["path"]) for pid in prompt_ids])
         extra["prompt_override"] = ind.prompt_override(text, base_f, lora_f, prompt_ids, n, seed)
     extra["scope"] = ind.scope(d_main, [r["category"] for r in rows], prompt_ids, n, seed)
     if manifest.label_signatures is not None:

@@ -47,7 +47,7 @@ class CaseStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._units: dict[tuple[str, int], dict] = {}
-        self._features: dict[tuple[str, str], np.ndarray] = {}
+        self._features: dict[str, np.ndarray] = {}  # by relative path
 
     # paths -------------------------------------------------------------
     def image_rel(self, arm: str, pair_id: str) -> str:
@@ -64,6 +64,7 @@ class CaseStore:
 
     def write_file(self, rel: str, data: bytes) -> None:
         """One file of the case folder written atomically (a build's worker keeps it instead)."""
+        self._features.pop(rel, None)
         write_bytes_atomic(self.path(rel), data)
 
     # units -------------------------------------------------------------
@@ -103,8 +104,8 @@ class CaseStore:
         """Write a unit's images and embeddings atomically, then its record last (the resume point)."""
         for rel, data in files:
             write_bytes_atomic(self.path(rel), data)
-        for e in record.get("pairs", []):
-            self._features.pop((arm, e["pair_id"]), None)
+        for rel, _ in files:
+            self._features.pop(rel, None)
         write_json_atomic(self.unit_path(arm, batch), record)
         self._units[(arm, batch)] = record
         return record
@@ -120,11 +121,15 @@ class CaseStore:
         return np.stack([self.feature(arm, p) for p in pair_ids])
 
     def feature(self, arm: str, pair_id: str) -> np.ndarray:
-        key = (arm, pair_id)
-        if key not in self._features:
-            self._features[key] = load_npy(self.path(self.embedding_rel(arm, pair_id)))
-            self._features[key].setflags(write=False)
-        return self._features[key]
+        return self.array(self.embedding_rel(arm, pair_id))
+
+    def array(self, rel: str) -> np.ndarray:
+        """A stored .npy file of the case folder (features, text features, label signatures), read
+        once per store object (read-only: ``np.stack`` and arithmetic give the caller its own)."""
+        if rel not in self._features:
+            self._features[rel] = load_npy(self.path(rel))
+            self._features[rel].setflags(write=False)
+        return self._features[rel]
 
 
 class BaseImageCache:
