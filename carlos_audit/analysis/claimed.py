@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from carlos_audit.analysis.indicators import prompt_resamples
-from carlos_audit.analysis.claimed_calibration import cos
+from carlos_audit.vectors import cosine
 from carlos_audit.analysis.metrics import percentile_ci
 
 DEFINITION = {
@@ -54,8 +54,8 @@ def alignment(works: np.ndarray, base: np.ndarray, lora: np.ndarray, boots: list
     d = lora - base
     u = claimed_direction(works, base)
     w_mean = works.mean(axis=0)
-    resampled = [cos(d[b].mean(axis=0), w_mean - base[b].mean(axis=0)) for b in boots]
-    return {"value": cos(d.mean(axis=0), u), "ci": percentile_ci(resampled), "u_norm": float(np.linalg.norm(u)),
+    resampled = [cosine(d[b].mean(axis=0), w_mean - base[b].mean(axis=0)) for b in boots]
+    return {"value": cosine(d.mean(axis=0), u), "ci": percentile_ci(resampled), "u_norm": float(np.linalg.norm(u)),
             "direction_norm": float(np.linalg.norm(d.mean(axis=0)))}
 
 
@@ -166,7 +166,7 @@ def claimed_checks(case_dir, manifest: dict) -> list[tuple[str, bool, str]]:
     b_arm, l_arm = manifest["protocol"]["profiles"]["main"]
     base = store.features(b_arm, ids).astype(np.float64)
     d = store.features(l_arm, ids).astype(np.float64) - base
-    again = cos(d.mean(axis=0), claimed_direction(claimed_features(store, rec), base))
+    again = cosine(d.mean(axis=0), claimed_direction(claimed_features(store, rec), base))
     stored = ((read_json(case_dir / "metrics.json").get("claimed_works") or {}).get("alignment") or {}).get("value")
     ok = again is not None and stored is not None and abs(again - stored) <= 1e-9
     out.append(("claimed works: alignment recomputed", ok, f"alignment {again:.6g} reproduced" if ok

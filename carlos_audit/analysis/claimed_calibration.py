@@ -23,15 +23,10 @@ import numpy as np
 
 from carlos_audit.analysis.indicators import prompt_resamples
 from carlos_audit.analysis.metrics import percentile_ci
+from carlos_audit.vectors import cosine
 
 CHUNK_ROWS = 8192
 N_TOP = 5
-
-
-def cos(a: np.ndarray, b: np.ndarray) -> float | None:
-    """The cosine of two vectors, None when either is zero."""
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else None
 
 
 class Rater:
@@ -154,12 +149,12 @@ def sensitivity(works: np.ndarray, base: np.ndarray, lora: np.ndarray, work_ids:
     """Alignment (and false-alignment rate) with each work left out, and over the works resampled."""
     d = (lora - base).mean(axis=0)
     b_mean, m = base.mean(axis=0), works.shape[0]
-    full = cos(d, works.mean(axis=0) - b_mean)
+    full = cosine(d, works.mean(axis=0) - b_mean)
     out: dict = {"n_resamples": n_resamples, "seed": seed, "leave_one_out": [], "note": None}
     if m >= 2:
         total = works.sum(axis=0)
         U = np.stack([(total - works[j]) / (m - 1) - b_mean for j in range(m)])
-        a = [cos(d, x) for x in U]
+        a = [cosine(d, x) for x in U]
         rates = rater.rates(U, a) if rater is not None else [None] * m
         rows = [{"work": w, "alignment": aj, "influence": None if aj is None or full is None else full - aj, "rate": r}
                 for w, aj, r in zip(work_ids, a, rates)]
@@ -169,7 +164,7 @@ def sensitivity(works: np.ndarray, base: np.ndarray, lora: np.ndarray, work_ids:
         return out
     boots = prompt_resamples(work_ids, n_resamples, seed)
     U = np.stack([works[b].mean(axis=0) - b_mean for b in boots])
-    a = [cos(d, x) for x in U]
+    a = [cosine(d, x) for x in U]
     out["resampled"] = {"alignment_ci": percentile_ci(a),
                         "rate_ci": percentile_ci(rater.rates(U, a)) if rater is not None else None}
     return out

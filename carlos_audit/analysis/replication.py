@@ -46,8 +46,11 @@ def check_replicate_id(corpus_path: Path, replicate_id: str | None) -> None:
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+    """vectors.cosine, with nan (left out by nanpercentile) where it is undefined (a zero vector)."""
+    from carlos_audit.vectors import cosine
+
+    c = cosine(a, b)
+    return float("nan") if c is None else c
 
 
 def replication_table(d: np.ndarray, prompt_ids: list[str], metrics: dict, published: dict,

@@ -39,6 +39,7 @@ from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
 from carlos_audit.lora.flux_weights import flux_view, view_delta
+from carlos_audit.vectors import cosine_from_products
 from carlos_audit.lora.modules import (
     TensorReader,
     delta_inner,
@@ -55,12 +56,6 @@ def _open(path: Path):
     if not modules:
         raise AuditError(f"{path}: no LoRA modules recognised; nothing to compare")
     return header, payload_start, modules
-
-
-def _cosine(inner: float, sq_a: float, sq_b: float) -> float | None:
-    if sq_a <= 0 or sq_b <= 0:
-        return None
-    return max(-1.0, min(1.0, inner / math.sqrt(sq_a * sq_b)))
 
 
 def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
@@ -103,7 +98,7 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
             per_module.append(
                 {
                     "name": name,
-                    "cosine": _cosine(inner, sq_a, sq_b),
+                    "cosine": cosine_from_products(inner, sq_a, sq_b),
                     "norm_a": math.sqrt(sq_a),
                     "norm_b": math.sqrt(sq_b),
                 }
@@ -112,7 +107,7 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
     pay_a = payload_sha256(path_a, start_a)
     pay_b = payload_sha256(path_b, start_b)
     return {
-        "cosine": _cosine(inner_total, sq_a_total, sq_b_total),
+        "cosine": cosine_from_products(inner_total, sq_a_total, sq_b_total),
         "norm_ratio": math.sqrt(sq_b_total / sq_a_total) if sq_a_total > 0 else None,
         "norm_a": math.sqrt(sq_a_total),
         "norm_b": math.sqrt(sq_b_total),
