@@ -9,7 +9,6 @@ result says ``ready`` only when ``run`` could start.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -31,30 +30,10 @@ def require_filled(case) -> None:
                          "`carlos-audit init`; fill them in before running")
 
 
-def hf_hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
-    return Path(home) / "hub"
-
-
-def hub_snapshot_with(repo_id: str, files: tuple) -> Path | None:
-    """The cached snapshot of ``repo_id`` (refs/main, else any) holding all ``files``, or None."""
-    root = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
-    snaps = root / "snapshots"
-    if not snaps.is_dir():
-        return None
-    ref = root / "refs" / "main"
-    candidates = [snaps / ref.read_text().strip()] if ref.is_file() else []
-    candidates += sorted(p for p in snaps.iterdir() if p.is_dir())
-    for snap in candidates:
-        if all(any(snap.glob(f)) for f in files):
-            return snap
-    return None
-
-
 def _hub_item(role: str, repo: str, files: tuple, what: str) -> dict:
-    snap = hub_snapshot_with(repo, files)
+    from carlos_audit.models.hub import cached_snapshot, hf_hub_cache
+
+    snap = cached_snapshot(repo, files)
     if snap is not None:
         return {"role": role, "status": "present", "source": f"hf:{repo}", "path": str(snap)}
     return {"role": role, "status": "missing", "source": f"hf:{repo}",
