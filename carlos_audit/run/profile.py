@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from carlos_audit.case.casefile import Case
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts
-from carlos_audit.case.signature import case_signature, reproducibility_key
+from carlos_audit.case.signature import case_signature, key_params, reproducibility_key
 from carlos_audit.errors import AuditError
 from carlos_audit.records import RunRecord
 from carlos_audit.run.arms import Arm, plan_arms
@@ -54,7 +54,7 @@ class Session:
     def cache_key(self, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
         """The base-image cache key of one batch: the reproducibility key (case/signature.py)."""
         marked = (getattr(self.base_info, "watermarker", None) or {}).get("applied")  # keyed only when on
-        return reproducibility_key(base_model=self.base_info.sha256, params=self.params.as_dict(),
+        return reproducibility_key(base_model=self.base_info.sha256, params=key_params(self.params.as_dict(), self.params.scheduler),
                                    batch_size=self.batch_size, prompts_sent=prompts_sent, seeds=seeds,
                                    environment=self.environment, extra={"watermarker": True} if marked else None)
 
