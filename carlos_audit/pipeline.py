@@ -70,46 +70,51 @@ def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_par
     prep = prepare_run(case, CaseStore(out), force=force, allow_partial=allow_partial,
                        allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
-    check_reference(case, prep.signature, allow_incompatible)
-    record = generate_units(prep, progress, protocol=looks_of(case, prep))
-    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible)
+    corpus = check_reference(case, prep.signature, allow_incompatible)  # opened once for the whole run
+    record = generate_units(prep, progress, protocol=looks_of(prep, corpus))
+    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible, corpus=corpus)
 
 
-def looks_of(case: Case, prep):
+def looks_of(prep, corpus):
     """The pairs' schedule of ``generate_units``: all at once, or look by look under the case's
-    ``[protocol.sequential]`` rule (looks.py: the stopping rule evaluated from stored features)."""
+    ``[protocol.sequential]`` rule (looks.py: the stopping rule evaluated from stored features,
+    against the run's opened reference ``corpus``)."""
     from carlos_audit.looks import run_protocol
 
-    corpus_path = reference_corpus(case)
-    return lambda session, plan, pairs, run_arm: run_protocol(session, plan, pairs, prep.prompts, corpus_path,
+    return lambda session, plan, pairs, run_arm: run_protocol(session, plan, pairs, prep.prompts, corpus,
                                                               prep.lora_sha256, run_arm)
 
 
-def check_reference(case: Case, signature: dict, allow_incompatible: bool) -> None:
-    """Before any generation: the reference corpus (when the case names one) accepts a profile
-    of this signature, and the case's ``replicate_id`` is one of its rows."""
+def check_reference(case: Case, signature: dict, allow_incompatible: bool):
+    """Before any generation: the reference corpus (when the case names one) opened, once for the
+    whole run, and returned (None without one); it accepts a profile of this signature, and the
+    case's ``replicate_id`` is one of its rows."""
     corpus_path = reference_corpus(case)
     if corpus_path is None:
-        return
+        return None
     from carlos_audit.analysis.replication import check_replicate_id
-    from carlos_audit.corpus.placement import check_corpus_signature
+    from carlos_audit.corpus.placement import check_corpus_signature, open_reference_corpus
 
-    check_corpus_signature(corpus_path, signature, allow_incompatible)
-    check_replicate_id(corpus_path, case.reference["replicate_id"])
+    corpus = open_reference_corpus(corpus_path)
+    check_corpus_signature(corpus, signature, allow_incompatible)
+    check_replicate_id(corpus, case.reference["replicate_id"])
+    return corpus
 
 
 def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | None = None,
-                allow_incompatible: bool = False) -> dict:
+                allow_incompatible: bool = False, corpus=None) -> dict:
     """The model-free end of a run, on a case folder whose units are all generated: the analysis
     step (metrics.json, comparison.json), the manifest built from ``record`` and the unit records,
-    custody (every input hashed again) and manifest.json last. Loads no model, imports no torch."""
+    custody (every input hashed again) and manifest.json last. Loads no model, imports no torch.
+    ``corpus``: the reference Corpus the run opened (a build's finalize unit passes none: the
+    analysis opens it)."""
     from carlos_audit.analysis.case_analysis import analyse_case
     from carlos_audit.run.store import hash_inputs
 
     out = Path(out)
     manifest = build_manifest(case, out, record, argv)
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
-    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible)
+    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible, corpus=corpus)
     manifest.results = {r.FILE: sha256_file(r.write(out)) for r in (metrics, comparison) if r is not None}
 
     inputs = record.inputs

@@ -27,8 +27,9 @@ def _diffs(store: CaseStore, manifest: Manifest, profile: str, ids: list[str]) -
     return diffs(store.features(l, ids), store.features(b, ids))
 
 
-def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Metrics:
-    """metrics.json: the CARLoS representation of the main profile, then the indicators."""
+def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case, corpus=None) -> Metrics:
+    """metrics.json: the CARLoS representation of the main profile, then the indicators.
+    ``corpus``: the case's opened reference Corpus, when the caller holds it (claimed works)."""
     from carlos_audit.analysis import indicators as ind
     from carlos_audit.analysis.metrics import compute_metrics, diffs
 
@@ -68,7 +69,7 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Me
     if manifest.claimed_works:  # [claimed_works]: analysis/claimed.py
         from carlos_audit.analysis.claimed import claimed_works_metrics
 
-        out.claimed_works = claimed_works_metrics(store, manifest, case)
+        out.claimed_works = claimed_works_metrics(store, manifest, case, corpus)
     return out
 
 
@@ -100,41 +101,54 @@ def _checked(path: str, sha256: str) -> Path:
     return Path(path)
 
 
-def sequential_placement(store: CaseStore, manifest: Manifest, corpus_path: Path) -> dict:
-    """comparison.json ``target.sequential`` of a sequential case (analysis/sequential.py)."""
+def sequential_placement(store: CaseStore, manifest: Manifest, corpus) -> dict:
+    """comparison.json ``target.sequential`` of a sequential case (analysis/sequential.py), against
+    the opened reference Corpus."""
     from carlos_audit.analysis.sequential import comparison_record, stopped_look
     from carlos_audit.corpus.placement import own_row
-    from carlos_audit.corpus.store import load_corpus
 
-    corpus = load_corpus(corpus_path)
     ids = [r["pair_id"] for r in manifest.pairs]
     ev = stopped_look(_diffs(store, manifest, "main", ids), [r["prompt_id"] for r in manifest.pairs],
                       manifest.sequential, manifest.protocol, corpus, own_row(corpus, manifest.lora["sha256"]))
     return comparison_record(ev)
 
 
+def open_case_corpus(case: Case):
+    """The case's reference corpus opened (None when it names none): once per analysis."""
+    if not case.reference.get("corpus"):
+        return None
+    from carlos_audit.corpus.store import load_corpus
+
+    corpus_path = expand_path(case.reference["corpus"], case.base_dir)
+    if not corpus_path.exists():
+        raise AuditError(f"reference corpus {corpus_path} does not exist")
+    return load_corpus(corpus_path)
+
+
 def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
-                 allow_incompatible: bool = False) -> tuple[Metrics, Comparison | None]:
+                 allow_incompatible: bool = False, corpus=None) -> tuple[Metrics, Comparison | None]:
     """The metrics and the comparison (None when the case has neither comparison LoRAs nor a
-    reference corpus) of a case folder whose units are all done. Writes nothing."""
+    reference corpus) of a case folder whose units are all done. Writes nothing. ``corpus``: the
+    case's reference Corpus as the run opened it (else opened here, once, for every part)."""
     store = CaseStore(case_dir)
-    metrics = compute_case_metrics(store, manifest, case)
+    if corpus is None:
+        corpus = open_case_corpus(case)
+    metrics = compute_case_metrics(store, manifest, case, corpus)
     comparison = Comparison()
     if manifest.comparison_loras:
         comparison.head_to_head = head_to_head(store, manifest)
-    if case.reference.get("corpus"):
+    if corpus is not None:
         from carlos_audit.analysis.replication import replication
         from carlos_audit.corpus.placement import place_in_corpus
 
-        corpus_path = expand_path(case.reference["corpus"], case.base_dir)
-        placement = place_in_corpus(corpus_path, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
+        placement = place_in_corpus(corpus, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
                                     lora_sha256=manifest.lora["sha256"], head_to_head=comparison.head_to_head,
                                     allow_incompatible=allow_incompatible or case.reference["allow_incompatible"])
         comparison.corpus, comparison.target, comparison.corpus_points = (
             placement["corpus"], placement["target"], placement["corpus_points"])
         if manifest.sequential:
-            comparison.target["sequential"] = sequential_placement(store, manifest, corpus_path)
-        comparison.replication = replication(store, manifest, metrics, corpus_path, case.reference.get("replicate_id"))
+            comparison.target["sequential"] = sequential_placement(store, manifest, corpus)
+        comparison.replication = replication(store, manifest, metrics, corpus, case.reference.get("replicate_id"))
     if comparison.head_to_head is None and comparison.corpus is None:
         return metrics, None
     return metrics, comparison

@@ -104,8 +104,9 @@ def nearest_examples(works: np.ndarray, base: np.ndarray, lora: np.ndarray, rows
     return out
 
 
-def claimed_works_metrics(store, manifest, case) -> dict:
-    """metrics.json ``claimed_works`` of a case whose manifest records claimed works."""
+def claimed_works_metrics(store, manifest, case, corpus=None) -> dict:
+    """metrics.json ``claimed_works`` of a case whose manifest records claimed works; ``corpus``:
+    the case's reference corpus when the caller opened it (else it is opened here)."""
     from carlos_audit.analysis.claimed_calibration import calibration, open_rater, sensitivity
     from carlos_audit.case.paths import reference_corpus
     from carlos_audit.run.claimed import claimed_features
@@ -123,7 +124,7 @@ def claimed_works_metrics(store, manifest, case) -> dict:
     boots = prompt_resamples(prompt_ids, n, seed)
     align = alignment(works, base, lora, boots)
     changes = pair_changes(works, base, lora)
-    rater, head = open_rater(reference_corpus(case), manifest, (case.reference or {}).get("replicate_id"))
+    rater, head = open_rater(corpus if corpus is not None else reference_corpus(case), manifest, (case.reference or {}).get("replicate_id"))
     calib = calibration(rater, head, claimed_direction(works, base), align)
     return {
         "definition": DEFINITION,

@@ -91,16 +91,16 @@ def exclusions(corpus, manifest, replicate_id: str | None) -> tuple[np.ndarray, 
     return keep, out
 
 
-def open_rater(corpus_path: Path | None, manifest, replicate_id: str | None = None) -> tuple[Rater | None, dict]:
+def open_rater(corpus, manifest, replicate_id: str | None = None) -> tuple[Rater | None, dict]:
     """(Rater, the record's corpus part) or (None, the refusal): no corpus, or one profiled
-    differently, or of another feature dimension."""
+    differently, or of another feature dimension. ``corpus``: the opened Corpus, its path or None."""
     from carlos_audit.case.signature import check_compatible, unverifiable_fields
-    from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.store import as_corpus
 
-    if corpus_path is None:
+    if corpus is None:
         return None, {"available": False, "refused": "the case names no reference corpus ([reference] corpus), "
                                                      "so no false-alignment rate can be measured"}
-    corpus = load_corpus(corpus_path)
+    corpus = as_corpus(corpus)
     # no path: metrics.json is copied into a kit byte for byte (comparison.json names the corpus's path)
     head = {"corpus": {"name": corpus.meta.get("name"), "n": corpus.n,
                        "corpus_sha256": {k: corpus.meta.get(k) for k in ("directions_sha256", "rows_sha256")}}}

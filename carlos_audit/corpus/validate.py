@@ -322,9 +322,10 @@ def _load_from(c: Corpus, rec, folder: Path, stored: bool) -> Validation | None:
         if want is None:
             arrays[name] = None
             continue
-        if not p.is_file() or sha256_file(p) != want:
+        raw = p.read_bytes() if p.is_file() else None  # read once: hashed, then parsed
+        if raw is None or sha256_bytes(raw) != want:
             return None
-        arrays[name] = np.load(p, allow_pickle=False)
+        arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
     if arrays[TABLES_FILE] is None:
         return None
     return Validation(rec, arrays[TABLES_FILE], arrays[WHITENING_FILE], stored=stored)
