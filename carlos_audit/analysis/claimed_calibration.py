@@ -17,7 +17,6 @@ as every bootstrap, indicators.prompt_resamples, over work ids instead of prompt
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 

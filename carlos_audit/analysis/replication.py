@@ -16,7 +16,6 @@ The ``replication`` part of comparison.json (analysis/case_analysis); the report
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 

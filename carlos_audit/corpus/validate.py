@@ -46,7 +46,7 @@ import numpy as np
 from carlos_audit.corpus.store import META_FILE, TABLES_FILE, WHITENING_FILE, Corpus, as_corpus, column_array
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_json_atomic
-from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.hashing import sha256_bytes
 
 VALIDATION_SCHEMA = "carlos-audit/corpus-validation/1"
 VALIDATION_FILES = (TABLES_FILE, WHITENING_FILE)
