@@ -17,7 +17,6 @@ as every bootstrap, indicators.prompt_resamples, over work ids instead of prompt
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from carlos_audit.analysis.indicators import prompt_resamples

@@ -16,7 +16,6 @@ The ``replication`` part of comparison.json (analysis/case_analysis); the report
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from carlos_audit.errors import AuditError
