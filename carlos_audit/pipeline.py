@@ -14,6 +14,7 @@ run record its workers wrote, and loads no model. Any step can be re-run alone
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from carlos_audit import __version__
@@ -72,7 +73,21 @@ def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_par
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
     corpus = check_reference(case, prep.signature, allow_incompatible)  # opened once for the whole run
     record = generate_units(prep, progress, protocol=looks_of(prep, corpus))
-    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible, corpus=corpus)
+    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible,
+                       opened=Opened(corpus, prep.prompts, prep.plan,
+                                     {str(f.path): f for f in (prep.loras or {}).values()}))
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What a run has already read and built, handed to ``finish_case`` so that it is not read
+    again: the opened reference corpus (or None), the parsed prompts, the arm plan, the LoRA
+    files as intake read them ({path: lora.fileformat.LoraFile})."""
+
+    corpus: object = None
+    prompts: list | None = None
+    plan: object = None
+    loras: dict | None = None
 
 
 def looks_of(prep, corpus):
@@ -102,19 +117,21 @@ def check_reference(case: Case, signature: dict, allow_incompatible: bool):
 
 
 def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | None = None,
-                allow_incompatible: bool = False, corpus=None) -> dict:
+                allow_incompatible: bool = False, opened: Opened | None = None) -> dict:
     """The model-free end of a run, on a case folder whose units are all generated: the analysis
     step (metrics.json, comparison.json), the manifest built from ``record`` and the unit records,
     custody (every input hashed again) and manifest.json last. Loads no model, imports no torch.
-    ``corpus``: the reference Corpus the run opened (a build's finalize unit passes none: the
-    analysis opens it)."""
+    ``opened``: the corpus, prompts and arm plan the run already holds (a build's finalize unit
+    passes none: they are read here, once)."""
     from carlos_audit.analysis.case_analysis import analyse_case
     from carlos_audit.run.store import hash_inputs
 
     out = Path(out)
-    manifest = build_manifest(case, out, record, argv)
+    opened = opened or Opened()
+    manifest = build_manifest(case, out, record, argv, opened)
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
-    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible, corpus=corpus)
+    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible,
+                                       corpus=opened.corpus, loras=opened.loras)
     manifest.results = {r.FILE: sha256_file(r.write(out)) for r in (metrics, comparison) if r is not None}
 
     inputs = record.inputs
@@ -131,22 +148,25 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
             "comparison": comparison.to_json() if comparison is not None else None}
 
 
-def build_manifest(case: Case, out: Path, record: RunRecord, argv: list[str] | None) -> Manifest:
+def build_manifest(case: Case, out: Path, record: RunRecord, argv: list[str] | None,
+                   opened: Opened | None = None) -> Manifest:
     """manifest.json before analysis and custody: the run record, the arm plan, the pair rows
-    read from the unit records, the cost summed from them."""
+    read from the unit records, the cost summed from them. The prompts and the arm plan are
+    those in ``opened`` when the run holds them, else read and built here."""
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.cost import case_cost
 
     store = CaseStore(out)
     run_info = read_json(out / "run.json")
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
+    opened = opened or Opened()
+    prompts = opened.prompts if opened.prompts is not None else load_prompts(case.protocol["prompts"], case.base_dir)[0]
     pc = case.protocol
     from carlos_audit.case.sequential import run_pairs
 
     # a sequential case: the pairs of the looks it ran
     pairs = run_pairs(enumerate_pairs(prompts, pc["seeds"], pc["batch_size"]), record.sequential)
     lora_sha = next(e["sha256"] for e in record.inputs if e["role"] == "lora")
-    plan = plan_arms(case, lora_sha, record.comparison_loras)
+    plan = opened.plan if opened.plan is not None else plan_arms(case, lora_sha, record.comparison_loras)
     return Manifest(
         case=dict(case.case),
         tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},

@@ -15,7 +15,6 @@ import numpy as np
 
 from carlos_audit.case.casefile import Case, expand_path, parse_case
 from carlos_audit.errors import AuditError
-from carlos_audit.hashing import sha256_file
 from carlos_audit.records import Comparison, Manifest, Metrics
 from carlos_audit.run.store import CaseStore, load_npy
 
@@ -73,14 +72,16 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case, corpu
     return out
 
 
-def head_to_head(store: CaseStore, manifest: Manifest) -> list[dict]:
-    """comparison.json ``head_to_head``: behaviour (shared base arm) and weights, per comparison LoRA."""
+def head_to_head(store: CaseStore, manifest: Manifest, loras: dict | None = None) -> list[dict]:
+    """comparison.json ``head_to_head``: behaviour (shared base arm) and weights, per comparison
+    LoRA. ``loras``: {path: LoraFile} as the run read them (else each file is read here)."""
     from carlos_audit.analysis.head_to_head import behaviour, weights
 
     p, rows = manifest.protocol, manifest.pairs
     ids = [r["pair_id"] for r in rows]
     d_t = _diffs(store, manifest, "main", ids)
-    target = _checked(manifest.lora["path"], manifest.lora["sha256"])
+    loras = loras or {}
+    target = _checked(manifest.lora["path"], manifest.lora["sha256"], loras.get(manifest.lora["path"]))
     results = []
     for c in manifest.comparison_loras:
         prof = f"comparison:{c['adapter']}"
@@ -89,16 +90,21 @@ def head_to_head(store: CaseStore, manifest: Manifest) -> list[dict]:
             "arm": p["profiles"][prof][1],
             "behaviour": behaviour(d_t, _diffs(store, manifest, prof, ids), rows, p["bootstrap_resamples"],
                                    p["bootstrap_seed"]),
-            "weights": weights(target, _checked(c["path"], c["sha256"])),
+            "weights": weights(target, _checked(c["path"], c["sha256"], loras.get(c["path"]))),
         })
     return results
 
 
-def _checked(path: str, sha256: str) -> Path:
-    """A LoRA file the analysis reads, refused when it is not the one the run used."""
-    if not Path(path).is_file() or sha256_file(path) != sha256:
+def _checked(path: str, sha256: str, source=None):
+    """A LoRA file the analysis reads, refused when it is not the one the run used; ``source``:
+    the LoraFile the run read it as (its bytes are those hashed: not read again)."""
+    from carlos_audit.lora.fileformat import LoraFile
+
+    if source is None and Path(path).is_file():
+        source = LoraFile(path, allow_unsafe_pickle=True)  # read once: hashed here, parsed by the comparison
+    if source is None or source.sha256 != sha256:
         raise AuditError(f"LoRA {path} is missing or differs from the file the case ran with (sha256 {sha256[:12]}...)")
-    return Path(path)
+    return source
 
 
 def sequential_placement(store: CaseStore, manifest: Manifest, corpus) -> dict:
@@ -125,18 +131,19 @@ def open_case_corpus(case: Case):
     return load_corpus(corpus_path)
 
 
-def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
-                 allow_incompatible: bool = False, corpus=None) -> tuple[Metrics, Comparison | None]:
+def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *, allow_incompatible: bool = False,
+                 corpus=None, loras: dict | None = None) -> tuple[Metrics, Comparison | None]:
     """The metrics and the comparison (None when the case has neither comparison LoRAs nor a
     reference corpus) of a case folder whose units are all done. Writes nothing. ``corpus``: the
-    case's reference Corpus as the run opened it (else opened here, once, for every part)."""
+    case's reference Corpus as the run opened it (else opened here, once, for every part);
+    ``loras``: {path: LoraFile} of the LoRA files as the run read them."""
     store = CaseStore(case_dir)
     if corpus is None:
         corpus = open_case_corpus(case)
     metrics = compute_case_metrics(store, manifest, case, corpus)
     comparison = Comparison()
     if manifest.comparison_loras:
-        comparison.head_to_head = head_to_head(store, manifest)
+        comparison.head_to_head = head_to_head(store, manifest, loras)
     if corpus is not None:
         from carlos_audit.analysis.replication import replication
         from carlos_audit.corpus.placement import place_in_corpus
