@@ -23,32 +23,42 @@ CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha25
 # ----------------------------------------------------------------------------- intake
 
 
-def resolve_inputs(case: Case) -> dict:
-    """Absolute paths of the case's input files, checked to exist."""
-    lora = expand_path(case.lora["path"], case.base_dir)
-    if not lora.exists():
-        raise AuditError(f"{case.path}: lora.path {lora} does not exist")
-    if lora.is_dir():
-        raise AuditError(f"{case.path}: lora.path {lora} is a directory, not a LoRA file")
-    paths = {"casefile": case.path, "lora": lora}
+def input_paths(case: Case) -> dict:
+    """The one resolver of a case's input files (``run`` and ``check``): every local path the
+    case names, by role, resolved, whether it exists or not: ``casefile``, ``lora``,
+    ``base_model`` and ``embedder`` (a path that may instead be a hub id or an open_clip tag),
+    ``prompts`` (a prompt file), ``comparison_lora_1``... No file is read."""
+    paths = {"casefile": case.path, "lora": expand_path(case.lora["path"], case.base_dir)}
     src = case.base_model["source"]
     if not src.startswith("embedded:"):
-        bp = expand_path(src, case.base_dir)
-        if bp.exists():
-            paths["base_model"] = bp
+        paths["base_model"] = expand_path(src, case.base_dir)
     pre = case.embedder.get("pretrained")
     if pre:
-        ep = expand_path(pre, case.base_dir)
-        if ep.exists():
-            paths["embedder"] = ep
+        paths["embedder"] = expand_path(pre, case.base_dir)
     pr = case.protocol["prompts"]
     if not pr.startswith("builtin:"):
         paths["prompts"] = expand_path(pr, case.base_dir)
     for i, c in enumerate(case.comparison["loras"], start=1):
-        cp = expand_path(c, case.base_dir)
+        paths[f"comparison_lora_{i}"] = expand_path(c, case.base_dir)
+    return paths
+
+
+def resolve_inputs(case: Case) -> dict:
+    """Absolute paths of the case's input files (``input_paths``), checked to exist; a base model
+    or embedder that is not a local path (hub id, tag) is left out."""
+    paths = input_paths(case)
+    lora = paths["lora"]
+    if not lora.exists():
+        raise AuditError(f"{case.path}: lora.path {lora} does not exist")
+    if lora.is_dir():
+        raise AuditError(f"{case.path}: lora.path {lora} is a directory, not a LoRA file")
+    for role in ("base_model", "embedder"):
+        if role in paths and not paths[role].exists():
+            del paths[role]
+    for i in range(1, len(case.comparison["loras"]) + 1):
+        cp = paths[f"comparison_lora_{i}"]
         if not cp.is_file():
             raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
-        paths[f"comparison_lora_{i}"] = cp
     from carlos_audit.run.claimed import claimed_inputs
 
     paths.update(claimed_inputs(case))  # [claimed_works]: pinned, present, decodable
