@@ -17,15 +17,16 @@ from carlos_audit.casefolder.store import CaseStore
 from carlos_audit.records import Manifest
 
 
-def run_protocol(session, plan, pairs: list, prompts: list, corpus_path: Path | None, lora_sha256: str,
+def run_protocol(session, plan, pairs: list, prompts: list, corpus, lora_sha256: str,
                  run_arm) -> tuple[list, dict, dict | None]:
     """Run the case's pairs; ``run_arm(arm, pairs)`` generates one arm's missing batches and returns
-    its stats (run/profile.run_arm). Returns the pairs run, the per-arm stats and the manifest's
+    its stats (run/profile.run_arm); ``corpus``: the run's opened reference Corpus (or its path, or
+    None). Returns the pairs run, the per-arm stats and the manifest's
     ``sequential`` record (None for a case without the table)."""
     look_plan = case_plan(session.case, prompts)
     if look_plan is None:
         return pairs, {arm.name: run_arm(arm, pairs) for arm in plan.arms.values()}, None
-    corpus, own = open_reference(corpus_path, lora_sha256, look_plan.rule)
+    corpus, own = open_reference(corpus, lora_sha256, look_plan.rule)
     fractions = [look_plan.fraction(k) for k in range(1, len(look_plan.looks) + 1)]
     done = {a: {"generated_batches": 0, "cached_batches": 0} for a in plan.arms}
     evaluations = []
@@ -47,17 +48,18 @@ def run_protocol(session, plan, pairs: list, prompts: list, corpus_path: Path | 
     return run, stats, sequential_record(look_plan, evaluations, len(plan.arms))
 
 
-def open_reference(corpus_path: Path | None, lora_sha256: str, rule: dict):
-    """The corpus the percentile and neighbour targets are judged against, and the case's own
-    row in it (left out, as the comparison does); (None, None) when no target needs it."""
+def open_reference(corpus, lora_sha256: str, rule: dict):
+    """The corpus (an opened Corpus, or its path) the percentile and neighbour targets are judged
+    against, and the case's own row in it (left out, as the comparison does); (None, None) when
+    no target needs it."""
     from carlos_audit.case.sequential import CORPUS_TARGETS
 
-    if corpus_path is None or all(rule[k] is None for k in CORPUS_TARGETS):
+    if corpus is None or all(rule[k] is None for k in CORPUS_TARGETS):
         return None, None
     from carlos_audit.corpus.placement import own_row
-    from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.store import as_corpus
 
-    corpus = load_corpus(corpus_path)
+    corpus = as_corpus(corpus)
     return corpus, own_row(corpus, lora_sha256)
 
 

@@ -81,40 +81,61 @@ def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_par
     prep = prepare_run(case, CaseStore(out), force=force, allow_partial=allow_partial,
                        allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
-    check_reference(case, prep.signature, allow_incompatible)
-    record = generate_units(prep, progress, protocol=looks_of(case, prep))
-    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible, units=prep.session.store)
+    corpus = check_reference(case, prep.signature, allow_incompatible)  # opened once for the whole run
+    record = generate_units(prep, progress, protocol=looks_of(prep, corpus))
+    return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible,
+                       units=prep.session.store,
+                       opened=Opened(corpus, prep.prompts, prep.plan,
+                                     {str(f.path): f for f in (prep.loras or {}).values()}))
 
 
-def looks_of(case: Case, prep):
+@dataclass(frozen=True)
+class Opened:
+    """What a run has already read and built, handed to ``finish_case`` so that it is not read
+    again: the opened reference corpus (or None), the parsed prompts, the arm plan, the LoRA
+    files as intake read them ({path: lora.fileformat.LoraFile})."""
+
+    corpus: object = None
+    prompts: list | None = None
+    plan: object = None
+    loras: dict | None = None
+
+
+def looks_of(prep, corpus):
     """The pairs' schedule of ``generate_units``: all at once, or look by look under the case's
-    ``[protocol.sequential]`` rule (looks.py: the stopping rule evaluated from stored features)."""
+    ``[protocol.sequential]`` rule (looks.py: the stopping rule evaluated from stored features,
+    against the run's opened reference ``corpus``)."""
     from carlos_audit.looks import run_protocol
 
-    corpus_path = reference_corpus(case)
-    return lambda session, plan, pairs, run_arm: run_protocol(session, plan, pairs, prep.prompts, corpus_path,
+    return lambda session, plan, pairs, run_arm: run_protocol(session, plan, pairs, prep.prompts, corpus,
                                                               prep.lora_sha256, run_arm)
 
 
-def check_reference(case: Case, signature: dict, allow_incompatible: bool) -> None:
-    """Before any generation: the reference corpus (when the case names one) accepts a profile
-    of this signature, and the case's ``replicate_id`` is one of its rows."""
+def check_reference(case: Case, signature: dict, allow_incompatible: bool):
+    """Before any generation: the reference corpus (when the case names one) opened, once for the
+    whole run, and returned (None without one); it accepts a profile of this signature, and the
+    case's ``replicate_id`` is one of its rows."""
     corpus_path = reference_corpus(case)
     if corpus_path is None:
-        return
+        return None
     from carlos_audit.analysis.replication import check_replicate_id
-    from carlos_audit.corpus.placement import check_corpus_signature
+    from carlos_audit.corpus.placement import check_corpus_signature, open_reference_corpus
 
-    check_corpus_signature(corpus_path, signature, allow_incompatible)
-    check_replicate_id(corpus_path, case.reference["replicate_id"])
+    corpus = open_reference_corpus(corpus_path)
+    check_corpus_signature(corpus, signature, allow_incompatible)
+    check_replicate_id(corpus, case.reference["replicate_id"])
+    return corpus
 
 
 def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | None = None,
-                allow_incompatible: bool = False, units: CaseStore | None = None) -> CaseResult:
+                allow_incompatible: bool = False, units: CaseStore | None = None,
+                opened: Opened | None = None) -> CaseResult:
     """The model-free end of a run, on a case folder whose units are all generated: the analysis
     step (metrics.json, comparison.json), the manifest built from ``record`` and the unit records,
     custody (every input hashed again) and manifest.json last. Loads no model, imports no torch.
-    ``units``: the run's unit store (its unit records and features already read), else the folder's."""
+    ``units``: the run's unit store (its unit records and features already read), else the folder's;
+    ``opened``: the corpus, prompts and arm plan the run already holds (a build's finalize unit
+    passes none: they are read here, once)."""
     from carlos_audit.analysis.case_analysis import analyse_case
     from carlos_audit.casefolder.store import hash_inputs
 
@@ -122,9 +143,11 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
     folder = CaseFolder(out)
     if units is not None:
         folder.units = units
-    manifest = build_manifest(case, folder, record, argv)
+    opened = opened or Opened()
+    manifest = build_manifest(case, folder, record, argv, opened)
     allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
-    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible, store=folder.units)
+    metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible,
+                                       store=folder.units, corpus=opened.corpus, loras=opened.loras)
     for r in (metrics, comparison):
         if r is not None:
             r.write(out)
@@ -143,22 +166,25 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
     return CaseResult(out, manifest, metrics, comparison)
 
 
-def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list[str] | None) -> Manifest:
+def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list[str] | None,
+                   opened: Opened | None = None) -> Manifest:
     """manifest.json before analysis and custody: the run record, the arm plan, the pair rows
-    read from the unit records, the cost summed from them."""
+    read from the unit records, the cost summed from them. The prompts and the arm plan are
+    those in ``opened`` when the run holds them, else read and built here."""
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.cost import case_cost
 
     store, out = folder.units, folder.root
     run_info = read_json(out / "run.json")
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
+    opened = opened or Opened()
+    prompts = opened.prompts if opened.prompts is not None else load_prompts(case.protocol["prompts"], case.base_dir)[0]
     pc = case.protocol
     from carlos_audit.case.sequential import run_pairs
 
     # a sequential case: the pairs of the looks it ran
     pairs = run_pairs(enumerate_pairs(prompts, pc["seeds"], pc["batch_size"]), record.sequential)
     lora_sha = next(e["sha256"] for e in record.inputs if e["role"] == "lora")
-    plan = plan_arms(case, lora_sha, record.comparison_loras)
+    plan = opened.plan if opened.plan is not None else plan_arms(case, lora_sha, record.comparison_loras)
     return Manifest(
         case=dict(case.case),
         tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},

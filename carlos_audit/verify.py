@@ -30,6 +30,7 @@ import numpy as np
 from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
 from carlos_audit.records import Manifest
+from carlos_audit.vectors import cosine
 
 EMBEDDING_COSINE_TOLERANCE = 0.999
 METRICS_RTOL = 1e-9
@@ -207,7 +208,8 @@ def check_regenerated(folder: CaseFolder, sample: int, seed: int, progress: bool
                 same_image = now["image_sha256"] == rec["image_sha256"]
                 f = store.feature(arm_name, m["pair_id"])
                 stored = folder.units.feature(arm_name, m["pair_id"])
-                cos = float(f @ stored / (np.linalg.norm(f) * np.linalg.norm(stored) or 1.0))
+                cos = cosine(f, stored)
+                cos = 0.0 if cos is None else cos  # a zero embedding never passes the tolerance
                 if not differences:
                     ok, detail = same_image, ("image hash identical" if same_image else "image hash differs on the same platform")
                 else:

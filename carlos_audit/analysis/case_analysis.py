@@ -17,7 +17,6 @@ from carlos_audit.case.casefile import Case, expand_path
 from carlos_audit.casefolder import CaseFolder
 from carlos_audit.casefolder.store import CaseStore, load_npy
 from carlos_audit.errors import AuditError
-from carlos_audit.hashing import sha256_file
 from carlos_audit.records import Comparison, Manifest, Metrics
 
 
@@ -28,8 +27,9 @@ def _diffs(store: CaseStore, manifest: Manifest, profile: str, ids: list[str]) -
     return diffs(store.features(l, ids), store.features(b, ids))
 
 
-def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Metrics:
-    """metrics.json: the CARLoS representation of the main profile, then the indicators."""
+def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case, corpus=None) -> Metrics:
+    """metrics.json: the CARLoS representation of the main profile, then the indicators.
+    ``corpus``: the case's opened reference Corpus, when the caller holds it (claimed works)."""
     from carlos_audit.analysis import indicators as ind
     from carlos_audit.analysis.metrics import compute_metrics, diffs
 
@@ -69,18 +69,20 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Me
     if manifest.claimed_works:  # [claimed_works]: analysis/claimed.py
         from carlos_audit.analysis.claimed import claimed_works_metrics
 
-        out.claimed_works = claimed_works_metrics(store, manifest, case)
+        out.claimed_works = claimed_works_metrics(store, manifest, case, corpus)
     return out
 
 
-def head_to_head(store: CaseStore, manifest: Manifest) -> list[dict]:
-    """comparison.json ``head_to_head``: behaviour (shared base arm) and weights, per comparison LoRA."""
+def head_to_head(store: CaseStore, manifest: Manifest, loras: dict | None = None) -> list[dict]:
+    """comparison.json ``head_to_head``: behaviour (shared base arm) and weights, per comparison
+    LoRA. ``loras``: {path: LoraFile} as the run read them (else each file is read here)."""
     from carlos_audit.analysis.head_to_head import behaviour, weights
 
     p, rows = manifest.protocol, manifest.pairs
     ids = [r["pair_id"] for r in rows]
     d_t = _diffs(store, manifest, "main", ids)
-    target = _checked(manifest.lora["path"], manifest.lora["sha256"])
+    loras = loras or {}
+    target = _checked(manifest.lora["path"], manifest.lora["sha256"], loras.get(manifest.lora["path"]))
     results = []
     for c in manifest.comparison_loras:
         prof = f"comparison:{c['adapter']}"
@@ -89,54 +91,73 @@ def head_to_head(store: CaseStore, manifest: Manifest) -> list[dict]:
             "arm": p["profiles"][prof][1],
             "behaviour": behaviour(d_t, _diffs(store, manifest, prof, ids), rows, p["bootstrap_resamples"],
                                    p["bootstrap_seed"]),
-            "weights": weights(target, _checked(c["path"], c["sha256"])),
+            "weights": weights(target, _checked(c["path"], c["sha256"], loras.get(c["path"]))),
         })
     return results
 
 
-def _checked(path: str, sha256: str) -> Path:
-    """A LoRA file the analysis reads, refused when it is not the one the run used."""
-    if not Path(path).is_file() or sha256_file(path) != sha256:
+def _checked(path: str, sha256: str, source=None):
+    """A LoRA file the analysis reads, refused when it is not the one the run used; ``source``:
+    the LoraFile the run read it as (its bytes are those hashed: not read again)."""
+    from carlos_audit.lora.fileformat import LoraFile
+
+    if source is None and Path(path).is_file():
+        source = LoraFile(path, allow_unsafe_pickle=True)  # read once: hashed here, parsed by the comparison
+    if source is None or source.sha256 != sha256:
         raise AuditError(f"LoRA {path} is missing or differs from the file the case ran with (sha256 {sha256[:12]}...)")
-    return Path(path)
+    return source
 
 
-def sequential_placement(store: CaseStore, manifest: Manifest, corpus_path: Path) -> dict:
-    """comparison.json ``target.sequential`` of a sequential case (analysis/sequential.py)."""
+def sequential_placement(store: CaseStore, manifest: Manifest, corpus) -> dict:
+    """comparison.json ``target.sequential`` of a sequential case (analysis/sequential.py), against
+    the opened reference Corpus."""
     from carlos_audit.analysis.sequential import comparison_record, stopped_look
     from carlos_audit.corpus.placement import own_row
-    from carlos_audit.corpus.store import load_corpus
 
-    corpus = load_corpus(corpus_path)
     ids = [r["pair_id"] for r in manifest.pairs]
     ev = stopped_look(_diffs(store, manifest, "main", ids), [r["prompt_id"] for r in manifest.pairs],
                       manifest.sequential, manifest.protocol, corpus, own_row(corpus, manifest.lora["sha256"]))
     return comparison_record(ev)
 
 
+def open_case_corpus(case: Case):
+    """The case's reference corpus opened (None when it names none): once per analysis."""
+    if not case.reference.get("corpus"):
+        return None
+    from carlos_audit.corpus.store import load_corpus
+
+    corpus_path = expand_path(case.reference["corpus"], case.base_dir)
+    if not corpus_path.exists():
+        raise AuditError(f"reference corpus {corpus_path} does not exist")
+    return load_corpus(corpus_path)
+
+
 def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *, allow_incompatible: bool = False,
-                 store: CaseStore | None = None) -> tuple[Metrics, Comparison | None]:
+                 store: CaseStore | None = None, corpus=None, loras: dict | None = None) -> tuple[Metrics, Comparison | None]:
     """The metrics and the comparison (None when the case has neither comparison LoRAs nor a
     reference corpus) of a case folder whose units are all done. Writes nothing. ``store``: the
-    folder's unit store when the caller holds one (its features already read)."""
+    folder's unit store when the caller holds one (its features already read); ``corpus``: the
+    case's reference Corpus as the run opened it (else opened here, once, for every part);
+    ``loras``: {path: LoraFile} of the LoRA files as the run read them."""
     store = store if store is not None else CaseStore(case_dir)
-    metrics = compute_case_metrics(store, manifest, case)
+    if corpus is None:
+        corpus = open_case_corpus(case)
+    metrics = compute_case_metrics(store, manifest, case, corpus)
     comparison = Comparison()
     if manifest.comparison_loras:
-        comparison.head_to_head = head_to_head(store, manifest)
-    if case.reference.get("corpus"):
+        comparison.head_to_head = head_to_head(store, manifest, loras)
+    if corpus is not None:
         from carlos_audit.analysis.replication import replication
         from carlos_audit.corpus.placement import place_in_corpus
 
-        corpus_path = expand_path(case.reference["corpus"], case.base_dir)
-        placement = place_in_corpus(corpus_path, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
+        placement = place_in_corpus(corpus, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
                                     lora_sha256=manifest.lora["sha256"], head_to_head=comparison.head_to_head,
                                     allow_incompatible=allow_incompatible or case.reference["allow_incompatible"])
         comparison.corpus, comparison.target, comparison.corpus_points = (
             placement["corpus"], placement["target"], placement["corpus_points"])
         if manifest.sequential:
-            comparison.target["sequential"] = sequential_placement(store, manifest, corpus_path)
-        comparison.replication = replication(store, manifest, metrics, corpus_path, case.reference.get("replicate_id"))
+            comparison.target["sequential"] = sequential_placement(store, manifest, corpus)
+        comparison.replication = replication(store, manifest, metrics, corpus, case.reference.get("replicate_id"))
     if comparison.head_to_head is None and comparison.corpus is None:
         return metrics, None
     return metrics, comparison

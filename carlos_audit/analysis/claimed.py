@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from carlos_audit.analysis.indicators import prompt_resamples
-from carlos_audit.analysis.claimed_calibration import cos
+from carlos_audit.vectors import cosine
 from carlos_audit.analysis.metrics import percentile_ci
 from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
@@ -56,8 +56,8 @@ def alignment(works: np.ndarray, base: np.ndarray, lora: np.ndarray, boots: list
     d = lora - base
     u = claimed_direction(works, base)
     w_mean = works.mean(axis=0)
-    resampled = [cos(d[b].mean(axis=0), w_mean - base[b].mean(axis=0)) for b in boots]
-    return {"value": cos(d.mean(axis=0), u), "ci": percentile_ci(resampled), "u_norm": float(np.linalg.norm(u)),
+    resampled = [cosine(d[b].mean(axis=0), w_mean - base[b].mean(axis=0)) for b in boots]
+    return {"value": cosine(d.mean(axis=0), u), "ci": percentile_ci(resampled), "u_norm": float(np.linalg.norm(u)),
             "direction_norm": float(np.linalg.norm(d.mean(axis=0)))}
 
 
@@ -106,8 +106,9 @@ def nearest_examples(works: np.ndarray, base: np.ndarray, lora: np.ndarray, rows
     return out
 
 
-def claimed_works_metrics(store, manifest, case) -> dict:
-    """metrics.json ``claimed_works`` of a case whose manifest records claimed works."""
+def claimed_works_metrics(store, manifest, case, corpus=None) -> dict:
+    """metrics.json ``claimed_works`` of a case whose manifest records claimed works; ``corpus``:
+    the case's reference corpus when the caller opened it (else it is opened here)."""
     from carlos_audit.analysis.claimed_calibration import calibration, open_rater, sensitivity
     from carlos_audit.case.paths import reference_corpus
     from carlos_audit.run.claimed import claimed_features
@@ -125,7 +126,7 @@ def claimed_works_metrics(store, manifest, case) -> dict:
     boots = prompt_resamples(prompt_ids, n, seed)
     align = alignment(works, base, lora, boots)
     changes = pair_changes(works, base, lora)
-    rater, head = open_rater(reference_corpus(case), manifest, (case.reference or {}).get("replicate_id"))
+    rater, head = open_rater(corpus if corpus is not None else reference_corpus(case), manifest, (case.reference or {}).get("replicate_id"))
     calib = calibration(rater, head, claimed_direction(works, base), align)
     return {
         "definition": DEFINITION,
@@ -164,7 +165,7 @@ def claimed_checks(folder: CaseFolder) -> list[tuple[str, bool, str]]:
     b_arm, l_arm = folder.main_profile()
     base = store.features(b_arm, ids).astype(np.float64)
     d = store.features(l_arm, ids).astype(np.float64) - base
-    again = cos(d.mean(axis=0), claimed_direction(claimed_features(store, rec), base))
+    again = cosine(d.mean(axis=0), claimed_direction(claimed_features(store, rec), base))
     try:
         stored = ((folder.metrics.claimed_works or {}).get("alignment") or {}).get("value")
     except AuditError:

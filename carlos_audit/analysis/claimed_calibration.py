@@ -17,21 +17,14 @@ as every bootstrap, indicators.prompt_resamples, over work ids instead of prompt
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from carlos_audit.analysis.indicators import prompt_resamples
 from carlos_audit.analysis.metrics import percentile_ci
+from carlos_audit.vectors import cosine
 
 CHUNK_ROWS = 8192
 N_TOP = 5
-
-
-def cos(a: np.ndarray, b: np.ndarray) -> float | None:
-    """The cosine of two vectors, None when either is zero."""
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else None
 
 
 class Rater:
@@ -96,16 +89,16 @@ def exclusions(corpus, manifest, replicate_id: str | None) -> tuple[np.ndarray, 
     return keep, out
 
 
-def open_rater(corpus_path: Path | None, manifest, replicate_id: str | None = None) -> tuple[Rater | None, dict]:
+def open_rater(corpus, manifest, replicate_id: str | None = None) -> tuple[Rater | None, dict]:
     """(Rater, the record's corpus part) or (None, the refusal): no corpus, or one profiled
-    differently, or of another feature dimension."""
+    differently, or of another feature dimension. ``corpus``: the opened Corpus, its path or None."""
     from carlos_audit.case.signature import check_compatible, unverifiable_fields
-    from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.store import as_corpus
 
-    if corpus_path is None:
+    if corpus is None:
         return None, {"available": False, "refused": "the case names no reference corpus ([reference] corpus), "
                                                      "so no false-alignment rate can be measured"}
-    corpus = load_corpus(corpus_path)
+    corpus = as_corpus(corpus)
     # no path: metrics.json is copied into a kit byte for byte (comparison.json names the corpus's path)
     head = {"corpus": {"name": corpus.meta.get("name"), "n": corpus.n,
                        "corpus_sha256": {k: corpus.meta.get(k) for k in ("directions_sha256", "rows_sha256")}}}
@@ -154,12 +147,12 @@ def sensitivity(works: np.ndarray, base: np.ndarray, lora: np.ndarray, work_ids:
     """Alignment (and false-alignment rate) with each work left out, and over the works resampled."""
     d = (lora - base).mean(axis=0)
     b_mean, m = base.mean(axis=0), works.shape[0]
-    full = cos(d, works.mean(axis=0) - b_mean)
+    full = cosine(d, works.mean(axis=0) - b_mean)
     out: dict = {"n_resamples": n_resamples, "seed": seed, "leave_one_out": [], "note": None}
     if m >= 2:
         total = works.sum(axis=0)
         U = np.stack([(total - works[j]) / (m - 1) - b_mean for j in range(m)])
-        a = [cos(d, x) for x in U]
+        a = [cosine(d, x) for x in U]
         rates = rater.rates(U, a) if rater is not None else [None] * m
         rows = [{"work": w, "alignment": aj, "influence": None if aj is None or full is None else full - aj, "rate": r}
                 for w, aj, r in zip(work_ids, a, rates)]
@@ -169,7 +162,7 @@ def sensitivity(works: np.ndarray, base: np.ndarray, lora: np.ndarray, work_ids:
         return out
     boots = prompt_resamples(work_ids, n_resamples, seed)
     U = np.stack([works[b].mean(axis=0) - b_mean for b in boots])
-    a = [cos(d, x) for x in U]
+    a = [cosine(d, x) for x in U]
     out["resampled"] = {"alignment_ci": percentile_ci(a),
                         "rate_ci": percentile_ci(rater.rates(U, a)) if rater is not None else None}
     return out

@@ -14,18 +14,9 @@ import numpy as np
 
 from carlos_audit.analysis.indicators import prompt_resamples
 from carlos_audit.analysis.metrics import consistency, percentile_ci, strength
+from carlos_audit.vectors import cosine
 
 N_TRIPTYCHS = 3
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float | None:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if np.array_equal(a, b) and np.any(a):
-        return 1.0  # identical vectors: exactly 1, not 1 +- rounding
-    den = np.linalg.norm(a) * np.linalg.norm(b)
-    if den == 0:
-        return None
-    return float(np.clip(a @ b / den, -1.0, 1.0))
 
 
 def behaviour(d_target: np.ndarray, d_cmp: np.ndarray, pairs: list[dict], n_resamples: int, seed: int) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from carlos_audit.analysis.metrics import bootstrap_consistency, consistency, draw_groups, percentile_ci, strength
+from carlos_audit.vectors import cosine
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -142,8 +143,8 @@ def effect_labels(direction: np.ndarray, words: list[tuple[str, str]], signature
     d = np.asarray(direction, dtype=np.float64)
     scored = []
     for (group, w), sig in zip(words, signatures, strict=True):
-        den = np.linalg.norm(sig) * np.linalg.norm(d)
-        scored.append({"label": w, "group": group, "score": float(sig @ d / den) if den > 0 else 0.0})
+        score = cosine(sig, d)  # a zero signature or Direction scores 0.0: every word is then ranked by name
+        scored.append({"label": w, "group": group, "score": 0.0 if score is None else score})
     scored.sort(key=lambda r: (-r["score"], r["label"]))
     return {"definition": "cosine of the Direction with each concept word's text signature over the retrieval prompts",
             "vocabulary_size": len(words), "top": scored[:top],

@@ -16,8 +16,6 @@ The ``replication`` part of comparison.json (analysis/case_analysis); the report
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from carlos_audit.errors import AuditError
@@ -37,17 +35,20 @@ def find_row(corpus, lora_sha256: str, replicate_id: str | None) -> tuple[int, s
     return None
 
 
-def check_replicate_id(corpus_path: Path, replicate_id: str | None) -> None:
-    """Refuse before any generation a replicate_id that names no row of the corpus."""
+def check_replicate_id(corpus, replicate_id: str | None) -> None:
+    """Refuse before any generation a replicate_id that names no row of the corpus (a Corpus or its path)."""
     if replicate_id:
-        from carlos_audit.corpus.store import load_corpus
+        from carlos_audit.corpus.store import as_corpus
 
-        find_row(load_corpus(corpus_path), "", replicate_id)
+        find_row(as_corpus(corpus), "", replicate_id)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+    """vectors.cosine, with nan (left out by nanpercentile) where it is undefined (a zero vector)."""
+    from carlos_audit.vectors import cosine
+
+    c = cosine(a, b)
+    return float("nan") if c is None else c
 
 
 def replication_table(d: np.ndarray, prompt_ids: list[str], metrics: dict, published: dict,
@@ -75,13 +76,14 @@ def replication_table(d: np.ndarray, prompt_ids: list[str], metrics: dict, publi
     return {"rows": rows, "n_resamples": n_resamples, "seed": seed}
 
 
-def replication(store, manifest, metrics, corpus_path: Path, replicate_id: str | None) -> dict | None:
-    """comparison.json ``replication`` when the case's LoRA is a row of its corpus (None otherwise),
-    from the stored features (``store``), the case's records.Manifest and records.Metrics."""
+def replication(store, manifest, metrics, corpus, replicate_id: str | None) -> dict | None:
+    """comparison.json ``replication`` when the case's LoRA is a row of its corpus (the opened
+    Corpus, or its path; None otherwise), from the stored features (``store``), the case's
+    records.Manifest and records.Metrics."""
     from carlos_audit.analysis.metrics import diffs
-    from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.store import as_corpus
 
-    corpus = load_corpus(corpus_path)
+    corpus = as_corpus(corpus)
     hit = find_row(corpus, manifest.lora["sha256"], replicate_id)
     if hit is None:
         return None

@@ -9,13 +9,13 @@ result says ``ready`` only when ``run`` could start.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
 from carlos_audit.case.init import PLACEHOLDER  # what ``init`` writes; ``run`` refuses a case that still has it
 from carlos_audit.errors import AuditError
+from carlos_audit.run.intake import input_paths  # the one resolver of input paths, shared with ``run``
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -31,30 +31,10 @@ def require_filled(case) -> None:
                          "`carlos-audit init`; fill them in before running")
 
 
-def hf_hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
-    return Path(home) / "hub"
-
-
-def hub_snapshot_with(repo_id: str, files: tuple) -> Path | None:
-    """The cached snapshot of ``repo_id`` (refs/main, else any) holding all ``files``, or None."""
-    root = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
-    snaps = root / "snapshots"
-    if not snaps.is_dir():
-        return None
-    ref = root / "refs" / "main"
-    candidates = [snaps / ref.read_text().strip()] if ref.is_file() else []
-    candidates += sorted(p for p in snaps.iterdir() if p.is_dir())
-    for snap in candidates:
-        if all(any(snap.glob(f)) for f in files):
-            return snap
-    return None
-
-
 def _hub_item(role: str, repo: str, files: tuple, what: str) -> dict:
-    snap = hub_snapshot_with(repo, files)
+    from carlos_audit.models.hub import cached_snapshot, hf_hub_cache
+
+    snap = cached_snapshot(repo, files)
     if snap is not None:
         return {"role": role, "status": "present", "source": f"hf:{repo}", "path": str(snap)}
     return {"role": role, "status": "missing", "source": f"hf:{repo}",
@@ -64,12 +44,10 @@ def _hub_item(role: str, repo: str, files: tuple, what: str) -> dict:
 
 
 def _base_model_item(case) -> tuple[dict, str]:
-    from carlos_audit.case.casefile import expand_path
-
     src = case.base_model["source"]
     if src.startswith("embedded:"):
         return {"role": "base_model", "status": "present", "source": src, "detail": "built from code on first use"}, src
-    p = expand_path(src, case.base_dir)
+    p = input_paths(case)["base_model"]
     if p.exists():
         ok = p.is_file() and p.suffix.lower() == ".safetensors" or (p / "model_index.json").is_file()
         item = {"role": "base_model", "status": "present" if ok else "invalid", "source": src, "path": str(p)}
@@ -127,7 +105,7 @@ def _embedder_item(case) -> tuple[dict, str]:
         return _hub_item("embedder", ref, files, "embedder"), f"hf-transformers:{ref}"
     identity = f"open_clip:{model}/{pre}"
     if pre:
-        p = expand_path(pre, case.base_dir)
+        p = input_paths(case)["embedder"]
         if p.exists():
             return {"role": "embedder", "status": "present", "source": model, "path": str(p)}, f"open_clip:{model}/file:{p.name}"
     return {"role": "embedder", "status": "unchecked", "source": identity,
@@ -149,10 +127,9 @@ def _file_item(role: str, path: Path, want_sha: str | None = None) -> dict:
 
 
 def _lora_item(case) -> tuple[dict, dict | None]:
-    from carlos_audit.case.casefile import expand_path
     from carlos_audit.lora.intake import inspect_lora
 
-    item = _file_item("lora", expand_path(case.lora["path"], case.base_dir), case.lora.get("sha256"))
+    item = _file_item("lora", input_paths(case)["lora"], case.lora.get("sha256"))
     if item["status"] != "present":
         if item["status"] == "missing":
             item["supply"] = "put the disputed LoRA there, or point lora.path at it (`carlos-audit init LORA` writes a case for it)"
@@ -257,10 +234,7 @@ def check_case(casefile) -> dict:
 
         items.append({"role": "prompts", "status": "missing", "source": case.protocol["prompts"], "detail": str(e),
                       "supply": FETCH_COMMAND if case.protocol["prompts"].startswith("builtin:carlos-") else None})
-    from carlos_audit.case.casefile import expand_path
-
-    for i, c in enumerate(case.comparison["loras"], start=1):
-        items.append(_file_item(f"comparison_lora_{i}", expand_path(c, case.base_dir)))
+    items += [_file_item(role, p) for role, p in input_paths(case).items() if role.startswith("comparison_lora_")]
     from carlos_audit.run.claimed import check_items
 
     items += check_items(case)  # [claimed_works]: pinned, present, decodable

@@ -138,12 +138,29 @@ def environment_differences(env_a: dict, env_b: dict) -> list[str]:
     return out + [f for f in bit_fields(env_a) if f != "packages" and a[f] != b[f]]
 
 
+#: the generation parameters a reproducibility key holds (``max_sequence_length`` only where set: FLUX.1)
+KEY_PARAMS = ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "seed_mode",
+              "max_sequence_length")
+
+
+def key_params(protocol: dict, scheduler: str) -> dict:
+    """The ``params`` of a reproducibility key, from a case's ``[protocol]`` (or a run's generation
+    parameters) and the scheduler class: the one list for the run's base-image cache and the corpus
+    build's shared base arm. ``max_sequence_length`` is left out when unset, so the Stable
+    Diffusion keys are those of earlier runs and builds."""
+    out = {k: protocol.get(k) for k in KEY_PARAMS[:-2]} | {"scheduler": scheduler,
+                                                           "seed_mode": protocol.get("seed_mode") or "per-image"}
+    if protocol.get("max_sequence_length") is not None:
+        out["max_sequence_length"] = protocol["max_sequence_length"]
+    return out
+
+
 def reproducibility_key(*, base_model, params: dict, batch_size: int, prompts_sent: list[str], seeds: list[int],
                         environment: dict, extra: dict | None = None) -> tuple[str, dict]:
     """The key of a batch (or an arm) of images: sha256 of everything that fixes their bytes, and
     the description hashed. ``base_model`` identifies the weights (a sha256, or the case's source
-    and expected hash when nothing is loaded yet); ``params`` are the generation parameters;
-    ``environment`` an environment record (only its ``bits_environment`` part counts); ``extra``
+    and expected hash when nothing is loaded yet); ``params`` are the generation parameters
+    (``key_params``); ``environment`` an environment record (only its ``bits_environment`` part counts); ``extra``
     whatever else the caller's files depend on (the corpus build's shared arm: the embedder)."""
     desc = {"base_model": base_model, "params": dict(params), "batch_size": int(batch_size),
             "batch": [[p, int(sd)] for p, sd in zip(prompts_sent, seeds, strict=True)],

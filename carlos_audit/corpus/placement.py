@@ -21,19 +21,19 @@ import numpy as np
 from carlos_audit.errors import AuditError
 
 
-def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: dict, lora_sha256: str,
+def place_in_corpus(corpus, metrics, *, top_k: int = 10, signature: dict, lora_sha256: str,
                     allow_incompatible: bool = False, head_to_head: list | None = None) -> dict:
-    """``metrics``: the case's records.Metrics. Refuses a corpus profiled differently (unless
+    """``corpus``: the opened reference Corpus (or its path); ``metrics``: the case's records.Metrics. Refuses a corpus profiled differently (unless
     ``allow_incompatible``). The corpus's false-match rates are added to the neighbours and, in
     place, to the ``head_to_head`` entries (corpus/validate.calibrate)."""
     from carlos_audit.case.signature import require_compatible
     from carlos_audit.corpus.search import neighbours_for_vector
-    from carlos_audit.corpus.store import load_corpus
+    from carlos_audit.corpus.store import Corpus, as_corpus
     from carlos_audit.corpus.validate import calibrate
 
-    if not Path(corpus_path).exists():
-        raise AuditError(f"reference corpus {corpus_path} does not exist")
-    corpus = load_corpus(corpus_path)
+    if not isinstance(corpus, Corpus) and not Path(corpus).exists():
+        raise AuditError(f"reference corpus {corpus} does not exist")
+    corpus = as_corpus(corpus)
     compat = require_compatible(corpus.signature, signature, allow_incompatible=allow_incompatible)
     own = own_row(corpus, lora_sha256)
     exclude = None if own is None else corpus.ids[own]
@@ -45,7 +45,7 @@ def place_in_corpus(corpus_path: Path, metrics, *, top_k: int = 10, signature: d
     cons = np.asarray(corpus.consistency, dtype=float)[keep]
     result = {
         "corpus": {
-            "path": str(Path(corpus_path).resolve()), "name": corpus.meta.get("name"), "n": corpus.n,
+            "path": str(Path(corpus.path).resolve()), "name": corpus.meta.get("name"), "n": corpus.n,
             "signature": corpus.signature, "compatible": not compat["differing"],
             "differing_fields": compat["differing"], "unverifiable_fields": compat["unverifiable"],
             "allow_incompatible": bool(allow_incompatible), "excluded_row": exclude,
@@ -72,11 +72,19 @@ def own_row(corpus, lora_sha256: str) -> int | None:
     return None
 
 
-def check_corpus_signature(corpus_path: Path, case_signature: dict, allow_incompatible: bool) -> dict:
-    """Refuse before any generation when the corpus was profiled differently."""
-    from carlos_audit.case.signature import require_compatible
+def open_reference_corpus(corpus_path: Path):
+    """The case's reference corpus, opened (hashes checked) once for a whole run."""
     from carlos_audit.corpus.store import load_corpus
 
     if not (Path(corpus_path) / "corpus.json").is_file():
         raise AuditError(f"reference corpus {corpus_path} is not a corpus (no corpus.json)")
-    return require_compatible(load_corpus(corpus_path).signature, case_signature, allow_incompatible=allow_incompatible)
+    return load_corpus(corpus_path)
+
+
+def check_corpus_signature(corpus, case_signature: dict, allow_incompatible: bool) -> dict:
+    """Refuse before any generation when the corpus (a Corpus, or its path) was profiled differently."""
+    from carlos_audit.case.signature import require_compatible
+    from carlos_audit.corpus.store import Corpus
+
+    corpus = corpus if isinstance(corpus, Corpus) else open_reference_corpus(corpus)
+    return require_compatible(corpus.signature, case_signature, allow_incompatible=allow_incompatible)

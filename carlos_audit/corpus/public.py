@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from carlos_audit.case.protocol import FETCHED_HEADER, PUBLIC_NAME, public_corpus_dir
+from carlos_audit.case.protocol import PUBLIC_NAME, public_corpus_dir
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_json_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
@@ -45,11 +45,6 @@ SET_FUNCTIONS = {"indexing": "prompts_for_indexing", "retrieval": "prompts_for_r
 
 def default_dest() -> Path:
     return public_corpus_dir()
-
-
-def fetched_prompts_path() -> Path:
-    """The corpus header that holds the fetched prompt sets (``prompt_sets``): its corpus.json."""
-    return default_dest() / FETCHED_HEADER
 
 
 def wheel_cache() -> Path:

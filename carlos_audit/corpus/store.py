@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
-from carlos_audit.hashing import sha256_file
+from carlos_audit.hashing import sha256_bytes, sha256_file
 
 SCHEMA = "carlos-audit/corpus/1"
 META_FILE = "corpus.json"
@@ -151,18 +152,23 @@ class Corpus:
             if not f.is_file():
                 raise AuditError(f"corpus {p} is incomplete: {f.name} is missing")
         _check_rows_file(rp, n)
-        directions = _open_directions(dp, n, dim, dtype)
-        c = cls(p, meta, directions)
         if verify is None:
             verify = rp.stat().st_size + dp.stat().st_size <= AUTO_VERIFY_BYTES
+        # one read of the file: whole and hashed when it is verified and small enough, else mapped
+        whole = verify and dp.stat().st_size <= AUTO_VERIFY_BYTES
+        directions, digest = _open_directions(dp, n, dim, dtype, whole=whole)
+        c = cls(p, meta, directions)
         if verify:
-            c.verify()
+            c.verify({DIRECTIONS_FILE: digest})
         return c
 
-    def verify(self) -> None:
-        """Check both data files against the sha256 in corpus.json, and that ids are unique."""
+    def verify(self, digests: dict | None = None) -> None:
+        """Check both data files against the sha256 in corpus.json, and that ids are unique.
+        ``digests``: {file name: sha256} already computed from the bytes just read (``open``);
+        the other files are hashed here."""
         for fname, key in ((DIRECTIONS_FILE, "directions_sha256"), (ROWS_FILE, "rows_sha256")):
-            if sha256_file(self.path / fname) != self.meta[key]:
+            digest = (digests or {}).get(fname) or sha256_file(self.path / fname)
+            if digest != self.meta[key]:
                 raise AuditError(f"corpus {self.path}: {fname} does not match the sha256 in {META_FILE} "
                                  f"(changed after it was written)")
         self._id_index()
@@ -334,15 +340,32 @@ def _check_rows_file(rp: Path, n: int) -> None:
             raise AuditError(f"{rp} is garbled: column row must be 0..n-1 in order")
 
 
-def _open_directions(dp: Path, n: int, dim: int | None, dtype: np.dtype) -> np.ndarray:
+def _open_directions(dp: Path, n: int, dim: int | None, dtype: np.dtype, whole: bool) -> tuple[np.ndarray, str | None]:
+    """The direction matrix, from one open of the file: read whole and hashed (``whole``: the
+    corpus is verified on opening; returns the sha256 of the bytes read), else memory-mapped."""
+    import io
+
     try:
         with open(dp, "rb") as f:
-            version = np.lib.format.read_magic(f)
+            raw = f.read() if whole else None
+            src = io.BytesIO(raw) if whole else f
+            version = np.lib.format.read_magic(src)
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, fdtype = reader(f)
-            offset = f.tell()
+            shape, fortran, fdtype = reader(src)
+            offset = src.tell()
+            size = len(raw) if whole else os.fstat(f.fileno()).st_size
+            _check_directions(dp, (shape, fortran, fdtype, offset, size), n, dim, dtype)
+            if shape[0] * shape[1] == 0:
+                return np.zeros(shape, dtype=dtype), sha256_bytes(raw) if whole else None
+            if whole:
+                return np.frombuffer(raw, dtype=dtype, count=shape[0] * shape[1], offset=offset).reshape(shape), sha256_bytes(raw)
+            return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape), None
     except (ValueError, OSError, SyntaxError) as e:
         raise AuditError(f"{dp} is not a valid .npy file: {e}") from None
+
+
+def _check_directions(dp: Path, header: tuple, n: int, dim: int | None, dtype: np.dtype) -> None:
+    shape, fortran, fdtype, offset, size = header
     if fortran or fdtype != dtype:
         raise AuditError(f"{dp}: expected a C-order {dtype.str} matrix, found {fdtype.str}"
                          f"{' (Fortran order)' if fortran else ''}")
@@ -350,12 +373,8 @@ def _open_directions(dp: Path, n: int, dim: int | None, dtype: np.dtype) -> np.n
         raise AuditError(f"corpus is inconsistent: {dp.name} has shape {shape}, {META_FILE} says ({n}, {dim}) "
                          f"(an interrupted write?)")
     expected = offset + shape[0] * shape[1] * dtype.itemsize
-    size = dp.stat().st_size
     if size != expected:
         raise AuditError(f"{dp} is truncated or padded: {size} bytes, expected {expected}")
-    if shape[0] * shape[1] == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.load(dp, mmap_mode="r")
 
 
 def load_corpus(path, verify: bool | None = None) -> Corpus:

@@ -46,7 +46,7 @@ import numpy as np
 from carlos_audit.corpus.store import META_FILE, TABLES_FILE, WHITENING_FILE, Corpus, as_corpus, column_array
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_json_atomic
-from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.hashing import sha256_bytes
 
 VALIDATION_SCHEMA = "carlos-audit/corpus-validation/1"
 VALIDATION_FILES = (TABLES_FILE, WHITENING_FILE)
@@ -322,9 +322,10 @@ def _load_from(c: Corpus, rec, folder: Path, stored: bool) -> Validation | None:
         if want is None:
             arrays[name] = None
             continue
-        if not p.is_file() or sha256_file(p) != want:
+        raw = p.read_bytes() if p.is_file() else None  # read once: hashed, then parsed
+        if raw is None or sha256_bytes(raw) != want:
             return None
-        arrays[name] = np.load(p, allow_pickle=False)
+        arrays[name] = np.load(io.BytesIO(raw), allow_pickle=False)
     if arrays[TABLES_FILE] is None:
         return None
     return Validation(rec, arrays[TABLES_FILE], arrays[WHITENING_FILE], stored=stored)

@@ -60,14 +60,13 @@ def shared_arm_key(case, arm, pairs, environment: dict) -> str:
     reproducibility key (case/signature.py) of the whole arm, with the base model as the case names
     it, the embedder (the shared folder holds embeddings too), and ``environment``, the build's
     (``planned_environment``)."""
-    from carlos_audit.case.signature import reproducibility_key
+    from carlos_audit.case.signature import key_params, reproducibility_key
 
     pc = case.protocol
     key, _ = reproducibility_key(
         base_model={"source": case.base_model["source"], "sha256": case.base_model.get("sha256"),
                     "base_dir": str(case.base_dir)},
-        params={k: pc[k] for k in ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt",
-                                   "seed_mode")},
+        params=key_params(pc, pc["scheduler"]),
         batch_size=pc["batch_size"],
         prompts_sent=[arm.prompt_for(p.prompt.text, list(case.lora["trigger_words"])) for p in pairs],
         seeds=[p.seed for p in pairs], environment=environment,

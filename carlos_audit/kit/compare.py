@@ -39,11 +39,14 @@ METRIC_TOLERANCE = 1e-3
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
-    return float(np.dot(a, b) / (na * nb))
+    """vectors.cosine; where it is undefined, a zero vector reproduced as zero agrees (1.0) and
+    a zero vector against a non-zero one does not (0.0)."""
+    from carlos_audit.vectors import cosine
+
+    c = cosine(a, b)
+    if c is None:
+        return 1.0 if not np.any(a) and not np.any(b) else 0.0
+    return c
 
 
 def image_difference(a_png: bytes, b_png: bytes) -> dict:

@@ -35,6 +35,7 @@ tensors, and only when such a tensor is read.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -108,17 +109,18 @@ def _reject_duplicate_keys(pairs):
     return obj
 
 
-def read_header(path: str | Path) -> tuple[dict, int, int]:
+def read_header(path: str | Path, data: bytes | None = None) -> tuple[dict, int, int]:
     """Validate a safetensors file; return ``(header, payload_start, file_size)``.
 
     ``payload_start`` is ``8 + header length``. Reads only the 8-byte length and the header,
-    never the payload. See ``validate_safetensors`` for what is refused.
+    never the payload; from ``data`` (the file's bytes, already read: ``LoraFile``) when given.
+    See ``validate_safetensors`` for what is refused.
     """
     path = Path(path)
-    size = _check_regular_file(path)
+    size = _check_regular_file(path) if data is None else len(data)
     if size < 8:
         raise AuditError(f"{path} is too short to be safetensors ({size} bytes; at least 8 needed)")
-    with open(path, "rb") as f:
+    with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES:
             raise AuditError(
@@ -232,15 +234,18 @@ def validate_safetensors(path: str | Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _starts_like_pickle(path: Path, size: int) -> bool:
+def _starts_like_pickle(path: Path, size: int, data: bytes | None = None) -> bool:
     """True if the file starts with pickle (protocol 2-5) or zip magic and is not safetensors.
 
     A safetensors length prefix can begin with the same bytes (e.g. a 640-byte header starts
     ``80 02``), so magic only counts when the prefix is not a plausible safetensors header:
     the declared length must fit in the file and the header must start with ``{``.
     """
-    with open(path, "rb") as f:
-        head = f.read(9)
+    if data is not None:
+        head = data[:9]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(9)
     magic = head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
     if not magic:
         return False
@@ -251,7 +256,7 @@ def _starts_like_pickle(path: Path, size: int) -> bool:
     return True
 
 
-def check_not_pickle(path: str | Path, allow_unsafe_pickle: bool = False) -> bool:
+def check_not_pickle(path: str | Path, allow_unsafe_pickle: bool = False, data: bytes | None = None) -> bool:
     """Refuse a pickle-based checkpoint; return True if ``path`` is one (and was allowed).
 
     A file is pickle-based if its extension is one of ``.ckpt .pt .bin .pth .pkl`` or its
@@ -259,8 +264,8 @@ def check_not_pickle(path: str | Path, allow_unsafe_pickle: bool = False) -> boo
     ``allow_unsafe_pickle`` such a file raises AuditError. This module never unpickles.
     """
     path = Path(path)
-    size = _check_regular_file(path)
-    is_pickle = path.suffix.lower() in PICKLE_EXTENSIONS or _starts_like_pickle(path, size)
+    size = _check_regular_file(path) if data is None else len(data)
+    is_pickle = path.suffix.lower() in PICKLE_EXTENSIONS or _starts_like_pickle(path, size, data)
     if is_pickle and not allow_unsafe_pickle:
         raise AuditError(f"{path}: {_PICKLE_REFUSAL}")
     return is_pickle
@@ -271,10 +276,12 @@ def check_not_pickle(path: str | Path, allow_unsafe_pickle: bool = False) -> boo
 # --------------------------------------------------------------------------------------------
 
 
-def payload_sha256(path: str | Path, payload_start: int | None = None) -> str:
-    """sha256 of the tensor payload (Civitai AutoV3, kohya ``sshs_model_hash``)."""
+def payload_sha256(path: str | Path, payload_start: int | None = None, data: bytes | None = None) -> str:
+    """sha256 of the tensor payload (Civitai AutoV3, kohya ``sshs_model_hash``); of ``data`` when given."""
     if payload_start is None:
-        _, payload_start, _ = read_header(path)
+        _, payload_start, _ = read_header(path, data)
+    if data is not None:
+        return hashlib.sha256(memoryview(data)[payload_start:]).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(payload_start)
@@ -282,3 +289,39 @@ def payload_sha256(path: str | Path, payload_start: int | None = None) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+
+# --------------------------------------------------------------------------------------------
+# A LoRA file read once
+# --------------------------------------------------------------------------------------------
+
+
+class LoraFile:
+    """A LoRA file read once per run (as datasette's ``Database`` holds its ``cached_hash``): its
+    bytes, their sha256, whether it is pickle-based (refused unless ``allow_unsafe_pickle``) and,
+    for safetensors, the validated header. Intake creates one per LoRA file and passes it down
+    (the input record, ``inspect_lora``, the weight comparison), so nothing reads the file again
+    to hash or parse it."""
+
+    def __init__(self, path: str | Path, allow_unsafe_pickle: bool = False):
+        self.path = Path(path)
+        _check_regular_file(self.path)
+        with open(self.path, "rb") as f:
+            self.data = f.read()
+        self.size = len(self.data)
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self.is_pickle = check_not_pickle(self.path, allow_unsafe_pickle, self.data)
+        self._header = None
+
+    def header(self) -> tuple[dict, int, int]:
+        """``read_header`` of the bytes held: ``(header, payload_start, size)``, validated once."""
+        if self._header is None:
+            self._header = read_header(self.path, self.data)
+        return self._header
+
+    def payload_sha256(self) -> str:
+        return payload_sha256(self.path, self.header()[1], self.data)
+
+    def input_record(self, role: str) -> dict:
+        """The run's input entry of this file (as ``run/store.hash_inputs`` writes it)."""
+        return {"role": role, "path": str(self.path), "kind": "file", "size": self.size, "sha256": self.sha256}

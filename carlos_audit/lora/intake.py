@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from carlos_audit.hashing import sha256_file
 from carlos_audit.lora.families_apply import LOW_RANK, family_summary
-from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
+from carlos_audit.lora.fileformat import LoraFile
 from carlos_audit.lora.flux_keys import blocks_touched, is_flux, layout
 from carlos_audit.lora.modules import (
     TensorReader,
@@ -210,12 +209,12 @@ def _summary(values: list) -> dict:
     }
 
 
-def _pickle_report(path: Path, base_model_sha256: str | None) -> dict:
-    digest = sha256_file(path)
+def _pickle_report(source: LoraFile, base_model_sha256: str | None) -> dict:
+    digest = source.sha256
     return {
-        "path": str(path),
-        "file_name": path.name,
-        "size": path.stat().st_size,
+        "path": str(source.path),
+        "file_name": source.path.name,
+        "size": source.size,
         "sha256": digest,
         "autov2": digest[:10],
         "payload_sha256": None,
@@ -237,7 +236,8 @@ def _pickle_report(path: Path, base_model_sha256: str | None) -> dict:
     }
 
 
-def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_model_sha256: str | None = None) -> dict:
+def inspect_lora(path: str | Path | LoraFile, *, allow_unsafe_pickle: bool = False,
+                 base_model_sha256: str | None = None) -> dict:
     """Validate, hash and describe a LoRA file; a JSON-serialisable dict.
 
     Keys: ``path``, ``file_name``, ``size``, ``sha256``, ``autov2``, ``payload_sha256``,
@@ -254,67 +254,27 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
     ``unrecognised_tensors``.
 
     A pickle file allowed with ``allow_unsafe_pickle`` is hashed but not opened: format
-    ``pickle`` and no modules.
+    ``pickle`` and no modules. ``path`` may be the ``LoraFile`` intake read (nothing is then
+    read again to hash or parse it); a path is read once here.
     """
-    path = Path(path)
-    if check_not_pickle(path, allow_unsafe_pickle):
-        return _pickle_report(path, base_model_sha256)
-
-    header, payload_start, size = read_header(path)
+    source = path if isinstance(path, LoraFile) else LoraFile(path, allow_unsafe_pickle)
+    if source.is_pickle:
+        return _pickle_report(source, base_model_sha256)
+    path = source.path
+    header, payload_start, size = source.header()
     metadata = dict(header.get("__metadata__") or {})
     _, _, unrecognised = group_modules(header, str(path))
     modules = read_modules(path, header, payload_start)
     architecture, evidence = detect_architecture(modules)
-
-    rows, total_sq, any_delta = [], 0.0, False
-    with TensorReader(path, header, payload_start) as reader:
-        for name, m in modules.items():
-            down_norm = up_norm = delta_norm = None
-            delta = module_delta(reader, m)
-            if m["kind"] == "lora":  # the factors are the stored tensors, flattened
-                down_norm, up_norm = _fro(delta["down"]), _fro(delta["up"])
-            elif m["kind"] in ("lora_tucker", "dora"):
-                down_norm = _fro(reader.get(m["keys"]["down"]))
-                up_norm = _fro(reader.get(m["keys"]["up"]))
-            parameter_norm = math.sqrt(sum(_fro(reader.get(k)) ** 2 for role, k in m["keys"].items()
-                                           if role not in ("alpha", "on_input")))
-            if "unsupported" not in delta:
-                delta_norm = math.sqrt(max(delta_inner(delta, delta), 0.0))
-                total_sq += delta_norm**2
-                any_delta = True
-            rows.append(
-                {
-                    "name": name,
-                    "kind": m["kind"],
-                    "rank": m["rank"],
-                    "alpha": m["alpha"],
-                    "alpha_source": m["alpha_source"],
-                    "scale": m["scale"],
-                    "in_features": m["in_features"],
-                    "out_features": m["out_features"],
-                    "kernel_size": m["kernel_size"],
-                    "parameter_count": m["parameter_count"],
-                    "down_norm": down_norm,
-                    "up_norm": up_norm,
-                    "delta_norm": delta_norm,
-                    "tensors": sorted(m["keys"].values()),
-                    "weight_decompose": m["weight_decompose"],
-                    "family_parameters": m["family_parameters"],
-                    "parameter_norm": parameter_norm,
-                }
-            )
-
+    rows, weight_norm_total = _module_rows(path, header, payload_start, modules)
     claim = claimed_base_model_hash(metadata)
-    check = base_hash_check(claim, base_model_sha256)["base_model_hash_check"]
-
-    digest = sha256_file(path)
     return {
         "path": str(path),
         "file_name": path.name,
         "size": size,
-        "sha256": digest,
-        "autov2": digest[:10],
-        "payload_sha256": payload_sha256(path, payload_start),
+        "sha256": source.sha256,
+        "autov2": source.sha256[:10],
+        "payload_sha256": source.payload_sha256(),
         "format": detect_format(header),
         "layout": layout(header) if architecture == "flux" else None,
         "architecture": architecture,
@@ -325,10 +285,44 @@ def inspect_lora(path: str | Path, *, allow_unsafe_pickle: bool = False, base_mo
         "families": family_summary(rows),
         "rank_summary": _summary([r["rank"] for r in rows if r["kind"] in LOW_RANK]),
         "alpha_summary": _summary([r["alpha"] for r in rows if r["kind"] in LOW_RANK]),
-        "weight_norm_total": math.sqrt(total_sq) if any_delta else None,
+        "weight_norm_total": weight_norm_total,
         "metadata": metadata,
         "claimed_base_model_hash": claim,
-        "base_model_hash_check": check,
+        "base_model_hash_check": base_hash_check(claim, base_model_sha256)["base_model_hash_check"],
         "trigger_word_hints": trigger_word_hints(metadata),
         "unrecognised_tensors": unrecognised,
     }
+
+
+def _module_rows(path: Path, header: dict, payload_start: int, modules: dict) -> tuple[list[dict], float | None]:
+    """The report's row of every module, and the Frobenius norm of all their dW together (None
+    when no module's dW could be computed)."""
+    rows, total_sq, any_delta = [], 0.0, False
+    with TensorReader(path, header, payload_start) as reader:
+        for name, m in modules.items():
+            row = _module_row(reader, name, m)
+            if row["delta_norm"] is not None:
+                total_sq += row["delta_norm"] ** 2
+                any_delta = True
+            rows.append(row)
+    return rows, (math.sqrt(total_sq) if any_delta else None)
+
+
+def _module_row(reader: TensorReader, name: str, m: dict) -> dict:
+    down_norm = up_norm = delta_norm = None
+    delta = module_delta(reader, m)
+    if m["kind"] == "lora":  # the factors are the stored tensors, flattened
+        down_norm, up_norm = _fro(delta["down"]), _fro(delta["up"])
+    elif m["kind"] in ("lora_tucker", "dora"):
+        down_norm = _fro(reader.get(m["keys"]["down"]))
+        up_norm = _fro(reader.get(m["keys"]["up"]))
+    parameter_norm = math.sqrt(sum(_fro(reader.get(k)) ** 2 for role, k in m["keys"].items()
+                                   if role not in ("alpha", "on_input")))
+    if "unsupported" not in delta:
+        delta_norm = math.sqrt(max(delta_inner(delta, delta), 0.0))
+    return {"name": name, "kind": m["kind"], "rank": m["rank"], "alpha": m["alpha"], "alpha_source": m["alpha_source"],
+            "scale": m["scale"], "in_features": m["in_features"], "out_features": m["out_features"],
+            "kernel_size": m["kernel_size"], "parameter_count": m["parameter_count"], "down_norm": down_norm,
+            "up_norm": up_norm, "delta_norm": delta_norm, "tensors": sorted(m["keys"].values()),
+            "weight_decompose": m["weight_decompose"], "family_parameters": m["family_parameters"],
+            "parameter_norm": parameter_norm}

@@ -36,9 +36,9 @@ import math
 from pathlib import Path
 
 from carlos_audit.errors import AuditError
-from carlos_audit.hashing import sha256_file
-from carlos_audit.lora.fileformat import check_not_pickle, payload_sha256, read_header
+from carlos_audit.lora.fileformat import LoraFile, check_not_pickle
 from carlos_audit.lora.flux_weights import flux_view, view_delta
+from carlos_audit.vectors import cosine_from_products
 from carlos_audit.lora.modules import (
     TensorReader,
     delta_inner,
@@ -48,22 +48,19 @@ from carlos_audit.lora.modules import (
 )
 
 
-def _open(path: Path):
-    check_not_pickle(path)
-    header, payload_start, _ = read_header(path)
-    modules = read_modules(path, header, payload_start)
+def _open(path) -> tuple[LoraFile, dict, int, dict]:
+    """The file (a path, or the ``LoraFile`` a run read once), its header and its modules."""
+    source = path if isinstance(path, LoraFile) else LoraFile(path)
+    if source.is_pickle:
+        check_not_pickle(source.path, False, source.data)  # refused, even where the run allowed it
+    header, payload_start, _ = source.header()
+    modules = read_modules(source.path, header, payload_start)
     if not modules:
-        raise AuditError(f"{path}: no LoRA modules recognised; nothing to compare")
-    return header, payload_start, modules
+        raise AuditError(f"{source.path}: no LoRA modules recognised; nothing to compare")
+    return source, header, payload_start, modules
 
 
-def _cosine(inner: float, sq_a: float, sq_b: float) -> float | None:
-    if sq_a <= 0 or sq_b <= 0:
-        return None
-    return max(-1.0, min(1.0, inner / math.sqrt(sq_a * sq_b)))
-
-
-def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
+def compare_weights(path_a: "str | Path | LoraFile", path_b: "str | Path | LoraFile") -> dict:
     """Compare the weight changes of two LoRA safetensors files; a JSON-serialisable dict.
 
     Keys: ``cosine`` and ``norm_ratio`` (over shared modules, defined in the module docstring;
@@ -73,46 +70,21 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
     ``norm_a``, ``norm_b``, ``format_a``, ``format_b``, ``sha256_a``, ``sha256_b``,
     ``payload_sha256_a``, ``payload_sha256_b``.
 
-    Pickle files are refused. Both files are opened read-only.
+    Pickle files are refused. Both files are opened read-only; either may be the ``LoraFile``
+    a run read (not read again to hash it).
     """
-    path_a, path_b = Path(path_a), Path(path_b)
-    header_a, start_a, modules_a = _open(path_a)
-    header_b, start_b, modules_b = _open(path_b)
+    source_a, header_a, start_a, modules_a = _open(path_a)
+    source_b, header_b, start_b, modules_b = _open(path_b)
+    path_a, path_b = source_a.path, source_b.path
 
     view_a, view_b = flux_view(modules_a), flux_view(modules_b)  # FLUX.1: compared as diffusers modules
     names_a, names_b = set(view_a or modules_a), set(view_b or modules_b)
-    shared = sorted(names_a & names_b)
-    per_module, skipped = [], []
-    inner_total = sq_a_total = sq_b_total = 0.0
     with TensorReader(path_a, header_a, start_a) as reader_a, TensorReader(path_b, header_b, start_b) as reader_b:
-        for name in shared:
-            delta_a = view_delta(reader_a, modules_a, view_a, name)
-            delta_b = view_delta(reader_b, modules_b, view_b, name)
-            reason = delta_a.get("unsupported") or delta_b.get("unsupported")
-            if reason is None and delta_shape(delta_a) != delta_shape(delta_b):
-                reason = f"shape mismatch {list(delta_shape(delta_a))} vs {list(delta_shape(delta_b))}"
-            if reason is not None:
-                skipped.append({"name": name, "reason": reason})
-                continue
-            inner = delta_inner(delta_a, delta_b)
-            sq_a = max(delta_inner(delta_a, delta_a), 0.0)
-            sq_b = max(delta_inner(delta_b, delta_b), 0.0)
-            inner_total += inner
-            sq_a_total += sq_a
-            sq_b_total += sq_b
-            per_module.append(
-                {
-                    "name": name,
-                    "cosine": _cosine(inner, sq_a, sq_b),
-                    "norm_a": math.sqrt(sq_a),
-                    "norm_b": math.sqrt(sq_b),
-                }
-            )
-
-    pay_a = payload_sha256(path_a, start_a)
-    pay_b = payload_sha256(path_b, start_b)
+        per_module, skipped, (inner_total, sq_a_total, sq_b_total) = _compare_modules(
+            (reader_a, modules_a, view_a), (reader_b, modules_b, view_b), sorted(names_a & names_b))
+    pay_a, pay_b = source_a.payload_sha256(), source_b.payload_sha256()
     return {
-        "cosine": _cosine(inner_total, sq_a_total, sq_b_total),
+        "cosine": cosine_from_products(inner_total, sq_a_total, sq_b_total),
         "norm_ratio": math.sqrt(sq_b_total / sq_a_total) if sq_a_total > 0 else None,
         "norm_a": math.sqrt(sq_a_total),
         "norm_b": math.sqrt(sq_b_total),
@@ -126,11 +98,43 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
         "path_b": str(path_b),
         "format_a": detect_format(header_a),
         "format_b": detect_format(header_b),
-        "sha256_a": sha256_file(path_a),
-        "sha256_b": sha256_file(path_b),
+        "sha256_a": source_a.sha256,
+        "sha256_b": source_b.sha256,
         "payload_sha256_a": pay_a,
         "payload_sha256_b": pay_b,
     }
+
+
+def _compare_modules(a: tuple, b: tuple, shared: list[str]) -> tuple[list, list, tuple]:
+    """Per shared module: the cosine and norms of the two weight changes (``a``, ``b``: reader,
+    modules, Flux view), the skipped ones with the reason, and the sums (inner, |a|^2, |b|^2)."""
+    (reader_a, modules_a, view_a), (reader_b, modules_b, view_b) = a, b
+    per_module, skipped = [], []
+    inner_total = sq_a_total = sq_b_total = 0.0
+    for name in shared:
+        delta_a = view_delta(reader_a, modules_a, view_a, name)
+        delta_b = view_delta(reader_b, modules_b, view_b, name)
+        reason = delta_a.get("unsupported") or delta_b.get("unsupported")
+        if reason is None and delta_shape(delta_a) != delta_shape(delta_b):
+            reason = f"shape mismatch {list(delta_shape(delta_a))} vs {list(delta_shape(delta_b))}"
+        if reason is not None:
+            skipped.append({"name": name, "reason": reason})
+            continue
+        inner = delta_inner(delta_a, delta_b)
+        sq_a = max(delta_inner(delta_a, delta_a), 0.0)
+        sq_b = max(delta_inner(delta_b, delta_b), 0.0)
+        inner_total += inner
+        sq_a_total += sq_a
+        sq_b_total += sq_b
+        per_module.append(
+            {
+                "name": name,
+                "cosine": cosine_from_products(inner, sq_a, sq_b),
+                "norm_a": math.sqrt(sq_a),
+                "norm_b": math.sqrt(sq_b),
+            }
+        )
+    return per_module, skipped, (inner_total, sq_a_total, sq_b_total)
 
 
 #: Thresholds of the weight-space reading; their error rates on generated LoRA pairs are measured

@@ -97,17 +97,12 @@ def variant_of_source(source: str, base_dir: Path | None = None) -> str | None:
 
 def _hub_variant(repo_id: str) -> str | None:
     """A hub id's variant from its transformer config in the local cache (never the network)."""
+    from carlos_audit.models.flux import folder_flux_variant
+    from carlos_audit.models.hub import cached_snapshot
+
     try:
-        import os
-
-        from huggingface_hub import try_to_load_from_cache
-
-        from carlos_audit.models.flux import folder_flux_variant
-
-        idx = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=os.environ.get("HF_HUB_CACHE"))
-        if not isinstance(idx, str):
-            return None
-        return folder_flux_variant(Path(idx).parent)
+        snap = cached_snapshot(repo_id, ("model_index.json",))
+        return None if snap is None else folder_flux_variant(snap)
     except Exception:
         return None
 

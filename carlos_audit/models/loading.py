@@ -28,6 +28,7 @@ from carlos_audit.errors import AuditError
 from carlos_audit.lora.fileformat import PICKLE_EXTENSIONS
 from carlos_audit.models.families import pipeline_family
 from carlos_audit.models.flux import ensure_tiny_flux, load_single_file_flux, single_file_flux_variant
+from carlos_audit.models.hub import hf_snapshot
 from carlos_audit.models.filehash import file_sha256
 from carlos_audit.models.pinned import watermark_kwargs, watermark_record
 from carlos_audit.models.tiny import ensure_tiny_sd
@@ -380,14 +381,3 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def hf_snapshot(repo_id: str, allow_download: bool, what: str) -> Path:
-    """A hub repository's snapshot folder: the local Hugging Face cache only unless ``allow_download``."""
-    import os
-
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=not allow_download, cache_dir=os.environ.get("HF_HUB_CACHE")))
-    except Exception as e:
-        hint = "" if allow_download else " (only the local Hugging Face cache is searched; pass --allow-download to fetch it)"
-        raise AuditError(f"{what} {repo_id!r} is not available locally{hint}: {type(e).__name__}") from None

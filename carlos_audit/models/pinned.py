@@ -41,7 +41,8 @@ def open_clip_cached(model: str, pretrained: str) -> bool:
     """True when open_clip would find the tagged weights without the network."""
     try:
         import open_clip
-        from huggingface_hub import try_to_load_from_cache
+
+        from carlos_audit.models.hub import cached_snapshot
 
         cfg = open_clip.get_pretrained_cfg(model, pretrained)
         hub = cfg.get("hf_hub", "")
@@ -49,7 +50,7 @@ def open_clip_cached(model: str, pretrained: str) -> bool:
             return False
         repo = hub.rstrip("/")
         for fn in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(repo, fn), str):
+            if cached_snapshot(repo, (fn,)) is not None:
                 return True
     except Exception:
         return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from carlos_audit.case.casefile import Case, expand_path
@@ -22,59 +23,103 @@ CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha25
 # ----------------------------------------------------------------------------- intake
 
 
-def resolve_inputs(case: Case) -> dict:
-    """Absolute paths of the case's input files, checked to exist."""
-    lora = expand_path(case.lora["path"], case.base_dir)
-    if not lora.exists():
-        raise AuditError(f"{case.path}: lora.path {lora} does not exist")
-    if lora.is_dir():
-        raise AuditError(f"{case.path}: lora.path {lora} is a directory, not a LoRA file")
-    paths = {"casefile": case.path, "lora": lora}
+def input_paths(case: Case) -> dict:
+    """The one resolver of a case's input files (``run`` and ``check``): every local path the
+    case names, by role, resolved, whether it exists or not: ``casefile``, ``lora``,
+    ``base_model`` and ``embedder`` (a path that may instead be a hub id or an open_clip tag),
+    ``prompts`` (a prompt file), ``comparison_lora_1``... No file is read."""
+    paths = {"casefile": case.path, "lora": expand_path(case.lora["path"], case.base_dir)}
     src = case.base_model["source"]
     if not src.startswith("embedded:"):
-        bp = expand_path(src, case.base_dir)
-        if bp.exists():
-            paths["base_model"] = bp
+        paths["base_model"] = expand_path(src, case.base_dir)
     pre = case.embedder.get("pretrained")
     if pre:
-        ep = expand_path(pre, case.base_dir)
-        if ep.exists():
-            paths["embedder"] = ep
+        paths["embedder"] = expand_path(pre, case.base_dir)
     pr = case.protocol["prompts"]
     if not pr.startswith("builtin:"):
         paths["prompts"] = expand_path(pr, case.base_dir)
     for i, c in enumerate(case.comparison["loras"], start=1):
-        cp = expand_path(c, case.base_dir)
+        paths[f"comparison_lora_{i}"] = expand_path(c, case.base_dir)
+    return paths
+
+
+def resolve_inputs(case: Case) -> dict:
+    """Absolute paths of the case's input files (``input_paths``), checked to exist; a base model
+    or embedder that is not a local path (hub id, tag) is left out."""
+    paths = input_paths(case)
+    lora = paths["lora"]
+    if not lora.exists():
+        raise AuditError(f"{case.path}: lora.path {lora} does not exist")
+    if lora.is_dir():
+        raise AuditError(f"{case.path}: lora.path {lora} is a directory, not a LoRA file")
+    for role in ("base_model", "embedder"):
+        if role in paths and not paths[role].exists():
+            del paths[role]
+    for i in range(1, len(case.comparison["loras"]) + 1):
+        cp = paths[f"comparison_lora_{i}"]
         if not cp.is_file():
             raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
-        paths[f"comparison_lora_{i}"] = cp
     from carlos_audit.run.claimed import claimed_inputs
 
     paths.update(claimed_inputs(case))  # [claimed_works]: pinned, present, decodable
     return paths
 
 
+def is_lora_role(role: str) -> bool:
+    return role == "lora" or role.startswith("comparison_lora_")
+
+
+@dataclass
+class Intake:
+    """The case's inputs resolved, refused or hashed: paths by role, the input records (in the
+    order of ``paths``), the target LoRA's inspection, each LoRA file as read once
+    (``lora.fileformat.LoraFile`` by role: its bytes hashed and parsed, passed down), and the
+    prompts parsed from the one read of their file (with its source description)."""
+
+    paths: dict
+    inputs: list
+    inspection: dict
+    loras: dict
+    prompts: list
+    prompt_source: dict
+
+
 def intake(case: Case, *, allow_unsafe_pickle: bool = False) -> tuple[dict, list[dict], dict]:
-    from carlos_audit.lora.fileformat import check_not_pickle, validate_safetensors
+    """``read_inputs`` as (paths, inputs, inspection)."""
+    got = read_inputs(case, allow_unsafe_pickle=allow_unsafe_pickle)
+    return got.paths, got.inputs, got.inspection
+
+
+def read_inputs(case: Case, *, allow_unsafe_pickle: bool = False) -> Intake:
+    """Every input of the case resolved and hashed once; each LoRA file read once (pickle refused
+    unless allowed, safetensors validated) and the target inspected from those bytes; the prompt
+    file read once (parsed, and hashed from the same bytes)."""
+    from carlos_audit.case.protocol import load_prompts
+    from carlos_audit.lora.fileformat import LoraFile
     from carlos_audit.lora.intake import inspect_lora
 
     paths = resolve_inputs(case)
     for role, p in paths.items():
         if not p.exists():
             raise AuditError(f"{case.path}: {role} {p} does not exist")
-    for role, p in paths.items():
-        if role == "lora" or role.startswith("comparison_lora_"):
-            check_not_pickle(p, allow_unsafe_pickle=allow_unsafe_pickle)
-            if p.suffix.lower() == ".safetensors":
-                validate_safetensors(p)
-    inputs = hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items()])
+    loras = {role: LoraFile(p, allow_unsafe_pickle) for role, p in paths.items() if is_lora_role(role)}
+    for f in loras.values():
+        if not f.is_pickle and f.path.suffix.lower() == ".safetensors":
+            f.header()  # validated
+    prompts, prompt_source = load_prompts(case.protocol["prompts"], case.base_dir)
+    known = {r: f.input_record(r) for r, f in loras.items()}
+    if "prompts" in paths and prompt_source.get("path") and Path(prompt_source["path"]).resolve() == paths["prompts"].resolve():
+        known["prompts"] = {"role": "prompts", "path": str(paths["prompts"]), "kind": "file",
+                            "size": paths["prompts"].stat().st_size, "sha256": prompt_source["sha256"]}
+    hashed = iter(hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items() if r not in known]))
+    inputs = [known[r] if r in known else next(hashed) for r in paths]
     by_role = {e["role"]: e for e in inputs}
     for role, section in (("lora", case.lora), ("base_model", case.base_model), ("embedder", case.embedder)):
         want = section.get("sha256")
         if want and role in by_role and by_role[role]["sha256"] != want.lower():
             raise AuditError(f"{role} {by_role[role]['path']}: sha256 {by_role[role]['sha256']} does not match the expected {want.lower()} in the case file")
-    inspection = inspect_lora(paths["lora"], allow_unsafe_pickle=allow_unsafe_pickle)
-    return paths, inputs, inspection
+    inspection = inspect_lora(loras["lora"], allow_unsafe_pickle=allow_unsafe_pickle)
+    return Intake(paths, inputs, inspection, loras, prompts, prompt_source)
 
 
 # ----------------------------------------------------------------------------- case folder

@@ -206,10 +206,6 @@ def patched_layers(pipe, adapter: str) -> list[str]:
     return sorted(f"{t.component}.{t.layer_name}" for t in _state(pipe).adapters.get(adapter, []))
 
 
-def is_patch(pipe, adapter: str | None) -> bool:
-    return pipe in STATES and adapter in STATES[pipe].adapters
-
-
 def restore(pipe) -> None:
     """Every patched layer back to its original tensors (bit for bit)."""
     state = STATES.get(pipe)

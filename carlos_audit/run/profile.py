@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass, replace
 
 from carlos_audit.case.casefile import Case
-from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts
-from carlos_audit.case.signature import case_signature, reproducibility_key
+from carlos_audit.case.protocol import Pair, batches, enumerate_pairs
+from carlos_audit.case.signature import case_signature, key_params, reproducibility_key
 from carlos_audit.errors import AuditError
 from carlos_audit.records import RunRecord
 from carlos_audit.run.arms import Arm, plan_arms
@@ -28,7 +28,7 @@ from carlos_audit.run.generate import (
     generate_batch,
     set_adapter_state,
 )
-from carlos_audit.run.intake import intake, prepare_case_dir
+from carlos_audit.run.intake import prepare_case_dir, read_inputs
 from carlos_audit.run.load import base_model_record, load_lora, load_models
 from carlos_audit.run.hostchain import HostChain, Produced, finish_unit
 from carlos_audit.casefolder.store import BaseImageCache, CaseStore
@@ -54,7 +54,7 @@ class Session:
     def cache_key(self, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
         """The base-image cache key of one batch: the reproducibility key (case/signature.py)."""
         marked = (getattr(self.base_info, "watermarker", None) or {}).get("applied")  # keyed only when on
-        return reproducibility_key(base_model=self.base_info.sha256, params=self.params.as_dict(),
+        return reproducibility_key(base_model=self.base_info.sha256, params=key_params(self.params.as_dict(), self.params.scheduler),
                                    batch_size=self.batch_size, prompts_sent=prompts_sent, seeds=seeds,
                                    environment=self.environment, extra={"watermarker": True} if marked else None)
 
@@ -135,6 +135,8 @@ class PreparedRun:
     signature: dict
     allow_partial: bool = False
     allow_unsafe_pickle: bool = False
+    plan: object = None  # the arm plan (run/arms.ArmPlan), built once by generate_units
+    loras: dict | None = None  # each LoRA file as intake read it (lora.fileformat.LoraFile by role)
 
     @property
     def lora_sha256(self) -> str:
@@ -152,8 +154,9 @@ def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, fo
     """intake (every input hashed or refused), the case folder prepared (``prepare_folder``; a
     build's worker writes into no folder), base pipeline + target LoRA + embedder loaded, and the
     signature of the profile this run will produce."""
-    paths, inputs, inspection = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
-    prompts, prompt_source = load_prompts(case.protocol["prompts"], case.base_dir)
+    got = read_inputs(case, allow_unsafe_pickle=allow_unsafe_pickle)
+    paths, inputs, inspection = got.paths, got.inputs, got.inspection
+    prompts, prompt_source = got.prompts, got.prompt_source
     if prepare_folder:
         prepare_case_dir(store.root, case, force)
     lp, emb, lora_load, determinism = load_models(case, paths, inspection, allow_partial=allow_partial,
@@ -163,7 +166,7 @@ def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, fo
     signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
                                embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=session.params.scheduler)
     return PreparedRun(case, paths, inputs, inspection, prompts, prompt_source, session, lora_load, signature,
-                       allow_partial, allow_unsafe_pickle)
+                       allow_partial, allow_unsafe_pickle, loras=got.loras)
 
 
 def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> RunRecord:
@@ -174,8 +177,10 @@ def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> R
     which pairs run (pipeline.py passes looks.run_protocol, which reads the stored features
     between looks); without it every arm runs over every pair."""
     s = prep.session
-    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle)
-    plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
+    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle,
+                                   prep.loras)
+    plan = prep.plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
+
     def runner(arm, todo):
         return run_arm(s, arm, todo, progress)
 
@@ -233,7 +238,8 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
         if now != then:
             raise AuditError(f"refusing to regenerate, nothing generated: the {what} here ({now[:16]}…) differs from the recorded one ({str(then)[:16]}…)")
     session = replace(prep.session, store=store, cache=NoBaseCache())
-    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle)
+    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle,
+                                   prep.loras)
     plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
     recorded = manifest["protocol"]["arms"]
     for name, arm in plan.arms.items():
@@ -254,9 +260,11 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
     return plan
 
 
-def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool) -> list[dict]:
+def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool,
+                     loras: dict | None = None) -> list[dict]:
     """Load each comparison LoRA as its own adapter (cmp1, cmp2, ...); one with the target's
-    file hash needs no adapter (its arm is the target's arm)."""
+    file hash needs no adapter (its arm is the target's arm). ``loras``: the files as intake read
+    them (inspected from those bytes)."""
     from carlos_audit.lora.intake import inspect_lora
 
     sha = {e["role"]: e["sha256"] for e in inputs}
@@ -266,7 +274,7 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool,
         p = paths[role]
         entry = {"adapter": adapter, "path": str(p), "sha256": sha[role], "load": None}
         if sha[role] != sha["lora"]:
-            inspection = inspect_lora(p, allow_unsafe_pickle=allow_unsafe_pickle)
+            inspection = inspect_lora((loras or {}).get(role) or p, allow_unsafe_pickle=allow_unsafe_pickle)
             entry["load"] = load_lora(pipe, p, adapter, inspection, allow_partial)
         out.append(entry)
     return out
