@@ -69,7 +69,7 @@ def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_par
     out = Path(out)
     prep = prepare_run(case, CaseStore(out), force=force, allow_partial=allow_partial,
                        allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
-    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
+    allow_incompatible = allow_incompatible or case.reference.allow_incompatible
     check_reference(case, prep.signature, allow_incompatible)
     record = generate_units(prep, progress, protocol=looks_of(case, prep))
     return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible)
@@ -95,7 +95,7 @@ def check_reference(case: Case, signature: dict, allow_incompatible: bool) -> No
     from carlos_audit.corpus.placement import check_corpus_signature
 
     check_corpus_signature(corpus_path, signature, allow_incompatible)
-    check_replicate_id(corpus_path, case.reference["replicate_id"])
+    check_replicate_id(corpus_path, case.reference.replicate_id)
 
 
 def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | None = None,
@@ -108,7 +108,7 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
 
     out = Path(out)
     manifest = build_manifest(case, out, record, argv)
-    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
+    allow_incompatible = allow_incompatible or case.reference.allow_incompatible
     metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible)
     manifest.results = {r.FILE: sha256_file(r.write(out)) for r in (metrics, comparison) if r is not None}
 
@@ -134,16 +134,16 @@ def build_manifest(case: Case, out: Path, record: RunRecord, argv: list[str] | N
 
     store = CaseStore(out)
     run_info = read_json(out / "run.json")
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
+    prompts, _ = load_prompts(case.protocol.prompts, case.base_dir)
     pc = case.protocol
     from carlos_audit.case.sequential import run_pairs
 
     # a sequential case: the pairs of the looks it ran
-    pairs = run_pairs(enumerate_pairs(prompts, pc["seeds"], pc["batch_size"]), record.sequential)
+    pairs = run_pairs(enumerate_pairs(prompts, pc.seeds, pc.batch_size), record.sequential)
     lora_sha = next(e["sha256"] for e in record.inputs if e["role"] == "lora")
     plan = plan_arms(case, lora_sha, record.comparison_loras)
     return Manifest(
-        case=dict(case.case),
+        case=case.case.to_dict(),
         tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
         run={"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
              "finished_utc": None, "command": list(argv or ["carlos-audit", "run", str(case.path)]),
@@ -153,14 +153,14 @@ def build_manifest(case: Case, out: Path, record: RunRecord, argv: list[str] | N
         base_model=record.base_model,
         embedder=record.embedder,
         lora={"path": record.lora_path, "file_name": Path(record.lora_path).name, "sha256": lora_sha,
-              "scale": case.lora["scale"], "trigger_words": list(case.lora["trigger_words"]),
-              "trigger_policy": case.lora["trigger_policy"], "load": record.lora_load,
+              "scale": case.lora.scale, "trigger_words": list(case.lora.trigger_words),
+              "trigger_policy": case.lora.trigger_policy, "load": record.lora_load,
               "inspection": record.inspection},
-        protocol={"prompts": pc["prompts"], "prompt_source": record.prompt_source,
+        protocol={"prompts": pc.prompts, "prompt_source": record.prompt_source,
                   "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),
-                  "seeds": list(pc["seeds"]), **record.generation, "batch_size": pc["batch_size"],
-                  "bootstrap_resamples": pc["bootstrap_resamples"], "bootstrap_seed": pc["bootstrap_seed"],
-                  "scales": list(pc["scales"]),
+                  "seeds": list(pc.seeds), **record.generation, "batch_size": pc.batch_size,
+                  "bootstrap_resamples": pc.bootstrap_resamples, "bootstrap_seed": pc.bootstrap_seed,
+                  "scales": list(pc.scales),
                   "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers,
                                     "lora_sha256": a.lora_sha256} for a in plan.arms.values()},
                   "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},

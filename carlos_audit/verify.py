@@ -245,7 +245,7 @@ def check_base_files(case, manifest: dict) -> Check:
 
     bm = case.base_model
     try:
-        src = resolve_base_source(bm["source"], base_dir=case.base_dir, variant=bm.get("variant"), config=bm.get("config"))
+        src = resolve_base_source(bm.source, base_dir=case.base_dir, variant=bm.variant, config=bm.config)
     except AuditError as e:
         return Check("base model files", False, str(e))
     then = {f["name"]: f["sha256"] for f in manifest["base_model"]["files"]}

@@ -59,7 +59,7 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case) -> Me
         labels = manifest.label_signatures
         extra["effect_labels"] = ind.effect_labels(
             np.array(metrics["direction"]), [tuple(w) for w in labels["words"]], load_npy(store.path(labels["path"])),
-            case.indicators["top_labels"])
+            case.indicators.top_labels)
     out = Metrics(**metrics, indicators=extra)
     if manifest.sequential:
         from carlos_audit.analysis.sequential import metrics_record, stopped_look
@@ -122,19 +122,19 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *,
     comparison = Comparison()
     if manifest.comparison_loras:
         comparison.head_to_head = head_to_head(store, manifest)
-    if case.reference.get("corpus"):
+    if case.reference.corpus:
         from carlos_audit.analysis.replication import replication
         from carlos_audit.corpus.placement import place_in_corpus
 
-        corpus_path = expand_path(case.reference["corpus"], case.base_dir)
-        placement = place_in_corpus(corpus_path, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
+        corpus_path = expand_path(case.reference.corpus, case.base_dir)
+        placement = place_in_corpus(corpus_path, metrics, top_k=case.reference.top_k, signature=manifest.signature,
                                     lora_sha256=manifest.lora["sha256"], head_to_head=comparison.head_to_head,
-                                    allow_incompatible=allow_incompatible or case.reference["allow_incompatible"])
+                                    allow_incompatible=allow_incompatible or case.reference.allow_incompatible)
         comparison.corpus, comparison.target, comparison.corpus_points = (
             placement["corpus"], placement["target"], placement["corpus_points"])
         if manifest.sequential:
             comparison.target["sequential"] = sequential_placement(store, manifest, corpus_path)
-        comparison.replication = replication(store, manifest, metrics, corpus_path, case.reference.get("replicate_id"))
+        comparison.replication = replication(store, manifest, metrics, corpus_path, case.reference.replicate_id)
     if comparison.head_to_head is None and comparison.corpus is None:
         return metrics, None
     return metrics, comparison

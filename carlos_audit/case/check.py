@@ -66,7 +66,7 @@ def _hub_item(role: str, repo: str, files: tuple, what: str) -> dict:
 def _base_model_item(case) -> tuple[dict, str]:
     from carlos_audit.case.casefile import expand_path
 
-    src = case.base_model["source"]
+    src = case.base_model.source
     if src.startswith("embedded:"):
         return {"role": "base_model", "status": "present", "source": src, "detail": "built from code on first use"}, src
     p = expand_path(src, case.base_dir)
@@ -79,8 +79,8 @@ def _base_model_item(case) -> tuple[dict, str]:
     if HUB_ID_RE.match(src):
         from carlos_audit.models.families import family_of_variant, hub_files
 
-        item = _hub_item("base_model", src, hub_files(case.base_model.get("family")), "base model")
-        fam = family_of_variant(case.base_model.get("family"))
+        item = _hub_item("base_model", src, hub_files(case.base_model.family), "base model")
+        fam = family_of_variant(case.base_model.family)
         if item["status"] == "missing" and fam is not None and fam.supply_note:
             item["supply"] += f"; {fam.supply_note}"
         return item, f"hf:{src}"
@@ -92,10 +92,10 @@ def _flux_components_item(case, base: dict) -> list[dict]:
     from carlos_audit.case.casefile import expand_path
     from carlos_audit.models.families import family_of_variant, hub_files
 
-    fam = family_of_variant(case.base_model.get("family"))
+    fam = family_of_variant(case.base_model.family)
     if fam is None or fam.name != "flux" or not base.get("path") or not Path(base["path"]).is_file():
         return []
-    config = case.base_model.get("config")
+    config = case.base_model.config
     role = "base_model_components"
     if not config:
         return [{"role": role, "status": "missing", "source": None,
@@ -106,14 +106,14 @@ def _flux_components_item(case, base: dict) -> list[dict]:
     if folder.is_dir():
         ok = (folder / "model_index.json").is_file()
         return [{"role": role, "status": "present" if ok else "invalid", "source": config, "path": str(folder)}]
-    files = tuple(f for f in hub_files(case.base_model["family"]) if not f.startswith("transformer/"))
+    files = tuple(f for f in hub_files(case.base_model.family) if not f.startswith("transformer/"))
     return [_hub_item(role, config, files, "FLUX.1 components")]
 
 
 def _embedder_item(case) -> tuple[dict, str]:
     from carlos_audit.case.casefile import expand_path
 
-    model, pre = case.embedder["model"], case.embedder.get("pretrained")
+    model, pre = case.embedder.model, case.embedder.pretrained
     if model.startswith("embedded:"):
         return {"role": "embedder", "status": "present", "source": model, "detail": "built from code on first use"}, model
     if model.startswith("hf:"):
@@ -152,7 +152,7 @@ def _lora_item(case) -> tuple[dict, dict | None]:
     from carlos_audit.case.casefile import expand_path
     from carlos_audit.lora.intake import inspect_lora
 
-    item = _file_item("lora", expand_path(case.lora["path"], case.base_dir), case.lora.get("sha256"))
+    item = _file_item("lora", expand_path(case.lora.path, case.base_dir), case.lora.sha256)
     if item["status"] != "present":
         if item["status"] == "missing":
             item["supply"] = "put the disputed LoRA there, or point lora.path at it (`carlos-audit init LORA` writes a case for it)"
@@ -167,8 +167,8 @@ def _lora_item(case) -> tuple[dict, dict | None]:
 
 
 def _device_item(case) -> dict:
-    dev = case.base_model["device"]
-    if dev == "cpu" or case.base_model["source"].startswith("embedded:"):
+    dev = case.base_model.device
+    if dev == "cpu" or case.base_model.source.startswith("embedded:"):
         return {"role": "device", "status": "present", "source": dev}
     has_gpu = Path("/proc/driver/nvidia/version").is_file() or shutil.which("nvidia-smi") is not None
     if has_gpu:
@@ -185,9 +185,9 @@ def expected_signature(case, prompts, base_identity: str, embedder_identity: str
     case names it; otherwise null (unverifiable, not differing). Without prompts, no prompt hash."""
     from carlos_audit.case.signature import case_signature
 
-    sig = case_signature(case, prompts or [], base_model=base_identity, base_model_sha256=case.base_model.get("sha256"),
-                         embedder=embedder_identity, embedder_sha256=case.embedder.get("sha256"),
-                         scheduler=case.protocol["scheduler"] or None)
+    sig = case_signature(case, prompts or [], base_model=base_identity, base_model_sha256=case.base_model.sha256,
+                         embedder=embedder_identity, embedder_sha256=case.embedder.sha256,
+                         scheduler=case.protocol.scheduler or None)
     return sig if prompts else dict(sig, prompts_sha256=None)
 
 
@@ -195,10 +195,10 @@ def _corpus_section(case, signature: dict) -> dict | None:
     from carlos_audit.case.casefile import expand_path
     from carlos_audit.case.signature import check_compatible, unverifiable_fields
 
-    if not case.reference.get("corpus"):
+    if not case.reference.corpus:
         return None
-    path = expand_path(case.reference["corpus"], case.base_dir)
-    out = {"path": str(path), "allow_incompatible": case.reference["allow_incompatible"]}
+    path = expand_path(case.reference.corpus, case.base_dir)
+    out = {"path": str(path), "allow_incompatible": case.reference.allow_incompatible}
     if not (path / "corpus.json").is_file():
         from carlos_audit.case.protocol import FETCH_COMMAND, PUBLIC_NAME
 
@@ -224,7 +224,7 @@ def _plan(case, n_prompts: int | None, lora_sha: str | None) -> dict:
     from carlos_audit.run.budget import counts
 
     pc = case.protocol
-    comparisons = [{"adapter": f"cmp{i}", "sha256": f"cmp{i}"} for i in range(1, len(case.comparison["loras"]) + 1)]
+    comparisons = [{"adapter": f"cmp{i}", "sha256": f"cmp{i}"} for i in range(1, len(case.comparison.loras) + 1)]
     arms = plan_arms(case, lora_sha or "target", comparisons).arms
     n_prompts = n_prompts or 0
     per_arm = counts(len(arms) - 1, n_prompts, len(pc["seeds"]), pc["batch_size"], pc["steps"], pc["guidance_scale"] > 1)
@@ -250,16 +250,16 @@ def check_case(casefile) -> dict:
     items += [lora, base, emb, *_flux_components_item(case, base)]
     prompts = None
     try:
-        prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
-        items.append({"role": "prompts", "status": "present", "source": case.protocol["prompts"], "n": len(prompts)})
+        prompts, _ = load_prompts(case.protocol.prompts, case.base_dir)
+        items.append({"role": "prompts", "status": "present", "source": case.protocol.prompts, "n": len(prompts)})
     except AuditError as e:
         from carlos_audit.case.protocol import FETCH_COMMAND
 
-        items.append({"role": "prompts", "status": "missing", "source": case.protocol["prompts"], "detail": str(e),
-                      "supply": FETCH_COMMAND if case.protocol["prompts"].startswith("builtin:carlos-") else None})
+        items.append({"role": "prompts", "status": "missing", "source": case.protocol.prompts, "detail": str(e),
+                      "supply": FETCH_COMMAND if case.protocol.prompts.startswith("builtin:carlos-") else None})
     from carlos_audit.case.casefile import expand_path
 
-    for i, c in enumerate(case.comparison["loras"], start=1):
+    for i, c in enumerate(case.comparison.loras, start=1):
         items.append(_file_item(f"comparison_lora_{i}", expand_path(c, case.base_dir)))
     from carlos_audit.run.claimed import check_items
 
@@ -273,11 +273,11 @@ def check_case(casefile) -> dict:
     for it in items:
         if it["status"] in ("missing", "invalid"):
             problems.append(f"{it['role']}: {it['status']}" + (f" ({it['detail']})" if it.get("detail") else ""))
-    if corpus is not None and corpus["status"] == "present" and case.reference.get("replicate_id"):
+    if corpus is not None and corpus["status"] == "present" and case.reference.replicate_id:
         from carlos_audit.analysis.replication import check_replicate_id
 
         try:
-            check_replicate_id(Path(corpus["path"]), case.reference["replicate_id"])
+            check_replicate_id(Path(corpus["path"]), case.reference.replicate_id)
         except AuditError as e:
             problems.append(f"reference.replicate_id: {e}")
     if corpus is not None and corpus["compatible"] is False and not corpus["allow_incompatible"]:
@@ -296,11 +296,11 @@ def _sequential(case, prompts, problems: list, n_arms: int) -> dict | None:
     """The looks of a ``[protocol.sequential]`` case and their cumulative image counts."""
     from carlos_audit.case.sequential import case_plan, look_rows
 
-    if case.protocol.get("sequential") is None or not prompts:
+    if case.protocol.sequential is None or not prompts:
         return None
     try:
         look_plan = case_plan(case, prompts)
     except AuditError as e:
         problems.append(str(e))
         return None
-    return {"rule": look_plan.rule, "order": look_plan.order, "looks": look_rows(look_plan, n_arms)}
+    return {"rule": look_plan.rule.to_dict(), "order": look_plan.order, "looks": look_rows(look_plan, n_arms)}

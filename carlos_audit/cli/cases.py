@@ -155,7 +155,7 @@ def demo(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
 
     quiet_libraries()
     casefile = casefile or str(DEMO_CASEFILE)
-    flux = load_case(casefile).base_model["source"] == "embedded:tiny-flux"  # casefiles/demo-flux.toml
+    flux = load_case(casefile).base_model.source == "embedded:tiny-flux"  # casefiles/demo-flux.toml
     info = prepare_flux_demo() if flux else prepare_demo(progress=not no_progress)
     click.echo(f"demo models, LoRAs{' and reference corpus' if 'corpus' in info else ''} ready in {info['home']}")
     argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)

@@ -61,7 +61,7 @@ def unit_threads(unit: "WorkUnit", threads: int | None) -> int | None:
     if not threads:
         return None
     try:
-        device = parse_case(unit.case_text, Path(unit.case_path)).base_model["device"]
+        device = parse_case(unit.case_text, Path(unit.case_path)).base_model.device
     except AuditError:
         return threads
     return None if device.startswith("cuda") else threads

@@ -44,8 +44,8 @@ def case_units(case, paths: dict, inputs: list[dict]):
     sha = {e["role"]: e["sha256"] for e in inputs}
     comparisons = [{"adapter": "cmp" + r.rsplit("_", 1)[1], "sha256": sha[r]}
                    for r in sorted((r for r in paths if r.startswith("comparison_lora_")), key=lambda r: int(r.rsplit("_", 1)[1]))]
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
-    pairs = enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"])
+    prompts, _ = load_prompts(case.protocol.prompts, case.base_dir)
+    pairs = enumerate_pairs(prompts, case.protocol.seeds, case.protocol.batch_size)
     return plan_arms(case, sha["lora"], comparisons), {b[0].batch: b for b in batches(pairs)}
 
 
@@ -101,7 +101,7 @@ def worker(case_text: str, case_path: str, out: str, device: str, threads: int, 
 
     torch.set_num_threads(int(threads))
     case = parse_case(case_text, Path(case_path))
-    case = replace(case, base_model=dict(case.base_model, device=device))
+    case = replace(case, base_model=replace(case.base_model, device=device))
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=flags["allow_unsafe_pickle"])
     lp, emb, _, determinism = load_models(case, paths, inspection, **flags)
     session, _ = make_session(case, CaseStore(Path(out)), lp, emb, determinism)

@@ -24,26 +24,26 @@ CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha25
 
 def resolve_inputs(case: Case) -> dict:
     """Absolute paths of the case's input files, checked to exist."""
-    lora = expand_path(case.lora["path"], case.base_dir)
+    lora = expand_path(case.lora.path, case.base_dir)
     if not lora.exists():
         raise AuditError(f"{case.path}: lora.path {lora} does not exist")
     if lora.is_dir():
         raise AuditError(f"{case.path}: lora.path {lora} is a directory, not a LoRA file")
     paths = {"casefile": case.path, "lora": lora}
-    src = case.base_model["source"]
+    src = case.base_model.source
     if not src.startswith("embedded:"):
         bp = expand_path(src, case.base_dir)
         if bp.exists():
             paths["base_model"] = bp
-    pre = case.embedder.get("pretrained")
+    pre = case.embedder.pretrained
     if pre:
         ep = expand_path(pre, case.base_dir)
         if ep.exists():
             paths["embedder"] = ep
-    pr = case.protocol["prompts"]
+    pr = case.protocol.prompts
     if not pr.startswith("builtin:"):
         paths["prompts"] = expand_path(pr, case.base_dir)
-    for i, c in enumerate(case.comparison["loras"], start=1):
+    for i, c in enumerate(case.comparison.loras, start=1):
         cp = expand_path(c, case.base_dir)
         if not cp.is_file():
             raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
@@ -70,7 +70,7 @@ def intake(case: Case, *, allow_unsafe_pickle: bool = False) -> tuple[dict, list
     inputs = hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items()])
     by_role = {e["role"]: e for e in inputs}
     for role, section in (("lora", case.lora), ("base_model", case.base_model), ("embedder", case.embedder)):
-        want = section.get("sha256")
+        want = section.sha256
         if want and role in by_role and by_role[role]["sha256"] != want.lower():
             raise AuditError(f"{role} {by_role[role]['path']}: sha256 {by_role[role]['sha256']} does not match the expected {want.lower()} in the case file")
     inspection = inspect_lora(paths["lora"], allow_unsafe_pickle=allow_unsafe_pickle)

@@ -115,8 +115,8 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     pc = case.protocol
     params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     env = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
-    session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
-                      BaseImageCache(carlos_home() / "base-cache"), env, pc["batch_size"])
+    session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora.trigger_words),
+                      BaseImageCache(carlos_home() / "base-cache"), env, pc.batch_size)
     return session, env
 
 
@@ -143,7 +143,7 @@ class PreparedRun:
     @property
     def pairs(self) -> list[Pair]:
         pc = self.case.protocol
-        return enumerate_pairs(self.prompts, pc["seeds"], pc["batch_size"])
+        return enumerate_pairs(self.prompts, pc.seeds, pc.batch_size)
 
 
 def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, force: bool = False,
@@ -153,7 +153,7 @@ def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, fo
     build's worker writes into no folder), base pipeline + target LoRA + embedder loaded, and the
     signature of the profile this run will produce."""
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
-    prompts, prompt_source = load_prompts(case.protocol["prompts"], case.base_dir)
+    prompts, prompt_source = load_prompts(case.protocol.prompts, case.base_dir)
     if prepare_folder:
         prepare_case_dir(store.root, case, force)
     lp, emb, lora_load, determinism = load_models(case, paths, inspection, allow_partial=allow_partial,
@@ -192,8 +192,8 @@ def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequenti
     """The run record of ``prep``: text features and label signatures stored through its store
     (a build's worker returns them to the driver), the models as loaded, the environment."""
     s, ind = prep.session, prep.case.indicators
-    text = store_text_features(s.store, s.embedder, prep.prompts) if ind["prompt_override"] else None
-    labels = store_label_signatures(s.store, s.embedder, list(ind["labels"])) if ind["effect_labels"] else None
+    text = store_text_features(s.store, s.embedder, prep.prompts) if ind.prompt_override else None
+    labels = store_label_signatures(s.store, s.embedder, list(ind.labels)) if ind.effect_labels else None
     emb, case = s.embedder, prep.case
     from carlos_audit.run.claimed import store_claimed_works
 
@@ -203,7 +203,7 @@ def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequenti
         prompt_source=prep.prompt_source, generation=s.params.as_dict(), stats=stats,
         comparison_loras=[{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
         base_model=base_model_record(case, s.base_info),
-        embedder={"model": case.embedder["model"], "pretrained": case.embedder.get("pretrained"),
+        embedder={"model": case.embedder.model, "pretrained": case.embedder.pretrained,
                   "identity": emb.identity, "sha256": emb.sha256, "feature_dim": emb.feature_dim,
                   "features": "raw image features (encode_image, normalize=False)",
                   "preprocess": emb.preprocess_description},
