@@ -18,6 +18,7 @@ from pathlib import Path
 
 from carlos_audit import __version__
 from carlos_audit.case.casefile import Case
+from carlos_audit.case.options import RunOptions
 from carlos_audit.case.paths import reference_corpus
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts, prompts_sha256
 from carlos_audit.errors import AuditError
@@ -29,14 +30,16 @@ from carlos_audit.run.intake import utc_now
 from carlos_audit.run.store import CaseStore
 
 
-def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> dict:
-    """``carlos-audit run``: generate, finish, then the report, all under one case-folder lock."""
+def run_full(case: Case, out: Path, options: RunOptions | None = None, *, argv: list[str] | None = None,
+             **flags) -> dict:
+    """``carlos-audit run``: generate, finish, then the report, all under one case-folder lock.
+    ``flags``: single RunOptions fields over ``options`` (``progress=False``)."""
     from carlos_audit.report import ARCHIVE_PDF, render_report
     from carlos_audit.run.lock import case_lock
 
     with case_lock(out):  # taken once, held through the report
         try:
-            result = generate_and_finish(case, out, allow_incompatible=allow_incompatible, **kwargs)
+            result = generate_and_finish(case, out, RunOptions.given(options, **flags), argv)
         except AuditError:
             # an input changed during the run: the manifest is written (custody_ok false) and the
             # exhibit is still rendered, marked invalid, before the error reaches the user
@@ -51,27 +54,24 @@ def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwarg
     return result
 
 
-def run_case(case: Case, out: Path, **kwargs) -> dict:
+def run_case(case: Case, out: Path, options: RunOptions | None = None, *, argv: list[str] | None = None,
+             **flags) -> dict:
     """Profile ``case`` into case folder ``out`` (no report), holding the folder's lock."""
     from carlos_audit.run.lock import case_lock
 
     with case_lock(out):
-        return generate_and_finish(case, out, **kwargs)
+        return generate_and_finish(case, out, RunOptions.given(options, **flags), argv)
 
 
-def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
-                        allow_unsafe_pickle: bool = False, allow_download: bool = False,
-                        argv: list[str] | None = None, progress: bool = True,
-                        allow_incompatible: bool = False) -> dict:
+def generate_and_finish(case: Case, out: Path, options: RunOptions, argv: list[str] | None = None) -> dict:
     """The run's steps in order; the caller holds the case folder's lock."""
     from carlos_audit.run.profile import generate_units, prepare_run
 
     out = Path(out)
-    prep = prepare_run(case, CaseStore(out), force=force, allow_partial=allow_partial,
-                       allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
-    allow_incompatible = allow_incompatible or case.reference.allow_incompatible
+    prep = prepare_run(case, CaseStore(out), options)
+    allow_incompatible = options.allow_incompatible or case.reference.allow_incompatible
     check_reference(case, prep.signature, allow_incompatible)
-    record = generate_units(prep, progress, protocol=looks_of(case, prep))
+    record = generate_units(prep, options.progress, protocol=looks_of(case, prep))
     return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible)
 
 

@@ -187,6 +187,7 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     import tempfile
 
     from carlos_audit.analysis.case_analysis import recorded_case
+    from carlos_audit.case.options import RunOptions
     from carlos_audit.case.signature import environment_differences
     from carlos_audit.records import Manifest
     from carlos_audit.run.intake import intake
@@ -206,8 +207,8 @@ def check_regenerated(case_dir: Path, manifest: dict, sample: int, seed: int, pr
     scratch = Path(tempfile.mkdtemp(prefix="verify-"))
     try:
         store = CaseStore(scratch)
-        prep = prepare_run(case, store, prepare_folder=False,
-                           allow_partial=manifest["lora"]["load"].get("partial", False))
+        prep = prepare_run(case, store, RunOptions(allow_partial=manifest["lora"]["load"].get("partial", False)),
+                           prepare_folder=False)
         differences = environment_differences(prep.session.environment, manifest["environment"])
         if "application" in manifest["lora"]["load"]:  # a weight patch: the same method, the same patched weights
             from carlos_audit.run.patch import application_differences

@@ -240,6 +240,7 @@ def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed
     """Generate (into out/case) the arms of the kit's case for every pair or for the batches
     holding a stratified sample (run/profile.regenerate, as verify does); returns what was
     generated and the environment."""
+    from carlos_audit.case.options import RunOptions
     from carlos_audit.case.protocol import prompts_sha256
     from carlos_audit.run.intake import utc_now
     from carlos_audit.run.profile import prepare_run, regenerate
@@ -247,7 +248,7 @@ def _regenerate(case, manifest: dict, out: Path, sample: int | None, sample_seed
 
     partial = bool((manifest["lora"].get("load") or {}).get("partial"))
     store = CaseStore(out / "case")
-    prep = prepare_run(case, store, prepare_folder=False, allow_partial=partial)
+    prep = prepare_run(case, store, RunOptions(allow_partial=partial), prepare_folder=False)
     if prompts_sha256(prep.prompts) != manifest["protocol"]["prompts_sha256"]:
         raise AuditError("the kit's prompts.json does not give the prompts the case was run with (prompts_sha256 differs)")
     from carlos_audit.case.sequential import run_pairs

@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 
 from carlos_audit.case.casefile import Case
+from carlos_audit.case.options import RunOptions
 from carlos_audit.errors import AuditError
 from carlos_audit.run.arms import TARGET_ADAPTER
 
@@ -197,14 +198,16 @@ def skip_reasons(pipe, path: Path, skipped: list[str], rows: dict[str, dict]) ->
 LOADED: dict = {}
 
 
-def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: bool = False,
-                allow_download: bool = False, allow_unsafe_pickle: bool = False):
+def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions | None = None):
     """Base pipeline with the target LoRA as adapter "target", and the embedder; each checked
-    against the hashes the case expects, the LoRA checked for architecture and full coverage."""
+    against the hashes the case expects, the LoRA checked for architecture and full coverage
+    (``options``: allow_partial, allow_download, allow_unsafe_pickle)."""
     from carlos_audit.models.embedders import load_embedder
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run.environment import apply_determinism
 
+    options = options or RunOptions()
+    allow_download, allow_unsafe_pickle = options.allow_download, options.allow_unsafe_pickle
     key = (case.base_model.source, case.base_model.dtype, case.base_model.device, str(case.base_dir),
            case.base_model.variant, case.base_model.config, case.base_model.add_watermarker,
            case.embedder.model, case.embedder.pretrained, case.embedder.preprocess,
@@ -236,7 +239,7 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
     determinism = apply_determinism(lp.device, tf32=case.base_model.tf32)
     if case.protocol.scheduler:
         set_scheduler(lp.pipe, case.protocol.scheduler)
-    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, allow_partial)
+    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, options.allow_partial)
     if emb is None:
         emb = load_embedder(case.embedder.model, case.embedder.pretrained, device=lp.device,
                             preprocess=case.embedder.preprocess, dtype=case.embedder.dtype,

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from carlos_audit.case.casefile import Case
+from carlos_audit.case.options import RunOptions
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts
 from carlos_audit.case.signature import case_signature, reproducibility_key
 from carlos_audit.errors import AuditError
@@ -133,8 +134,7 @@ class PreparedRun:
     session: Session
     lora_load: dict
     signature: dict
-    allow_partial: bool = False
-    allow_unsafe_pickle: bool = False
+    options: RunOptions = RunOptions()
 
     @property
     def lora_sha256(self) -> str:
@@ -146,24 +146,21 @@ class PreparedRun:
         return enumerate_pairs(self.prompts, pc.seeds, pc.batch_size)
 
 
-def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, force: bool = False,
-                allow_partial: bool = False, allow_unsafe_pickle: bool = False,
-                allow_download: bool = False) -> PreparedRun:
+def prepare_run(case: Case, store: CaseStore, options: RunOptions | None = None, *,
+                prepare_folder: bool = True) -> PreparedRun:
     """intake (every input hashed or refused), the case folder prepared (``prepare_folder``; a
     build's worker writes into no folder), base pipeline + target LoRA + embedder loaded, and the
     signature of the profile this run will produce."""
-    paths, inputs, inspection = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
+    options = options or RunOptions()
+    paths, inputs, inspection = intake(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     prompts, prompt_source = load_prompts(case.protocol.prompts, case.base_dir)
     if prepare_folder:
-        prepare_case_dir(store.root, case, force)
-    lp, emb, lora_load, determinism = load_models(case, paths, inspection, allow_partial=allow_partial,
-                                                  allow_download=allow_download,
-                                                  allow_unsafe_pickle=allow_unsafe_pickle)
+        prepare_case_dir(store.root, case, options.force)
+    lp, emb, lora_load, determinism = load_models(case, paths, inspection, options)
     session, _ = make_session(case, store, lp, emb, determinism)
     signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
                                embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=session.params.scheduler)
-    return PreparedRun(case, paths, inputs, inspection, prompts, prompt_source, session, lora_load, signature,
-                       allow_partial, allow_unsafe_pickle)
+    return PreparedRun(case, paths, inputs, inspection, prompts, prompt_source, session, lora_load, signature, options)
 
 
 def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> RunRecord:
@@ -174,7 +171,7 @@ def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> R
     which pairs run (pipeline.py passes looks.run_protocol, which reads the stored features
     between looks); without it every arm runs over every pair."""
     s = prep.session
-    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle)
+    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.options)
     plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
     def runner(arm, todo):
         return run_arm(s, arm, todo, progress)
@@ -233,7 +230,7 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
         if now != then:
             raise AuditError(f"refusing to regenerate, nothing generated: the {what} here ({now[:16]}…) differs from the recorded one ({str(then)[:16]}…)")
     session = replace(prep.session, store=store, cache=NoBaseCache())
-    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle)
+    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.options)
     plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
     recorded = manifest["protocol"]["arms"]
     for name, arm in plan.arms.items():
@@ -254,7 +251,7 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
     return plan
 
 
-def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool) -> list[dict]:
+def load_comparisons(pipe, paths: dict, inputs: list[dict], options: RunOptions) -> list[dict]:
     """Load each comparison LoRA as its own adapter (cmp1, cmp2, ...); one with the target's
     file hash needs no adapter (its arm is the target's arm)."""
     from carlos_audit.lora.intake import inspect_lora
@@ -266,7 +263,7 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool,
         p = paths[role]
         entry = {"adapter": adapter, "path": str(p), "sha256": sha[role], "load": None}
         if sha[role] != sha["lora"]:
-            inspection = inspect_lora(p, allow_unsafe_pickle=allow_unsafe_pickle)
-            entry["load"] = load_lora(pipe, p, adapter, inspection, allow_partial)
+            inspection = inspect_lora(p, allow_unsafe_pickle=options.allow_unsafe_pickle)
+            entry["load"] = load_lora(pipe, p, adapter, inspection, options.allow_partial)
         out.append(entry)
     return out
