@@ -238,7 +238,7 @@ def import_carlos_db(src, dest, preset: str | None = "carlos-sdxl-vitb32", *, ov
     with (locked(dest) if dest.is_dir() else contextlib.nullcontext()):
         return create_corpus(dest, directions=directions.astype(DTYPES[dtype], copy=False), rows=cols,
                              signature=signature, name=name or src.stem, created_from=created_from,
-                             dtype=dtype, overwrite=overwrite, extra_meta=extra, _protect=src)
+                             dtype=dtype, overwrite=overwrite, extra_meta=extra, protect=src)
 
 
 def export_carlos_csv(corpus, dest) -> Path:
