@@ -81,33 +81,9 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
 
     view_a, view_b = flux_view(modules_a), flux_view(modules_b)  # FLUX.1: compared as diffusers modules
     names_a, names_b = set(view_a or modules_a), set(view_b or modules_b)
-    shared = sorted(names_a & names_b)
-    per_module, skipped = [], []
-    inner_total = sq_a_total = sq_b_total = 0.0
     with TensorReader(path_a, header_a, start_a) as reader_a, TensorReader(path_b, header_b, start_b) as reader_b:
-        for name in shared:
-            delta_a = view_delta(reader_a, modules_a, view_a, name)
-            delta_b = view_delta(reader_b, modules_b, view_b, name)
-            reason = delta_a.get("unsupported") or delta_b.get("unsupported")
-            if reason is None and delta_shape(delta_a) != delta_shape(delta_b):
-                reason = f"shape mismatch {list(delta_shape(delta_a))} vs {list(delta_shape(delta_b))}"
-            if reason is not None:
-                skipped.append({"name": name, "reason": reason})
-                continue
-            inner = delta_inner(delta_a, delta_b)
-            sq_a = max(delta_inner(delta_a, delta_a), 0.0)
-            sq_b = max(delta_inner(delta_b, delta_b), 0.0)
-            inner_total += inner
-            sq_a_total += sq_a
-            sq_b_total += sq_b
-            per_module.append(
-                {
-                    "name": name,
-                    "cosine": _cosine(inner, sq_a, sq_b),
-                    "norm_a": math.sqrt(sq_a),
-                    "norm_b": math.sqrt(sq_b),
-                }
-            )
+        per_module, skipped, (inner_total, sq_a_total, sq_b_total) = _compare_modules(
+            sorted(names_a & names_b), (reader_a, modules_a, view_a), (reader_b, modules_b, view_b))
 
     pay_a = payload_sha256(path_a, start_a)
     pay_b = payload_sha256(path_b, start_b)
@@ -131,6 +107,31 @@ def compare_weights(path_a: str | Path, path_b: str | Path) -> dict:
         "payload_sha256_a": pay_a,
         "payload_sha256_b": pay_b,
     }
+
+
+def _compare_modules(shared: list[str], side_a: tuple, side_b: tuple) -> tuple[list, list, tuple]:
+    """Per shared module (each side: its reader, modules and Flux view): cosine and norms, or the
+    reason it is skipped; and the sums (inner product, squared norms) over the compared ones."""
+    per_module, skipped = [], []
+    inner_total = sq_a_total = sq_b_total = 0.0
+    for name in shared:
+        delta_a = view_delta(side_a[0], side_a[1], side_a[2], name)
+        delta_b = view_delta(side_b[0], side_b[1], side_b[2], name)
+        reason = delta_a.get("unsupported") or delta_b.get("unsupported")
+        if reason is None and delta_shape(delta_a) != delta_shape(delta_b):
+            reason = f"shape mismatch {list(delta_shape(delta_a))} vs {list(delta_shape(delta_b))}"
+        if reason is not None:
+            skipped.append({"name": name, "reason": reason})
+            continue
+        inner = delta_inner(delta_a, delta_b)
+        sq_a = max(delta_inner(delta_a, delta_a), 0.0)
+        sq_b = max(delta_inner(delta_b, delta_b), 0.0)
+        inner_total += inner
+        sq_a_total += sq_a
+        sq_b_total += sq_b
+        per_module.append({"name": name, "cosine": _cosine(inner, sq_a, sq_b), "norm_a": math.sqrt(sq_a),
+                           "norm_b": math.sqrt(sq_b)})
+    return per_module, skipped, (inner_total, sq_a_total, sq_b_total)
 
 
 #: Thresholds of the weight-space reading; their error rates on generated LoRA pairs are measured
