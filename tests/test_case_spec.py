@@ -192,3 +192,48 @@ def test_no_string_key_reads_of_case_sections_outside_case_and_report():
             continue
         found += [f"{rel}:{line}" for line in string_key_reads(ast.parse(path.read_text("utf-8")))]
     assert not found, "Case sections read by string key (read attributes: case.protocol.steps):\n" + "\n".join(found)
+
+
+# ----------------------------------------------------------------------------- RunOptions
+
+
+def test_run_options_from_the_command_line():
+    from carlos_audit.case.options import RunOptions
+
+    opts = RunOptions.from_cli(no_progress=True, force=True, allow_partial=True, allow_unsafe_pickle=True,
+                               allow_download=False, allow_incompatible=True)
+    assert (opts.progress, opts.force, opts.allow_partial, opts.allow_download) == (False, True, True, False)
+    # the recorded command carries the flags that change what is accepted, in a fixed order
+    assert opts.command_flags() == ["--allow-partial", "--allow-incompatible", "--allow-unsafe-pickle"]
+    assert RunOptions().command_flags() == [] and RunOptions().progress
+    assert RunOptions.given(None, progress=False) == RunOptions(progress=False)
+    assert RunOptions.given(opts, force=False) == dataclasses.replace(opts, force=False)
+    with pytest.raises(TypeError):
+        RunOptions.given(None, allow_everything=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.force = False
+
+
+def test_the_cli_builds_run_options_once_and_records_the_flags(monkeypatch, tmp_path):
+    """`run` hands the library one RunOptions and records the reproducing command line."""
+    from click.testing import CliRunner
+
+    import carlos_audit.pipeline as pipeline
+    from carlos_audit.case.options import RunOptions
+    from carlos_audit.cli import main
+    from carlos_audit.errors import AuditError
+
+    seen = {}
+
+    def fake_run_full(case, out, options=None, *, argv=None, **flags):
+        seen.update(case=case, options=options, argv=argv, flags=flags)
+        raise AuditError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "run_full", fake_run_full)
+    cf = tmp_path / "c.toml"
+    cf.write_text(CASE_TEXT.replace('path = "x.safetensors"', f'path = "{tmp_path / "x.safetensors"}"'))
+    r = CliRunner().invoke(main, ["run", str(cf), "--out", str(tmp_path / "o"), "--no-progress", "--allow-partial",
+                                  "--allow-download"])
+    assert r.exit_code != 0 and "stopped by the test" in r.output
+    assert seen["options"] == RunOptions(progress=False, allow_partial=True, allow_download=True) and not seen["flags"]
+    assert seen["argv"] == ["carlos-audit", "run", str(cf), "--out", str(tmp_path / "o"), "--allow-partial"]
