@@ -21,7 +21,7 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$
 
 
 def unfilled_fields(case) -> list[str]:
-    return [f"case.{k}" for k in ("id", "title", "examiner", "question") if PLACEHOLDER in str(case.case.get(k) or "")]
+    return [f"case.{k}" for k in ("id", "title", "examiner", "question") if PLACEHOLDER in str(getattr(case.case, k) or "")]
 
 
 def require_filled(case) -> None:
@@ -227,8 +227,8 @@ def _plan(case, n_prompts: int | None, lora_sha: str | None) -> dict:
     comparisons = [{"adapter": f"cmp{i}", "sha256": f"cmp{i}"} for i in range(1, len(case.comparison.loras) + 1)]
     arms = plan_arms(case, lora_sha or "target", comparisons).arms
     n_prompts = n_prompts or 0
-    per_arm = counts(len(arms) - 1, n_prompts, len(pc["seeds"]), pc["batch_size"], pc["steps"], pc["guidance_scale"] > 1)
-    return {"arms": sorted(arms), "n_arms": len(arms), "n_prompts": n_prompts, "n_seeds": len(pc["seeds"]),
+    per_arm = counts(len(arms) - 1, n_prompts, len(pc.seeds), pc.batch_size, pc.steps, pc.guidance_scale > 1)
+    return {"arms": sorted(arms), "n_arms": len(arms), "n_prompts": n_prompts, "n_seeds": len(pc.seeds),
             "images": per_arm["images"], "unet_forward_calls": per_arm["unet_forward_calls"],
             "unet_image_steps": per_arm["unet_image_steps"], "device_hours": None,
             "device_hours_how": f"carlos-audit plan {case.path} --measure-images 8  (on the GPU that will run it; "
