@@ -237,3 +237,14 @@ def test_the_cli_builds_run_options_once_and_records_the_flags(monkeypatch, tmp_
     assert r.exit_code != 0 and "stopped by the test" in r.output
     assert seen["options"] == RunOptions(progress=False, allow_partial=True, allow_download=True) and not seen["flags"]
     assert seen["argv"] == ["carlos-audit", "run", str(cf), "--out", str(tmp_path / "o"), "--allow-partial"]
+
+
+def test_a_case_pickles_with_its_sections(tmp_path):
+    """Section types are bound to their names in casefile / sequential (process pools pickle them)."""
+    import pickle
+
+    case = parse_case(CASE_TEXT, tmp_path / "c.toml")
+    again = pickle.loads(pickle.dumps(case))
+    assert again == case and type(again.protocol.sequential) is SequentialSpec
+    assert all(getattr(__import__("carlos_audit.case.casefile", fromlist=["x"]), t.__name__) is t
+               for t in SECTION_TYPES.values())

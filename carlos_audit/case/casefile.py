@@ -131,7 +131,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 REQUIRED_SECTIONS = ("case", "base_model", "embedder", "lora", "protocol")
 
 #: one frozen, typed section class per table of SCHEMA (case/spec.py): ``case.protocol.steps``
-SECTION_TYPES: dict[str, type] = schema_types(SCHEMA, {"protocol": {"sequential": SequentialSpec}})
+SECTION_TYPES: dict[str, type] = schema_types(SCHEMA, {"protocol": {"sequential": SequentialSpec}}, __name__)
 (CaseSpec, BaseModelSpec, EmbedderSpec, LoraSpec, ProtocolSpec, OutputSpec, ReferenceSpec, IndicatorsSpec,
  ComparisonSpec, ReportSpec, ExpertSpec, ClaimedWorksSpec) = SECTION_TYPES.values()
 

@@ -47,7 +47,7 @@ KEYS = {
 REQUIRED = ("order_seed", "step", "min_prompts")
 #: the validated table (``case.protocol.sequential``), generated from KEYS
 SequentialSpec = section_type("sequential", {k: (float if float in types else types[0], default)
-                                             for k, (types, default) in KEYS.items()}, REQUIRED)
+                                             for k, (types, default) in KEYS.items()}, REQUIRED, module=__name__)
 
 
 def check_table(table: dict, protocol: dict, where: str, has_corpus: bool = True) -> dict:

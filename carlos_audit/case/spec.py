@@ -63,9 +63,10 @@ def _class_name(section: str) -> str:
 
 
 def section_type(section: str, keys: dict[str, tuple[Any, Any]], required: tuple[str, ...] = (),
-                 nested: dict[str, type] | None = None) -> type:
+                 nested: dict[str, type] | None = None, module: str = __name__) -> type:
     """A frozen dataclass for one table: ``keys`` maps key -> (Python type, default), a key in
-    ``required`` has no default, a key in ``nested`` holds that section type (or None)."""
+    ``required`` has no default, a key in ``nested`` holds that section type (or None).
+    ``module``: where the class is bound to its name (``<Section>Spec``), so that it pickles."""
     nested = dict(nested or {})
     fields = []
     for key, (py_type, default) in keys.items():
@@ -83,16 +84,16 @@ def section_type(section: str, keys: dict[str, tuple[Any, Any]], required: tuple
     namespace = {"__doc__": f"The validated [{section}] table of a case file.", "nested_types": nested}
     cls = dataclasses.make_dataclass(_class_name(section), fields, bases=(SectionSpec,), frozen=True, kw_only=True,
                                      namespace=namespace)
-    cls.__module__ = __name__
+    cls.__module__ = module
     return cls
 
 
-def schema_types(schema: dict[str, dict[str, tuple]], nested: dict[str, dict[str, type]]) -> dict[str, type]:
+def schema_types(schema: dict[str, dict[str, tuple]], nested: dict[str, dict[str, type]], module: str) -> dict[str, type]:
     """One section type per table of ``schema`` (casefile.SCHEMA: key -> (type name, required,
-    default)); ``nested[section][key]``: the section type of a sub-table."""
+    default)); ``nested[section][key]``: the section type of a sub-table; ``module`` binds them."""
     out = {}
     for section, keys in schema.items():
         table = {k: (_PY_TYPES.get(kind, dict), default) for k, (kind, _required, default) in keys.items()}
         required = tuple(k for k, (_kind, req, _default) in keys.items() if req)
-        out[section] = section_type(section, table, required, nested.get(section))
+        out[section] = section_type(section, table, required, nested.get(section), module)
     return out
