@@ -35,6 +35,7 @@ import numpy as np
 from carlos_audit.analysis import sequential as seq
 from carlos_audit.analysis.coverage import Generator, Shape
 from carlos_audit.analysis.metrics import consistency, strength
+from carlos_audit.case.sequential import SequentialSpec
 from carlos_audit.corpus.search import nearest
 
 PARQUET = Path(__file__).resolve().parents[2] / "shared" / "reference" / "carlos_sdxl_vitb32_metrics.parquet"
@@ -105,11 +106,12 @@ def run_case(gen, corpus, row: int, rule: dict, n_seeds: int, rng, n_resamples: 
     order = rng.permutation(N_PROMPTS)
     looks = list(range(MIN_PROMPTS, N_PROMPTS, STEP)) + [N_PROMPTS]
     fractions = [n / N_PROMPTS for n in looks]
+    spec = SequentialSpec(**{"order_seed": 0, "step": STEP, "min_prompts": MIN_PROMPTS, **rule})
+    setting = seq.LookSetting(spec, fractions, N_PROMPTS, n_seeds, n_resamples, seed, corpus, row)
     for k, n in enumerate(looks, start=1):
         keep = np.sort(order[:n])
         rows = (keep[:, None] * n_seeds + np.arange(n_seeds)).ravel()
-        ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], rule, fractions, k, n_protocol=N_PROMPTS,
-                               n_seeds=n_seeds, n_resamples=n_resamples, seed=seed, corpus=corpus, exclude_row=row)
+        ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], k, setting)
         if ev["met"]:
             break
     stop_c = conclusions(corpus, row, rule["neighbour_k"], ev["strength"]["estimate"], ev["consistency"]["estimate"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carlos_audit.case.sequential import case_plan, look_rows
+from carlos_audit.case.sequential import SequentialSpec, case_plan, look_rows
 from carlos_audit.casefolder.store import CaseStore
 from carlos_audit.records import Manifest
 
@@ -26,8 +26,12 @@ def run_protocol(session, plan, pairs: list, prompts: list, corpus, lora_sha256:
     look_plan = case_plan(session.case, prompts)
     if look_plan is None:
         return pairs, {arm.name: run_arm(arm, pairs) for arm in plan.arms.values()}, None
+    from carlos_audit.analysis.sequential import LookSetting
+
     corpus, own = open_reference(corpus, lora_sha256, look_plan.rule)
-    fractions = [look_plan.fraction(k) for k in range(1, len(look_plan.looks) + 1)]
+    pc = session.case.protocol
+    setting = LookSetting(look_plan.rule, [look_plan.fraction(k) for k in range(1, len(look_plan.looks) + 1)],
+                          look_plan.n_protocol, look_plan.n_seeds, pc.bootstrap_resamples, pc.bootstrap_seed, corpus, own)
     done = {a: {"generated_batches": 0, "cached_batches": 0} for a in plan.arms}
     evaluations = []
     for look in range(1, len(look_plan.looks) + 1):
@@ -37,8 +41,7 @@ def run_protocol(session, plan, pairs: list, prompts: list, corpus, lora_sha256:
             for k in done[arm.name]:
                 done[arm.name][k] += st[k]
         ev = evaluate_stored(session.store, plan.profiles["main"], [p.id for p in run], [p.prompt.id for p in run],
-                             look_plan.rule, fractions, look, look_plan.n_protocol, look_plan.n_seeds,
-                             session.case.protocol, corpus, own)
+                             look, setting)
         evaluations.append(ev)
         if ev["met"]:
             break
@@ -48,13 +51,13 @@ def run_protocol(session, plan, pairs: list, prompts: list, corpus, lora_sha256:
     return run, stats, sequential_record(look_plan, evaluations, len(plan.arms))
 
 
-def open_reference(corpus, lora_sha256: str, rule: dict):
+def open_reference(corpus, lora_sha256: str, rule: SequentialSpec):
     """The corpus (an opened Corpus, or its path) the percentile and neighbour targets are judged
     against, and the case's own row in it (left out, as the comparison does); (None, None) when
     no target needs it."""
     from carlos_audit.case.sequential import CORPUS_TARGETS
 
-    if corpus is None or all(rule[k] is None for k in CORPUS_TARGETS):
+    if corpus is None or all(getattr(rule, k) is None for k in CORPUS_TARGETS):
         return None, None
     from carlos_audit.corpus.placement import own_row
     from carlos_audit.corpus.store import as_corpus
@@ -63,17 +66,14 @@ def open_reference(corpus, lora_sha256: str, rule: dict):
     return corpus, own_row(corpus, lora_sha256)
 
 
-def evaluate_stored(store, main: tuple, ids: list[str], prompt_ids: list[str], rule: dict, fractions: list,
-                    look: int, n_protocol: int, n_seeds: int, protocol: dict, corpus=None,
-                    own: int | None = None) -> dict:
-    """``evaluate_look`` on the stored features of the pairs ``ids`` (the main profile's arms)."""
+def evaluate_stored(store, main: tuple, ids: list[str], prompt_ids: list[str], look: int, setting) -> dict:
+    """``evaluate_look`` on the stored features of the pairs ``ids`` (the main profile's arms);
+    ``setting``: analysis/sequential.LookSetting."""
     from carlos_audit.analysis.metrics import diffs
     from carlos_audit.analysis.sequential import evaluate_look
 
     d = diffs(store.features(main[1], ids), store.features(main[0], ids))
-    return evaluate_look(d, prompt_ids, rule, fractions, look, n_protocol=n_protocol, n_seeds=n_seeds,
-                         n_resamples=protocol["bootstrap_resamples"], seed=protocol["bootstrap_seed"],
-                         corpus=corpus, exclude_row=own)
+    return evaluate_look(d, prompt_ids, look, setting)
 
 
 def recheck_looks(store: CaseStore, manifest: Manifest, corpus_path: Path | None = None) -> list[str]:
@@ -82,16 +82,20 @@ def recheck_looks(store: CaseStore, manifest: Manifest, corpus_path: Path | None
     intervals differ (empty: the rule was applied as pre-registered and stopped where it says)."""
     import math
 
-    seq, rows = manifest.sequential, manifest.pairs
+    from carlos_audit.analysis.sequential import LookSetting
+
+    seq, rows, protocol = manifest.sequential, manifest.pairs, manifest.protocol
     looks = [r["n_prompts"] for r in seq["planned_looks"]]
-    corpus, own = open_reference(corpus_path, manifest.lora["sha256"], seq["rule"])
+    rule = SequentialSpec.from_dict(seq["rule"])
+    corpus, own = open_reference(corpus_path, manifest.lora["sha256"], rule)
+    setting = LookSetting(rule, [n / looks[-1] for n in looks], seq["n_prompts_protocol"], seq["n_seeds"],
+                          protocol["bootstrap_resamples"], protocol["bootstrap_seed"], corpus, own)
     bad = []
     for rec in seq["looks"]:
         keep = set(seq["order"][:rec["n_prompts"]])
         part = [r for r in rows if r["prompt_id"] in keep]
-        ev = evaluate_stored(store, manifest.protocol["profiles"]["main"], [r["pair_id"] for r in part],
-                             [r["prompt_id"] for r in part], seq["rule"], [n / looks[-1] for n in looks], rec["look"],
-                             seq["n_prompts_protocol"], seq["n_seeds"], manifest.protocol, corpus, own)
+        ev = evaluate_stored(store, protocol["profiles"]["main"], [r["pair_id"] for r in part],
+                             [r["prompt_id"] for r in part], rec["look"], setting)
         same = ev["met"] == rec["met"] and all(
             math.isclose(ev[k]["half_width"], rec[k]["half_width"], rel_tol=1e-9, abs_tol=1e-12)
             for k in ("strength", "consistency") if rec[k]["half_width"] is not None)
@@ -120,7 +124,7 @@ def sequential_record(look_plan, evaluations: list[dict], n_arms: int) -> dict:
         entry["images"] = rows[ev["look"] - 1]["images"]
         looks.append(entry)
     return {
-        "rule": dict(look_plan.rule), "construction": last["construction"], "order": list(look_plan.order),
+        "rule": look_plan.rule.to_dict(), "construction": last["construction"], "order": list(look_plan.order),
         "planned_looks": rows, "looks": looks, "stopped_at_look": k, "n_looks": len(look_plan.looks),
         "stopped_early": bool(last["met"] and k < len(look_plan.looks)),
         "reason": "every stopping target met" if last["met"] else "the last look was reached",

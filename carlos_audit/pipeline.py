@@ -19,6 +19,7 @@ from pathlib import Path
 
 from carlos_audit import __version__
 from carlos_audit.case.casefile import Case
+from carlos_audit.case.options import RunOptions
 from carlos_audit.case.paths import reference_corpus
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts, prompts_sha256
 from carlos_audit.casefolder import CaseFolder
@@ -42,14 +43,16 @@ class CaseResult:
     written: tuple[str, ...] = ()
 
 
-def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwargs) -> CaseResult:
-    """``carlos-audit run``: generate, finish, then the report, all under one case-folder lock."""
+def run_full(case: Case, out: Path, options: RunOptions | None = None, *, argv: list[str] | None = None,
+             **flags) -> CaseResult:
+    """``carlos-audit run``: generate, finish, then the report, all under one case-folder lock.
+    ``flags``: single RunOptions fields over ``options`` (``progress=False``)."""
     from carlos_audit.report import ARCHIVE_PDF, render_report
     from carlos_audit.casefolder.lock import case_lock
 
     with case_lock(out):  # taken once, held through the report
         try:
-            result = generate_and_finish(case, out, allow_incompatible=allow_incompatible, **kwargs)
+            result = generate_and_finish(case, out, RunOptions.given(options, **flags), argv)
         except AuditError:
             # an input changed during the run: the manifest is written (custody_ok false) and the
             # exhibit is still rendered, marked invalid, before the error reaches the user
@@ -62,27 +65,24 @@ def run_full(case: Case, out: Path, *, allow_incompatible: bool = False, **kwarg
     return replace(result, written=tuple(written))
 
 
-def run_case(case: Case, out: Path, **kwargs) -> CaseResult:
+def run_case(case: Case, out: Path, options: RunOptions | None = None, *, argv: list[str] | None = None,
+             **flags) -> CaseResult:
     """Profile ``case`` into case folder ``out`` (no report), holding the folder's lock."""
     from carlos_audit.casefolder.lock import case_lock
 
     with case_lock(out):
-        return generate_and_finish(case, out, **kwargs)
+        return generate_and_finish(case, out, RunOptions.given(options, **flags), argv)
 
 
-def generate_and_finish(case: Case, out: Path, *, force: bool = False, allow_partial: bool = False,
-                        allow_unsafe_pickle: bool = False, allow_download: bool = False,
-                        argv: list[str] | None = None, progress: bool = True,
-                        allow_incompatible: bool = False) -> CaseResult:
+def generate_and_finish(case: Case, out: Path, options: RunOptions, argv: list[str] | None = None) -> CaseResult:
     """The run's steps in order; the caller holds the case folder's lock."""
     from carlos_audit.run.profile import generate_units, prepare_run
 
     out = Path(out)
-    prep = prepare_run(case, CaseStore(out), force=force, allow_partial=allow_partial,
-                       allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
-    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
+    prep = prepare_run(case, CaseStore(out), options)
+    allow_incompatible = options.allow_incompatible or case.reference.allow_incompatible
     corpus = check_reference(case, prep.signature, allow_incompatible)  # opened once for the whole run
-    record = generate_units(prep, progress, protocol=looks_of(prep, corpus))
+    record = generate_units(prep, options.progress, protocol=looks_of(prep, corpus))
     return finish_case(case, out, record, argv=argv, allow_incompatible=allow_incompatible,
                        units=prep.session.store,
                        opened=Opened(corpus, prep.prompts, prep.plan,
@@ -123,7 +123,7 @@ def check_reference(case: Case, signature: dict, allow_incompatible: bool):
 
     corpus = open_reference_corpus(corpus_path)
     check_corpus_signature(corpus, signature, allow_incompatible)
-    check_replicate_id(corpus, case.reference["replicate_id"])
+    check_replicate_id(corpus, case.reference.replicate_id)
     return corpus
 
 
@@ -145,7 +145,7 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
         folder.units = units
     opened = opened or Opened()
     manifest = build_manifest(case, folder, record, argv, opened)
-    allow_incompatible = allow_incompatible or case.reference["allow_incompatible"]
+    allow_incompatible = allow_incompatible or case.reference.allow_incompatible
     metrics, comparison = analyse_case(out, manifest, case, allow_incompatible=allow_incompatible,
                                        store=folder.units, corpus=opened.corpus, loras=opened.loras)
     for r in (metrics, comparison):
@@ -177,16 +177,16 @@ def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list
     store, out = folder.units, folder.root
     run_info = read_json(out / "run.json")
     opened = opened or Opened()
-    prompts = opened.prompts if opened.prompts is not None else load_prompts(case.protocol["prompts"], case.base_dir)[0]
+    prompts = opened.prompts if opened.prompts is not None else load_prompts(case.protocol.prompts, case.base_dir)[0]
     pc = case.protocol
     from carlos_audit.case.sequential import run_pairs
 
     # a sequential case: the pairs of the looks it ran
-    pairs = run_pairs(enumerate_pairs(prompts, pc["seeds"], pc["batch_size"]), record.sequential)
+    pairs = run_pairs(enumerate_pairs(prompts, pc.seeds, pc.batch_size), record.sequential)
     lora_sha = next(e["sha256"] for e in record.inputs if e["role"] == "lora")
     plan = opened.plan if opened.plan is not None else plan_arms(case, lora_sha, record.comparison_loras)
     return Manifest(
-        case=dict(case.case),
+        case=case.case.to_dict(),
         tool={"name": "carlos-audit", "version": __version__, "git_commit": git_commit()},
         run={"started_utc": run_info["started_utc"], "source_date_epoch": run_info["started_epoch"],
              "finished_utc": None, "command": list(argv or ["carlos-audit", "run", str(case.path)]),
@@ -196,14 +196,14 @@ def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list
         base_model=record.base_model,
         embedder=record.embedder,
         lora={"path": record.lora_path, "file_name": Path(record.lora_path).name, "sha256": lora_sha,
-              "scale": case.lora["scale"], "trigger_words": list(case.lora["trigger_words"]),
-              "trigger_policy": case.lora["trigger_policy"], "load": record.lora_load,
+              "scale": case.lora.scale, "trigger_words": list(case.lora.trigger_words),
+              "trigger_policy": case.lora.trigger_policy, "load": record.lora_load,
               "inspection": record.inspection},
-        protocol={"prompts": pc["prompts"], "prompt_source": record.prompt_source,
+        protocol={"prompts": pc.prompts, "prompt_source": record.prompt_source,
                   "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),
-                  "seeds": list(pc["seeds"]), **record.generation, "batch_size": pc["batch_size"],
-                  "bootstrap_resamples": pc["bootstrap_resamples"], "bootstrap_seed": pc["bootstrap_seed"],
-                  "scales": list(pc["scales"]),
+                  "seeds": list(pc.seeds), **record.generation, "batch_size": pc.batch_size,
+                  "bootstrap_resamples": pc.bootstrap_resamples, "bootstrap_seed": pc.bootstrap_seed,
+                  "scales": list(pc.scales),
                   "arms": {a.name: {"adapter": a.adapter, "scale": a.scale, "with_triggers": a.with_triggers,
                                     "lora_sha256": a.lora_sha256} for a in plan.arms.values()},
                   "arm_aliases": plan.alias, "profiles": {k: list(v) for k, v in plan.profiles.items()}},

@@ -25,7 +25,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
@@ -171,6 +170,7 @@ def check_regenerated(folder: CaseFolder, sample: int, seed: int, progress: bool
     import shutil
     import tempfile
 
+    from carlos_audit.case.options import RunOptions
     from carlos_audit.case.signature import environment_differences
     from carlos_audit.casefolder.store import CaseStore
     from carlos_audit.run.intake import intake
@@ -190,7 +190,7 @@ def check_regenerated(folder: CaseFolder, sample: int, seed: int, progress: bool
     scratch = Path(tempfile.mkdtemp(prefix="verify-"))
     try:
         store = CaseStore(scratch)
-        prep = prepare_run(case, store, prepare_folder=False, allow_partial=load.get("partial", False))
+        prep = prepare_run(case, store, RunOptions(allow_partial=load.get("partial", False)), prepare_folder=False)
         differences = environment_differences(prep.session.environment, manifest.environment)
         if "application" in load:  # a weight patch: the same method, the same patched weights
             from carlos_audit.run.patch import application_differences
@@ -229,7 +229,7 @@ def check_base_files(case, manifest: Manifest) -> Check:
 
     bm = case.base_model
     try:
-        src = resolve_base_source(bm["source"], base_dir=case.base_dir, variant=bm.get("variant"), config=bm.get("config"))
+        src = resolve_base_source(bm.source, base_dir=case.base_dir, variant=bm.variant, config=bm.config)
     except AuditError as e:
         return Check("base model files", False, str(e))
     then = {f["name"]: f["sha256"] for f in manifest.base_model["files"]}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from carlos_audit.casefolder import CaseFolder
-from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.casefolder.store import CaseStore, UnitOutput
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.records import Comparison, Manifest, Metrics
@@ -161,8 +161,8 @@ class Opens:
 
 def test_unit_records_and_features_are_read_once_per_store(tmp_path):
     store = CaseStore(tmp_path)
-    files, record = store.unit_files("base", 0, [b"png0", b"png1"], np.ones((2, 4), np.float32), ["p0", "p1"],
-                                     ["a", "b"], [0, 1], "generated")
+    files, record = store.unit_files("base", 0, UnitOutput([b"png0", b"png1"], np.ones((2, 4), np.float32),
+                                                           ["p0", "p1"], ["a", "b"], [0, 1], "generated"))
     store.write_unit_files("base", 0, files, record)
     with Opens(tmp_path) as opens:
         for _ in range(3):

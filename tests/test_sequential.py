@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from carlos_audit.analysis import sequential as seq
 from carlos_audit.analysis.metrics import consistency, strength
 from carlos_audit.case.casefile import parse_case
 from carlos_audit.case.protocol import Prompt, enumerate_pairs, load_prompts
-from carlos_audit.case.sequential import look_rows, plan_looks, prompt_order, run_pairs
+from carlos_audit.case.sequential import SequentialSpec, look_rows, plan_looks, prompt_order, run_pairs
 from carlos_audit.errors import AuditError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_order_is_a_stratified_permutation():
 
 def test_looks_and_pairs_keep_the_full_batch_layout():
     prompts, _ = load_prompts("builtin:standard")
-    rule = {"order_seed": 3, "step": 20, "min_prompts": 10, "max_prompts": None}
+    rule = SequentialSpec(order_seed=3, step=20, min_prompts=10, max_prompts=None)
     plan = plan_looks(rule, prompts, 4)
     assert plan.looks == [10, 30, 50, 64]
     assert [r["images"] for r in look_rows(plan, 2)] == [80, 240, 400, 512]
@@ -126,7 +127,7 @@ def test_looks_and_pairs_keep_the_full_batch_layout():
     assert all(full[p.id] == (p.batch, p.position) for p in look2)  # the full case's batches
     assert run_pairs(pairs, {"order": plan.order, "n_prompts_run": 30}) == look2
     with pytest.raises(AuditError, match="must not exceed the protocol's 64 prompts"):
-        plan_looks(dict(rule, max_prompts=65), prompts, 4)
+        plan_looks(replace(rule, max_prompts=65), prompts, 4)
 
 
 def test_spending_functions():
@@ -143,7 +144,7 @@ def test_spending_functions():
 def test_a_look_that_spends_nothing_cannot_stop():
     d, ids = population()
     rule = dict(RULE, spending="obrien-fleming")
-    ev = seq.evaluate_look(d[:8], ids[:8], rule, [0.001, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=50, seed=0)
+    ev = seq.evaluate_look(d[:8], ids[:8], 1, setting(rule, [0.001, 1.0], n_protocol=64, n_seeds=4, n_resamples=50, seed=0))
     assert ev["z"] is None and ev["strength"]["interval"] is None and not ev["met"]
     json.dumps(ev, allow_nan=False)
 
@@ -162,9 +163,18 @@ RULE = {"alpha": 0.05, "spending": "pocock", "strength_half_width": 1.0, "consis
         "percentile_half_width": None, "neighbour_stability": None, "neighbour_k": 3}
 
 
+def spec(rule: dict) -> SequentialSpec:
+    """``rule`` as the typed [protocol.sequential] table (the order keys do not enter a look's evaluation)."""
+    return SequentialSpec(**{"order_seed": 0, "step": 1, "min_prompts": 2, **rule})
+
+
+def setting(rule: dict, fractions: list, **kw) -> seq.LookSetting:
+    return seq.LookSetting(spec(rule), fractions, **kw)
+
+
 def test_whole_protocol_is_the_full_value_exactly():
     d, ids = population()
-    ev = seq.evaluate_look(d, ids, RULE, [0.5, 1.0], 2, n_protocol=64, n_seeds=4, n_resamples=100, seed=0)
+    ev = seq.evaluate_look(d, ids, 2, setting(RULE, [0.5, 1.0], n_protocol=64, n_seeds=4, n_resamples=100, seed=0))
     assert ev["strength"]["interval"] == [strength(d)] * 2 and ev["strength"]["half_width"] == 0
     assert ev["consistency"]["estimate"] == pytest.approx(consistency(d), abs=1e-12)
     assert ev["consistency"]["half_width"] == 0 and ev["met"]
@@ -183,14 +193,15 @@ def test_part_of_the_protocol_covers_the_full_value():
     for r in range(60):
         keep = set(rng.choice(64, 16, replace=False))
         rows = [i for i in range(len(ids)) if int(ids[i][1:]) in keep]
-        ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], RULE, [0.25, 1.0], 1, n_protocol=64, n_seeds=4,
-                               n_resamples=200, seed=r)
+        ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], 1, setting(RULE, [0.25, 1.0], n_protocol=64, n_seeds=4,
+                                                                          n_resamples=200, seed=r))
         for key in full:
             lo, hi = ev[key]["interval"]
             hits[key] += lo <= full[key] <= hi
         widths.append(ev["strength"]["half_width"])
     assert hits["strength"] >= 56 and hits["consistency"] >= 56
-    more = seq.evaluate_look(d[:160], ids[:160], RULE, [0.25, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=200, seed=0)
+    more = seq.evaluate_look(d[:160], ids[:160], 1, setting(RULE, [0.25, 1.0], n_protocol=64, n_seeds=4, n_resamples=200,
+                                                            seed=0))
     assert more["strength"]["half_width"] < 0.8 * np.mean(widths)  # 40 of 64 prompts
 
 
@@ -203,8 +214,8 @@ def test_heavy_tails_at_few_prompts_do_not_stop():
         for r in range(20):
             keep = set(rng.choice(64, n, replace=False))
             rows = [i for i in range(len(ids)) if int(ids[i][1:]) in keep]
-            ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], RULE, [n / 64, 1.0], 1, n_protocol=64,
-                                   n_seeds=4, n_resamples=100, seed=r)
+            ev = seq.evaluate_look(d[rows], [ids[i] for i in rows], 1, setting(RULE, [n / 64, 1.0], n_protocol=64,
+                                                                              n_seeds=4, n_resamples=100, seed=r))
             assert not ev["normal_approximation"]["met"] and not ev["met"]
 
 
@@ -219,16 +230,16 @@ def test_percentile_band_and_neighbour_stability(tmp_path):
                            rows={"id": [f"r{i}" for i in range(len(dirs))], "strength": rng.uniform(2, 9, len(dirs)),
                                  "consistency": rng.uniform(0, 0.5, len(dirs))})
     rule = dict(RULE, percentile_half_width=50.0, neighbour_stability=0.9)
-    ev = seq.evaluate_look(d[:128], ids[:128], rule, [0.5, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=200,
-                           seed=0, corpus=corpus)
+    ev = seq.evaluate_look(d[:128], ids[:128], 1, setting(rule, [0.5, 1.0], n_protocol=64, n_seeds=4, n_resamples=200,
+                                                          seed=0, corpus=corpus))
     lo, hi = ev["strength"]["interval"]
     assert ev["strength_percentile"]["band"] == [corpus.percentile("strength", lo, None),
                                                  corpus.percentile("strength", hi, None)]
     assert ev["neighbours"]["top_k"] == ["r0", "r1", "r2"] and ev["neighbours"]["stability"] > 0.9
     assert set(ev["targets"]) == {"strength_half_width", "consistency_half_width", "percentile_half_width",
                                   "neighbour_stability"}
-    own = seq.evaluate_look(d[:128], ids[:128], rule, [0.5, 1.0], 1, n_protocol=64, n_seeds=4, n_resamples=200,
-                            seed=0, corpus=corpus, exclude_row=0)
+    own = seq.evaluate_look(d[:128], ids[:128], 1, setting(rule, [0.5, 1.0], n_protocol=64, n_seeds=4, n_resamples=200,
+                                                           seed=0, corpus=corpus, exclude_row=0))
     assert own["neighbours"]["top_k"][:2] == ["r1", "r2"]
 
 
@@ -242,10 +253,10 @@ def test_cochran_rule_blocks_a_skewed_look():
     assert ok["met"] and ok["min_prompts"] < 40
     assert not far["met"] and far["skewness"] > 5
     wide = dict(RULE, strength_half_width=1e6, consistency_half_width=10.0)
-    ev = seq.evaluate_look(skewed, ids, wide, [0.5, 1.0], 1, n_protocol=80, n_seeds=2, n_resamples=100, seed=0)
+    ev = seq.evaluate_look(skewed, ids, 1, setting(wide, [0.5, 1.0], n_protocol=80, n_seeds=2, n_resamples=100, seed=0))
     assert all(t["met"] for t in ev["targets"].values()) and not ev["met"]
-    lax = seq.evaluate_look(skewed, ids, dict(wide, normal_check=False), [0.5, 1.0], 1, n_protocol=80, n_seeds=2,
-                            n_resamples=100, seed=0)
+    lax = seq.evaluate_look(skewed, ids, 1, setting(dict(wide, normal_check=False), [0.5, 1.0], n_protocol=80, n_seeds=2,
+                                                    n_resamples=100, seed=0))
     assert lax["met"]
 
 
@@ -258,10 +269,10 @@ def test_the_run_judges_corpus_targets_without_the_case_s_own_row(tmp_path):
                   rows={"id": ["a", "b", "c", "d"], "strength": [1.0, 2.0, 3.0, 4.0],
                         "lora_sha256": [None, "f" * 64, None, None]})
     rule = dict(RULE, percentile_half_width=5.0)
-    corpus, own = open_reference(tmp_path / "c", "f" * 64, rule)
+    corpus, own = open_reference(tmp_path / "c", "f" * 64, spec(rule))
     assert corpus.n == 4 and own == 1
-    assert open_reference(tmp_path / "c", "f" * 64, RULE) == (None, None)  # no corpus target: not opened
-    assert open_reference(None, "f" * 64, rule) == (None, None)
+    assert open_reference(tmp_path / "c", "f" * 64, spec(RULE)) == (None, None)  # no corpus target: not opened
+    assert open_reference(None, "f" * 64, spec(rule)) == (None, None)
 
 
 # ----------------------------------------------------------------------------- the tiny models

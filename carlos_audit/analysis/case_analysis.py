@@ -60,7 +60,7 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case, corpu
         labels = manifest.label_signatures
         extra["effect_labels"] = ind.effect_labels(
             np.array(metrics["direction"]), [tuple(w) for w in labels["words"]], load_npy(store.path(labels["path"])),
-            case.indicators["top_labels"])
+            case.indicators.top_labels)
     out = Metrics(**metrics, indicators=extra)
     if manifest.sequential:
         from carlos_audit.analysis.sequential import metrics_record, stopped_look
@@ -122,11 +122,11 @@ def sequential_placement(store: CaseStore, manifest: Manifest, corpus) -> dict:
 
 def open_case_corpus(case: Case):
     """The case's reference corpus opened (None when it names none): once per analysis."""
-    if not case.reference.get("corpus"):
+    if not case.reference.corpus:
         return None
     from carlos_audit.corpus.store import load_corpus
 
-    corpus_path = expand_path(case.reference["corpus"], case.base_dir)
+    corpus_path = expand_path(case.reference.corpus, case.base_dir)
     if not corpus_path.exists():
         raise AuditError(f"reference corpus {corpus_path} does not exist")
     return load_corpus(corpus_path)
@@ -150,14 +150,14 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *, allow_incomp
         from carlos_audit.analysis.replication import replication
         from carlos_audit.corpus.placement import place_in_corpus
 
-        placement = place_in_corpus(corpus, metrics, top_k=case.reference["top_k"], signature=manifest.signature,
+        placement = place_in_corpus(corpus, metrics, top_k=case.reference.top_k, signature=manifest.signature,
                                     lora_sha256=manifest.lora["sha256"], head_to_head=comparison.head_to_head,
-                                    allow_incompatible=allow_incompatible or case.reference["allow_incompatible"])
+                                    allow_incompatible=allow_incompatible or case.reference.allow_incompatible)
         comparison.corpus, comparison.target, comparison.corpus_points = (
             placement["corpus"], placement["target"], placement["corpus_points"])
         if manifest.sequential:
             comparison.target["sequential"] = sequential_placement(store, manifest, corpus)
-        comparison.replication = replication(store, manifest, metrics, corpus, case.reference.get("replicate_id"))
+        comparison.replication = replication(store, manifest, metrics, corpus, case.reference.replicate_id)
     if comparison.head_to_head is None and comparison.corpus is None:
         return metrics, None
     return metrics, comparison

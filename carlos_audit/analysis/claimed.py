@@ -126,7 +126,7 @@ def claimed_works_metrics(store, manifest, case, corpus=None) -> dict:
     boots = prompt_resamples(prompt_ids, n, seed)
     align = alignment(works, base, lora, boots)
     changes = pair_changes(works, base, lora)
-    rater, head = open_rater(corpus if corpus is not None else reference_corpus(case), manifest, (case.reference or {}).get("replicate_id"))
+    rater, head = open_rater(corpus if corpus is not None else reference_corpus(case), manifest, case.reference.replicate_id)
     calib = calibration(rater, head, claimed_direction(works, base), align)
     return {
         "definition": DEFINITION,

@@ -31,9 +31,12 @@ two factors above and by z_k / z_0.975). numpy only; measured in docs/VALIDATION
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+
+from carlos_audit.case.sequential import SequentialSpec
 
 CONSTRUCTION = ("repeated confidence intervals (Jennison & Turnbull 1989) for the full-protocol value: "
                 "cluster bootstrap standard error over prompts with the finite-population correction "
@@ -109,20 +112,35 @@ def interval(est: float | None, replicates: np.ndarray, factor: float, z: float 
     return [est - z * se, est + z * se]
 
 
-def evaluate_look(d: np.ndarray, prompt_ids: list[str], rule: dict, fractions: list[float], look: int, *,
-                  n_protocol: int, n_seeds: int, n_resamples: int, seed: int, corpus=None,
-                  exclude_row: int | None = None) -> dict:
+@dataclass(frozen=True)
+class LookSetting:
+    """What every look of one sequential case is judged by: the rule (``[protocol.sequential]``),
+    the information fraction of each planned look, the protocol's size, the case's bootstrap, and
+    the corpus (a corpus.store.Corpus, or None) for the percentile and neighbour targets, with
+    the case's own row left out."""
+
+    rule: SequentialSpec
+    fractions: list[float]
+    n_protocol: int
+    n_seeds: int
+    n_resamples: int
+    seed: int
+    corpus: object = None
+    exclude_row: int | None = None
+
+
+def evaluate_look(d: np.ndarray, prompt_ids: list[str], look: int, setting: LookSetting) -> dict:
     """Look ``look`` (1-based) of a sequential case whose pairs run so far give diffs ``d``:
-    intervals for the full-protocol values, and whether each stopping target of ``rule`` is met.
-    ``corpus``: a corpus.store.Corpus for the percentile and neighbour targets."""
-    alphas = look_alphas(fractions, rule["alpha"], rule["spending"])
+    intervals for the full-protocol values, and whether each stopping target of the rule is met."""
+    rule, n_protocol, corpus = setting.rule, setting.n_protocol, setting.corpus
+    alphas = look_alphas(setting.fractions, rule.alpha, rule.spending)
     a = alphas[look - 1]
     z = NormalDist().inv_cdf(1 - a / 2) if a > 1e-15 else None  # O'Brien-Fleming spends ~nothing very early
-    e = estimates(d, prompt_ids, n_protocol, n_seeds, n_resamples, seed)
+    e = estimates(d, prompt_ids, n_protocol, setting.n_seeds, setting.n_resamples, setting.seed)
     n = e["n_prompts"]
     f = scale(n, n_protocol)
     out = {"look": look, "n_prompts": n, "n_protocol": n_protocol, "alpha_look": a, "z": z,
-           "construction": CONSTRUCTION.format(spending=rule["spending"], looks=len(fractions), alpha=rule["alpha"]),
+           "construction": CONSTRUCTION.format(spending=rule.spending, looks=len(setting.fractions), alpha=rule.alpha),
            "fpc": math.sqrt(max(0.0, 1 - n / n_protocol)), "targets": {}}
     for key in ("strength", "consistency"):
         ci = [e[key], e[key]] if f == 0 and e[key] is not None else interval(e[key], e[f"{key}_r"], f, z)
@@ -131,16 +149,16 @@ def evaluate_look(d: np.ndarray, prompt_ids: list[str], rule: dict, fractions: l
     if corpus is not None:
         for key in ("strength", "consistency"):
             ci = out[key]["interval"]
-            band = None if ci is None else [corpus.percentile(key, v, exclude_row) for v in ci]
+            band = None if ci is None else [corpus.percentile(key, v, setting.exclude_row) for v in ci]
             band = None if band is None or None in band else band
             out[f"{key}_percentile"] = {"band": band, "half_width": None if band is None else (band[1] - band[0]) / 2}
         worst = [out[f"{k}_percentile"]["half_width"] for k in ("strength", "consistency")]
         _target(out, "percentile_half_width", rule, None if None in worst else max(worst), below=True)
-        out["neighbours"] = (neighbour_stability(corpus, e, rule["neighbour_k"], f * z / Z975, exclude_row)
+        out["neighbours"] = (neighbour_stability(corpus, e, rule.neighbour_k, f * z / Z975, setting.exclude_row)
                              if z is not None else {"top_k": [], "stability": None})
         _target(out, "neighbour_stability", rule, out["neighbours"]["stability"], below=False)
     out["normal_approximation"] = normal_approximation(d, prompt_ids, whole=f == 0)
-    out["met"] = (out["normal_approximation"]["met"] or not rule.get("normal_check", True)) and all(
+    out["met"] = (out["normal_approximation"]["met"] or not rule.normal_check) and all(
         t["met"] for t in out["targets"].values())
     return out
 
@@ -159,8 +177,8 @@ def normal_approximation(d: np.ndarray, prompt_ids: list[str], whole: bool = Fal
     return {"skewness": g1, "min_prompts": need, "met": bool(whole or len(labels) > need)}
 
 
-def _target(out: dict, name: str, rule: dict, value, below: bool) -> None:
-    goal = rule.get(name)
+def _target(out: dict, name: str, rule: SequentialSpec, value, below: bool) -> None:
+    goal = getattr(rule, name)
     if goal is None:
         return
     met = value is not None and (value <= goal if below else value >= goal)
@@ -186,11 +204,10 @@ def stopped_look(d: np.ndarray, prompt_ids: list[str], sequential: dict, protoco
     """The evaluation of the look a sequential case stopped at (manifest ``sequential``), again
     from the stored features: what metrics.json (and, with a corpus, comparison.json) record."""
     looks = [r["n_prompts"] for r in sequential["planned_looks"]]
-    fractions = [n / looks[-1] for n in looks]
-    ev = evaluate_look(d, prompt_ids, sequential["rule"], fractions, sequential["stopped_at_look"],
-                       n_protocol=sequential["n_prompts_protocol"], n_seeds=sequential["n_seeds"],
-                       n_resamples=protocol["bootstrap_resamples"], seed=protocol["bootstrap_seed"],
-                       corpus=corpus, exclude_row=exclude_row)
+    setting = LookSetting(SequentialSpec.from_dict(sequential["rule"]), [n / looks[-1] for n in looks],
+                          sequential["n_prompts_protocol"], sequential["n_seeds"], protocol["bootstrap_resamples"],
+                          protocol["bootstrap_seed"], corpus, exclude_row)
+    ev = evaluate_look(d, prompt_ids, sequential["stopped_at_look"], setting)
     recorded = sequential["looks"][-1]
     ev["decision_reproduced"] = ev["met"] == recorded["met"] and ev["n_prompts"] == recorded["n_prompts"]
     return ev

@@ -19,6 +19,8 @@ import tomllib
 
 from carlos_audit.errors import AuditError
 from carlos_audit.case.paths import expand_path  # noqa: F401  (re-exported: case files name paths)
+from carlos_audit.case.sequential import SequentialSpec
+from carlos_audit.case.spec import schema_types
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TRIGGER_POLICIES = ("both", "lora_only", "none")
@@ -128,27 +130,32 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 REQUIRED_SECTIONS = ("case", "base_model", "embedder", "lora", "protocol")
 
+#: one frozen, typed section class per table of SCHEMA (case/spec.py): ``case.protocol.steps``
+SECTION_TYPES: dict[str, type] = schema_types(SCHEMA, {"protocol": {"sequential": SequentialSpec}}, __name__)
+(CaseSpec, BaseModelSpec, EmbedderSpec, LoraSpec, ProtocolSpec, OutputSpec, ReferenceSpec, IndicatorsSpec,
+ ComparisonSpec, ReportSpec, ExpertSpec, ClaimedWorksSpec) = SECTION_TYPES.values()
+
 
 @dataclass(frozen=True)
 class Case:
     path: Path  # the case file
-    case: dict
-    base_model: dict
-    embedder: dict
-    lora: dict
-    protocol: dict
-    output: dict
-    reference: dict
-    indicators: dict
-    comparison: dict
-    report: dict = field(default_factory=dict)
-    expert: dict = field(default_factory=dict)
-    claimed_works: dict = field(default_factory=dict)
+    case: CaseSpec
+    base_model: BaseModelSpec
+    embedder: EmbedderSpec
+    lora: LoraSpec
+    protocol: ProtocolSpec
+    output: OutputSpec
+    reference: ReferenceSpec
+    indicators: IndicatorsSpec
+    comparison: ComparisonSpec
+    report: ReportSpec = field(default_factory=ReportSpec)
+    expert: ExpertSpec = field(default_factory=ExpertSpec)
+    claimed_works: ClaimedWorksSpec = field(default_factory=ClaimedWorksSpec)
     raw_text: str = field(repr=False, default="")
 
     @property
     def id(self) -> str:
-        return self.case["id"]
+        return self.case.id
 
     @property
     def base_dir(self) -> Path:
@@ -195,7 +202,7 @@ def parse_case(text: str, path: Path) -> Case:
         out[section] = _section_values(section, data.get(section) or {}, where)
     _family_defaults(out, data.get("protocol") or {}, path.parent, where)
     _check_values(out, where)
-    return Case(path=path, raw_text=text, **out)
+    return Case(path=path, raw_text=text, **{s: SECTION_TYPES[s].from_dict(v) for s, v in out.items()})
 
 
 def _section_values(section: str, given: dict, where: str) -> dict:
@@ -392,7 +399,7 @@ def output_dir(case: Case, out: str | None = None, reports_root: Path | None = N
     if out is not None:
         return Path(out).expanduser().resolve()
     root = (reports_root or Path.cwd() / "reports")
-    rel = case.output.get("dir") or f"reports/{case.id}"
+    rel = case.output.dir or f"reports/{case.id}"
     rp = Path(rel)
     if rp.is_absolute() or ".." in rp.parts:
         raise AuditError(f"{case.path}: output.dir {rel!r} must be a relative path inside reports/ (no '..', not absolute)")

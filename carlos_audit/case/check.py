@@ -21,7 +21,7 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$
 
 
 def unfilled_fields(case) -> list[str]:
-    return [f"case.{k}" for k in ("id", "title", "examiner", "question") if PLACEHOLDER in str(case.case.get(k) or "")]
+    return [f"case.{k}" for k in ("id", "title", "examiner", "question") if PLACEHOLDER in str(getattr(case.case, k) or "")]
 
 
 def require_filled(case) -> None:
@@ -44,7 +44,7 @@ def _hub_item(role: str, repo: str, files: tuple, what: str) -> dict:
 
 
 def _base_model_item(case) -> tuple[dict, str]:
-    src = case.base_model["source"]
+    src = case.base_model.source
     if src.startswith("embedded:"):
         return {"role": "base_model", "status": "present", "source": src, "detail": "built from code on first use"}, src
     p = input_paths(case)["base_model"]
@@ -57,8 +57,8 @@ def _base_model_item(case) -> tuple[dict, str]:
     if HUB_ID_RE.match(src):
         from carlos_audit.models.families import family_of_variant, hub_files
 
-        item = _hub_item("base_model", src, hub_files(case.base_model.get("family")), "base model")
-        fam = family_of_variant(case.base_model.get("family"))
+        item = _hub_item("base_model", src, hub_files(case.base_model.family), "base model")
+        fam = family_of_variant(case.base_model.family)
         if item["status"] == "missing" and fam is not None and fam.supply_note:
             item["supply"] += f"; {fam.supply_note}"
         return item, f"hf:{src}"
@@ -70,10 +70,10 @@ def _flux_components_item(case, base: dict) -> list[dict]:
     from carlos_audit.case.casefile import expand_path
     from carlos_audit.models.families import family_of_variant, hub_files
 
-    fam = family_of_variant(case.base_model.get("family"))
+    fam = family_of_variant(case.base_model.family)
     if fam is None or fam.name != "flux" or not base.get("path") or not Path(base["path"]).is_file():
         return []
-    config = case.base_model.get("config")
+    config = case.base_model.config
     role = "base_model_components"
     if not config:
         return [{"role": role, "status": "missing", "source": None,
@@ -84,14 +84,14 @@ def _flux_components_item(case, base: dict) -> list[dict]:
     if folder.is_dir():
         ok = (folder / "model_index.json").is_file()
         return [{"role": role, "status": "present" if ok else "invalid", "source": config, "path": str(folder)}]
-    files = tuple(f for f in hub_files(case.base_model["family"]) if not f.startswith("transformer/"))
+    files = tuple(f for f in hub_files(case.base_model.family) if not f.startswith("transformer/"))
     return [_hub_item(role, config, files, "FLUX.1 components")]
 
 
 def _embedder_item(case) -> tuple[dict, str]:
     from carlos_audit.case.casefile import expand_path
 
-    model, pre = case.embedder["model"], case.embedder.get("pretrained")
+    model, pre = case.embedder.model, case.embedder.pretrained
     if model.startswith("embedded:"):
         return {"role": "embedder", "status": "present", "source": model, "detail": "built from code on first use"}, model
     if model.startswith("hf:"):
@@ -129,7 +129,7 @@ def _file_item(role: str, path: Path, want_sha: str | None = None) -> dict:
 def _lora_item(case) -> tuple[dict, dict | None]:
     from carlos_audit.lora.intake import inspect_lora
 
-    item = _file_item("lora", input_paths(case)["lora"], case.lora.get("sha256"))
+    item = _file_item("lora", input_paths(case)["lora"], case.lora.sha256)
     if item["status"] != "present":
         if item["status"] == "missing":
             item["supply"] = "put the disputed LoRA there, or point lora.path at it (`carlos-audit init LORA` writes a case for it)"
@@ -144,8 +144,8 @@ def _lora_item(case) -> tuple[dict, dict | None]:
 
 
 def _device_item(case) -> dict:
-    dev = case.base_model["device"]
-    if dev == "cpu" or case.base_model["source"].startswith("embedded:"):
+    dev = case.base_model.device
+    if dev == "cpu" or case.base_model.source.startswith("embedded:"):
         return {"role": "device", "status": "present", "source": dev}
     has_gpu = Path("/proc/driver/nvidia/version").is_file() or shutil.which("nvidia-smi") is not None
     if has_gpu:
@@ -162,9 +162,9 @@ def expected_signature(case, prompts, base_identity: str, embedder_identity: str
     case names it; otherwise null (unverifiable, not differing). Without prompts, no prompt hash."""
     from carlos_audit.case.signature import case_signature
 
-    sig = case_signature(case, prompts or [], base_model=base_identity, base_model_sha256=case.base_model.get("sha256"),
-                         embedder=embedder_identity, embedder_sha256=case.embedder.get("sha256"),
-                         scheduler=case.protocol["scheduler"] or None)
+    sig = case_signature(case, prompts or [], base_model=base_identity, base_model_sha256=case.base_model.sha256,
+                         embedder=embedder_identity, embedder_sha256=case.embedder.sha256,
+                         scheduler=case.protocol.scheduler or None)
     return sig if prompts else dict(sig, prompts_sha256=None)
 
 
@@ -172,10 +172,10 @@ def _corpus_section(case, signature: dict) -> dict | None:
     from carlos_audit.case.casefile import expand_path
     from carlos_audit.case.signature import check_compatible, unverifiable_fields
 
-    if not case.reference.get("corpus"):
+    if not case.reference.corpus:
         return None
-    path = expand_path(case.reference["corpus"], case.base_dir)
-    out = {"path": str(path), "allow_incompatible": case.reference["allow_incompatible"]}
+    path = expand_path(case.reference.corpus, case.base_dir)
+    out = {"path": str(path), "allow_incompatible": case.reference.allow_incompatible}
     if not (path / "corpus.json").is_file():
         from carlos_audit.case.protocol import FETCH_COMMAND, PUBLIC_NAME
 
@@ -201,11 +201,11 @@ def _plan(case, n_prompts: int | None, lora_sha: str | None) -> dict:
     from carlos_audit.run.budget import counts
 
     pc = case.protocol
-    comparisons = [{"adapter": f"cmp{i}", "sha256": f"cmp{i}"} for i in range(1, len(case.comparison["loras"]) + 1)]
+    comparisons = [{"adapter": f"cmp{i}", "sha256": f"cmp{i}"} for i in range(1, len(case.comparison.loras) + 1)]
     arms = plan_arms(case, lora_sha or "target", comparisons).arms
     n_prompts = n_prompts or 0
-    per_arm = counts(len(arms) - 1, n_prompts, len(pc["seeds"]), pc["batch_size"], pc["steps"], pc["guidance_scale"] > 1)
-    return {"arms": sorted(arms), "n_arms": len(arms), "n_prompts": n_prompts, "n_seeds": len(pc["seeds"]),
+    per_arm = counts(len(arms) - 1, n_prompts, len(pc.seeds), pc.batch_size, pc.steps, pc.guidance_scale > 1)
+    return {"arms": sorted(arms), "n_arms": len(arms), "n_prompts": n_prompts, "n_seeds": len(pc.seeds),
             "images": per_arm["images"], "unet_forward_calls": per_arm["unet_forward_calls"],
             "unet_image_steps": per_arm["unet_image_steps"], "device_hours": None,
             "device_hours_how": f"carlos-audit plan {case.path} --measure-images 8  (on the GPU that will run it; "
@@ -227,13 +227,13 @@ def check_case(casefile) -> dict:
     items += [lora, base, emb, *_flux_components_item(case, base)]
     prompts = None
     try:
-        prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
-        items.append({"role": "prompts", "status": "present", "source": case.protocol["prompts"], "n": len(prompts)})
+        prompts, _ = load_prompts(case.protocol.prompts, case.base_dir)
+        items.append({"role": "prompts", "status": "present", "source": case.protocol.prompts, "n": len(prompts)})
     except AuditError as e:
         from carlos_audit.case.protocol import FETCH_COMMAND
 
-        items.append({"role": "prompts", "status": "missing", "source": case.protocol["prompts"], "detail": str(e),
-                      "supply": FETCH_COMMAND if case.protocol["prompts"].startswith("builtin:carlos-") else None})
+        items.append({"role": "prompts", "status": "missing", "source": case.protocol.prompts, "detail": str(e),
+                      "supply": FETCH_COMMAND if case.protocol.prompts.startswith("builtin:carlos-") else None})
     items += [_file_item(role, p) for role, p in input_paths(case).items() if role.startswith("comparison_lora_")]
     from carlos_audit.run.claimed import check_items
 
@@ -247,11 +247,11 @@ def check_case(casefile) -> dict:
     for it in items:
         if it["status"] in ("missing", "invalid"):
             problems.append(f"{it['role']}: {it['status']}" + (f" ({it['detail']})" if it.get("detail") else ""))
-    if corpus is not None and corpus["status"] == "present" and case.reference.get("replicate_id"):
+    if corpus is not None and corpus["status"] == "present" and case.reference.replicate_id:
         from carlos_audit.analysis.replication import check_replicate_id
 
         try:
-            check_replicate_id(Path(corpus["path"]), case.reference["replicate_id"])
+            check_replicate_id(Path(corpus["path"]), case.reference.replicate_id)
         except AuditError as e:
             problems.append(f"reference.replicate_id: {e}")
     if corpus is not None and corpus["compatible"] is False and not corpus["allow_incompatible"]:
@@ -270,11 +270,11 @@ def _sequential(case, prompts, problems: list, n_arms: int) -> dict | None:
     """The looks of a ``[protocol.sequential]`` case and their cumulative image counts."""
     from carlos_audit.case.sequential import case_plan, look_rows
 
-    if case.protocol.get("sequential") is None or not prompts:
+    if case.protocol.sequential is None or not prompts:
         return None
     try:
         look_plan = case_plan(case, prompts)
     except AuditError as e:
         problems.append(str(e))
         return None
-    return {"rule": look_plan.rule, "order": look_plan.order, "looks": look_rows(look_plan, n_arms)}
+    return {"rule": look_plan.rule.to_dict(), "order": look_plan.order, "looks": look_rows(look_plan, n_arms)}

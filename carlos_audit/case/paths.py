@@ -17,5 +17,5 @@ def expand_path(value: str, base_dir: Path) -> Path:
 
 def reference_corpus(case) -> Path | None:
     """The case's ``[reference] corpus`` folder resolved, or None when it names none."""
-    ref = case.reference or {}
-    return expand_path(ref["corpus"], case.base_dir) if ref.get("corpus") else None
+    corpus = case.reference.corpus
+    return expand_path(corpus, case.base_dir) if corpus else None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from carlos_audit.case.spec import section_type
 from carlos_audit.errors import AuditError
 
 SPENDING = ("pocock", "obrien-fleming")
@@ -44,6 +45,9 @@ KEYS = {
     "neighbour_k": ((int,), 5), "normal_check": ((bool,), True),
 }
 REQUIRED = ("order_seed", "step", "min_prompts")
+#: the validated table (``case.protocol.sequential``), generated from KEYS
+SequentialSpec = section_type("sequential", {k: (float if float in types else types[0], default)
+                                             for k, (types, default) in KEYS.items()}, REQUIRED, module=__name__)
 
 
 def check_table(table: dict, protocol: dict, where: str, has_corpus: bool = True) -> dict:
@@ -91,7 +95,7 @@ def check_table(table: dict, protocol: dict, where: str, has_corpus: bool = True
 class LookPlan:
     """The pre-registered plan: the prompt order and the prompts of each look."""
 
-    rule: dict            # the validated table
+    rule: SequentialSpec  # the validated table (case.protocol.sequential)
     order: list[str]      # prompt ids, in the order they are added
     looks: list[int]      # cumulative prompts at each look
     n_protocol: int       # prompts of the full protocol
@@ -130,20 +134,20 @@ def prompt_order(prompts: list, seed: int) -> list[str]:
     return order
 
 
-def plan_looks(rule: dict, prompts: list, n_seeds: int) -> LookPlan:
-    """The looks of ``rule`` (check_table's output) over ``prompts``."""
+def plan_looks(rule: SequentialSpec, prompts: list, n_seeds: int) -> LookPlan:
+    """The looks of ``rule`` (``case.protocol.sequential``) over ``prompts``."""
     n = len(prompts)
-    top = n if rule["max_prompts"] is None else rule["max_prompts"]
-    if top > n or rule["min_prompts"] > n:
-        raise AuditError(f"protocol.sequential: min_prompts ({rule['min_prompts']}) and max_prompts ({top}) "
+    top = n if rule.max_prompts is None else rule.max_prompts
+    if top > n or rule.min_prompts > n:
+        raise AuditError(f"protocol.sequential: min_prompts ({rule.min_prompts}) and max_prompts ({top}) "
                          f"must not exceed the protocol's {n} prompts")
     looks = []
-    k = rule["min_prompts"]
+    k = rule.min_prompts
     while k < top:
         looks.append(k)
-        k += rule["step"]
+        k += rule.step
     looks.append(top)
-    return LookPlan(dict(rule), prompt_order(prompts, rule["order_seed"]), looks, n, n_seeds)
+    return LookPlan(rule, prompt_order(prompts, rule.order_seed), looks, n, n_seeds)
 
 
 def look_rows(plan: LookPlan, n_arms: int) -> list[dict]:
@@ -155,8 +159,8 @@ def look_rows(plan: LookPlan, n_arms: int) -> list[dict]:
 
 def case_plan(case, prompts: list) -> LookPlan | None:
     """The case's look plan, or None when its case file has no ``[protocol.sequential]``."""
-    rule = case.protocol.get("sequential")
-    return None if rule is None else plan_looks(rule, prompts, len(case.protocol["seeds"]))
+    rule = case.protocol.sequential
+    return None if rule is None else plan_looks(rule, prompts, len(case.protocol.seeds))
 
 
 def run_pairs(pairs: list, sequential: dict | None) -> list:

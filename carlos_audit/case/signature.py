@@ -79,15 +79,15 @@ def case_signature(case, prompts, *, base_model: str, base_model_sha256: str | N
     values = {
         "base_model": base_model, "base_model_sha256": base_model_sha256,
         "embedder": embedder, "embedder_sha256": embedder_sha256, "feature": FEATURE,
-        "prompts_sha256": prompts_sha256(prompts), "seeds": list(pc["seeds"]),
-        "lora_scale": case.lora["scale"], "trigger_policy": case.lora["trigger_policy"],
-        "steps": pc["steps"], "guidance_scale": pc["guidance_scale"], "width": pc["width"], "height": pc["height"],
-        "scheduler": scheduler, "seed_mode": seed_mode_signature(pc["seed_mode"], pc["batch_size"]),
+        "prompts_sha256": prompts_sha256(prompts), "seeds": list(pc.seeds),
+        "lora_scale": case.lora.scale, "trigger_policy": case.lora.trigger_policy,
+        "steps": pc.steps, "guidance_scale": pc.guidance_scale, "width": pc.width, "height": pc.height,
+        "scheduler": scheduler, "seed_mode": seed_mode_signature(pc.seed_mode, pc.batch_size),
     }
     from carlos_audit.models.families import signature_extra
 
     # a model family's own fields (FLUX.1: family, guidance, max_sequence_length) follow the shared ones
-    return {**{f: values[f] for f in SIGNATURE_FIELDS}, **signature_extra(case.base_model.get("family"), pc)}
+    return {**{f: values[f] for f in SIGNATURE_FIELDS}, **signature_extra(case.base_model.family, pc.to_dict())}
 
 
 # --------------------------------------------------------------------------- reproducibility

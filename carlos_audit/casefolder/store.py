@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,23 @@ def npy_bytes(vec: np.ndarray, dtype: str = "<f4") -> bytes:
 
 def load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class UnitOutput:
+    """What one (arm, batch) unit produced, image by image: the images (PNG bytes or PIL images),
+    their features, pair ids, the prompts as sent, the seeds; where the images came from
+    (``source``: generated, cached, shared); the hook-counted work (run/cost.py) and the device
+    record (run/devices.device_record), each None when not known."""
+
+    images: list
+    features: np.ndarray
+    pair_ids: list
+    prompts_sent: list
+    seeds: list
+    source: str
+    cost: dict | None = None
+    device: dict | None = None
 
 
 class CaseStore:
@@ -78,12 +96,11 @@ class CaseStore:
             self._units[key] = read_json(p)
         return self._units[key]
 
-    def unit_files(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
-                   cost: dict | None = None, device: dict | None = None) -> tuple[list, dict]:
+    def unit_files(self, arm: str, batch: int, out: "UnitOutput") -> tuple[list, dict]:
         """The files of one finished unit as ([(relative path, bytes)], record), nothing written:
         what ``write_unit`` writes here, or what a Ray worker sends back to the driver."""
         files, entries = [], []
-        for im, f, pid, prompt, seed in zip(images, features, pair_ids, prompts_sent, seeds):
+        for im, f, pid, prompt, seed in zip(out.images, out.features, out.pair_ids, out.prompts_sent, out.seeds):
             data = im if isinstance(im, bytes) else png_bytes(im)
             irel, erel = self.image_rel(arm, pid), self.embedding_rel(arm, pid)
             emb = npy_bytes(f)
@@ -93,11 +110,11 @@ class CaseStore:
                 "image": irel, "image_sha256": sha256_bytes(data),
                 "embedding": erel, "embedding_sha256": sha256_bytes(emb),
             })
-        record = {"arm": arm, "batch": batch, "source": source, "pairs": entries}
-        if cost is not None:
-            record["cost"] = cost  # hook-counted work that produced this unit (cost.py)
-        if device is not None:
-            record["device"] = device  # where it ran and its device class (run/devices.device_record)
+        record = {"arm": arm, "batch": batch, "source": out.source, "pairs": entries}
+        if out.cost is not None:
+            record["cost"] = out.cost  # hook-counted work that produced this unit (cost.py)
+        if out.device is not None:
+            record["device"] = out.device  # where it ran and its device class (run/devices.device_record)
         return files, record
 
     def write_unit_files(self, arm: str, batch: int, files: list, record: dict) -> dict:
@@ -110,10 +127,8 @@ class CaseStore:
         self._units[(arm, batch)] = record
         return record
 
-    def write_unit(self, arm: str, batch: int, images, features: np.ndarray, pair_ids, prompts_sent, seeds, source: str,
-                   cost: dict | None = None, device: dict | None = None) -> dict:
-        files, record = self.unit_files(arm, batch, images, features, pair_ids, prompts_sent, seeds, source, cost,
-                                        device)
+    def write_unit(self, arm: str, batch: int, out: "UnitOutput") -> dict:
+        files, record = self.unit_files(arm, batch, out)
         return self.write_unit_files(arm, batch, files, record)
 
     def features(self, arm: str, pair_ids) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from carlos_audit.case.options import RunOptions
 from carlos_audit.cli.common import (
     fmt,
     main,
@@ -14,7 +15,7 @@ from carlos_audit.cli.common import (
 )
 
 
-def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv):
+def _run(case, out, options: RunOptions, argv: list[str]):
     from carlos_audit.analysis.coverage import interval_warning
     from carlos_audit.case.casefile import output_dir
     from carlos_audit.case.check import require_filled
@@ -23,9 +24,7 @@ def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, n
     require_filled(case)
     target = output_dir(case, out)
     quiet_libraries()
-    result = run_full(case, target, force=force, allow_partial=allow_partial,
-                      allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download,
-                      allow_incompatible=allow_incompatible, argv=argv, progress=not no_progress)
+    result = run_full(case, target, options, argv=argv)
     m = result.metrics
     ci = m.ci
     cons = "null (" + m.consistency_note + ")" if m.consistency is None else f"{m.consistency:.4f}"
@@ -60,8 +59,7 @@ def _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, n
 @click.option("--devices", default=None, metavar="LIST",
               help="Spread the case's generation over several devices of one class, one worker process each "
                    "(cuda:0,cuda:1,... or cpu,cpu); the case folder ends byte-identical to one device.")
-def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible,
-        rehash, devices):
+def run(casefile, out, rehash, devices, **flags):
     """Profile the case's LoRA: paired generation, CLIP features, CARLoS metrics, report.
 
     \b
@@ -72,27 +70,21 @@ def run(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download
     from carlos_audit.case.casefile import load_case
     from carlos_audit.models.filehash import rehashing
 
-    argv = _argv("run", casefile, ["--rehash"] if rehash else [], out, allow_partial, allow_incompatible,
-                 allow_unsafe_pickle)
+    options = RunOptions.from_cli(**flags)
+    argv = _argv("run", casefile, ["--rehash"] if rehash else [], out, options)
     case = load_case(casefile)
     with rehashing(rehash):
         if devices:
             from carlos_audit.case.casefile import output_dir
             from carlos_audit.run.devices_run import parse_devices, run_units_on_devices
 
-            run_units_on_devices(case, output_dir(case, out), parse_devices(devices), force=force,
-                                 allow_partial=allow_partial, allow_unsafe_pickle=allow_unsafe_pickle,
-                                 allow_download=allow_download)
-        _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
-             allow_incompatible, argv)
+            run_units_on_devices(case, output_dir(case, out), parse_devices(devices), options)
+        _run(case, out, options, argv)
 
 
-def _argv(command: str, casefile: str, extra: list[str], out, allow_partial, allow_incompatible,
-          allow_unsafe_pickle) -> list[str]:
+def _argv(command: str, casefile: str, extra: list[str], out, options: RunOptions) -> list[str]:
     """The command line recorded in the manifest: one that reproduces the run."""
-    flags = [f for f, on in (("--allow-partial", allow_partial), ("--allow-incompatible", allow_incompatible),
-                              ("--allow-unsafe-pickle", allow_unsafe_pickle)) if on]
-    return ["carlos-audit", command, casefile] + extra + (["--out", out] if out else []) + flags
+    return ["carlos-audit", command, casefile] + extra + (["--out", out] if out else []) + options.command_flags()
 
 
 @main.command()
@@ -100,8 +92,7 @@ def _argv(command: str, casefile: str, extra: list[str], out, allow_partial, all
 @click.option("--with", "with_loras", multiple=True, type=click.Path(dir_okay=False),
               help="A comparison LoRA (repeatable), added to the case's [comparison] loras.")
 @run_options
-def compare(casefile, with_loras, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
-            allow_incompatible):
+def compare(casefile, with_loras, out, **flags):
     """Head-to-head: the case's LoRA against comparison LoRAs, in behaviour and in weights.
 
     Runs the case (sharing its base arm with every comparison LoRA) and prints both analyses.
@@ -116,9 +107,9 @@ def compare(casefile, with_loras, out, force, allow_partial, allow_unsafe_pickle
     case = load_case(casefile)
     if with_loras:
         case = _with_comparisons(case, with_loras)
-    argv = _argv("compare", casefile, [a for p in with_loras for a in ("--with", p)], out, allow_partial,
-                 allow_incompatible, allow_unsafe_pickle)
-    _run(case, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible, argv)
+    options = RunOptions.from_cli(**flags)
+    argv = _argv("compare", casefile, [a for p in with_loras for a in ("--with", p)], out, options)
+    _run(case, out, options, argv)
 
 
 def _with_comparisons(case, loras):
@@ -143,7 +134,7 @@ def _with_comparisons(case, loras):
 @click.option("--casefile", type=click.Path(dir_okay=False), default=None,
               help="Case file to run (default: casefiles/demo.toml of this checkout).")
 @run_options
-def demo(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress, allow_incompatible):
+def demo(casefile, out, **flags):
     """Build the embedded tiny models and demo LoRAs, then run the demo case.
 
     \b
@@ -155,12 +146,12 @@ def demo(casefile, out, force, allow_partial, allow_unsafe_pickle, allow_downloa
 
     quiet_libraries()
     casefile = casefile or str(DEMO_CASEFILE)
-    flux = load_case(casefile).base_model["source"] == "embedded:tiny-flux"  # casefiles/demo-flux.toml
-    info = prepare_flux_demo() if flux else prepare_demo(progress=not no_progress)
+    flux = load_case(casefile).base_model.source == "embedded:tiny-flux"  # casefiles/demo-flux.toml
+    options = RunOptions.from_cli(**flags)
+    info = prepare_flux_demo() if flux else prepare_demo(progress=options.progress)
     click.echo(f"demo models, LoRAs{' and reference corpus' if 'corpus' in info else ''} ready in {info['home']}")
-    argv = _argv("run", casefile, [], out, allow_partial, allow_incompatible, allow_unsafe_pickle)
-    _run(load_case(casefile), out, force, allow_partial, allow_unsafe_pickle, allow_download, no_progress,
-         allow_incompatible, argv)
+    argv = _argv("run", casefile, [], out, options)
+    _run(load_case(casefile), out, options, argv)
 
 
 

@@ -255,7 +255,7 @@ def corpus_add(corpus_path, case_dir, row_id, name, allow_incompatible):
               help="GPUs each Ray task reserves (0.5: two workers share a GPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads of every generating process (default: this process's); CPU results depend on it.")
-def corpus_build(lora_dir, dest, template, name, no_progress, engine, ray_address, gpus_per_task, threads):
+def corpus_build(lora_dir, dest, template, no_progress, **options):
     """Profile every .safetensors LoRA in LORA_DIR under one protocol into corpus DEST.
 
     The base arm is generated once and shared; a build that stops resumes where it was.
@@ -270,8 +270,7 @@ def corpus_build(lora_dir, dest, template, name, no_progress, engine, ray_addres
     from carlos_audit.corpus.build import build_corpus
 
     quiet_libraries()
-    result = build_corpus(lora_dir, template, dest, name=name, progress=not no_progress, engine=engine,
-                          ray_address=ray_address, gpus_per_task=gpus_per_task, threads=threads)
+    result = build_corpus(lora_dir, template, dest, progress=not no_progress, **options)  # name, engine, ray_address, ...
     click.echo(f"corpus {result['corpus']}: {result['n']} rows "
                f"({len(result['added'])} added, {len(result['already_present'])} already present)")
     if result.get("build"):
@@ -289,7 +288,7 @@ def corpus_build(lora_dir, dest, template, name, no_progress, engine, ray_addres
 @click.option("--embedder-checkpoint", default=None, help="Checkpoint file of the corpus's embedder, when it was a file.")
 @click.option("--allow-download", is_flag=True, help="Allow downloading the embedder's text tower.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def retrieve(corpus_path, query, top_k, max_strength, min_consistency, prompts, embedder_checkpoint, allow_download, as_json):
+def retrieve(corpus_path, query, as_json, **options):
     """CARLoS text retrieval: corpus LoRAs whose Direction matches a text QUERY.
 
     \b
@@ -299,8 +298,7 @@ def retrieve(corpus_path, query, top_k, max_strength, min_consistency, prompts, 
     from carlos_audit.corpus.retrieval import retrieve as do_retrieve
 
     quiet_libraries()
-    result = do_retrieve(corpus_path, query, top_k=top_k, max_strength=max_strength, min_consistency=min_consistency,
-                         prompts=prompts, embedder_checkpoint=embedder_checkpoint, allow_download=allow_download)
+    result = do_retrieve(corpus_path, query, **options)  # corpus/retrieval.RetrievalOptions
     if as_json:
         print_json(result)
         return

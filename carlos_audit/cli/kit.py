@@ -58,8 +58,7 @@ def export(case_dir, out, include_inputs, no_images):
 @click.option("--force", is_flag=True, help="Replace a previous reproduction in --out.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print reproduction.json's summary as JSON.")
-def reproduce(kit, lora, base, embedder, comparison, corpus, sample, all_pairs, seed, threads, out, force, no_progress,
-              as_json):
+def reproduce(kit, out, all_pairs, no_progress, as_json, **options):
     """Repeat a case from its kit and report what matched: reproduction.json and reproduction.pdf.
 
     Inputs whose sha256 differ from the kit's are refused before anything is generated.
@@ -72,9 +71,11 @@ def reproduce(kit, lora, base, embedder, comparison, corpus, sample, all_pairs, 
     from carlos_audit.kit.reproduce import reproduce as run_reproduction
 
     quiet_libraries()
-    r = run_reproduction(kit, out, lora=lora, base=base, embedder=embedder, comparisons=comparison, corpus=corpus,
-                         sample=None if all_pairs else sample, sample_seed=seed, threads=threads, force=force,
-                         progress=not no_progress)
+    request = dict(options)  # kit/reproduce.Reproduction: lora, base, embedder, corpus, sample, threads, force
+    request["comparisons"], request["sample_seed"] = request.pop("comparison"), request.pop("seed")
+    if all_pairs:
+        request["sample"] = None
+    r = run_reproduction(kit, out, progress=not no_progress, **request)
     s = r["summary"]
     if as_json:
         print_json({k: r[k] for k in ("verdict", "exit_status", "reasons", "summary", "conclusions")})

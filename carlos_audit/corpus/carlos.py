@@ -59,27 +59,7 @@ def _read_carlos_parquet(src: Path) -> tuple[dict, np.ndarray, str, list]:
     if vid.null_count:
         raise AuditError(f"{src}: {vid.null_count} row(s) have no version_id")
     ids = [str(int(x)) for x in vid.to_pylist()]
-    col = t.column("direction").combine_chunks()
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-        raise AuditError(f"{src}: direction must be a list of floats, found {col.type}")
-    vtype = col.type.value_type
-    if not pa.types.is_floating(vtype):
-        raise AuditError(f"{src}: direction values must be floats, found {vtype}")
-    if col.null_count:
-        bad = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
-        raise AuditError(f"{src}: row {ids[bad]} has no direction")
-    lengths = column_array(pc.list_value_length(col)) if n else np.zeros(0, int)
-    dim = int(lengths[0]) if n else 0
-    if n and (lengths != dim).any():
-        bad = int(np.argmax(lengths != dim))
-        raise AuditError(f"{src}: direction of row {ids[bad]} has {lengths[bad]} values, expected {dim} "
-                         f"(the first row's length)")
-    flat = col.flatten()
-    if flat.null_count:
-        raise AuditError(f"{src}: a direction holds null values")
-    source_dtype = "float32" if pa.types.is_float32(vtype) else "float64"
-    flat = flat.cast(pa.float32() if source_dtype == "float32" else pa.float64())
-    directions = column_array(flat).reshape(n, dim)
+    directions, source_dtype = _parquet_directions(src, t.column("direction").combine_chunks(), ids, n)
 
     def ints(name):
         c = t.column(name)
@@ -106,6 +86,31 @@ def _read_carlos_parquet(src: Path) -> tuple[dict, np.ndarray, str, list]:
         "strength": floats("strength"), "consistency": floats("consistency"),
     }
     return cols, directions, source_dtype, ignored
+
+
+def _parquet_directions(src: Path, col, ids: list[str], n: int) -> tuple[np.ndarray, str]:
+    """The CARLoS ``direction`` list column as an (n, dim) matrix in its stored float type, and
+    that type's name; every row present, of one length, without nulls."""
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        raise AuditError(f"{src}: direction must be a list of floats, found {col.type}")
+    vtype = col.type.value_type
+    if not pa.types.is_floating(vtype):
+        raise AuditError(f"{src}: direction values must be floats, found {vtype}")
+    if col.null_count:
+        bad = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+        raise AuditError(f"{src}: row {ids[bad]} has no direction")
+    lengths = column_array(pc.list_value_length(col)) if n else np.zeros(0, int)
+    dim = int(lengths[0]) if n else 0
+    if n and (lengths != dim).any():
+        bad = int(np.argmax(lengths != dim))
+        raise AuditError(f"{src}: direction of row {ids[bad]} has {lengths[bad]} values, expected {dim} "
+                         f"(the first row's length)")
+    flat = col.flatten()
+    if flat.null_count:
+        raise AuditError(f"{src}: a direction holds null values")
+    source_dtype = "float32" if pa.types.is_float32(vtype) else "float64"
+    flat = flat.cast(pa.float32() if source_dtype == "float32" else pa.float64())
+    return column_array(flat).reshape(n, dim), source_dtype
 
 
 def _parse_direction(text: str, where: str) -> list[float]:
@@ -238,7 +243,7 @@ def import_carlos_db(src, dest, preset: str | None = "carlos-sdxl-vitb32", *, ov
     with (locked(dest) if dest.is_dir() else contextlib.nullcontext()):
         return create_corpus(dest, directions=directions.astype(DTYPES[dtype], copy=False), rows=cols,
                              signature=signature, name=name or src.stem, created_from=created_from,
-                             dtype=dtype, overwrite=overwrite, extra_meta=extra, _protect=src)
+                             dtype=dtype, overwrite=overwrite, extra_meta=extra, protect=src)
 
 
 def export_carlos_csv(corpus, dest) -> Path:

@@ -13,6 +13,7 @@ CARLoS database, so the defaults are those percentiles of the corpus at hand.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -111,26 +112,41 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
     return prompts, {"source": prompts_spec, "n": len(prompts), "sha256": prompts_sha256(prompts)}
 
 
-def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | None = None,
-             min_consistency: float | None = None, prompts: str | None = None,
-             embedder_checkpoint: str | None = None, allow_download: bool = False) -> dict:
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """A retrieval's settings: how many LoRAs, the strength and consistency filters (default: the
+    corpus's, ``default_filters``), the retrieval prompt set, and where the embedder's text
+    tower comes from (a checkpoint file; a hub download allowed)."""
+
+    top_k: int = 10
+    max_strength: float | None = None
+    min_consistency: float | None = None
+    prompts: str | None = None
+    embedder_checkpoint: str | None = None
+    allow_download: bool = False
+
+
+def retrieve(corpus_path, query: str, **options) -> dict:
+    """The corpus LoRAs whose Direction best matches ``query``; ``options``: the fields of
+    ``RetrievalOptions``."""
     from carlos_audit.case.labels import text_signature
     from carlos_audit.corpus.search import nearest
     from carlos_audit.corpus.store import load_corpus
 
+    how = RetrievalOptions(**options)
     if not query.strip():
         raise AuditError("the query is empty")
     corpus = load_corpus(corpus_path)
     filters = default_filters(corpus)
-    if max_strength is not None:
-        filters["max_strength"], filters["source"] = max_strength, "given"
-    if min_consistency is not None:
-        filters["min_consistency"], filters["source"] = min_consistency, "given"
-    prompt_list, prompt_info = retrieval_prompts(corpus, prompts)
+    if how.max_strength is not None:
+        filters["max_strength"], filters["source"] = how.max_strength, "given"
+    if how.min_consistency is not None:
+        filters["min_consistency"], filters["source"] = how.min_consistency, "given"
+    prompt_list, prompt_info = retrieval_prompts(corpus, how.prompts)
     identity = (corpus.signature or {}).get("embedder")
     if not identity:
         raise AuditError(f"corpus {corpus_path} does not record its embedder; text retrieval needs it")
-    encode = text_encoder_for(identity, checkpoint=embedder_checkpoint, allow_download=allow_download)
+    encode = text_encoder_for(identity, checkpoint=how.embedder_checkpoint, allow_download=how.allow_download)
     sig = text_signature(encode, [p.text for p in prompt_list], query)
     if corpus.dim != sig.size:
         raise AuditError(f"the text features have {sig.size} dimensions but the corpus directions {corpus.dim}")
@@ -141,7 +157,7 @@ def retrieve(corpus_path, query: str, *, top_k: int = 10, max_strength: float | 
         keep &= s <= filters["max_strength"]
     if filters["min_consistency"] is not None:
         keep &= np.nan_to_num(c, nan=-np.inf) >= filters["min_consistency"]
-    best = nearest(corpus, sig, top_k=top_k, keep=keep)[0]  # exact float64 cosine, ties by id
+    best = nearest(corpus, sig, top_k=how.top_k, keep=keep)[0]  # exact float64 cosine, ties by id
     ids = corpus.ids
     names = corpus.column("name").to_pylist()
     return {

@@ -52,19 +52,13 @@ def _topk_pools(c: Corpus, queries: np.ndarray, k: int, exclude_rows: np.ndarray
     ``keep`` is False) score -inf.
     """
     m, n = queries.shape[0], c.n
-    tol = PREFILTER_TOL[c.dtype]
-    floor = -3.0
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     qs = np.ascontiguousarray(qn.astype(c.directions.dtype))  # (m, dim)
     inv = c.inverse_norms()
-    thr = np.full(m, floor)
-    cand_rows: list[list[np.ndarray]] = [[] for _ in range(m)]
-    cand_vals: list[list[np.ndarray]] = [[] for _ in range(m)]
-    cand_count = np.zeros(m, dtype=np.int64)
+    cands = _Candidates(m, k, PREFILTER_TOL[c.dtype])
     step = max(1024, CHUNK_ELEMENTS // max(m, 1)) if CHUNK_ELEMENTS >= 1024 else max(1, CHUNK_ELEMENTS)
     for start in range(0, n, step):
-        blk = c.directions[start:start + step]
-        s = qs @ blk.T  # (m, rows), C order
+        s = qs @ c.directions[start:start + step].T  # (m, rows), C order
         s *= inv[start:start + step]
         w = s.shape[1]
         if keep is not None:
@@ -73,38 +67,64 @@ def _topk_pools(c: Corpus, queries: np.ndarray, k: int, exclude_rows: np.ndarray
         if inside.any():
             qi = np.nonzero(inside)[0]
             s[qi, exclude_rows[qi] - start] = -np.inf
-        need = thr == floor
+        cands.add(s, start)
+    return cands.pools()
+
+
+class _Candidates:
+    """The rows of each of ``m`` queries scoring at least its threshold (the k-th best so far
+    minus 2 * tol), pruned as they accumulate."""
+
+    FLOOR = -3.0
+
+    def __init__(self, m: int, k: int, tol: float):
+        self.m, self.k, self.tol = m, k, tol
+        self.thr = np.full(m, self.FLOOR)
+        self.rows: list[list[np.ndarray]] = [[] for _ in range(m)]
+        self.vals: list[list[np.ndarray]] = [[] for _ in range(m)]
+        self.count = np.zeros(m, dtype=np.int64)
+
+    def add(self, s: np.ndarray, start: int) -> None:
+        """The scores ``s`` (queries x rows from ``start``) of one chunk."""
+        k, w, thr = self.k, s.shape[1], self.thr
+        need = thr == self.FLOOR
         if need.any() and w >= k:
             kth = np.partition(s[need], w - k, axis=1)[:, w - k].astype(np.float64)
-            thr[need] = np.maximum(kth - 2 * tol, floor)
+            thr[need] = np.maximum(kth - 2 * self.tol, self.FLOOR)
         qi, ri = np.nonzero(s >= thr.astype(s.dtype)[:, None])
         if qi.size == 0:
-            continue
+            return
         vals = s[qi, ri].astype(np.float64)
-        bounds = np.searchsorted(qi, np.arange(m + 1))
+        bounds = np.searchsorted(qi, np.arange(self.m + 1))
         for j in np.nonzero(np.diff(bounds))[0]:
             a, b = bounds[j], bounds[j + 1]
-            cand_rows[j].append(ri[a:b] + start)
-            cand_vals[j].append(vals[a:b])
-            cand_count[j] += b - a
-            if cand_count[j] > 4 * k + 256:
-                r, v = np.concatenate(cand_rows[j]), np.concatenate(cand_vals[j])
-                kth = np.partition(v, v.size - k)[v.size - k]
-                thr[j] = max(thr[j], kth - 2 * tol)
-                keep = v >= thr[j]
-                cand_rows[j], cand_vals[j] = [r[keep]], [v[keep]]
-                cand_count[j] = int(keep.sum())
-    pools = []
-    for j in range(m):
-        if not cand_rows[j]:
-            pools.append(np.zeros(0, dtype=np.int64))
-            continue
-        r, v = np.concatenate(cand_rows[j]), np.concatenate(cand_vals[j])
-        if v.size > k:
-            kth = np.partition(v, v.size - k)[v.size - k]
-            r = r[v >= kth - 2 * tol]
-        pools.append(np.sort(r))
-    return pools
+            self.rows[j].append(ri[a:b] + start)
+            self.vals[j].append(vals[a:b])
+            self.count[j] += b - a
+            if self.count[j] > 4 * k + 256:
+                self._prune(j)
+
+    def _prune(self, j: int) -> None:
+        r, v = np.concatenate(self.rows[j]), np.concatenate(self.vals[j])
+        kth = np.partition(v, v.size - self.k)[v.size - self.k]
+        self.thr[j] = max(self.thr[j], kth - 2 * self.tol)
+        kept = v >= self.thr[j]
+        self.rows[j], self.vals[j] = [r[kept]], [v[kept]]
+        self.count[j] = int(kept.sum())
+
+    def pools(self) -> list[np.ndarray]:
+        """Per query, its candidate rows (sorted) within 2 * tol of its k-th best."""
+        out = []
+        for j in range(self.m):
+            if not self.rows[j]:
+                out.append(np.zeros(0, dtype=np.int64))
+                continue
+            r, v = np.concatenate(self.rows[j]), np.concatenate(self.vals[j])
+            if v.size > self.k:
+                kth = np.partition(v, v.size - self.k)[v.size - self.k]
+                r = r[v >= kth - 2 * self.tol]
+            out.append(np.sort(r))
+        return out
 
 
 def _rank_pool(c: Corpus, q: np.ndarray, pool: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -204,89 +205,120 @@ def _id_at(ids, i: int) -> str:
         return f"#{i}"
 
 
-def create_corpus(dest, *, directions, rows: dict, signature: dict | None, name: str,
-                  created_from=None, dtype: str | None = None, overwrite: bool = False,
-                  n: int | None = None, dim: int | None = None, extra_meta: dict | None = None,
-                  _protect: Path | None = None) -> "Corpus":
+@dataclass(frozen=True)
+class CorpusWrite:
+    """How ``create_corpus`` writes: provenance, direction dtype, replace an existing corpus,
+    ``n`` and ``dim`` of directions given as blocks, extra corpus.json keys, and ``protect`` (a
+    file the overwrite must not delete: the source being imported)."""
+
+    created_from: dict | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+    n: int | None = None
+    dim: int | None = None
+    extra_meta: dict | None = None
+    protect: Path | None = None
+
+
+def create_corpus(dest, *, directions, rows: dict, signature: dict | None, name: str, **options) -> "Corpus":
     """Write a corpus from columns and a direction matrix.
 
     ``directions`` is an (n, dim) array (memmaps welcome) or an iterable of (k, dim) blocks
     (then ``n`` and ``dim`` are required): a 1M-row corpus is written without holding it twice.
     ``rows`` maps ROW_SCHEMA column names to sequences; ``id``, ``strength`` are required,
-    ``row`` is assigned here. ``dtype`` defaults to the array's own (float32/float64).
+    ``row`` is assigned here. ``options``: the fields of ``CorpusWrite``; ``dtype`` defaults to
+    the array's own (float32/float64).
     """
+    how = CorpusWrite(**options)
     dest = Path(dest)
     ids = rows.get("id")
     if ids is None or rows.get("strength") is None:
         raise AuditError("a corpus needs at least the id and strength of every row")
     ids = [str(x) for x in ids] if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
-    n_rows = len(ids)
+    n, dim, dtype, blocks = _direction_shape(directions, how, len(ids))
+    id_arr = pa.array(ids, type=pa.string()) if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
+    if id_arr.null_count or pc.count_distinct(id_arr).as_py() != n:
+        raise AuditError(f"row ids must be present and unique: {dupes(id_arr)}")
+    cols = dict(rows, id=id_arr, row=np.arange(n, dtype=np.int64), **_checked_columns(rows, ids))
+    created = not dest.exists()
+    _prepare_dest(dest, how.overwrite, how.protect)
+    if blocks is None:
+        blocks = _row_blocks(directions, n, dim)
+    staged, dirs_sha = _write_directions(dest, created, blocks, (n, dim, dtype), ids)
+    sig = empty_signature()
+    sig.update(signature or {})
+    meta = {
+        "schema": SCHEMA, "name": name, "n": int(n), "dim": int(dim) if n or dim else None,
+        "dtype": dtype, "signature": sig, "created_from": how.created_from,
+        "files": {"rows": ROWS_FILE, "directions": DIRECTIONS_FILE},
+    }
+    meta.update(how.extra_meta or {})
+    commit(dest, meta, staged, dirs_sha, _rows_table(cols))
+    return Corpus.open(dest)
+
+
+def _direction_shape(directions, how: CorpusWrite, n_rows: int) -> tuple:
+    """(n, dim, dtype, blocks): blocks None for a matrix."""
     if isinstance(directions, np.ndarray):
         if directions.ndim != 2:
             raise AuditError(f"directions must be a matrix, got shape {directions.shape}")
         n, dim = directions.shape
-        dtype = dtype or {"f4": "float32", "f8": "float64"}.get(directions.dtype.str[1:], "float64")
+        dtype = how.dtype or {"f4": "float32", "f8": "float64"}.get(directions.dtype.str[1:], "float64")
         blocks = None
     else:
-        if n is None or dim is None:
+        if how.n is None or how.dim is None:
             raise AuditError("n and dim are required when directions come as blocks")
-        dtype = dtype or "float32"
-        blocks = directions
+        n, dim, dtype, blocks = how.n, how.dim, how.dtype or "float32", directions
     if dtype not in DTYPES:
         raise AuditError(f"unsupported direction dtype {dtype!r} (float32 or float64)")
     if n != n_rows:
         raise AuditError(f"{n_rows} rows but {n} directions")
-    id_arr = pa.array(ids, type=pa.string()) if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
-    if id_arr.null_count or pc.count_distinct(id_arr).as_py() != n:
-        raise AuditError(f"row ids must be present and unique: {dupes(id_arr)}")
+    return n, dim, dtype, blocks
+
+
+def _checked_columns(rows: dict, ids) -> dict:
+    """The strength column as float64 (every value finite) and, when given, consistency as
+    float64 (None as nan; never infinite)."""
     strength = np.asarray(rows["strength"], dtype=np.float64)
     if not np.isfinite(strength).all():
         raise AuditError(f"strength of row {_id_at(ids, int(np.argmin(np.isfinite(strength))))} is missing or not finite")
-    if rows.get("consistency") is not None:
-        cons = np.array([np.nan if x is None else x for x in rows["consistency"]], dtype=np.float64) \
-            if not isinstance(rows["consistency"], np.ndarray) else rows["consistency"].astype(np.float64)
-        if np.isinf(cons).any():
-            raise AuditError(f"consistency of row {_id_at(ids, int(np.argmax(np.isinf(cons))))} is infinite")
-    created = not dest.exists()
-    _prepare_dest(dest, overwrite, _protect)
+    if rows.get("consistency") is None:
+        return {"strength": strength}
+    cons = np.array([np.nan if x is None else x for x in rows["consistency"]], dtype=np.float64) \
+        if not isinstance(rows["consistency"], np.ndarray) else rows["consistency"].astype(np.float64)
+    if np.isinf(cons).any():
+        raise AuditError(f"consistency of row {_id_at(ids, int(np.argmax(np.isinf(cons))))} is infinite")
+    return {"strength": strength, "consistency": cons}
+
+
+def _row_blocks(directions, n: int, dim: int):
+    """A direction matrix in row blocks of about CHUNK_ELEMENTS values."""
+    step = max(1, CHUNK_ELEMENTS // max(dim, 1))
+    for start in range(0, n, step):
+        yield directions[start:start + step]
+
+
+def _write_directions(dest: Path, created: bool, blocks, shape: tuple, ids) -> tuple:
+    """directions.npy staged from ``blocks`` (each checked); (staged path, sha256). On an error
+    the staged file is removed, and ``dest`` too when this call ``created`` it and it is empty."""
+    n, dim, dtype = shape
     writer = NpyWriter(dest / DIRECTIONS_FILE, n, dim, DTYPES[dtype])
     try:
-        if blocks is None:
-            step = max(1, CHUNK_ELEMENTS // max(dim, 1))
-            for start in range(0, n, step):
-                blk = np.asarray(directions[start:start + step])
-                _check_block(blk, start, ids)
-                writer.write(blk)
-        else:
-            start = 0
-            for blk in blocks:
-                blk = np.asarray(blk)
-                if blk.ndim != 2 or blk.shape[1] != dim:
-                    raise AuditError(f"direction block has shape {blk.shape}, expected (*, {dim})")
-                _check_block(blk, start, ids)
-                writer.write(blk)
-                start += blk.shape[0]
-        staged, dirs_sha = writer.finish()
+        start = 0
+        for blk in blocks:
+            blk = np.asarray(blk)
+            if blk.ndim != 2 or blk.shape[1] != dim:
+                raise AuditError(f"direction block has shape {blk.shape}, expected (*, {dim})")
+            _check_block(blk, start, ids)
+            writer.write(blk)
+            start += blk.shape[0]
+        return writer.finish()
     except BaseException:
         writer.abort()
         if created:
             with contextlib.suppress(OSError):
                 dest.rmdir()  # only if still empty
         raise
-    cols = dict(rows, id=id_arr, row=np.arange(n, dtype=np.int64), strength=strength)
-    if "consistency" in rows and rows["consistency"] is not None:
-        cols["consistency"] = cons
-    table = _rows_table(cols)
-    sig = empty_signature()
-    sig.update(signature or {})
-    meta = {
-        "schema": SCHEMA, "name": name, "n": int(n), "dim": int(dim) if n or dim else None,
-        "dtype": dtype, "signature": sig, "created_from": created_from,
-        "files": {"rows": ROWS_FILE, "directions": DIRECTIONS_FILE},
-    }
-    meta.update(extra_meta or {})
-    commit(dest, meta, staged, dirs_sha, table)
-    return Corpus.open(dest)
 
 
 def create_empty(dest, signature: dict | None, name: str, *, dim: int | None = None,

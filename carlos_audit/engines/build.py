@@ -64,13 +64,13 @@ def shared_arm_key(case, arm, pairs, environment: dict) -> str:
 
     pc = case.protocol
     key, _ = reproducibility_key(
-        base_model={"source": case.base_model["source"], "sha256": case.base_model.get("sha256"),
+        base_model={"source": case.base_model.source, "sha256": case.base_model.sha256,
                     "base_dir": str(case.base_dir)},
-        params=key_params(pc, pc["scheduler"]),
-        batch_size=pc["batch_size"],
-        prompts_sent=[arm.prompt_for(p.prompt.text, list(case.lora["trigger_words"])) for p in pairs],
+        params=key_params(pc, pc.scheduler),
+        batch_size=pc.batch_size,
+        prompts_sent=[arm.prompt_for(p.prompt.text, list(case.lora.trigger_words)) for p in pairs],
         seeds=[p.seed for p in pairs], environment=environment,
-        extra={"embedder": embedder_key(case), **({"watermarker": True} if case.base_model.get("add_watermarker") else {})})
+        extra={"embedder": embedder_key(case), **({"watermarker": True} if case.base_model.add_watermarker else {})})
     return key
 
 
@@ -79,8 +79,8 @@ def embedder_key(case) -> dict:
     pinned defaults (so the keys of earlier builds hold)."""
     from carlos_audit.models.pinned import EMBEDDER_DEFAULTS
 
-    key = {k: case.embedder.get(k) for k in ("model", "pretrained", "sha256")}
-    pinned = (case.embedder.get("preprocess", "pil"), case.embedder.get("dtype", "float32"))
+    key = {"model": case.embedder.model, "pretrained": case.embedder.pretrained, "sha256": case.embedder.sha256}
+    pinned = (case.embedder.preprocess, case.embedder.dtype)
     return key | ({"preprocess": pinned[0], "dtype": pinned[1]} if pinned != EMBEDDER_DEFAULTS else {})
 
 
@@ -92,8 +92,8 @@ def planned_environment(case, threads: int | None) -> dict:
     (run/devices.check_one_class, in the driver)."""
     from carlos_audit.run.environment import capture
 
-    device = case.base_model["device"]
-    env = capture("cpu", case.base_model["dtype"], {}) | {"device": device}
+    device = case.base_model.device
+    env = capture("cpu", case.base_model.dtype, {}) | {"device": device}
     if device.startswith("cuda"):
         env["cuda"] = None  # the workers' toolkit, recorded per unit
     return env | {"torch_threads": threads or env["torch_threads"]}
@@ -109,7 +109,7 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
     from carlos_audit.run.arms import plan_arms
     from carlos_audit.run.intake import prepare_case_dir
 
-    if cases and cases[0][2].protocol.get("sequential") is not None:
+    if cases and cases[0][2].protocol.sequential is not None:
         raise AuditError(f"{cases[0][2].path}: a corpus build plans every unit of the full protocol up front; "
                          "remove [protocol.sequential] from the template (run sequential cases with `run`, then `corpus add`)")
     plan = BuildPlan(Path(dest), [])
@@ -120,11 +120,11 @@ def plan_build(dest: Path, cases: list, *, allow_partial: bool = False, argv: li
         prepare_case_dir(case_dir, case, force=False)
         lora_sha = sha256_file(lora)
         plan.rows.append((rid, lora, lora_sha))
-        prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
+        prompts, _ = load_prompts(case.protocol.prompts, case.base_dir)
         pc = case.protocol
-        pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
+        pairs = enumerate_pairs(prompts, pc.seeds, pc.batch_size)
         batch_ids = [b[0].batch for b in batches(pairs)]
-        plan.n_prompts, plan.n_seeds, plan.n_batches, plan.steps = len(prompts), len(pc["seeds"]), len(batch_ids), pc["steps"]
+        plan.n_prompts, plan.n_seeds, plan.n_batches, plan.steps = len(prompts), len(pc.seeds), len(batch_ids), pc.steps
         common = dict(case_id=rid, case_text=case.raw_text, case_path=str(case.path), lora_path=str(lora),
                       lora_sha256=lora_sha, allow_partial=allow_partial, inputs=inputs)
         arms = plan_arms(case, lora_sha, [])

@@ -45,19 +45,19 @@ def model_sha256(case) -> dict:
             return tree_sha256(p, file_sha256)
         return file_sha256(p) if p.is_file() else None
 
-    src = case.base_model["source"]
+    src = case.base_model.source
     if src in ("embedded:tiny-sd", "embedded:tiny-flux"):
         from carlos_audit.models.flux import ensure_tiny_flux
 
         base = of_path(ensure_tiny_sd() if src == "embedded:tiny-sd" else ensure_tiny_flux())
     else:
         base = of_path(expand_path(src, case.base_dir))
-    pre = case.embedder.get("pretrained")
-    if case.embedder["model"] == "embedded:tiny-clip":
+    pre = case.embedder.pretrained
+    if case.embedder.model == "embedded:tiny-clip":
         emb = of_path(ensure_tiny_clip())
     else:
         emb = of_path(expand_path(pre, case.base_dir)) if pre else None
-    return {"base_model": base or _lower(case.base_model.get("sha256")), "embedder": emb or _lower(case.embedder.get("sha256"))}
+    return {"base_model": base or _lower(case.base_model.sha256), "embedder": emb or _lower(case.embedder.sha256)}
 
 
 def _lower(v):
@@ -77,7 +77,7 @@ def planned_inputs(case) -> tuple:
     for role in ("casefile", "prompts"):
         if role in hashed:
             out.append((role, hashed[role]["path"], hashed[role]["sha256"]))
-    for role, source in (("base_model", case.base_model["source"]), ("embedder", case.embedder.get("pretrained") or case.embedder["model"])):
+    for role, source in (("base_model", case.base_model.source), ("embedder", case.embedder.pretrained or case.embedder.model)):
         if models[role]:
             out.append((role, hashed[role]["path"] if role in hashed else source, models[role]))
     return tuple(out)

@@ -61,7 +61,7 @@ def unit_threads(unit: "WorkUnit", threads: int | None) -> int | None:
     if not threads:
         return None
     try:
-        device = parse_case(unit.case_text, Path(unit.case_path)).base_model["device"]
+        device = parse_case(unit.case_text, Path(unit.case_path)).base_model.device
     except AuditError:
         return threads
     return None if device.startswith("cuda") else threads
@@ -89,6 +89,7 @@ class UnitContext:
 def unit_context(unit: WorkUnit) -> UnitContext:
     """The loaded run of ``unit``'s LoRA case (the previous unit's when it is the same case)."""
     from carlos_audit.case.casefile import parse_case
+    from carlos_audit.case.options import RunOptions
     from carlos_audit.case.protocol import batches
     from carlos_audit.engines.inputs import check_inputs
     from carlos_audit.hashing import sha256_bytes
@@ -101,7 +102,7 @@ def unit_context(unit: WorkUnit) -> UnitContext:
         return ctx
     CURRENT.clear()
     case = parse_case(unit.case_text, Path(unit.case_path))
-    prep = prepare_run(case, CaseStore(unit.store), prepare_folder=False, allow_partial=unit.allow_partial)
+    prep = prepare_run(case, CaseStore(unit.store), RunOptions(allow_partial=unit.allow_partial), prepare_folder=False)
     check_inputs(unit, prep.inputs, {"base_model": prep.session.base_info.sha256, "embedder": prep.session.embedder.sha256})
     ctx = UnitContext(key, prep, plan_arms(case, unit.lora_sha256, []), {b[0].batch: b for b in batches(prep.pairs)})
     CURRENT["ctx"] = ctx

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from carlos_audit.casefolder import CaseFolder
@@ -191,15 +192,36 @@ def _prepare_out(out: Path, force: bool) -> None:
 # ----------------------------------------------------------------------------- reproduce
 
 
-def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None, comparisons=(), corpus=None,
-              sample: int | None = DEFAULT_SAMPLE, sample_seed: int = 0, threads: int | None = None,
-              force: bool = False, progress: bool = True, render: bool = True) -> dict:
-    """Reproduce the kit's case (``sample=None``: every pair). Writes and returns reproduction.json."""
+@dataclass(frozen=True)
+class Reproduction:
+    """What a reproduction is asked for: the inputs the kit lists but does not carry (the LoRA,
+    the base model, the embedder's weights, the comparison LoRAs in order, the reference
+    corpus), the pairs (``sample``, drawn with ``sample_seed``; None: every pair), the torch
+    threads, replace a previous reproduction (``force``), progress bars, the PDF rendered."""
+
+    lora: str | Path | None = None
+    base: str | None = None
+    embedder: str | Path | None = None
+    comparisons: tuple = ()
+    corpus: str | Path | None = None
+    sample: int | None = DEFAULT_SAMPLE
+    sample_seed: int = 0
+    threads: int | None = None
+    force: bool = False
+    progress: bool = True
+    render: bool = True
+
+
+def reproduce(kit_path: Path, out: Path, **request) -> dict:
+    """Reproduce the kit's case; ``request``: the fields of ``Reproduction``. Writes and returns
+    reproduction.json."""
+    req = Reproduction(**request)
+    sample, sample_seed, threads, base = req.sample, req.sample_seed, req.threads, req.base
     out = Path(out).resolve()
-    _prepare_out(out, force)
+    _prepare_out(out, req.force)
     kit_dir = out / "kit"
     kit = open_kit(Path(kit_path), kit_dir)
-    given = _given_inputs(kit, kit_dir, lora, base, embedder, list(comparisons or []), corpus)
+    given = _given_inputs(kit, kit_dir, req.lora, base, req.embedder, list(req.comparisons or []), req.corpus)
     checked = check_inputs(kit, given)
 
     from carlos_audit.case.casefile import parse_case
@@ -216,7 +238,7 @@ def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None,
     try:
         if threads is not None:
             torch.set_num_threads(int(threads))
-        generated = _regenerate(case, manifest, out, sample, sample_seed, progress)
+        generated = _regenerate(case, manifest, out, sample, sample_seed, req.progress)
     finally:
         torch.set_num_threads(threads_before)
     result = _compare(kit, manifest, comparison, kit_dir, out, generated, given.get("corpus"))
@@ -231,7 +253,7 @@ def reproduce(kit_path: Path, out: Path, *, lora=None, base=None, embedder=None,
         "threads": threads,
     })
     write_json_atomic(out / "reproduction.json", result)
-    if render:
+    if req.render:
         from carlos_audit.kit.document import render_reproduction
 
         render_reproduction(out)
@@ -242,6 +264,7 @@ def _regenerate(case, manifest: Manifest, out: Path, sample: int | None, sample_
     """Generate (into out/case) the arms of the kit's case for every pair or for the batches
     holding a stratified sample (run/profile.regenerate, as verify does); returns what was
     generated and the environment."""
+    from carlos_audit.case.options import RunOptions
     from carlos_audit.case.protocol import prompts_sha256
     from carlos_audit.run.intake import utc_now
     from carlos_audit.run.profile import prepare_run, regenerate
@@ -249,7 +272,7 @@ def _regenerate(case, manifest: Manifest, out: Path, sample: int | None, sample_
 
     partial = bool((manifest.lora.get("load") or {}).get("partial"))
     store = CaseStore(out / "case")
-    prep = prepare_run(case, store, prepare_folder=False, allow_partial=partial)
+    prep = prepare_run(case, store, RunOptions(allow_partial=partial), prepare_folder=False)
     if prompts_sha256(prep.prompts) != manifest.protocol["prompts_sha256"]:
         raise AuditError("the kit's prompts.json does not give the prompts the case was run with (prompts_sha256 differs)")
     from carlos_audit.case.sequential import run_pairs

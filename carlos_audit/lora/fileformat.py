@@ -160,43 +160,48 @@ def _validate_entries(path: Path, header: dict, payload_size: int) -> None:
         for k, v in metadata.items():
             if not isinstance(v, str):
                 raise AuditError(f"{path}: __metadata__ value for {k!r} is not a string")
+    spans = [_entry_span(path, name, entry, payload_size) for name, entry in header.items() if name != "__metadata__"]
+    _check_spans(path, spans, payload_size)
 
-    spans = []  # (begin, end, name)
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict):
-            raise AuditError(f"{path}: tensor {name!r} header entry is not an object")
-        for field in ("dtype", "shape", "data_offsets"):
-            if field not in entry:
-                raise AuditError(f"{path}: tensor {name!r} is missing {field!r}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-            raise AuditError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise AuditError(f"{path}: tensor {name!r} shape must be a list of non-negative integers")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets)
-        ):
-            raise AuditError(f"{path}: tensor {name!r} data_offsets must be two non-negative integers")
-        begin, end = offsets
-        if end < begin:
-            raise AuditError(f"{path}: tensor {name!r} data_offsets end {end} is before begin {begin}")
-        if end > payload_size:
-            raise AuditError(
-                f"{path}: tensor {name!r} data_offsets [{begin}, {end}] lie outside the payload "
-                f"({payload_size} bytes)"
-            )
-        bits = math.prod(shape) * DTYPE_BITS[dtype]
-        if bits % 8 != 0 or bits // 8 != end - begin:
-            raise AuditError(
-                f"{path}: tensor {name!r} occupies {end - begin} bytes but dtype {dtype} and "
-                f"shape {shape} need {bits / 8:g}"
-            )
-        spans.append((begin, end, name))
 
+def _entry_span(path: Path, name: str, entry, payload_size: int) -> tuple[int, int, str]:
+    """(begin, end, name) of one tensor's header entry, checked: fields, dtype, shape, offsets
+    inside the payload and the byte size its dtype and shape need."""
+    if not isinstance(entry, dict):
+        raise AuditError(f"{path}: tensor {name!r} header entry is not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise AuditError(f"{path}: tensor {name!r} is missing {field!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise AuditError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise AuditError(f"{path}: tensor {name!r} shape must be a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+    ):
+        raise AuditError(f"{path}: tensor {name!r} data_offsets must be two non-negative integers")
+    begin, end = offsets
+    if end < begin:
+        raise AuditError(f"{path}: tensor {name!r} data_offsets end {end} is before begin {begin}")
+    if end > payload_size:
+        raise AuditError(
+            f"{path}: tensor {name!r} data_offsets [{begin}, {end}] lie outside the payload "
+            f"({payload_size} bytes)"
+        )
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 != 0 or bits // 8 != end - begin:
+        raise AuditError(
+            f"{path}: tensor {name!r} occupies {end - begin} bytes but dtype {dtype} and "
+            f"shape {shape} need {bits / 8:g}"
+        )
+    return begin, end, name
+
+
+def _check_spans(path: Path, spans: list, payload_size: int) -> None:
+    """The tensors tile the payload: no overlap, no gap, nothing after the last one."""
     spans.sort()
     position, previous = 0, None
     for begin, end, name in spans:

@@ -28,10 +28,26 @@ class LoadedEmbedder:
     kind: str = "open_clip"  # or "hf-transformers" (preprocess is then a CLIPProcessor)
 
 
-def load_embedder(model: str, pretrained: str | None, *, device: str = "cpu",
-                  allow_download: bool = False, allow_unsafe_pickle: bool = False,
-                  base_dir: Path | None = None, preprocess: str = "pil", dtype: str = "float32") -> LoadedEmbedder:
-    """An embedder with its preprocessing backend and dtype pinned (``EMBEDDER_DEFAULTS``)."""
+@dataclass(frozen=True)
+class EmbedderLoad:
+    """How ``load_embedder`` loads: the device, hub downloads and pickle checkpoints allowed, the
+    folder a relative checkpoint path is resolved against, the preprocessing backend and dtype
+    (pinned: ``EMBEDDER_DEFAULTS``)."""
+
+    device: str = "cpu"
+    allow_download: bool = False
+    allow_unsafe_pickle: bool = False
+    base_dir: Path | None = None
+    preprocess: str = "pil"
+    dtype: str = "float32"
+
+
+def load_embedder(model: str, pretrained: str | None, **options) -> LoadedEmbedder:
+    """An embedder with its preprocessing backend and dtype pinned (``EMBEDDER_DEFAULTS``);
+    ``options``: the fields of ``EmbedderLoad``."""
+    how = EmbedderLoad(**options)
+    device, dtype, preprocess = how.device, how.dtype, how.preprocess
+    allow_download, allow_unsafe_pickle, base_dir = how.allow_download, how.allow_unsafe_pickle, how.base_dir
     if device == "cpu" and dtype != "float32":
         raise AuditError(f"embedder dtype {dtype} is not supported on the CPU (use float32)")
     if is_hf_embedder(model):

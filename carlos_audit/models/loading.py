@@ -317,16 +317,33 @@ def single_file_flux_source(path: Path, config: str | None, base_dir: Path | Non
 # ----------------------------------------------------------------------------- loading
 
 
-def load_base_pipeline(source: str, *, dtype: str = "auto", device: str = "auto", allow_download: bool = False,
-                       base_dir: Path | None = None, variant: str | None = None, config: str | None = None,
-                       add_watermarker: bool = False) -> LoadedPipeline:
+@dataclass(frozen=True)
+class BaseLoad:
+    """How ``load_base_pipeline`` loads: dtype and device ("auto" resolved here), hub downloads
+    allowed, the folder relative sources are resolved against, the weights variant, a carried
+    config for a single file, and ``add_watermarker`` (passed to pipelines that take it, SDXL;
+    never left to diffusers' default)."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    allow_download: bool = False
+    base_dir: Path | None = None
+    variant: str | None = None
+    config: str | None = None
+    add_watermarker: bool = False
+
+
+def load_base_pipeline(source: str, **options) -> LoadedPipeline:
     """Load a base pipeline offline (see the module doc); every failure is one AuditError line.
-    ``add_watermarker``: passed to pipelines that take it (SDXL), never left to diffusers' default."""
-    dev = resolve_device(device)
-    dtype_name, torch_dtype = resolve_dtype(dtype, dev)
-    src = resolve_base_source(source, base_dir=base_dir, variant=variant, config=config, allow_download=allow_download)
+    ``options``: the fields of ``BaseLoad``."""
+    how = BaseLoad(**options)
+    dev = resolve_device(how.device)
+    dtype_name, torch_dtype = resolve_dtype(how.dtype, dev)
+    variant, add_watermarker = how.variant, how.add_watermarker
+    src = resolve_base_source(source, base_dir=how.base_dir, variant=variant, config=how.config,
+                              allow_download=how.allow_download)
     try:
-        pipe = _from_source(src, torch_dtype, variant, allow_download, add_watermarker)
+        pipe = _from_source(src, torch_dtype, variant, how.allow_download, add_watermarker)
     except AuditError:
         raise
     except Exception as e:

@@ -120,53 +120,11 @@ def write_clip_tokenizer(dest: Path) -> None:
 
 
 def _build_tiny_sd(dest: Path) -> None:
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(SEED)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=64,
-    )
-    torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=49408,
-            max_position_embeddings=77,
-        )
-    )
+    # each component from the same seed, in this order: the bytes of the saved model depend on it
+    unet, vae, text_encoder = _tiny_sd_unet(), _tiny_sd_vae(), _tiny_sd_text_encoder()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -190,6 +148,62 @@ def _build_tiny_sd(dest: Path) -> None:
     )
     pipe.save_pretrained(dest, safe_serialization=True)
     shutil.rmtree(tok_dir)
+
+
+def _tiny_sd_unet():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _tiny_sd_vae():
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
+    )
+
+
+def _tiny_sd_text_encoder():
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        )
+    )
 
 
 def _build_tiny_clip(dest: Path) -> None:

@@ -30,10 +30,10 @@ class Arm:
 
 
 def arms_for(case: Case, lora_sha256: str | None = None) -> tuple[Arm, Arm]:
-    policy = case.lora["trigger_policy"]
-    has = bool(case.lora["trigger_words"])  # without trigger words the flag changes nothing
+    policy = case.lora.trigger_policy
+    has = bool(case.lora.trigger_words)  # without trigger words the flag changes nothing
     base = Arm("base", None, 0.0, has and policy == "both")
-    lora = Arm("lora", TARGET_ADAPTER, case.lora["scale"], has and policy in ("both", "lora_only"), lora_sha256)
+    lora = Arm("lora", TARGET_ADAPTER, case.lora.scale, has and policy in ("both", "lora_only"), lora_sha256)
     return base, lora
 
 
@@ -57,26 +57,26 @@ class ArmPlan:
 
 
 def plan_arms(case: Case, lora_sha256: str, comparisons: list[dict]) -> ArmPlan:
-    policy = case.lora["trigger_policy"]
-    has = bool(case.lora["trigger_words"])
+    policy = case.lora.trigger_policy
+    has = bool(case.lora.trigger_words)
     trig = has and policy in ("both", "lora_only")
     plan = ArmPlan({}, {}, {})
     base_arm, lora_arm = arms_for(case, lora_sha256)
     base, lora = plan.add(base_arm), plan.add(lora_arm)
     plan.profiles["main"] = (base, lora)
-    for s in case.protocol["scales"]:
+    for s in case.protocol.scales:
         plan.profiles[f"scale:{s:g}"] = (base, plan.add(Arm(f"lora-s{s:g}", TARGET_ADAPTER, s, trig, lora_sha256)))
-    if case.indicators["trigger_dependence"]:
+    if case.indicators.trigger_dependence:
         nb = plan.add(Arm("base-notrig", None, 0.0, False))
-        nl = plan.add(Arm("lora-notrig", TARGET_ADAPTER, case.lora["scale"], False, lora_sha256))
+        nl = plan.add(Arm("lora-notrig", TARGET_ADAPTER, case.lora.scale, False, lora_sha256))
         plan.profiles["trigger:without"] = (nb, nl)
         if policy == "none":
             plan.profiles["trigger:with"] = (plan.add(Arm("base-trig", None, 0.0, has)),
-                                             plan.add(Arm("lora-trig", TARGET_ADAPTER, case.lora["scale"], has, lora_sha256)))
+                                             plan.add(Arm("lora-trig", TARGET_ADAPTER, case.lora.scale, has, lora_sha256)))
         else:
             plan.profiles["trigger:with"] = (base, lora)
     for c in comparisons:
-        plan.profiles[f"comparison:{c['adapter']}"] = (base, plan.add(Arm(c["adapter"], c["adapter"], case.lora["scale"], trig, c["sha256"])))
+        plan.profiles[f"comparison:{c['adapter']}"] = (base, plan.add(Arm(c["adapter"], c["adapter"], case.lora.scale, trig, c["sha256"])))
     return plan
 
 

@@ -51,19 +51,19 @@ def measure(case, n_images: int) -> dict:
 
     pc = case.protocol
     t0 = time.perf_counter()
-    lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
-                            base_dir=case.base_dir, variant=case.base_model.get("variant"), config=case.base_model.get("config"))
-    if pc["scheduler"]:
-        set_scheduler(lp.pipe, pc["scheduler"])
-    emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device, base_dir=case.base_dir)
+    lp = load_base_pipeline(case.base_model.source, dtype=case.base_model.dtype, device=case.base_model.device,
+                            base_dir=case.base_dir, variant=case.base_model.variant, config=case.base_model.config)
+    if pc.scheduler:
+        set_scheduler(lp.pipe, pc.scheduler)
+    emb = load_embedder(case.embedder.model, case.embedder.pretrained, device=lp.device, base_dir=case.base_dir)
     load_s = time.perf_counter() - t0
     cost.install_pipeline_hooks(lp.pipe)
     cost.install_embedder_hooks(emb)
     params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
-    prompts, _ = load_prompts(pc["prompts"], case.base_dir)
-    pairs = enumerate_pairs(prompts, pc["seeds"], pc["batch_size"])
+    prompts, _ = load_prompts(pc.prompts, case.base_dir)
+    pairs = enumerate_pairs(prompts, pc.seeds, pc.batch_size)
     chosen = [pairs[i % len(pairs)] for i in range(n_images)]  # more than the protocol has: wrap around
-    b = pc["batch_size"]
+    b = pc.batch_size
     chunks = [chosen[i:i + b] for i in range(0, n_images, b)]
     generate_batch(lp.pipe, [chosen[0].prompt.text], [chosen[0].seed], params)  # warm-up, not timed
     counted = cost.zero()  # the timed generation and CLIP encoding (the host chain's own embedding not counted)
@@ -98,9 +98,9 @@ def plan(case_path, n_loras: int, measure_images: int = 4) -> dict:
 
     case = load_case(Path(case_path))
     pc = case.protocol
-    prompts, _ = load_prompts(pc["prompts"], case.base_dir)
+    prompts, _ = load_prompts(pc.prompts, case.base_dir)
     out = {"casefile": str(case_path),
-           "counts": counts(n_loras, len(prompts), len(pc["seeds"]), pc["batch_size"], pc["steps"], pc["guidance_scale"] > 1),
+           "counts": counts(n_loras, len(prompts), len(pc.seeds), pc.batch_size, pc.steps, pc.guidance_scale > 1),
            "measurement": None, "estimate": None}
     if measure_images > 0:
         m = measure(case, measure_images)

@@ -29,7 +29,7 @@ SELECTION = ("The claimed works were chosen by their supplier, not by the tool o
 def claimed_inputs(case) -> dict:
     """{role: path} of the claimed works (and of their sha256sums list), each checked: pinned,
     present, decodable. Empty without a [claimed_works] table. Called at intake."""
-    section = case.claimed_works or {}
+    section = case.claimed_works
     if not configured(section):
         return {}
     works, listing = claimed_files(section, case.base_dir)
@@ -59,11 +59,11 @@ def store_claimed_works(store, embedder, case) -> dict | None:
     from carlos_audit.run.embed import image_features
     from carlos_audit.casefolder.store import npy_bytes
 
-    section = case.claimed_works or {}
+    section = case.claimed_works
     if not configured(section):
         return None
     works, listing = claimed_files(section, case.base_dir)
-    max_pixels = section.get("max_pixels") or DEFAULT_MAX_PIXELS
+    max_pixels = section.max_pixels or DEFAULT_MAX_PIXELS
     records = []
     for start in range(0, len(works), BATCH):
         loaded = [load_work(w, max_pixels) for w in works[start:start + BATCH]]
@@ -77,9 +77,9 @@ def store_claimed_works(store, embedder, case) -> dict | None:
             write_bytes_atomic(store.path(trel), thumb)
             records.append({**rec, "embedding": erel, "embedding_sha256": sha256_bytes(emb),
                             "thumbnail": trel, "thumbnail_sha256": sha256_bytes(thumb)})
-    return {"label": section["label"], "supplier": section["supplier"], "source": section.get("source"),
+    return {"label": section.label, "supplier": section.supplier, "source": section.source,
             "selection": SELECTION, "sha256sums": str(listing) if listing else None,
-            "max_pixels": max_pixels, "nearest": section.get("nearest") or 3, "n": len(records),
+            "max_pixels": max_pixels, "nearest": section.nearest or 3, "n": len(records),
             "decoder": decoder_text(), "works": records}
 
 
@@ -114,12 +114,12 @@ def kit_table(table: dict, by_role: dict) -> dict:
 
 def check_items(case) -> list[dict]:
     """``check``'s line for the claimed works: present (pinned and decodable) or invalid, why."""
-    section = case.claimed_works or {}
+    section = case.claimed_works
     if not configured(section):
         return []
     from carlos_audit.case.casefile import expand_path
 
-    where = str(expand_path(section["folder"], case.base_dir)) if section.get("folder") else f"{len(section['files'])} files"
+    where = str(expand_path(section.folder, case.base_dir)) if section.folder else f"{len(section.files)} files"
     try:
         n = sum(1 for role in claimed_inputs(case) if role.startswith("claimed_work_"))
     except AuditError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from carlos_audit.case.options import RunOptions
 from carlos_audit.errors import AuditError
 
 
@@ -44,13 +45,12 @@ def case_units(case, paths: dict, inputs: list[dict]):
     sha = {e["role"]: e["sha256"] for e in inputs}
     comparisons = [{"adapter": "cmp" + r.rsplit("_", 1)[1], "sha256": sha[r]}
                    for r in sorted((r for r in paths if r.startswith("comparison_lora_")), key=lambda r: int(r.rsplit("_", 1)[1]))]
-    prompts, _ = load_prompts(case.protocol["prompts"], case.base_dir)
-    pairs = enumerate_pairs(prompts, case.protocol["seeds"], case.protocol["batch_size"])
+    prompts, _ = load_prompts(case.protocol.prompts, case.base_dir)
+    pairs = enumerate_pairs(prompts, case.protocol.seeds, case.protocol.batch_size)
     return plan_arms(case, sha["lora"], comparisons), {b[0].batch: b for b in batches(pairs)}
 
 
-def run_units_on_devices(case, out: Path, devices: list[str], *, force: bool = False, allow_partial: bool = False,
-                         allow_unsafe_pickle: bool = False, allow_download: bool = False) -> dict:
+def run_units_on_devices(case, out: Path, devices: list[str], options: RunOptions | None = None) -> dict:
     """Generate every unit of ``case`` not yet in ``out``, spread over ``devices`` (one process
     each). Returns, per worker that had units, {device, units, torch_threads, pid}. The caller
     then runs the case as usual (``run_full``)."""
@@ -63,15 +63,15 @@ def run_units_on_devices(case, out: Path, devices: list[str], *, force: bool = F
     from carlos_audit.casefolder.lock import case_lock
     from carlos_audit.casefolder.store import CaseStore
 
-    paths, inputs, _ = intake(case, allow_unsafe_pickle=allow_unsafe_pickle)
+    options = options or RunOptions()
+    paths, inputs, _ = intake(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     with case_lock(out):
-        prepare_case_dir(out, case, force)
+        prepare_case_dir(out, case, options.force)
         plan, by_batch = case_units(case, paths, inputs)
         store = CaseStore(out)
         todo = [(a.name, b) for a in plan.arms.values() for b in sorted(by_batch) if store.unit_done(a.name, b) is None]
         dealt = [(d, todo[i::len(devices)]) for i, d in enumerate(devices)]
-        flags = dict(allow_partial=allow_partial, allow_unsafe_pickle=allow_unsafe_pickle, allow_download=allow_download)
-        jobs = [(case.raw_text, str(case.path), str(out), d, torch.get_num_threads(), units, flags)
+        jobs = [(case.raw_text, str(case.path), str(out), d, torch.get_num_threads(), units, options)
                 for d, units in dealt if units]
         if not jobs:
             return [0] * len(devices)
@@ -87,7 +87,7 @@ def run_units_on_devices(case, out: Path, devices: list[str], *, force: bool = F
     return [f.result() for f in futures]
 
 
-def worker(case_text: str, case_path: str, out: str, device: str, threads: int, units: list, flags: dict) -> dict:
+def worker(case_text: str, case_path: str, out: str, device: str, threads: int, units: list, options: RunOptions) -> dict:
     """One device's process: load the case's models on ``device``, run the units dealt to it."""
     import carlos_audit  # noqa: F401  (OMP_WAIT_POLICY before torch)
     import torch
@@ -101,11 +101,11 @@ def worker(case_text: str, case_path: str, out: str, device: str, threads: int, 
 
     torch.set_num_threads(int(threads))
     case = parse_case(case_text, Path(case_path))
-    case = replace(case, base_model=dict(case.base_model, device=device))
-    paths, inputs, inspection = intake(case, allow_unsafe_pickle=flags["allow_unsafe_pickle"])
-    lp, emb, _, determinism = load_models(case, paths, inspection, **flags)
+    case = replace(case, base_model=replace(case.base_model, device=device))
+    paths, inputs, inspection = intake(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
+    lp, emb, _, determinism = load_models(case, paths, inspection, options)
     session, _ = make_session(case, CaseStore(Path(out)), lp, emb, determinism)
-    load_comparisons(lp.pipe, paths, inputs, flags["allow_partial"], flags["allow_unsafe_pickle"])
+    load_comparisons(lp.pipe, paths, inputs, options)
     plan, by_batch = case_units(case, paths, inputs)
     with HostChain(session) as chain:
         for arm, b in units:

@@ -29,11 +29,11 @@ class GenerationParams:
         return {k: v for k, v in self.__dict__.items() if k != "max_sequence_length" or v is not None}
 
     @classmethod
-    def from_protocol(cls, protocol: dict, scheduler: str) -> "GenerationParams":
-        """From a case's [protocol] (or a manifest's ``protocol``) and the scheduler class in use."""
+    def from_protocol(cls, protocol, scheduler: str) -> "GenerationParams":
+        """From a case's [protocol] (``case.protocol``) and the scheduler class in use."""
         p = protocol
-        return cls(p["steps"], p["guidance_scale"], p["width"], p["height"], scheduler, p["negative_prompt"],
-                   p.get("seed_mode", "per-image"), p.get("max_sequence_length"))
+        return cls(p.steps, p.guidance_scale, p.width, p.height, scheduler, p.negative_prompt, p.seed_mode,
+                   p.max_sequence_length)
 
 
 #: Counts of work actually done, by kind; tests and the bench read them (hooks, not estimates).

@@ -63,7 +63,7 @@ def finish_unit(s, job: Produced) -> dict:
     from carlos_audit.run import cost
     from carlos_audit.run.devices import device_record
     from carlos_audit.run.embed import image_features
-    from carlos_audit.casefolder.store import png_bytes
+    from carlos_audit.casefolder.store import UnitOutput, png_bytes
 
     pngs = job.pngs if job.pngs is not None else [png_bytes(im) for im in job.images]
     if job.cache_key is not None and job.source == "generated":
@@ -76,8 +76,9 @@ def finish_unit(s, job: Produced) -> dict:
     check_finite(job.arm.name, job.batch, images, feats)
     spent = {k: (host_cost if k in HOST_COST_FIELDS else job.device_cost).get(k, 0) for k in cost.FIELDS}
     spent["images_generated"] = len(job.batch) if job.source == "generated" else 0
-    return s.store.write_unit(job.arm.name, job.batch[0].batch, pngs, feats, [p.id for p in job.batch],
-                              job.prompts_sent, job.seeds, job.source, cost=spent, device=device_record(s.environment))
+    return s.store.write_unit(job.arm.name, job.batch[0].batch,
+                              UnitOutput(pngs, feats, [p.id for p in job.batch], job.prompts_sent, job.seeds,
+                                         job.source, cost=spent, device=device_record(s.environment)))
 
 
 def check_finite(arm: str, batch: list, images, feats: np.ndarray) -> None:

@@ -28,17 +28,17 @@ def input_paths(case: Case) -> dict:
     case names, by role, resolved, whether it exists or not: ``casefile``, ``lora``,
     ``base_model`` and ``embedder`` (a path that may instead be a hub id or an open_clip tag),
     ``prompts`` (a prompt file), ``comparison_lora_1``... No file is read."""
-    paths = {"casefile": case.path, "lora": expand_path(case.lora["path"], case.base_dir)}
-    src = case.base_model["source"]
+    paths = {"casefile": case.path, "lora": expand_path(case.lora.path, case.base_dir)}
+    src = case.base_model.source
     if not src.startswith("embedded:"):
         paths["base_model"] = expand_path(src, case.base_dir)
-    pre = case.embedder.get("pretrained")
+    pre = case.embedder.pretrained
     if pre:
         paths["embedder"] = expand_path(pre, case.base_dir)
-    pr = case.protocol["prompts"]
+    pr = case.protocol.prompts
     if not pr.startswith("builtin:"):
         paths["prompts"] = expand_path(pr, case.base_dir)
-    for i, c in enumerate(case.comparison["loras"], start=1):
+    for i, c in enumerate(case.comparison.loras, start=1):
         paths[f"comparison_lora_{i}"] = expand_path(c, case.base_dir)
     return paths
 
@@ -55,7 +55,7 @@ def resolve_inputs(case: Case) -> dict:
     for role in ("base_model", "embedder"):
         if role in paths and not paths[role].exists():
             del paths[role]
-    for i in range(1, len(case.comparison["loras"]) + 1):
+    for i in range(1, len(case.comparison.loras) + 1):
         cp = paths[f"comparison_lora_{i}"]
         if not cp.is_file():
             raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
@@ -106,7 +106,7 @@ def read_inputs(case: Case, *, allow_unsafe_pickle: bool = False) -> Intake:
     for f in loras.values():
         if not f.is_pickle and f.path.suffix.lower() == ".safetensors":
             f.header()  # validated
-    prompts, prompt_source = load_prompts(case.protocol["prompts"], case.base_dir)
+    prompts, prompt_source = load_prompts(case.protocol.prompts, case.base_dir)
     known = {r: f.input_record(r) for r, f in loras.items()}
     if "prompts" in paths and prompt_source.get("path") and Path(prompt_source["path"]).resolve() == paths["prompts"].resolve():
         known["prompts"] = {"role": "prompts", "path": str(paths["prompts"]), "kind": "file",
@@ -115,7 +115,7 @@ def read_inputs(case: Case, *, allow_unsafe_pickle: bool = False) -> Intake:
     inputs = [known[r] if r in known else next(hashed) for r in paths]
     by_role = {e["role"]: e for e in inputs}
     for role, section in (("lora", case.lora), ("base_model", case.base_model), ("embedder", case.embedder)):
-        want = section.get("sha256")
+        want = section.sha256
         if want and role in by_role and by_role[role]["sha256"] != want.lower():
             raise AuditError(f"{role} {by_role[role]['path']}: sha256 {by_role[role]['sha256']} does not match the expected {want.lower()} in the case file")
     inspection = inspect_lora(loras["lora"], allow_unsafe_pickle=allow_unsafe_pickle)

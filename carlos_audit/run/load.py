@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 
 from carlos_audit.case.casefile import Case
+from carlos_audit.case.options import RunOptions
 from carlos_audit.errors import AuditError
 from carlos_audit.run.arms import TARGET_ADAPTER
 
@@ -197,18 +198,20 @@ def skip_reasons(pipe, path: Path, skipped: list[str], rows: dict[str, dict]) ->
 LOADED: dict = {}
 
 
-def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: bool = False,
-                allow_download: bool = False, allow_unsafe_pickle: bool = False):
+def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions | None = None):
     """Base pipeline with the target LoRA as adapter "target", and the embedder; each checked
-    against the hashes the case expects, the LoRA checked for architecture and full coverage."""
+    against the hashes the case expects, the LoRA checked for architecture and full coverage
+    (``options``: allow_partial, allow_download, allow_unsafe_pickle)."""
     from carlos_audit.models.embedders import load_embedder
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run.environment import apply_determinism
 
-    key = (case.base_model["source"], case.base_model["dtype"], case.base_model["device"], str(case.base_dir),
-           case.base_model.get("variant"), case.base_model.get("config"), case.base_model.get("add_watermarker", False),
-           case.embedder["model"], case.embedder.get("pretrained"), case.embedder.get("preprocess", "pil"),
-           case.embedder.get("dtype", "float32"), allow_download, allow_unsafe_pickle)
+    options = options or RunOptions()
+    allow_download, allow_unsafe_pickle = options.allow_download, options.allow_unsafe_pickle
+    key = (case.base_model.source, case.base_model.dtype, case.base_model.device, str(case.base_dir),
+           case.base_model.variant, case.base_model.config, case.base_model.add_watermarker,
+           case.embedder.model, case.embedder.pretrained, case.embedder.preprocess,
+           case.embedder.dtype, allow_download, allow_unsafe_pickle)
     cached = LOADED.get(key)
     if cached is not None:
         lp, emb = cached
@@ -218,35 +221,35 @@ def load_models(case: Case, paths: dict, inspection: dict, *, allow_partial: boo
         lp.pipe.unload_lora_weights()  # removes the adapter layers; the base weights were never touched
     else:
         LOADED.clear()
-        lp = load_base_pipeline(case.base_model["source"], dtype=case.base_model["dtype"], device=case.base_model["device"],
+        lp = load_base_pipeline(case.base_model.source, dtype=case.base_model.dtype, device=case.base_model.device,
                                 allow_download=allow_download, base_dir=case.base_dir,
-                                variant=case.base_model.get("variant"), config=case.base_model.get("config"),
-                                add_watermarker=case.base_model.get("add_watermarker", False))
+                                variant=case.base_model.variant, config=case.base_model.config,
+                                add_watermarker=case.base_model.add_watermarker)
         emb = None
-    want = case.base_model.get("sha256")
+    want = case.base_model.sha256
     if want and lp.sha256 != want.lower():
         raise AuditError(f"base model {lp.identity}: hash {lp.sha256} does not match the expected {want.lower()}")
     inspection.update(claimed_base_hash_check(inspection, lp))
-    fam = case.base_model.get("family")
+    fam = case.base_model.family
     if fam and lp.variant_family and fam != lp.variant_family:
         raise AuditError(f"base model {lp.identity} is {lp.variant_family} but the case says base_model.family = {fam!r}")
     arch = inspection.get("architecture")
     if arch and arch != lp.architecture:
         raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
-    determinism = apply_determinism(lp.device, tf32=case.base_model.get("tf32", False))
-    if case.protocol["scheduler"]:
-        set_scheduler(lp.pipe, case.protocol["scheduler"])
-    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, allow_partial)
+    determinism = apply_determinism(lp.device, tf32=case.base_model.tf32)
+    if case.protocol.scheduler:
+        set_scheduler(lp.pipe, case.protocol.scheduler)
+    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, options.allow_partial)
     if emb is None:
-        emb = load_embedder(case.embedder["model"], case.embedder.get("pretrained"), device=lp.device,
-                            preprocess=case.embedder.get("preprocess", "pil"), dtype=case.embedder.get("dtype", "float32"),
+        emb = load_embedder(case.embedder.model, case.embedder.pretrained, device=lp.device,
+                            preprocess=case.embedder.preprocess, dtype=case.embedder.dtype,
                             allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
         LOADED[key] = (lp, emb)
     from carlos_audit.run.cost import install_embedder_hooks, install_pipeline_hooks
 
     install_pipeline_hooks(lp.pipe)  # counting only (cost.py); idempotent on the cached pipeline
     install_embedder_hooks(emb)
-    want = case.embedder.get("sha256")
+    want = case.embedder.sha256
     if want and emb.sha256 != want.lower():
         raise AuditError(f"embedder {emb.identity}: hash {emb.sha256} does not match the expected {want.lower()}")
     return lp, emb, load_state, determinism
@@ -267,9 +270,9 @@ def base_model_record(case: Case, lp) -> dict:
     (``hashing``: how their hashes were obtained, models/filehash.py)."""
     from carlos_audit.models.filehash import policy
 
-    return {"hashing": policy(), "source": case.base_model["source"], "identity": lp.identity, "sha256": lp.sha256,
+    return {"hashing": policy(), "source": case.base_model.source, "identity": lp.identity, "sha256": lp.sha256,
             "architecture": lp.architecture, "path": lp.path, "dtype": lp.dtype, "device": lp.device,
-            "pipeline": type(lp.pipe).__name__, "variant": lp.variant, "config": case.base_model.get("config"),
+            "pipeline": type(lp.pipe).__name__, "variant": lp.variant, "config": case.base_model.config,
             "watermarker": lp.watermarker,
             "config_source": lp.config_source, "files": lp.files,
             # a FLUX.1 transformer file: its stored dtypes (float8 is upcast to ``dtype`` on loading)

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from carlos_audit.case.casefile import Case
+from carlos_audit.case.options import RunOptions
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs
 from carlos_audit.case.signature import case_signature, key_params, reproducibility_key
 from carlos_audit.errors import AuditError
@@ -115,8 +116,8 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     pc = case.protocol
     params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     env = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
-    session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora["trigger_words"]),
-                      BaseImageCache(carlos_home() / "base-cache"), env, pc["batch_size"])
+    session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora.trigger_words),
+                      BaseImageCache(carlos_home() / "base-cache"), env, pc.batch_size)
     return session, env
 
 
@@ -133,8 +134,7 @@ class PreparedRun:
     session: Session
     lora_load: dict
     signature: dict
-    allow_partial: bool = False
-    allow_unsafe_pickle: bool = False
+    options: RunOptions = RunOptions()
     plan: object = None  # the arm plan (run/arms.ArmPlan), built once by generate_units
     loras: dict | None = None  # each LoRA file as intake read it (lora.fileformat.LoraFile by role)
 
@@ -145,28 +145,26 @@ class PreparedRun:
     @property
     def pairs(self) -> list[Pair]:
         pc = self.case.protocol
-        return enumerate_pairs(self.prompts, pc["seeds"], pc["batch_size"])
+        return enumerate_pairs(self.prompts, pc.seeds, pc.batch_size)
 
 
-def prepare_run(case: Case, store: CaseStore, *, prepare_folder: bool = True, force: bool = False,
-                allow_partial: bool = False, allow_unsafe_pickle: bool = False,
-                allow_download: bool = False) -> PreparedRun:
+def prepare_run(case: Case, store: CaseStore, options: RunOptions | None = None, *,
+                prepare_folder: bool = True) -> PreparedRun:
     """intake (every input hashed or refused), the case folder prepared (``prepare_folder``; a
     build's worker writes into no folder), base pipeline + target LoRA + embedder loaded, and the
     signature of the profile this run will produce."""
-    got = read_inputs(case, allow_unsafe_pickle=allow_unsafe_pickle)
+    options = options or RunOptions()
+    got = read_inputs(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     paths, inputs, inspection = got.paths, got.inputs, got.inspection
     prompts, prompt_source = got.prompts, got.prompt_source
     if prepare_folder:
-        prepare_case_dir(store.root, case, force)
-    lp, emb, lora_load, determinism = load_models(case, paths, inspection, allow_partial=allow_partial,
-                                                  allow_download=allow_download,
-                                                  allow_unsafe_pickle=allow_unsafe_pickle)
+        prepare_case_dir(store.root, case, options.force)
+    lp, emb, lora_load, determinism = load_models(case, paths, inspection, options)
     session, _ = make_session(case, store, lp, emb, determinism)
     signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
                                embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=session.params.scheduler)
     return PreparedRun(case, paths, inputs, inspection, prompts, prompt_source, session, lora_load, signature,
-                       allow_partial, allow_unsafe_pickle, loras=got.loras)
+                       options, loras=got.loras)
 
 
 def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> RunRecord:
@@ -177,8 +175,7 @@ def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> R
     which pairs run (pipeline.py passes looks.run_protocol, which reads the stored features
     between looks); without it every arm runs over every pair."""
     s = prep.session
-    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle,
-                                   prep.loras)
+    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.options, prep.loras)
     plan = prep.plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
 
     def runner(arm, todo):
@@ -197,8 +194,8 @@ def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequenti
     """The run record of ``prep``: text features and label signatures stored through its store
     (a build's worker returns them to the driver), the models as loaded, the environment."""
     s, ind = prep.session, prep.case.indicators
-    text = store_text_features(s.store, s.embedder, prep.prompts) if ind["prompt_override"] else None
-    labels = store_label_signatures(s.store, s.embedder, list(ind["labels"])) if ind["effect_labels"] else None
+    text = store_text_features(s.store, s.embedder, prep.prompts) if ind.prompt_override else None
+    labels = store_label_signatures(s.store, s.embedder, list(ind.labels)) if ind.effect_labels else None
     emb, case = s.embedder, prep.case
     from carlos_audit.run.claimed import store_claimed_works
 
@@ -208,7 +205,7 @@ def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequenti
         prompt_source=prep.prompt_source, generation=s.params.as_dict(), stats=stats,
         comparison_loras=[{k: c[k] for k in ("adapter", "path", "sha256", "load")} for c in comparisons],
         base_model=base_model_record(case, s.base_info),
-        embedder={"model": case.embedder["model"], "pretrained": case.embedder.get("pretrained"),
+        embedder={"model": case.embedder.model, "pretrained": case.embedder.pretrained,
                   "identity": emb.identity, "sha256": emb.sha256, "feature_dim": emb.feature_dim,
                   "features": "raw image features (encode_image, normalize=False)",
                   "preprocess": emb.preprocess_description},
@@ -238,8 +235,7 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
         if now != then:
             raise AuditError(f"refusing to regenerate, nothing generated: the {what} here ({now[:16]}…) differs from the recorded one ({str(then)[:16]}…)")
     session = replace(prep.session, store=store, cache=NoBaseCache())
-    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.allow_partial, prep.allow_unsafe_pickle,
-                                   prep.loras)
+    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.options, prep.loras)
     plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
     recorded = manifest["protocol"]["arms"]
     for name, arm in plan.arms.items():
@@ -260,7 +256,7 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
     return plan
 
 
-def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool, allow_unsafe_pickle: bool,
+def load_comparisons(pipe, paths: dict, inputs: list[dict], options: RunOptions,
                      loras: dict | None = None) -> list[dict]:
     """Load each comparison LoRA as its own adapter (cmp1, cmp2, ...); one with the target's
     file hash needs no adapter (its arm is the target's arm). ``loras``: the files as intake read
@@ -274,7 +270,7 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], allow_partial: bool,
         p = paths[role]
         entry = {"adapter": adapter, "path": str(p), "sha256": sha[role], "load": None}
         if sha[role] != sha["lora"]:
-            inspection = inspect_lora((loras or {}).get(role) or p, allow_unsafe_pickle=allow_unsafe_pickle)
-            entry["load"] = load_lora(pipe, p, adapter, inspection, allow_partial)
+            inspection = inspect_lora((loras or {}).get(role) or p, allow_unsafe_pickle=options.allow_unsafe_pickle)
+            entry["load"] = load_lora(pipe, p, adapter, inspection, options.allow_partial)
         out.append(entry)
     return out
