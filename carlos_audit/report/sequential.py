@@ -35,7 +35,7 @@ def _band(entry: dict | None) -> str:
 
 
 def sequential_context(inp, copy: str) -> dict:
-    seq = inp.manifest.get("sequential")
+    seq = inp.manifest.sequential
     if not seq:
         return {"sequential": None}
     rule = seq["rule"]
@@ -55,8 +55,9 @@ def sequential_context(inp, copy: str) -> dict:
             "normal": "n/a" if not na else f"{'met' if na['met'] else 'not met'} (g1 {na['skewness']:.2f}, needs > {na['min_prompts']:.0f})",
             "met": ev["met"],
         })
-    stopped = (inp.metrics or {}).get("sequential") or {}
-    placed = ((inp.comparison or {}).get("target") or {}).get("sequential") or {}
+    stopped = inp.metrics.sequential or {}
+    target = inp.comparison.target if inp.comparison is not None else None
+    placed = (target.sequential if target is not None else None) or {}
     return {"sequential": {
         "rule": rule, "targets": targets, "construction": seq["construction"], "looks": looks,
         "planned": seq["planned_looks"], "stopped_at_look": seq["stopped_at_look"], "n_looks": seq["n_looks"],
