@@ -285,6 +285,16 @@ class LoraLoad(Section):
 
 
 @dataclass(frozen=True)
+class ValueSummary(Section):
+    """The ranks (or alphas) of a LoRA's low-rank modules: distinct values, counts, range; the key
+    ``absent`` (modules without one) is read as ``s["absent"]`` (the name is a section's own)."""
+    distinct: list | None = None
+    counts: dict | None = None
+    min: Any = None
+    max: Any = None
+
+
+@dataclass(frozen=True)
 class Inspection(Section):
     """The LoRA file's inspection (lora/intake.inspect_lora) with the claimed base-hash check.
     What the file says about itself stays as read: ``metadata`` (a dict of the file's own
@@ -301,8 +311,8 @@ class Inspection(Section):
     parameter_count: int | None = None
     payload_sha256: str | None = None
     autov2: str | None = None
-    rank_summary: dict | None = None
-    alpha_summary: dict | None = None
+    rank_summary: ValueSummary | None = part(ValueSummary)
+    alpha_summary: ValueSummary | None = part(ValueSummary)
     modules: list | None = None
     families: dict | None = None
     unrecognised_tensors: list | None = None
@@ -333,6 +343,25 @@ class ComparisonLora(Section):
     path: str | None = None
     sha256: str | None = None
     load: LoraLoad | None = part(LoraLoad)
+
+
+@dataclass(frozen=True)
+class Environment(Section):
+    """The software and hardware generated on (run/environment.py); on CUDA the device details
+    (run/devices.cuda_details: gpu_capability, driver, cudnn, ...) are kept as read."""
+    python: str | None = None
+    platform: str | None = None
+    machine: str | None = None
+    processor: str | None = None
+    packages: dict | None = None
+    device: str | None = None
+    dtype: str | None = None
+    torch_threads: int | None = None
+    omp_wait_policy: str | None = None
+    cuda: Any = None
+    gpu: Any = None
+    determinism: dict | None = None
+    fastpath: Any = None
 
 
 @dataclass(frozen=True)

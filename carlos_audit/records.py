@@ -34,6 +34,7 @@ from carlos_audit.record_sections import (
     ClaimedWorks,
     ComparisonLora,
     Embedder,
+    Environment,
     Input,
     Inspection,
     Interval,
@@ -53,11 +54,13 @@ from carlos_audit.result_sections import (
     CI,
     CategoryStats,
     ClaimedMeasures,
+    CorpusPoints,
     CorpusRef,
     HeadToHead,
     Indicators,
     PairNorm,
     PromptStats,
+    SequentialStop,
     Target,
 )
 
@@ -162,7 +165,7 @@ class Metrics(Record):
     per_prompt: dict[str, PromptStats] = part(PromptStats, "map", required=True)
     per_pair: list[PairNorm] = part(PairNorm, "list", required=True)
     indicators: Indicators = field(default_factory=Indicators, metadata={"section": Indicators, "shape": "one"})
-    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # analysis/sequential.py
+    sequential: SequentialStop | None = part(SequentialStop, optional=True)  # analysis/sequential.py
     claimed_works: ClaimedMeasures | None = part(ClaimedMeasures, optional=True)
     schema: str = METRICS_SCHEMA
 
@@ -178,7 +181,7 @@ class Comparison(Record):
     head_to_head: list[HeadToHead] | None = part(HeadToHead, "list", optional=True)
     corpus: CorpusRef | None = part(CorpusRef, optional=True)
     target: Target | None = part(Target, optional=True)
-    corpus_points: dict | None = field(default=None, metadata=OPTIONAL)
+    corpus_points: CorpusPoints | None = part(CorpusPoints, optional=True)
     replication: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = COMPARISON_SCHEMA
 
@@ -208,7 +211,7 @@ class Manifest(Record):
     prompts: list[Prompt] = part(Prompt, "list", required=True)
     pairs: list[Pair] = part(Pair, "list", required=True)
     results: dict
-    environment: dict
+    environment: Environment = part(Environment, required=True)
     label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential.py, looks.py
     claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)
@@ -242,7 +245,7 @@ class RunRecord(Record):
     comparison_loras: list[ComparisonLora] = part(ComparisonLora, "list", required=True)
     base_model: BaseModel = part(BaseModel, required=True)
     embedder: Embedder = part(Embedder, required=True)
-    environment: dict
+    environment: Environment = part(Environment, required=True)
     signature: dict
     text_features: dict | None
     label_signatures: dict | None

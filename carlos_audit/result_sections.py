@@ -145,12 +145,35 @@ class FalseMatch(FalseMatchEnd):
 
 
 @dataclass(frozen=True)
+class Recall(Section):
+    """Recall@k of a measure: the share of queries whose related row is among the k nearest."""
+    queries: int | None = None
+    k1: float | None = None
+    k5: float | None = None
+    k10: float | None = None
+
+
+@dataclass(frozen=True)
+class MeanSd(Section):
+    mean: float | None = None
+    sd: float | None = None
+
+
+@dataclass(frozen=True)
+class HeldOutRecall(Section):
+    """Recall@k on held-out splits: mean and sd over the splits."""
+    k1: MeanSd | None = part(MeanSd)
+    k5: MeanSd | None = part(MeanSd)
+    k10: MeanSd | None = part(MeanSd)
+
+
+@dataclass(frozen=True)
 class MeasureRates(Section):
     """One similarity measure's known error rates in a corpus: recall@k, the false-match table."""
     description: str | None = None
     unrelated_pairs: int | None = None
     related_pairs: int | None = None
-    recall: dict | None = None
+    recall: Recall | None = part(Recall)
     false_match_table: Any = None
     at_false_match_rate: Any = None
 
@@ -160,7 +183,7 @@ class SplitEvaluation(Section):
     n_splits: int | None = None
     seed: int | None = None
     protocol: str | None = None
-    measures: dict | None = None
+    measures: dict[str, HeldOutRecall] | None = part(HeldOutRecall, "map")
     whitened_minus_cosine: Any = None
 
 
@@ -184,6 +207,55 @@ class ErrorRates(Section):
 class Whitened(Section):
     similarity: float | None = None
     false_match: FalseMatchEnd | None = part(FalseMatchEnd)
+
+
+# ---- sequential cases: metrics.json ``sequential``, comparison.json ``target.sequential`` ----
+
+@dataclass(frozen=True)
+class Estimate(Section):
+    """A full-protocol estimate at a look with its interval."""
+    estimate: float | None = None
+    interval: Interval | None = interval()
+    half_width: float | None = None
+
+
+@dataclass(frozen=True)
+class SequentialStop(Section):
+    """metrics ``sequential``: the full-protocol estimates and intervals at the look a case stopped at."""
+    look: int | None = None
+    n_looks: int | None = None
+    n_prompts: int | None = None
+    n_protocol: int | None = None
+    alpha: float | None = None
+    spending: str | None = None
+    alpha_look: float | None = None
+    z: float | None = None
+    fpc: float | None = None
+    construction: str | None = None
+    strength: Estimate | None = part(Estimate)
+    consistency: Estimate | None = part(Estimate)
+    stopped_early: bool | None = None
+    full_protocol: bool | None = None
+    normal_approximation: dict | None = None
+    decision_reproduced: bool | None = None
+
+
+@dataclass(frozen=True)
+class Band(Section):
+    """The corpus percentiles of an interval's ends."""
+    band: Interval | None = interval()
+    half_width: float | None = None
+
+
+@dataclass(frozen=True)
+class SequentialPlacement(Section):
+    """comparison ``target.sequential``: percentile bands and neighbour stability at the stopping look."""
+    look: int | None = None
+    strength: Estimate | None = part(Estimate)
+    consistency: Estimate | None = part(Estimate)
+    strength_percentile: Band | None = part(Band)
+    consistency_percentile: Band | None = part(Band)
+    neighbours: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -219,7 +291,14 @@ class Target(Section):
     strength_percentile: float | None = None
     consistency_percentile: float | None = None
     neighbours: list[Neighbour] | None = part(Neighbour, "list")
-    sequential: dict | None = None
+    sequential: SequentialPlacement | None = part(SequentialPlacement)
+
+
+@dataclass(frozen=True)
+class CorpusPoints(Section):
+    """Strength and consistency of every corpus row (the excluded row left out), for the figures."""
+    strength: list | None = None
+    consistency: list | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +339,16 @@ class Behaviour(Section):
 
 
 @dataclass(frozen=True)
+class ClassErrorRates(Section):
+    """How often generated LoRA pairs of each family get the weights reading's class (lora/families.py);
+    the key ``class`` (a Python keyword) is read as ``r["class"]``."""
+    reps: int | None = None
+    thresholds: Any = None
+    families: list | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True)
 class Weights(Section):
     """Weight-space comparison of two LoRA files (lora/weights.py); the key ``class`` (a Python
     keyword) is read as ``w["class"]``."""
@@ -272,8 +361,13 @@ class Weights(Section):
     format_a: str | None = None
     format_b: str | None = None
     reading: str | None = None
-    class_error_rates: dict | None = None
+    class_error_rates: ClassErrorRates | None = part(ClassErrorRates)
     per_module: list | None = None
+
+    @property
+    def reading_class(self) -> str | None:
+        """The reading's class (the file's key ``class``)."""
+        return self.extra.get("class")
 
 
 @dataclass(frozen=True)
@@ -330,9 +424,37 @@ class NearestWork(Section):
 
 
 @dataclass(frozen=True)
+class Calibration(Section):
+    """The false-alignment rate against the reference corpus (analysis/claimed_calibration.py), or
+    why it was refused. ``excluded`` and ``most_aligned`` are corpus rows (their text as the corpus
+    has it): lists of dicts."""
+    available: bool | None = None
+    refused: str | None = None
+    corpus: dict | None = None
+    alignment: float | None = None
+    rate: float | None = None
+    n_at_least: int | None = None
+    n_compared: int | None = None
+    rate_over_alignment_ci: Interval | None = interval()
+    corpus_alignment: dict | None = None
+    excluded: list | None = None
+    most_aligned: list | None = None
+    definition: str | None = None
+
+
+@dataclass(frozen=True)
+class Sensitivity(Section):
+    """The alignment's dependence on the supplier's choice of works: leave one out, works resampled."""
+    n_resamples: int | None = None
+    seed: int | None = None
+    note: str | None = None
+    resampled: dict | None = None
+    leave_one_out: list | None = None
+
+
+@dataclass(frozen=True)
 class ClaimedMeasures(Section):
-    """metrics ``claimed_works``: the LoRA's effect against the claimed works; ``calibration``
-    (analysis/claimed_calibration.py) and ``sensitivity`` stay dicts."""
+    """metrics ``claimed_works``: the LoRA's effect against the claimed works."""
     definition: dict | None = None
     label: str | None = None
     supplier: str | None = None
@@ -346,5 +468,6 @@ class ClaimedMeasures(Section):
     approach: Approaches | None = part(Approaches)
     per_pair: list | None = None
     nearest: list[NearestWork] | None = part(NearestWork, "list")
-    calibration: dict | None = None
-    sensitivity: dict | None = None
+    calibration: Calibration | None = part(Calibration)
+    sensitivity: Sensitivity | None = part(Sensitivity)
+

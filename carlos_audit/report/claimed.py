@@ -13,7 +13,7 @@ from __future__ import annotations
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.records import Manifest
 from carlos_audit.record_sections import ClaimedWorks
-from carlos_audit.result_sections import Approaches, ClaimedMeasures
+from carlos_audit.result_sections import Approaches, Calibration, ClaimedMeasures, Sensitivity
 from carlos_audit.report.evidence import case_file, display_src
 from carlos_audit.report.figures import DISPLAY_MAX_PX
 from carlos_audit.report.text import ellipsis, short
@@ -94,8 +94,8 @@ def claimed_works_context(inp, copy: str) -> dict:
         "per_category": [{"name": ellipsis(c, 60), "centroid": approach.centroid.per_category[c],
                           "nearest": approach.nearest.per_category[c]} for c in categories],
         "single_prompt_categories": any(approach.centroid.per_category[c]["n_prompts"] == 1 for c in categories),
-        "calibration": calibration(cw.calibration or {}),
-        "sensitivity": sensitivity(cw.sensitivity or {}, rec),
+        "calibration": calibration(cw.calibration or Calibration.from_json({})),
+        "sensitivity": sensitivity(cw.sensitivity or Sensitivity.from_json({}), rec),
         "works": [{"id": w.id, "file_name": ellipsis(w.file_name or "", 60), "sha256": w.sha256,
                    "format": w.format, "mode": w.mode, "size_px": f"{w.width} x {w.height}",
                    "notes": [ellipsis(n, 120) for n in w.notes or []]} for w in rec.works or []],
@@ -104,17 +104,18 @@ def claimed_works_context(inp, copy: str) -> dict:
     }}
 
 
-def calibration(cal: dict) -> dict:
-    """The false-alignment rate against the corpus (analysis/claimed_calibration.py), names clipped."""
-    corpus = cal.get("corpus") or {}
+def calibration(cal: Calibration) -> dict:
+    """The false-alignment rate against the corpus (analysis/claimed_calibration.py), the corpus
+    rows' names (the corpus's text, read defensively) clipped."""
+    corpus = cal.corpus or {}
     return {**cal, "corpus_name": ellipsis(corpus.get("name") or "(unnamed)", 120),
             "excluded": [{**e, "name": ellipsis(e.get("name") or "", 80), "id": ellipsis(str(e.get("id")), 60)}
-                         for e in cal.get("excluded") or []],
-            "most_aligned": [{**e, "name": ellipsis(e.get("name") or "", 80)} for e in cal.get("most_aligned") or []]}
+                         for e in cal.excluded or []],
+            "most_aligned": [{**e, "name": ellipsis(e.get("name") or "", 80)} for e in cal.most_aligned or []]}
 
 
-def sensitivity(sens: dict, rec: ClaimedWorks) -> dict:
+def sensitivity(sens: Sensitivity, rec: ClaimedWorks) -> dict:
     """Leave one work out, works resampled: the most influential works named."""
     names = {w.id: w.file_name for w in rec.works or []}
-    loo = [{**r, "file_name": ellipsis(names.get(r["work"]) or "", 60)} for r in (sens.get("leave_one_out") or [])[:N_INFLUENTIAL]]
+    loo = [{**r, "file_name": ellipsis(names.get(r["work"]) or "", 60)} for r in (sens.leave_one_out or [])[:N_INFLUENTIAL]]
     return {**sens, "influential": loo}

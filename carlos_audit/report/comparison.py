@@ -52,7 +52,7 @@ def corpus_placement(comparison: Comparison | None) -> dict:
         "strength_percentile": target.strength_percentile,
         "consistency_percentile": target.consistency_percentile,
         "neighbours": neighbours,
-        "has_points": bool((comparison.corpus_points or {}).get("strength")),
+        "has_points": bool(comparison.corpus_points is not None and comparison.corpus_points.strength),
     }
 
 
@@ -125,7 +125,7 @@ def head_to_head(case_dir: Path, manifest: Manifest, comparison: Comparison | No
             "index": i, "arm": arm, "file_name": name + ("…" if cut else ""), "sha256": str(lora.sha256 or ""),
             "direction_cosine": num_or_none(b.direction_cosine), "direction_cosine_ci": pair_ci(b.direction_cosine_ci),
             "per_pair_mean": num_or_none(ppc.mean),
-            "quantiles": [(k, num_or_none(q.get(k))) for k in ("p05", "p25", "p50", "p75", "p95") if k in q],
+            "quantiles": [(k, num_or_none(q[k])) for k in ("p05", "p25", "p50", "p75", "p95") if k in q],
             "n_pairs": len(values),
             "per_category": [{"name": clip(c, 60)[0], "cosine": num_or_none(v)}
                              for c, v in sorted((b.per_category_cosine or {}).items(), key=lambda kv: str(kv[0]))],

@@ -8,7 +8,17 @@ neighbour's ``false_match``, each head-to-head ``direction_cosine_false_match`` 
 from __future__ import annotations
 
 from carlos_audit.records import Comparison, Metrics
-from carlos_audit.result_sections import CorpusRef, ErrorRates, FalseMatchEnd, HeadToHead, Target, Weights
+from carlos_audit.result_sections import (
+    ClassErrorRates,
+    CorpusRef,
+    ErrorRates,
+    FalseMatchEnd,
+    HeadToHead,
+    HeldOutRecall,
+    MeanSd,
+    Target,
+    Weights,
+)
 
 
 def _share(x) -> str:
@@ -48,10 +58,11 @@ def _recall_rows(er: ErrorRates) -> list[dict]:
     for m, r in (er.measures or {}).items():
         if not r:
             continue
-        held = split.get(m) or {}
-        rows.append({"measure": m, "description": r.description if "description" in r else m, "queries": r.recall.get("queries"),
-                     "k": [(k, r["recall"].get(f"k{k}")) for k in (1, 5, 10)],
-                     "held": [(k, (held.get(f"k{k}") or {}).get("mean"), (held.get(f"k{k}") or {}).get("sd")) for k in (1, 5, 10)]})
+        held = (split[m] if m in split else None) or HeldOutRecall.from_json({})
+        ends = [getattr(held, f"k{k}") or MeanSd.from_json({}) for k in (1, 5, 10)]
+        rows.append({"measure": m, "description": r.description if "description" in r else m, "queries": r.recall.queries,
+                     "k": [(k, getattr(r.recall, f"k{k}")) for k in (1, 5, 10)],
+                     "held": [(k, e.mean, e.sd) for k, e in zip((1, 5, 10), ends)]})
     return rows
 
 
@@ -90,12 +101,12 @@ def head_to_head_rates(i: int, h: HeadToHead, name: str) -> dict:
     """The known error rates of one head-to-head comparison's readings."""
     fm = h.behaviour.direction_cosine_false_match if h.behaviour is not None else None
     w = h.weights or Weights()
-    rates = w.class_error_rates or {}
+    rates = w.class_error_rates or ClassErrorRates.from_json({})
     return {"index": i, "file_name": str((h.lora.file_name if h.lora is not None else None) or f"comparison LoRA {i}")[:120],
             "cosine": sentence(fm, name, "direction cosine"),
             "comparable": bool(fm.comparable if fm is not None and "comparable" in fm else True),
             "ci": [sentence(fm.ci_low if fm is not None else None, name, "direction cosine"),
                    sentence(fm.ci_high if fm is not None else None, name, "direction cosine")],
-            "weights_class": w.get("class"), "weights_reading": str(w.reading or "")[:200],
-            "weights_rates": [f"{f['family']}: {f['given']} of {f['n']}" for f in rates.get("families", [])],
-            "weights_reps": rates.get("reps")}
+            "weights_class": w.reading_class, "weights_reading": str(w.reading or "")[:200],
+            "weights_rates": [f"{f['family']}: {f['given']} of {f['n']}" for f in rates.families or []],
+            "weights_reps": rates.reps}

@@ -19,6 +19,7 @@ Without ``[expert]`` none of this appears and the report is as before.
 
 from __future__ import annotations
 
+from carlos_audit.record_sections import Environment
 from carlos_audit.records import CaseInfo, Comparison, Manifest
 from carlos_audit.report.claimed import claimed_materials
 from carlos_audit.report import rules
@@ -80,9 +81,9 @@ LAYOUTS = {
 def hints(expert: dict, manifest: Manifest) -> dict:
     """What this report provides towards an item, in words that claim no more than it does:
     {key: (text, id of the heading it points to or None)}."""
-    env = manifest.environment or {}
+    env = manifest.environment or Environment.from_json({})
     who = manifest.case.examiner if "examiner" in manifest.case else "?"
-    machine = env.get("machine") or env.get("platform") or "the machine in the environment appendix"
+    machine = env.machine or env.platform or "the machine in the environment appendix"
     instructions = expert.get("instructions")
     stated = (f"The case file states these instructions: “{ellipsis(instructions, 1500)}”. " if instructions
               else "The case file states no instructions. ")
@@ -94,7 +95,7 @@ def hints(expert: dict, manifest: Manifest) -> dict:
         "instructions": (stated + "The expert states the substance of all material instructions, whether written or oral "
                          "(instructions given orally included); the case file's text is not a complete record of them.", None),
         "operator": (f"The measurement was run with carlos-audit by {who} (the case file's examiner) on {machine}, device "
-                     f"{env.get('device', '?')}. This report does not record that person's qualifications, nor whether the "
+                     f"{env.device if 'device' in env else '?'}. This report does not record that person's qualifications, nor whether the "
                      "measurement was carried out under the expert's supervision: the expert states both.", None),
         "exhibits": ("The exhibits are listed in", "exhibit-index"),
         "addressee": ("This measurement report is addressed to no one; the expert addresses the report to the court.", None),

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from carlos_audit.fileio import write_bytes_atomic  # noqa: E402
 from carlos_audit.records import Comparison, Metrics  # noqa: E402
-from carlos_audit.result_sections import CategoryStats, DoseResponse  # noqa: E402
+from carlos_audit.result_sections import CategoryStats, CorpusPoints, DoseResponse  # noqa: E402
 
 RC = {
     "svg.hashsalt": "carlos-audit",
@@ -104,10 +104,10 @@ def diff_norm_figure(diff_norms: list[float], strength: float) -> Figure:
     return fig
 
 
-def corpus_scatter_figure(points: dict, target_strength: float, target_consistency: float | None) -> Figure:
+def corpus_scatter_figure(points: CorpusPoints, target_strength: float, target_consistency: float | None) -> Figure:
     """Strength vs consistency of every reference-corpus LoRA, the examined LoRA highlighted."""
     xs, ys = [], []
-    for s, c in zip(points.get("strength", []), points.get("consistency", [])):
+    for s, c in zip(points.strength or [], points.consistency or []):
         if s is not None and c is not None:
             xs.append(float(s))
             ys.append(float(c))
@@ -244,7 +244,7 @@ def write_result_figures(case_dir: Path, metrics: Metrics, comparison: Compariso
         "diff_norms": diff_norm_figure([p.diff_norm for p in metrics.per_pair], metrics.strength),
     }
     points = comparison.corpus_points if comparison is not None else None
-    if points and points.get("strength"):
+    if points and points.strength:
         figs["corpus_scatter"] = corpus_scatter_figure(points, metrics.strength, metrics.consistency)
     figs.update(_indicator_figures(metrics, comparison))
     for name, fig in figs.items():

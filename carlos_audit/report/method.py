@@ -32,7 +32,7 @@ def self_reported(lora: Lora) -> dict:
         ("parameters", "parameter_count"), ("payload sha256 (tensors only)", "payload_sha256"),
         ("AutoV2 short hash", "autov2")) if getattr(inspection, key) is not None]
     facts += base_hash_facts(inspection)
-    ranks = (inspection.rank_summary or {}).get("distinct")
+    ranks = inspection.rank_summary.distinct if inspection.rank_summary is not None else None
     if ranks:
         facts.append(("ranks", ", ".join(str(r) for r in ranks)))
     if inspection.trigger_word_hints:
