@@ -46,6 +46,7 @@ from carlos_audit.record_sections import (
     Protocol,
     Section,
     Tool,
+    NESTED,
     coerce,
     part,
     plain,
@@ -64,9 +65,12 @@ from carlos_audit.result_sections import (
     Target,
 )
 
-__all__ = ["Record", "Manifest", "Metrics", "Comparison", "RunRecord", "Section", "Interval", "Input", "Pair",
-           "PairArm", "Prompt", "Arm", "Protocol", "BaseModel", "Embedder", "LoraLoad", "Lora", "ComparisonLora",
-           "CaseInfo", "Tool", "CI", "CategoryStats", "PromptStats", "PairNorm"]
+#: the sections re-exported here: a reader of records imports them from records.py
+__all__ = ["Record", "Manifest", "Metrics", "Comparison", "RunRecord", "Section", "Interval", "Arm", "BaseModel",
+           "CaseInfo", "ClaimedWorks", "ComparisonLora", "Embedder", "Environment", "Input", "Inspection", "Lora",
+           "LoraLoad", "Pair", "PairArm", "Prompt", "Protocol", "Tool", "CI", "CategoryStats", "ClaimedMeasures",
+           "CorpusPoints", "CorpusRef", "HeadToHead", "Indicators", "PairNorm", "PromptStats", "SequentialStop",
+           "Target"]
 
 MANIFEST_SCHEMA = "carlos-audit/manifest/1"
 METRICS_SCHEMA = "carlos-audit/metrics/1"
@@ -93,7 +97,7 @@ class Record:
         is assigned (the analysis step fills a Comparison part by part, changing dicts in place);
         ``to_json`` writes either the same way."""
         for f in fields(self):
-            if f.metadata.get("section") is not None:
+            if f.metadata.get(NESTED) is not None:
                 object.__setattr__(self, f.name, coerce(f, getattr(self, f.name), self.FILE))
 
     def to_json(self) -> dict:
@@ -164,7 +168,7 @@ class Metrics(Record):
     per_category: dict[str, CategoryStats] = part(CategoryStats, "map", required=True)
     per_prompt: dict[str, PromptStats] = part(PromptStats, "map", required=True)
     per_pair: list[PairNorm] = part(PairNorm, "list", required=True)
-    indicators: Indicators = field(default_factory=Indicators, metadata={"section": Indicators, "shape": "one"})
+    indicators: Indicators = field(default_factory=Indicators, metadata={NESTED: Indicators, "shape": "one"})
     sequential: SequentialStop | None = part(SequentialStop, optional=True)  # analysis/sequential.py
     claimed_works: ClaimedMeasures | None = part(ClaimedMeasures, optional=True)
     schema: str = METRICS_SCHEMA
