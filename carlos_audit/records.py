@@ -8,8 +8,14 @@
 A record's fields are its file's top-level keys; docs/SCHEMAS.md documents them and
 tests/test_records.py checks the docs against these classes. Adding a field is one line here
 (give it a default, so that files written before it still read), its value where the record is
-built, and its line in docs/SCHEMAS.md. Sub-objects stay plain JSON values (dicts, lists). Files
-are written with fileio.json_dumps (sorted keys), so the order of the fields never changes bytes.
+built, and its line in docs/SCHEMAS.md. Files are written with fileio.json_dumps (sorted keys),
+so the order of the fields never changes bytes.
+
+The sections of our own schema (inputs, pairs and their arms, protocol, models, LoRA load
+accounting, intervals, ...) are frozen ``Section`` dataclasses (record_sections.py); a record
+coerces plain dicts given for them when it is built (``__post_init__``), so code that builds records
+from dicts keeps working, and ``to_json`` gives back exactly the JSON read (the same keys present
+or absent). Untrusted data from files (a LoRA's self-reported metadata, corpus rows) stays a dict.
 """
 
 from __future__ import annotations
@@ -21,6 +27,50 @@ from typing import ClassVar
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_file
+from carlos_audit.record_sections import (
+    Arm,
+    BaseModel,
+    CaseInfo,
+    ClaimedWorks,
+    ComparisonLora,
+    Embedder,
+    Environment,
+    Input,
+    Inspection,
+    Interval,
+    Lora,
+    LoraLoad,
+    Pair,
+    PairArm,
+    Prompt,
+    Protocol,
+    Section,
+    Tool,
+    NESTED,
+    coerce,
+    part,
+    plain,
+)
+from carlos_audit.result_sections import (
+    CI,
+    CategoryStats,
+    ClaimedMeasures,
+    CorpusPoints,
+    CorpusRef,
+    HeadToHead,
+    Indicators,
+    PairNorm,
+    PromptStats,
+    SequentialStop,
+    Target,
+)
+
+#: the sections re-exported here: a reader of records imports them from records.py
+__all__ = ["Record", "Manifest", "Metrics", "Comparison", "RunRecord", "Section", "Interval", "Arm", "BaseModel",
+           "CaseInfo", "ClaimedWorks", "ComparisonLora", "Embedder", "Environment", "Input", "Inspection", "Lora",
+           "LoraLoad", "Pair", "PairArm", "Prompt", "Protocol", "Tool", "CI", "CategoryStats", "ClaimedMeasures",
+           "CorpusPoints", "CorpusRef", "HeadToHead", "Indicators", "PairNorm", "PromptStats", "SequentialStop",
+           "Target"]
 
 MANIFEST_SCHEMA = "carlos-audit/manifest/1"
 METRICS_SCHEMA = "carlos-audit/metrics/1"
@@ -42,14 +92,22 @@ class Record:
     FILE: ClassVar[str]
     SCHEMA: ClassVar[str]
 
+    def __post_init__(self):
+        """Plain dicts given for typed sections become sections. Assigning a field later keeps what
+        is assigned (the analysis step fills a Comparison part by part, changing dicts in place);
+        ``to_json`` writes either the same way."""
+        for f in fields(self):
+            if f.metadata.get(NESTED) is not None:
+                object.__setattr__(self, f.name, coerce(f, getattr(self, f.name), self.FILE))
+
     def to_json(self) -> dict:
-        """The file's JSON object (values are not copied)."""
+        """The file's JSON object: sections as plain dicts (plain values are copied)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None and f.metadata.get("optional"):
                 continue
-            out[f.name] = value
+            out[f.name] = plain(value)
         return out
 
     @classmethod
@@ -106,13 +164,13 @@ class Metrics(Record):
     strength: float
     consistency: float | None
     consistency_note: str | None
-    ci: dict
-    per_category: dict
-    per_prompt: dict
-    per_pair: list
-    indicators: dict = field(default_factory=dict)
-    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # analysis/sequential.py
-    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)
+    ci: CI = part(CI, required=True)
+    per_category: dict[str, CategoryStats] = part(CategoryStats, "map", required=True)
+    per_prompt: dict[str, PromptStats] = part(PromptStats, "map", required=True)
+    per_pair: list[PairNorm] = part(PairNorm, "list", required=True)
+    indicators: Indicators = field(default_factory=Indicators, metadata={NESTED: Indicators, "shape": "one"})
+    sequential: SequentialStop | None = part(SequentialStop, optional=True)  # analysis/sequential.py
+    claimed_works: ClaimedMeasures | None = part(ClaimedMeasures, optional=True)
     schema: str = METRICS_SCHEMA
 
 
@@ -124,10 +182,10 @@ class Comparison(Record):
     FILE: ClassVar[str] = "comparison.json"
     SCHEMA: ClassVar[str] = COMPARISON_SCHEMA
 
-    head_to_head: list | None = field(default=None, metadata=OPTIONAL)
-    corpus: dict | None = field(default=None, metadata=OPTIONAL)
-    target: dict | None = field(default=None, metadata=OPTIONAL)
-    corpus_points: dict | None = field(default=None, metadata=OPTIONAL)
+    head_to_head: list[HeadToHead] | None = part(HeadToHead, "list", optional=True)
+    corpus: CorpusRef | None = part(CorpusRef, optional=True)
+    target: Target | None = part(Target, optional=True)
+    corpus_points: CorpusPoints | None = part(CorpusPoints, optional=True)
     replication: dict | None = field(default=None, metadata=OPTIONAL)
     schema: str = COMPARISON_SCHEMA
 
@@ -141,26 +199,26 @@ class Manifest(Record):
     FILE: ClassVar[str] = "manifest.json"
     SCHEMA: ClassVar[str] = MANIFEST_SCHEMA
 
-    case: dict
-    tool: dict
-    run: dict
-    inputs: list
+    case: CaseInfo = part(CaseInfo, required=True)
+    tool: Tool = part(Tool, required=True)
+    run: dict  # mutated while the run finishes (finished_utc)
+    inputs: list[Input] = part(Input, "list", required=True)
     custody_ok: bool
-    base_model: dict
-    embedder: dict
-    lora: dict
-    protocol: dict
-    comparison_loras: list
+    base_model: BaseModel = part(BaseModel, required=True)
+    embedder: Embedder = part(Embedder, required=True)
+    lora: Lora = part(Lora, required=True)
+    protocol: Protocol = part(Protocol, required=True)
+    comparison_loras: list[ComparisonLora] = part(ComparisonLora, "list", required=True)
     text_features: dict | None
     cost: dict
     signature: dict
-    prompts: list
-    pairs: list
+    prompts: list[Prompt] = part(Prompt, "list", required=True)
+    pairs: list[Pair] = part(Pair, "list", required=True)
     results: dict
-    environment: dict
+    environment: Environment = part(Environment, required=True)
     label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential.py, looks.py
-    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)
+    claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)
     schema: str = MANIFEST_SCHEMA
 
     def write(self, case_dir: str | Path) -> Path:
@@ -181,20 +239,20 @@ class RunRecord(Record):
     FILE: ClassVar[str] = "units/generation.json"
     SCHEMA: ClassVar[str] = RUN_RECORD_SCHEMA
 
-    inputs: list
-    inspection: dict
+    inputs: list[Input] = part(Input, "list", required=True)
+    inspection: Inspection = part(Inspection, required=True)
     lora_path: str
-    lora_load: dict
+    lora_load: LoraLoad = part(LoraLoad, required=True)
     prompt_source: dict
     generation: dict
     stats: dict
-    comparison_loras: list
-    base_model: dict
-    embedder: dict
-    environment: dict
+    comparison_loras: list[ComparisonLora] = part(ComparisonLora, "list", required=True)
+    base_model: BaseModel = part(BaseModel, required=True)
+    embedder: Embedder = part(Embedder, required=True)
+    environment: Environment = part(Environment, required=True)
     signature: dict
     text_features: dict | None
     label_signatures: dict | None
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # the looks run (looks.py)
-    claimed_works: dict | None = field(default=None, metadata=OPTIONAL)  # the claimed works embedded (run/claimed.py)
+    claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)  # the claimed works embedded (run/claimed.py)
     schema: str = RUN_RECORD_SCHEMA

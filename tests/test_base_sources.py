@@ -113,6 +113,7 @@ def test_claimed_base_hash_is_checked_when_comparable():
 
 def test_report_prints_the_claim_as_text_and_hints_without_count():
     """Defect 7: the claim showed as a Python dict; hints without a count showed "?x"."""
+    from carlos_audit.records import Lora
     from carlos_audit.report.method import self_reported
 
     inspection = {"metadata": {"ss_new_sd_model_hash": "ab" * 32},
@@ -120,7 +121,7 @@ def test_report_prints_the_claim_as_text_and_hints_without_count():
                   "base_model_hash_check": "mismatch", "base_model_hash_check_detail": "the claimed ... differs",
                   "trigger_word_hints": [{"text": "sks dog", "source": "ss_tag_frequency dataset folder"},
                                          {"text": "dog", "source": "ss_tag_frequency", "count": 3}]}
-    facts = dict(self_reported({"inspection": inspection})["facts"])
+    facts = dict(self_reported(Lora.from_json({"inspection": inspection}))["facts"])  # report/ takes records
     claim = facts["claimed base model hash (SELF-REPORTED)"]
     assert claim.startswith("abab") and "{" not in claim and "ss_new_sd_model_hash" in claim
     assert facts["base model hash check"].startswith("differs")

@@ -150,10 +150,11 @@ def test_report_section_states_what_it_is_and_respects_the_filing_size(claimed_c
 
 
 def test_materials_considered_give_role_and_source_as_stated(claimed_case):
+    from carlos_audit.records import Manifest
     from carlos_audit.report.expert import materials_considered
 
     m = json.loads((claimed_case / "manifest.json").read_text())
-    rows = {r["role"]: r for r in materials_considered(m, None, [])}
+    rows = {r["role"]: r for r in materials_considered(Manifest.from_json(m), None, [])}  # report/ takes records
     w1 = next(r for role, r in rows.items() if role.startswith("claimed work w0001"))
     assert "Portfolio of the (fictional) artist" in w1["role"] and w1["sha256"] == m["claimed_works"]["works"][0]["sha256"]
     assert "supplied by the claimant (demo)" in w1["source"] and w1["source"].endswith("(as stated)")

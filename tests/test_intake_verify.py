@@ -227,11 +227,13 @@ def test_verify_detects_metrics_that_do_not_follow_from_the_embeddings(case_copy
     from carlos_audit.records import Manifest
 
     m = Manifest.read(case_copy)
-    e = m.pairs[0]["arms"]["lora"]
-    p = case_copy / e["embedding"]
+    row = m.pairs[0]
+    e = row.arms["lora"]
+    p = case_copy / e.embedding
     v = np.load(p)
     np.save(p, v * 2.0)
-    e["embedding_sha256"] = sha256_file(p)
+    # sections are frozen: the pair row is replaced by one with the new hash
+    m.pairs[0] = type(row).from_json({**row, "arms": {**row.arms, "lora": {**e, "embedding_sha256": sha256_file(p)}}})
     m.write(case_copy)
     result = verify_case(case_copy, sample=0)
     bad = [c["check"] for c in result["checks"] if not c["ok"]]

@@ -16,6 +16,7 @@ from carlos_audit import __version__
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
 from carlos_audit.portable import portable_command
+from carlos_audit.records import Comparison, LoraLoad, Manifest, Metrics
 from carlos_audit.report import evidence as ev
 from carlos_audit.report.claimed import claimed_works_context
 from carlos_audit.report.comparison import corpus_placement
@@ -34,9 +35,9 @@ COPIES = ("archive", "filing")
 class ReportInputs:
     """What the renderer read and prepared from a case folder (shared by both copies)."""
     case_dir: Path
-    manifest: dict
-    metrics: dict
-    comparison: dict | None
+    manifest: Manifest
+    metrics: Metrics
+    comparison: Comparison | None
     report: dict                 # [report] of the case folder's case.toml
     expert: dict                 # [expert] of it
     casefile_edited: bool        # case.toml differs from the case file as run
@@ -47,15 +48,15 @@ class ReportInputs:
     body: dict = field(default_factory=dict)   # copy -> (sample, largest, smallest) pair ids
 
 
-def prompt_tables(manifest: dict, metrics: dict) -> tuple[list[dict], list[dict]]:
+def prompt_tables(manifest: Manifest, metrics: Metrics) -> tuple[list[dict], list[dict]]:
     """The prompts with the largest and the smallest strength."""
-    prompt_meta = {p["id"]: p for p in manifest.get("prompts", [])}
-    ranked = sorted((metrics.get("per_prompt") or {}).items(), key=lambda kv: (-kv[1]["strength"], kv[0]))
+    prompt_meta = {p.id: p for p in manifest.prompts}
+    ranked = sorted(metrics.per_prompt.items(), key=lambda kv: (-kv[1].strength, kv[0]))
 
     def rows(items):
-        return [{"id": pid, "category": prompt_meta.get(pid, {}).get("category", ""),
-                 "text": ellipsis(prompt_meta.get(pid, {}).get("text", ""), 140),
-                 "strength": v["strength"], "consistency": v.get("consistency")} for pid, v in items]
+        return [{"id": pid, "category": prompt_meta[pid].category if pid in prompt_meta else "",
+                 "text": ellipsis(prompt_meta[pid].text if pid in prompt_meta else "", 140),
+                 "strength": v.strength, "consistency": v.consistency} for pid, v in items]
 
     k = min(N_TOP_PROMPTS, len(ranked) // 2) if len(ranked) > 1 else len(ranked)
     return rows(ranked[:k]), (rows(list(reversed(ranked[len(ranked) - k:]))) if len(ranked) > 1 else [])
@@ -64,16 +65,16 @@ def prompt_tables(manifest: dict, metrics: dict) -> tuple[list[dict], list[dict]
 def custody(inp: ReportInputs, copy: str) -> dict:
     """Inputs, their hashes at start and end, and every warning the cover repeats."""
     manifest, case_dir = inp.manifest, inp.case_dir
-    inputs = [{"role": i.get("role", "?"), "kind": i.get("kind", "file"), "path": i.get("path", ""), "size": i.get("size"),
-               "sha256": i.get("sha256"), "sha256_end": i.get("sha256_end"), "unchanged": bool(i.get("unchanged"))}
-              for i in manifest.get("inputs", [])]
-    custody_ok = bool(manifest.get("custody_ok")) and all(i.get("unchanged") for i in inputs)
-    metrics_recorded = (manifest.get("results") or {}).get("metrics.json")
-    metrics_actual = sha256_file(case_dir / "metrics.json")
-    load = (manifest.get("lora") or {}).get("load") or {}
+    inputs = [{"role": i.role if "role" in i else "?", "kind": i.kind if "kind" in i else "file",
+               "path": i.path if "path" in i else "", "size": i.size, "sha256": i.sha256, "sha256_end": i.sha256_end,
+               "unchanged": bool(i.unchanged)} for i in manifest.inputs]
+    custody_ok = bool(manifest.custody_ok) and all(i["unchanged"] for i in inputs)
+    metrics_recorded = (manifest.results or {}).get(Metrics.FILE)
+    metrics_actual = sha256_file(case_dir / Metrics.FILE)
+    load = manifest.lora.load or LoraLoad()
     warnings = []
     if not custody_ok:
-        changed = [f"{i.get('role')} ({Path(str(i.get('path', ''))).name})" for i in inputs if not i.get("unchanged")]
+        changed = [f"{i['role']} ({Path(str(i['path'])).name})" for i in inputs if not i["unchanged"]]
         warnings.append("CHAIN OF CUSTODY FAILED: input file(s) changed while the run was in progress: "
                         + (", ".join(changed) or "see the chain of custody appendix")
                         + ". The run is marked invalid; its results must not be relied on.")
@@ -82,9 +83,9 @@ def custody(inp: ReportInputs, copy: str) -> dict:
                         "in the manifest (listed in the chain of custody appendix). The images shown may not be the images that were measured.")
     if metrics_recorded and metrics_recorded != metrics_actual:
         warnings.append("metrics.json in the case folder does not match the sha256 recorded in the manifest at the end of the run.")
-    if load.get("partial"):
-        warnings.append(f"{len(load.get('skipped') or load.get('unapplied') or [])} of {load.get('in_file')} modules in the LoRA file "
-                        f"were not applied to the base model ({load.get('applied')} applied; run with --allow-partial; reasons in "
+    if load.partial:
+        warnings.append(f"{len(load.skipped or load.unapplied or [])} of {load.in_file} modules in the LoRA file "
+                        f"were not applied to the base model ({load.applied} applied; run with --allow-partial; reasons in "
                         "the method chapter). The profile describes the applied part only.")
     if inp.casefile_edited:
         warnings.append("case.toml in the case folder differs from the case file as run (its sha256 is recorded in the manifest): "
@@ -96,34 +97,35 @@ def custody(inp: ReportInputs, copy: str) -> dict:
 def core(inp: ReportInputs, copy: str) -> dict:
     """Cover, summary, method and results: the case, the run, the protocol, the metrics."""
     manifest, metrics = inp.manifest, inp.metrics
-    run, proto, lora = manifest.get("run", {}), manifest.get("protocol", {}), manifest.get("lora", {})
+    run, proto, lora = manifest.run, manifest.protocol, manifest.lora
     top, bottom = prompt_tables(manifest, metrics)
+    environment = manifest.environment or {}
     return {
         "version": __version__,
-        "case": manifest.get("case", {}),
-        "tool": manifest.get("tool", {}),
+        "case": manifest.case,
+        "tool": manifest.tool,
         "run": run,
         "document_date": iso(run["source_date_epoch"]),
-        "command": shlex.join(portable_command(run.get("command", []))),
+        "command": shlex.join(portable_command(run["command"] if "command" in run else [])),
         "lora": lora,
-        "lora_size": next((i.get("size") for i in manifest.get("inputs", []) if i.get("role") == "lora"), None),
+        "lora_size": next((i.size for i in manifest.inputs if i.role == "lora"), None),
         "self_reported": self_reported(lora),
-        "base_model": manifest.get("base_model", {}),
-        "embedder": manifest.get("embedder", {}),
+        "base_model": manifest.base_model,
+        "embedder": manifest.embedder,
         "protocol": proto,
-        "seeds_text": seeds_text(list(proto.get("seeds", []))),
-        "signature_rows": flatten(manifest.get("signature", {})),
+        "seeds_text": seeds_text(list(proto.seeds or [])),
+        "signature_rows": flatten(manifest.signature),
         "metrics": metrics,
-        "ci": metrics.get("ci", {}),
+        "ci": metrics.ci,
         "figures": inp.figures,
         "top_prompts": top,
         "bottom_prompts": bottom,
-        "per_category": [{"name": n, **metrics["per_category"][n]} for n in sorted(metrics.get("per_category", {}))],
-        "prompts": manifest.get("prompts", []),
-        "environment_rows": flatten({k: v for k, v in (manifest.get("environment") or {}).items() if k != "packages"}),
-        "package_rows": flatten((manifest.get("environment") or {}).get("packages", {})),
-        "known_errors": read_json(KNOWN_ERRORS).get("entries", []),
-        "arms": proto.get("arms", {}),
+        "per_category": [{"name": n, **metrics.per_category[n]} for n in sorted(metrics.per_category)],
+        "prompts": manifest.prompts,
+        "environment_rows": flatten({k: v for k, v in environment.items() if k != "packages"}),
+        "package_rows": flatten(environment["packages"] if "packages" in environment else {}),
+        "known_errors": read_json(KNOWN_ERRORS)["entries"],
+        "arms": proto.arms or {},
         "arms_plan": arms_plan(manifest),
         "indicators": indicators(metrics),
         "comparison": corpus_placement(inp.comparison),
@@ -148,7 +150,7 @@ def comparisons(inp: ReportInputs, copy: str) -> dict:
     from carlos_audit.report.error_rates import error_rates_context
 
     return {"head_to_head": inp.head_to_head,
-            "replication": replication_context(inp.comparison),
+            "replication": replication_context(inp.comparison.to_json() if inp.comparison is not None else None),
             "error_rates": error_rates_context(inp.comparison, inp.metrics),
             "n_cmp_images_checked": sum(len(t) for h in inp.head_to_head for t in (h["agree_most"], h["agree_least"]))}
 

@@ -19,6 +19,8 @@ Without ``[expert]`` none of this appears and the report is as before.
 
 from __future__ import annotations
 
+from carlos_audit.record_sections import Environment
+from carlos_audit.records import CaseInfo, Comparison, Manifest
 from carlos_audit.report.claimed import claimed_materials
 from carlos_audit.report import rules
 from carlos_audit.report.text import ellipsis
@@ -76,12 +78,12 @@ LAYOUTS = {
 }
 
 
-def hints(expert: dict, manifest: dict) -> dict:
+def hints(expert: dict, manifest: Manifest) -> dict:
     """What this report provides towards an item, in words that claim no more than it does:
     {key: (text, id of the heading it points to or None)}."""
-    env = manifest.get("environment") or {}
-    who = manifest.get("case", {}).get("examiner", "?")
-    machine = env.get("machine") or env.get("platform") or "the machine in the environment appendix"
+    env = manifest.environment or Environment.from_json({})
+    who = manifest.case.examiner if "examiner" in manifest.case else "?"
+    machine = env.machine or env.platform or "the machine in the environment appendix"
     instructions = expert.get("instructions")
     stated = (f"The case file states these instructions: “{ellipsis(instructions, 1500)}”. " if instructions
               else "The case file states no instructions. ")
@@ -93,7 +95,7 @@ def hints(expert: dict, manifest: dict) -> dict:
         "instructions": (stated + "The expert states the substance of all material instructions, whether written or oral "
                          "(instructions given orally included); the case file's text is not a complete record of them.", None),
         "operator": (f"The measurement was run with carlos-audit by {who} (the case file's examiner) on {machine}, device "
-                     f"{env.get('device', '?')}. This report does not record that person's qualifications, nor whether the "
+                     f"{env.device if 'device' in env else '?'}. This report does not record that person's qualifications, nor whether the "
                      "measurement was carried out under the expert's supervision: the expert states both.", None),
         "exhibits": ("The exhibits are listed in", "exhibit-index"),
         "addressee": ("This measurement report is addressed to no one; the expert addresses the report to the court.", None),
@@ -101,7 +103,7 @@ def hints(expert: dict, manifest: dict) -> dict:
     }
 
 
-def rule_context(jurisdiction: str, expert: dict, manifest: dict) -> dict | None:
+def rule_context(jurisdiction: str, expert: dict, manifest: Manifest) -> dict | None:
     """The chosen layout with its texts resolved from report/rules.py, or None."""
     layout = LAYOUTS.get(jurisdiction)
     if layout is None:
@@ -125,27 +127,26 @@ def rule_context(jurisdiction: str, expert: dict, manifest: dict) -> dict | None
             "closing": closing, "signature": layout["signature"], "sources": [rules.text(k) for k in used]}
 
 
-def materials_considered(manifest: dict, comparison: dict | None, provided: list[str]) -> list[dict]:
+def materials_considered(manifest: Manifest, comparison: Comparison | None, provided: list[str]) -> list[dict]:
     """Every input the measurement used, with what identifies it, then the materials the case
     file says were provided (as stated; not read or hashed by the tool)."""
     rows = []
-    for i in manifest.get("inputs", []):
-        rows.append({"role": str(i.get("role", "?")), "source": str(i.get("path", "")), "size": i.get("size"),
-                     "sha256": i.get("sha256"), "kind": i.get("kind", "file"), "hashed": True})
+    for i in manifest.inputs:
+        rows.append({"role": str(i.role if "role" in i else "?"), "source": str(i.path if "path" in i else ""),
+                     "size": i.size, "sha256": i.sha256, "kind": i.kind if "kind" in i else "file", "hashed": True})
     claimed_materials(manifest, rows)  # claimed works: role and source as stated (report/claimed.py)
-    for role, key in (("base model", "base_model"), ("image embedder", "embedder")):
-        rec = manifest.get(key) or {}
-        if rec and not any(r["sha256"] == rec.get("sha256") for r in rows):
-            rows.append({"role": role, "source": str(rec.get("identity", "")), "size": None, "sha256": rec.get("sha256"),
-                         "kind": "model", "hashed": bool(rec.get("sha256"))})
-    proto = manifest.get("protocol") or {}
-    if proto.get("prompts_sha256"):
-        rows.append({"role": "prompt suite", "source": str(proto.get("prompts", "")), "size": None,
-                     "sha256": proto["prompts_sha256"], "kind": "prompts", "hashed": True})
-    corpus = (comparison or {}).get("corpus") or {}
+    for role, rec in (("base model", manifest.base_model), ("image embedder", manifest.embedder)):
+        if rec and not any(r["sha256"] == rec.sha256 for r in rows):
+            rows.append({"role": role, "source": str(rec.identity if "identity" in rec else ""), "size": None,
+                         "sha256": rec.sha256, "kind": "model", "hashed": bool(rec.sha256)})
+    proto = manifest.protocol
+    if proto.prompts_sha256:
+        rows.append({"role": "prompt suite", "source": str(proto.prompts if "prompts" in proto else ""), "size": None,
+                     "sha256": proto.prompts_sha256, "kind": "prompts", "hashed": True})
+    corpus = comparison.corpus if comparison is not None else None
     if corpus:
-        hashes = corpus.get("corpus_sha256") if isinstance(corpus.get("corpus_sha256"), dict) else {}
-        rows.append({"role": "reference corpus", "source": ellipsis(corpus.get("name") or "(unnamed)", 120), "size": None,
+        hashes = corpus.corpus_sha256 if isinstance(corpus.corpus_sha256, dict) else {}
+        rows.append({"role": "reference corpus", "source": ellipsis(corpus.name or "(unnamed)", 120), "size": None,
                      "sha256": next((v for _, v in sorted(hashes.items()) if v), None), "kind": "corpus", "hashed": bool(hashes)})
     for text in provided:
         rows.append({"role": "provided to the expert (as stated)", "source": ellipsis(text, 300), "size": None, "sha256": None,
@@ -153,9 +154,9 @@ def materials_considered(manifest: dict, comparison: dict | None, provided: list
     return rows
 
 
-def exhibit_index(case: dict, companions: list[dict], archive_sha256: str | None, n_images: int) -> list[dict]:
+def exhibit_index(case: CaseInfo, companions: list[dict], archive_sha256: str | None, n_images: int) -> list[dict]:
     """The exhibit and its parts, each with what identifies it."""
-    label = case.get("exhibit") or "Exhibit"
+    label = case.exhibit or "Exhibit"
     rows = [{"label": label, "what": "this report (filing copy, report.pdf)", "sha256": None,
              "note": "its sha256 is in report.pdf.sha256 beside it"}]
     if archive_sha256:
@@ -168,7 +169,7 @@ def exhibit_index(case: dict, companions: list[dict], archive_sha256: str | None
     return rows
 
 
-def expert_context(expert: dict, manifest: dict, comparison: dict | None, companions: list[dict],
+def expert_context(expert: dict, manifest: Manifest, comparison: Comparison | None, companions: list[dict],
                    archive_sha256: str | None, n_images: int) -> dict:
     """The ``expert`` entry of the report context: {"present": False} without [expert]."""
     if not (expert or {}).get("name"):
@@ -182,6 +183,6 @@ def expert_context(expert: dict, manifest: dict, comparison: dict | None, compan
         "jurisdiction": jurisdiction,
         "rule": rule_context(jurisdiction, expert, manifest),
         "materials": materials_considered(manifest, comparison, expert.get("materials_provided") or []),
-        "exhibits": exhibit_index(manifest.get("case") or {}, companions, archive_sha256, n_images),
+        "exhibits": exhibit_index(manifest.case, companions, archive_sha256, n_images),
         "to_complete": TO_COMPLETE,
     }

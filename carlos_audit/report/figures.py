@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 from carlos_audit.fileio import write_bytes_atomic  # noqa: E402
+from carlos_audit.records import Comparison, Metrics  # noqa: E402
+from carlos_audit.result_sections import CategoryStats, CorpusPoints, DoseResponse  # noqa: E402
 
 RC = {
     "svg.hashsalt": "carlos-audit",
@@ -59,17 +61,17 @@ def _label(text: str, limit: int = 28) -> str:
 # ----------------------------------------------------------------------------- results figures
 
 
-def per_category_figure(per_category: dict) -> Figure:
+def per_category_figure(per_category: dict[str, CategoryStats]) -> Figure:
     """Strength and consistency per prompt category, as two horizontal bar panels."""
     names = sorted(per_category)
     with matplotlib.rc_context(RC):
         fig = _new_figure(6.8, 0.9 + 0.24 * max(len(names), 2))
         ax_s, ax_c = fig.subplots(1, 2, sharey=True)
         y = list(range(len(names)))
-        strengths = [per_category[n]["strength"] for n in names]
-        cons = [per_category[n]["consistency"] for n in names]
+        strengths = [per_category[n].strength for n in names]
+        cons = [per_category[n].consistency for n in names]
         ax_s.barh(y, strengths, color=BAR_COLOUR, height=0.6)
-        ax_s.set_yticks(y, [f"{_label(n)} (n={per_category[n]['n_pairs']})" for n in names])
+        ax_s.set_yticks(y, [f"{_label(n)} (n={per_category[n].n_pairs})" for n in names])
         ax_s.invert_yaxis()
         ax_s.set_title("Strength per category")
         ax_s.set_xlabel("mean L2 norm of diffs")
@@ -102,10 +104,10 @@ def diff_norm_figure(diff_norms: list[float], strength: float) -> Figure:
     return fig
 
 
-def corpus_scatter_figure(points: dict, target_strength: float, target_consistency: float | None) -> Figure:
+def corpus_scatter_figure(points: CorpusPoints, target_strength: float, target_consistency: float | None) -> Figure:
     """Strength vs consistency of every reference-corpus LoRA, the examined LoRA highlighted."""
     xs, ys = [], []
-    for s, c in zip(points.get("strength", []), points.get("consistency", [])):
+    for s, c in zip(points.strength or [], points.consistency or []):
         if s is not None and c is not None:
             xs.append(float(s))
             ys.append(float(c))
@@ -143,22 +145,22 @@ def _ci_err(values, cis):
     return [lo, hi]
 
 
-def dose_response_figure(dose: dict) -> Figure:
+def dose_response_figure(dose: DoseResponse) -> Figure:
     """Strength and consistency against the LoRA scale, 95% CIs as error bars; (0, 0) for strength
     is exact by construction (adapter weight 0 reproduces the base images)."""
-    pts = sorted((p for p in dose.get("points", []) if p.get("strength") is not None), key=lambda p: float(p["scale"]))
-    xs = [float(p["scale"]) for p in pts]
-    ss = [float(p["strength"]) for p in pts]
+    pts = sorted((p for p in dose.points or [] if p.strength is not None), key=lambda p: float(p.scale))
+    xs = [float(p.scale) for p in pts]
+    ss = [float(p.strength) for p in pts]
     with matplotlib.rc_context(RC):
         fig = _new_figure(6.8, 2.6)
         ax_s, ax_c = fig.subplots(1, 2)
         ax_s.plot([0.0] + xs, [0.0] + ss, color=BAR_COLOUR, linewidth=0.8)
-        ax_s.errorbar(xs, ss, yerr=_ci_err(ss, [p.get("strength_ci") for p in pts]), fmt="o", color=BAR_COLOUR,
+        ax_s.errorbar(xs, ss, yerr=_ci_err(ss, [p.strength_ci for p in pts]), fmt="o", color=BAR_COLOUR,
                       markersize=4, capsize=3, elinewidth=0.8, label="measured (95% CI)")
         ax_s.plot([0.0], [0.0], marker="D", markersize=5, color="black", linestyle="none",
                   label="scale 0: exactly 0 (by construction)")
-        s1 = dose.get("strength_at_scale_1")
-        half = dose.get("half_strength_scale")
+        s1 = dose.strength_at_scale_1
+        half = dose.half_strength_scale
         if s1 and half is not None:
             ax_s.plot([0.0, half, half], [s1 / 2, s1 / 2, 0.0], color=TARGET_COLOUR, linewidth=0.8, linestyle="--",
                       label=f"half of the strength at scale 1: scale {half:.2f}")
@@ -168,11 +170,11 @@ def dose_response_figure(dose: dict) -> Figure:
         ax_s.set_xlim(left=-0.05 * max(xs + [1.0]))
         ax_s.set_ylim(bottom=0.0)
         ax_s.legend(loc="upper left", fontsize=6.5, frameon=False)
-        cp = [p for p in pts if p.get("consistency") is not None]
-        cx = [float(p["scale"]) for p in cp]
-        cy = [float(p["consistency"]) for p in cp]
+        cp = [p for p in pts if p.consistency is not None]
+        cx = [float(p.scale) for p in cp]
+        cy = [float(p.consistency) for p in cp]
         ax_c.plot(cx, cy, color=BAR_COLOUR, linewidth=0.8)
-        ax_c.errorbar(cx, cy, yerr=_ci_err(cy, [p.get("consistency_ci") for p in cp]), fmt="o", color=BAR_COLOUR,
+        ax_c.errorbar(cx, cy, yerr=_ci_err(cy, [p.consistency_ci for p in cp]), fmt="o", color=BAR_COLOUR,
                       markersize=4, capsize=3, elinewidth=0.8)
         ax_c.set_xlabel("LoRA scale chosen by the user")
         ax_c.set_ylabel("Consistency")
@@ -204,45 +206,46 @@ def values_histogram_figure(values: list[float], *, xlabel: str, title: str, mar
     return fig
 
 
-def _indicator_figures(metrics: dict, comparison: dict | None) -> dict:
+def _indicator_figures(metrics: Metrics, comparison: Comparison | None) -> dict:
     figs = {}
-    ind = metrics.get("indicators") if isinstance(metrics.get("indicators"), dict) else {}
-    dose = ind.get("dose_response")
-    if isinstance(dose, dict) and any(p.get("strength") is not None for p in dose.get("points") or []):
+    ind = metrics.indicators
+    dose = ind.dose_response
+    if dose is not None and any(p.strength is not None for p in dose.points or []):
         figs["dose_response"] = dose_response_figure(dose)
-    po = ind.get("prompt_override")
-    if isinstance(po, dict) and po.get("per_pair") and po.get("mean") is not None:
-        vals = [float(v) for v in po["per_pair"] if v is not None]
+    po = ind.prompt_override
+    if po is not None and po.per_pair and po.mean is not None:
+        vals = [float(v) for v in po.per_pair if v is not None]
         figs["prompt_override"] = values_histogram_figure(
             vals, xlabel="cos(prompt, LoRA image) − cos(prompt, base image), one value per pair",
             title=f"Prompt override over {len(vals)} pairs (below 0: the LoRA image matches the prompt less)",
-            marks=[(f"mean = {float(po['mean']):.3g}", float(po["mean"]), TARGET_COLOUR), ("0 (no change)", 0.0, "black")])
-    for i, h in enumerate((comparison or {}).get("head_to_head") or [], start=1):
-        b = h.get("behaviour") if isinstance(h, dict) else None
-        vals = [float(v) for v in ((b or {}).get("per_pair_cosine") or {}).get("values", {}).values() if v is not None]
+            marks=[(f"mean = {float(po.mean):.3g}", float(po.mean), TARGET_COLOUR), ("0 (no change)", 0.0, "black")])
+    for i, h in enumerate((comparison.head_to_head if comparison is not None else None) or [], start=1):
+        ppc = h.behaviour.per_pair_cosine if h.behaviour is not None else None
+        vals = [float(v) for v in ((ppc.values if ppc is not None else None) or {}).values() if v is not None]
         if not vals:
             continue
         marks = []
-        if (b.get("per_pair_cosine") or {}).get("mean") is not None:
-            marks.append((f"mean per-pair cosine = {b['per_pair_cosine']['mean']:.3f}", float(b["per_pair_cosine"]["mean"]), TARGET_COLOUR))
-        if b.get("direction_cosine") is not None:
-            marks.append((f"direction cosine = {b['direction_cosine']:.3f}", float(b["direction_cosine"]), "black"))
+        if ppc.mean is not None:
+            marks.append((f"mean per-pair cosine = {ppc.mean:.3f}", float(ppc.mean), TARGET_COLOUR))
+        if h.behaviour.direction_cosine is not None:
+            cos = h.behaviour.direction_cosine
+            marks.append((f"direction cosine = {cos:.3f}", float(cos), "black"))
         figs[f"h2h_{i}"] = values_histogram_figure(
             vals, xlabel="cosine between the two LoRAs' changes to the same pair (same prompt, same seed)",
             title=f"Per-pair agreement of the two LoRAs over {len(vals)} pairs", marks=marks, xlim=(-1.0, 1.0))
     return figs
 
 
-def write_result_figures(case_dir: Path, metrics: dict, comparison: dict | None) -> dict:
+def write_result_figures(case_dir: Path, metrics: Metrics, comparison: Comparison | None) -> dict:
     """Draw every results figure into ``figures/``; returns {name: path relative to the case}."""
     out = {}
     figs = {
-        "per_category": per_category_figure(metrics.get("per_category") or {}),
-        "diff_norms": diff_norm_figure([p["diff_norm"] for p in metrics.get("per_pair", [])], metrics["strength"]),
+        "per_category": per_category_figure(metrics.per_category or {}),
+        "diff_norms": diff_norm_figure([p.diff_norm for p in metrics.per_pair], metrics.strength),
     }
-    points = (comparison or {}).get("corpus_points")
-    if points and points.get("strength"):
-        figs["corpus_scatter"] = corpus_scatter_figure(points, metrics["strength"], metrics.get("consistency"))
+    points = comparison.corpus_points if comparison is not None else None
+    if points and points.strength:
+        figs["corpus_scatter"] = corpus_scatter_figure(points, metrics.strength, metrics.consistency)
     figs.update(_indicator_figures(metrics, comparison))
     for name, fig in figs.items():
         rel = f"figures/{name}.svg"

@@ -6,55 +6,63 @@ from __future__ import annotations
 import json
 from pathlib import PurePosixPath
 
+from carlos_audit.records import Manifest
+from carlos_audit.record_sections import Inspection, Lora
 from carlos_audit.report.text import clip
 
 METADATA_MAX_KEYS = 60    # self-reported metadata shown in the body (all of it is in manifest.json)
 METADATA_MAX_CHARS = 400
 
 
-def self_reported(lora: dict) -> dict:
-    inspection = lora.get("inspection")
-    if not isinstance(inspection, dict):
+def self_reported(lora: Lora) -> dict:
+    """What the LoRA file says about itself (``lora.inspection``): its metadata, read defensively
+    (a dict of the file's own values), and the facts of the inspection."""
+    inspection = lora.inspection
+    if inspection is None:
         return {"present": False, "has_metadata": False, "rows": [], "n_keys": 0, "facts": []}
-    meta = inspection.get("metadata")
+    meta = inspection.metadata
     rows = []
     if isinstance(meta, dict):
         for k in sorted(meta, key=str)[:METADATA_MAX_KEYS]:
             key, _ = clip(k, 120)
             value, cut = clip(meta[k] if isinstance(meta[k], str) else json.dumps(meta[k], ensure_ascii=False), METADATA_MAX_CHARS)
             rows.append({"key": key, "value": value, "truncated": cut})
-    facts = [(label, inspection.get(key)) for label, key in (
+    facts = [(label, getattr(inspection, key)) for label, key in (
         ("format", "format"), ("FLUX.1 layout", "layout"), ("detected architecture", "architecture"), ("modules", "module_count"),
         ("parameters", "parameter_count"), ("payload sha256 (tensors only)", "payload_sha256"),
-        ("AutoV2 short hash", "autov2")) if inspection.get(key) is not None]
+        ("AutoV2 short hash", "autov2")) if getattr(inspection, key) is not None]
     facts += base_hash_facts(inspection)
-    ranks = (inspection.get("rank_summary") or {}).get("distinct")
+    ranks = inspection.rank_summary.distinct if inspection.rank_summary is not None else None
     if ranks:
         facts.append(("ranks", ", ".join(str(r) for r in ranks)))
-    hints = inspection.get("trigger_word_hints")
-    if hints:
-        shown = []
-        for h in hints[:20]:
-            if isinstance(h, dict):
-                count = f"{h['count']}× in " if h.get("count") is not None else ""
-                shown.append(f"“{clip(h.get('text', ''), 120)[0]}” ({count}{h.get('source', '?')})")
-            else:
-                shown.append(f"“{clip(h, 120)[0]}”")
-        facts.append(("trigger word hints (SELF-REPORTED)", "; ".join(shown)))
+    if inspection.trigger_word_hints:
+        facts.append(("trigger word hints (SELF-REPORTED)", hints_text(inspection.trigger_word_hints)))
     return {"present": True, "has_metadata": isinstance(meta, dict) and bool(meta), "rows": rows,
             "n_keys": len(meta) if isinstance(meta, dict) else 0, "facts": facts}
 
 
-def base_hash_facts(inspection: dict) -> list[tuple[str, str]]:
-    """The claimed base-model hash as text, and the check made during the run."""
-    claim = inspection.get("claimed_base_model_hash")
+def hints_text(hints: list) -> str:
+    """The trigger-word hints taken from the file's metadata (untrusted: each read defensively)."""
+    shown = []
+    for h in hints[:20]:
+        if isinstance(h, dict):
+            count = f"{h['count']}× in " if h.get("count") is not None else ""
+            shown.append(f"“{clip(h.get('text', ''), 120)[0]}” ({count}{h.get('source', '?')})")
+        else:
+            shown.append(f"“{clip(h, 120)[0]}”")
+    return "; ".join(shown)
+
+
+def base_hash_facts(inspection: Inspection) -> list[tuple[str, str]]:
+    """The claimed base-model hash as text (taken from the file's metadata), and the check made during the run."""
+    claim = inspection.claimed_base_model_hash
     if not isinstance(claim, dict):
         return []
     text = f"{clip(str(claim.get('value', '')), 120)[0]} ({claim.get('source')}{', legacy A1111 hash' if claim.get('legacy') else ''})"
     words = {"match": "matches", "mismatch": "differs", "not_comparable": "cannot compare", "absent": "no claim",
              "not_checked": "not checked"}
-    check = inspection.get("base_model_hash_check")
-    detail = inspection.get("base_model_hash_check_detail")
+    check = inspection.base_model_hash_check
+    detail = inspection.base_model_hash_check_detail
     shown = words.get(check, str(check)) + (f": {detail}" if detail else "")
     return [("claimed base model hash (SELF-REPORTED)", text), ("base model hash check", shown)]
 
@@ -75,17 +83,18 @@ def _profile_purpose(name: str, adapters: dict) -> str:
     return ""
 
 
-def arms_plan(manifest: dict) -> dict:
+def arms_plan(manifest: Manifest) -> dict:
     """Method: the arms generated and the profiles (base arm, LoRA arm) that use them."""
-    proto = manifest.get("protocol") or {}
-    arms = proto.get("arms") or {}
-    profiles = proto.get("profiles") or ({"main": ["base", "lora"]} if {"base", "lora"} <= set(arms) else {})
-    aliases = proto.get("arm_aliases") or {}
-    lora_name = (manifest.get("lora") or {}).get("file_name") or "the examined LoRA"
+    proto = manifest.protocol
+    arms = proto.arms or {}
+    profiles = proto.profiles or ({"main": ["base", "lora"]} if {"base", "lora"} <= set(arms) else {})
+    aliases = proto.arm_aliases or {}
+    lora_name = manifest.lora.file_name or "the examined LoRA"
     adapters = {"target": f"the examined LoRA ({clip(lora_name, 60)[0]})"}
-    for c in manifest.get("comparison_loras") or []:
-        if isinstance(c, dict) and c.get("adapter"):
-            adapters[str(c["adapter"])] = f"comparison LoRA {clip(PurePosixPath(str(c.get('path', ''))).name or c['adapter'], 60)[0]}"
+    for c in manifest.comparison_loras:
+        if c.adapter:
+            path = c.path if "path" in c else ""
+            adapters[str(c.adapter)] = f"comparison LoRA {clip(PurePosixPath(str(path)).name or c.adapter, 60)[0]}"
     def order(name: str):
         kind, _, rest = name.partition(":")
         rank = {"main": 0, "scale": 1, "trigger": 2, "comparison": 3}.get(kind, 4)
@@ -107,9 +116,9 @@ def arms_plan(manifest: dict) -> dict:
     rows = []
     for name in sorted(arms, key=lambda n: (first_use.get(n, len(first_use)), n)):
         a = arms[name]
-        adapter = a.get("adapter")
+        adapter = a.adapter
         rows.append({"name": name, "adapter": "none (base weights)" if adapter is None else adapters.get(adapter, str(adapter)),
-                     "scale": a.get("scale"), "triggers": bool(a.get("with_triggers")),
+                     "scale": a.scale, "triggers": bool(a.with_triggers),
                      "profiles": used.get(name, [])})
     profile_rows = [{"name": p, "base": pair[0], "lora": pair[1], "purpose": _profile_purpose(p, adapters)}
                     for p, pair in profiles.items() if isinstance(pair, (list, tuple)) and len(pair) == 2]

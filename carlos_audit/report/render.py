@@ -29,8 +29,9 @@ from pathlib import Path
 
 from carlos_audit.case.casefile import parse_report_settings
 from carlos_audit.errors import AuditError
-from carlos_audit.fileio import read_json, write_bytes_atomic, write_text_atomic
+from carlos_audit.fileio import write_bytes_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
+from carlos_audit.records import Comparison, Manifest, Metrics
 from carlos_audit.report import ARCHIVE_PDF, FILING_PDF, figures
 from carlos_audit.report.comparison import head_to_head
 from carlos_audit.report.context import ReportInputs, build_context
@@ -54,28 +55,30 @@ DESCRIPTIONS = {"manifest.json": "the run's manifest: protocol, inputs, every pa
                 "reproduction.json": "the reproduction's record: every comparison"}
 
 
-def load_inputs(case_dir: Path) -> ReportInputs:
-    """Read and check a finished case folder; draw the figures and the image evidence."""
-    case_dir = Path(case_dir).resolve()
-    for name in ("manifest.json", "metrics.json"):
+def read_results(case_dir: Path) -> tuple[Manifest, Metrics, Comparison | None]:
+    """The finished case folder's result files as records: the one place the report reads them."""
+    for name in (Manifest.FILE, Metrics.FILE):
         if not (case_dir / name).is_file():
             raise AuditError(f"{case_dir} is not a finished case folder: it lacks {name} (run `carlos-audit run` first)")
     try:
-        manifest = read_json(case_dir / "manifest.json")
-        metrics = read_json(case_dir / "metrics.json")
-        comparison = read_json(case_dir / "comparison.json") if (case_dir / "comparison.json").is_file() else None
-    except (OSError, ValueError) as e:
+        manifest, metrics = Manifest.read(case_dir), Metrics.read(case_dir)
+        comparison = Comparison.read_optional(case_dir)
+    except OSError as e:
         raise AuditError(f"{case_dir}: cannot read the stored results: {e}") from None
-    for key in ("pairs", "run"):
-        if key not in manifest:
-            raise AuditError(f"{case_dir}/manifest.json lacks {key!r}; it was not written by a finished run")
-    if "source_date_epoch" not in manifest["run"]:
+    if "source_date_epoch" not in manifest.run:
         raise AuditError(f"{case_dir}/manifest.json lacks run.source_date_epoch")
+    return manifest, metrics, comparison
+
+
+def load_inputs(case_dir: Path) -> ReportInputs:
+    """Read and check a finished case folder; draw the figures and the image evidence."""
+    case_dir = Path(case_dir).resolve()
+    manifest, metrics, comparison = read_results(case_dir)
 
     casefile = case_dir / "case.toml"
     text = casefile.read_text("utf-8") if casefile.is_file() else ""
     report, expert = parse_report_settings(text, str(casefile))
-    as_run = next((i.get("sha256") for i in manifest.get("inputs", []) if i.get("role") == "casefile"), None)
+    as_run = next((i.sha256 for i in manifest.inputs if i.role == "casefile"), None)
     edited = bool(text) and as_run is not None and sha256_file(casefile) != as_run
 
     body = {"archive": select_body_pairs(manifest, metrics),
@@ -83,7 +86,7 @@ def load_inputs(case_dir: Path) -> ReportInputs:
     px = {"archive": DISPLAY_MAX_PX, "filing": min(DISPLAY_MAX_PX, report["filing_image_px"])}
     evidence = image_evidence(case_dir, manifest, metrics, {i for ids in body["archive"] for i in ids}, px)
     figs = figures.write_result_figures(case_dir, metrics, comparison)
-    prompt_text = {p["id"]: p["text"] for p in manifest.get("prompts", [])}
+    prompt_text = {p.id: p.text for p in manifest.prompts}
     # head-to-head triptychs are hash-checked too: their mismatches join the evidence's
     h2h = head_to_head(case_dir, manifest, comparison, figs, prompt_text, evidence["mismatches"])
     companions = []
@@ -109,7 +112,7 @@ def render_copies(case_dir: Path) -> dict:
 
     inp = load_inputs(case_dir)
     case_dir = inp.case_dir
-    epoch = int(inp.manifest["run"]["source_date_epoch"])
+    epoch = int(inp.manifest.run["source_date_epoch"])
     paper = inp.report["paper"]
     ident = sha256_bytes((case_dir / "manifest.json").read_bytes())
 

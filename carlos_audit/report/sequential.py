@@ -4,6 +4,8 @@ metrics.json ``sequential``, comparison.json ``target.sequential``)."""
 
 from __future__ import annotations
 
+from carlos_audit.result_sections import Band, Estimate, SequentialStop
+
 TARGET_LABELS = {
     "strength_half_width": "strength interval half-width at most",
     "consistency_half_width": "consistency interval half-width at most",
@@ -20,22 +22,23 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
-def _interval(entry: dict | None) -> str:
-    if not entry or entry.get("interval") is None:
+def _interval(entry: Estimate | dict | None) -> str:
+    entry = Estimate.coerce(entry) if entry else None  # a look of the manifest: a dict
+    if not entry or entry.interval is None:
         return "n/a"
-    lo, hi = entry["interval"]
-    return f"{entry['estimate']:.4g} [{lo:.4g}, {hi:.4g}]"
+    lo, hi = entry.interval
+    return f"{entry.estimate:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
-def _band(entry: dict | None) -> str:
-    if not entry or entry.get("band") is None:
+def _band(entry: Band | None) -> str:
+    if not entry or entry.band is None:
         return "n/a"
-    lo, hi = entry["band"]
+    lo, hi = entry.band
     return f"{lo:.1f}–{hi:.1f}"
 
 
 def sequential_context(inp, copy: str) -> dict:
-    seq = inp.manifest.get("sequential")
+    seq = inp.manifest.sequential
     if not seq:
         return {"sequential": None}
     rule = seq["rule"]
@@ -55,8 +58,9 @@ def sequential_context(inp, copy: str) -> dict:
             "normal": "n/a" if not na else f"{'met' if na['met'] else 'not met'} (g1 {na['skewness']:.2f}, needs > {na['min_prompts']:.0f})",
             "met": ev["met"],
         })
-    stopped = (inp.metrics or {}).get("sequential") or {}
-    placed = ((inp.comparison or {}).get("target") or {}).get("sequential") or {}
+    stopped = inp.metrics.sequential or SequentialStop()
+    target = inp.comparison.target if inp.comparison is not None else None
+    placed = target.sequential if target is not None else None
     return {"sequential": {
         "rule": rule, "targets": targets, "construction": seq["construction"], "looks": looks,
         "planned": seq["planned_looks"], "stopped_at_look": seq["stopped_at_look"], "n_looks": seq["n_looks"],
@@ -64,10 +68,10 @@ def sequential_context(inp, copy: str) -> dict:
         "n_prompts_run": seq["n_prompts_run"], "n_prompts_protocol": seq["n_prompts_protocol"],
         "n_seeds": seq["n_seeds"], "images_run": seq["images_run"], "images_full": seq["images_full_protocol"],
         "images_saved": seq["images_saved"], "share": seq["share_of_protocol"],
-        "strength": _interval(stopped.get("strength")), "consistency": _interval(stopped.get("consistency")),
-        "level": 1 - stopped["alpha_look"] if stopped else None,
-        "decision_reproduced": stopped.get("decision_reproduced"),
-        "strength_band": _band(placed.get("strength_percentile")) if placed else None,
-        "consistency_band": _band(placed.get("consistency_percentile")) if placed else None,
-        "neighbours": placed.get("neighbours") if placed else None,
+        "strength": _interval(stopped.strength), "consistency": _interval(stopped.consistency),
+        "level": 1 - stopped.alpha_look if inp.metrics.sequential else None,
+        "decision_reproduced": stopped.decision_reproduced,
+        "strength_band": _band(placed.strength_percentile) if placed else None,
+        "consistency_band": _band(placed.consistency_percentile) if placed else None,
+        "neighbours": placed.neighbours if placed else None,
     }}
