@@ -295,10 +295,15 @@ def retrieve(corpus_path, query, as_json, **options):
     Example:
         carlos-audit retrieve corpora/mine "watercolor painting" --top-k 5
     """
+    from carlos_audit.corpus.retrieval import RetrievalOptions
     from carlos_audit.corpus.retrieval import retrieve as do_retrieve
+    from carlos_audit.run.embed import text_encoder_for
 
     quiet_libraries()
-    result = do_retrieve(corpus_path, query, **options)  # corpus/retrieval.RetrievalOptions
+    checkpoint, allow_download = options.pop("embedder_checkpoint"), options.pop("allow_download")
+    result = do_retrieve(corpus_path, query,
+                         lambda identity: text_encoder_for(identity, checkpoint=checkpoint, allow_download=allow_download),
+                         RetrievalOptions(**options))
     if as_json:
         print_json(result)
         return

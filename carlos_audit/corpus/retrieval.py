@@ -27,44 +27,6 @@ CONSISTENCY_PERCENTILE = 27.6
 HF_CLIP_PREFIX = "hf-transformers:"
 
 
-def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_download: bool = False):
-    """A function texts -> (n, d) raw text features, for the embedder a corpus was built with."""
-    from carlos_audit.models.embedders import load_embedder
-    from carlos_audit.run.embed import text_features
-
-    if identity == "embedded:tiny-hf-clip":
-        return _hf_text_encoder(identity, allow_download)
-    if identity == "embedded:tiny-clip":
-        emb = load_embedder("embedded:tiny-clip", None)
-        return lambda texts: text_features(emb, texts)
-    if identity.startswith("open_clip:"):
-        name, _, tag = identity[len("open_clip:"):].partition("/")
-        if tag.startswith("file:"):
-            if not checkpoint:
-                raise AuditError(f"the corpus embedder {identity} was loaded from a checkpoint file; pass --embedder-checkpoint PATH to that file")
-            tag = checkpoint
-        emb = load_embedder(name, tag, allow_download=allow_download)
-        return lambda texts: text_features(emb, texts)
-    if identity.startswith(HF_CLIP_PREFIX):
-        return _hf_text_encoder(identity[len(HF_CLIP_PREFIX):], allow_download)
-    raise AuditError(f"cannot load the text tower of embedder {identity!r}")
-
-
-def _hf_text_encoder(repo: str, allow_download: bool):
-    from carlos_audit.models.embedders import load_embedder
-    from carlos_audit.run.embed import text_features
-
-    try:
-        emb = load_embedder(repo if repo.startswith("embedded:") else "hf:" + repo, None, allow_download=allow_download)
-    except AuditError:
-        cache = "models--" + repo.replace("/", "--")
-        raise AuditError(
-            f"the corpus was profiled with {repo} (transformers CLIPModel); its text tower is not in the local "
-            f"Hugging Face cache ({cache}: config.json, model weights, tokenizer files); "
-            "download it there, or pass --allow-download") from None
-    return lambda texts: text_features(emb, texts)
-
-
 def default_filters(corpus) -> dict:
     from carlos_audit.case.protocol import CARLOS_INDEXING_SHA256
 
@@ -115,25 +77,23 @@ def retrieval_prompts(corpus, prompts_spec: str | None):
 @dataclass(frozen=True)
 class RetrievalOptions:
     """A retrieval's settings: how many LoRAs, the strength and consistency filters (default: the
-    corpus's, ``default_filters``), the retrieval prompt set, and where the embedder's text
-    tower comes from (a checkpoint file; a hub download allowed)."""
+    corpus's, ``default_filters``) and the retrieval prompt set."""
 
     top_k: int = 10
     max_strength: float | None = None
     min_consistency: float | None = None
     prompts: str | None = None
-    embedder_checkpoint: str | None = None
-    allow_download: bool = False
 
 
-def retrieve(corpus_path, query: str, **options) -> dict:
-    """The corpus LoRAs whose Direction best matches ``query``; ``options``: the fields of
-    ``RetrievalOptions``."""
+def retrieve(corpus_path, query: str, text_encoder, options: RetrievalOptions = RetrievalOptions()) -> dict:
+    """The corpus LoRAs whose Direction best matches ``query``. ``text_encoder(identity)``: a
+    function texts -> raw text features for the embedder the corpus records (the caller loads it:
+    run/embed.text_encoder_for; corpus/ loads no model)."""
     from carlos_audit.case.labels import text_signature
     from carlos_audit.corpus.search import nearest
     from carlos_audit.corpus.store import load_corpus
 
-    how = RetrievalOptions(**options)
+    how = options
     if not query.strip():
         raise AuditError("the query is empty")
     corpus = load_corpus(corpus_path)
@@ -146,7 +106,7 @@ def retrieve(corpus_path, query: str, **options) -> dict:
     identity = (corpus.signature or {}).get("embedder")
     if not identity:
         raise AuditError(f"corpus {corpus_path} does not record its embedder; text retrieval needs it")
-    encode = text_encoder_for(identity, checkpoint=how.embedder_checkpoint, allow_download=how.allow_download)
+    encode = text_encoder(identity)
     sig = text_signature(encode, [p.text for p in prompt_list], query)
     if corpus.dim != sig.size:
         raise AuditError(f"the text features have {sig.size} dimensions but the corpus directions {corpus.dim}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from carlos_audit.errors import AuditError
+
 
 def image_features(embedder, images) -> np.ndarray:
     """(n, d) float32 raw image features, one batch exactly as given (batch layout is recorded)."""
@@ -85,3 +87,40 @@ def store_label_signatures(store, embedder, extra_labels: list[str]) -> dict:
     data = npy_bytes(sigs, dtype="<f8")
     store.write_file(LABEL_SIGNATURES, data)
     return {"path": LABEL_SIGNATURES, "sha256": sha256_bytes(data), "words": [list(w) for w in words]}
+
+
+def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_download: bool = False):
+    """A function texts -> (n, d) raw text features, for the embedder a corpus was built with
+    (its signature identity): what text retrieval (corpus/retrieval.retrieve) is given."""
+    from carlos_audit.models.embedders import HF_IDENTITY_PREFIX, load_embedder
+
+    if identity == "embedded:tiny-hf-clip":
+        return _hf_text_encoder(identity, allow_download)
+    if identity == "embedded:tiny-clip":
+        emb = load_embedder("embedded:tiny-clip", None)
+        return lambda texts: text_features(emb, texts)
+    if identity.startswith("open_clip:"):
+        name, _, tag = identity[len("open_clip:"):].partition("/")
+        if tag.startswith("file:"):
+            if not checkpoint:
+                raise AuditError(f"the corpus embedder {identity} was loaded from a checkpoint file; pass --embedder-checkpoint PATH to that file")
+            tag = checkpoint
+        emb = load_embedder(name, tag, allow_download=allow_download)
+        return lambda texts: text_features(emb, texts)
+    if identity.startswith(HF_IDENTITY_PREFIX):
+        return _hf_text_encoder(identity[len(HF_IDENTITY_PREFIX):], allow_download)
+    raise AuditError(f"cannot load the text tower of embedder {identity!r}")
+
+
+def _hf_text_encoder(repo: str, allow_download: bool):
+    from carlos_audit.models.embedders import load_embedder
+
+    try:
+        emb = load_embedder(repo if repo.startswith("embedded:") else "hf:" + repo, None, allow_download=allow_download)
+    except AuditError:
+        cache = "models--" + repo.replace("/", "--")
+        raise AuditError(
+            f"the corpus was profiled with {repo} (transformers CLIPModel); its text tower is not in the local "
+            f"Hugging Face cache ({cache}: config.json, model weights, tokenizer files); "
+            "download it there, or pass --allow-download") from None
+    return lambda texts: text_features(emb, texts)
