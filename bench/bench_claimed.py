@@ -134,11 +134,11 @@ def roc_points(pos: list[float], neg: list[float]) -> list[tuple[float, float, f
 def main() -> None:
     from carlos_audit.analysis.claimed_calibration import cos
     from carlos_audit.analysis.claimed_calibration import Rater
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
     from carlos_audit.corpus.store import load_corpus
     from carlos_audit.demo import prepare_demo
     from carlos_audit.records import Manifest
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", type=int, default=4)

@@ -59,7 +59,7 @@ def make_session(root: Path, pool):
     from carlos_audit.models.embedders import load_embedder
     from carlos_audit.run.generate import GenerationParams
     from carlos_audit.run.profile import Session
-    from carlos_audit.casefolder.store import BaseImageCache, CaseStore
+    from carlos_audit.casefolder.unit_store import BaseImageCache, CaseStore
 
     emb = load_embedder("embedded:tiny-clip", None)
     params = GenerationParams(25, 5.0, SIZE, SIZE, "EulerDiscreteScheduler", "", "per-image")

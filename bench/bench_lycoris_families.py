@@ -31,7 +31,7 @@ os.environ.setdefault("CARLOS_AUDIT_HOME", tempfile.mkdtemp(prefix="carlos-bench
 def main() -> None:
     from lycoris_files import FAMILIES, library_models, make_lycoris_file
 
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
     from carlos_audit.models.loading import load_base_pipeline
     from carlos_audit.run.generate import set_adapter_state
     from carlos_audit.run.load import load_lora

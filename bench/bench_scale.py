@@ -76,7 +76,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
     from carlos_audit.report import render_report
     from carlos_audit import pipeline, records
     from carlos_audit.analysis import case_analysis
-    from carlos_audit.casefolder import store
+    from carlos_audit.casefolder import unit_store as store
     from carlos_audit.run import embed, generate, load, profile
 
     spent = {"generation": 0.0, "clip": 0.0, "io": 0.0, "metrics": 0.0}
@@ -119,7 +119,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
 def build(tmp: Path, assets: dict, label: str, **kw) -> dict:
     from conftest import write_case
 
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
     from carlos_audit.fileio import read_json
 
     loras = tmp / "loras"

@@ -11,7 +11,7 @@ simulated consistency and strength are the row's (a lookup table of effect -> co
 measured once per run), so the simulated cases span the
 corpus's strength and consistency ranges. A case is the whole protocol, 280 prompts x --seeds
 seeds; its **full-protocol value** is what that whole case measures. The sequential rule
-(analysis/sequential.py, the rule below) then runs on the pre-registered order (a random
+(analysis/sequential_intervals.py, the rule below) then runs on the pre-registered order (a random
 permutation of the prompts: in the simulation prompts are exchangeable) look by look, against
 the real corpus with the template row left out, and stops when every target is met. Per rule:
 
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from carlos_audit.analysis import sequential as seq
+from carlos_audit.analysis import sequential_intervals as seq
 from carlos_audit.analysis.coverage import Generator, Shape
 from carlos_audit.analysis.metrics import consistency, strength
-from carlos_audit.case.sequential import SequentialSpec
+from carlos_audit.case.sequential_plan import SequentialSpec
 from carlos_audit.corpus.search import nearest
 
 PARQUET = Path(__file__).resolve().parents[2] / "shared" / "reference" / "carlos_sdxl_vitb32_metrics.parquet"

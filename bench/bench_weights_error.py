@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_weights_error.py           # print the table
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_weights_error.py --write   # and store it
 
-Families and thresholds: carlos_audit/lora/families.py and carlos_audit/lora/weights.py. With
+Families and thresholds: tests/weight_families.py and carlos_audit/lora/weights.py. With
 ``--write`` the table is stored as carlos_audit/lora/weight_error_rates.json, which the report
 cites next to each weight-space reading (regenerate it whenever a threshold changes).
 """
@@ -11,12 +11,15 @@ cites next to each weight-space reading (regenerate it whenever a threshold chan
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from carlos_audit.fileio import write_json_atomic
-from carlos_audit.lora.families import measure
 from carlos_audit.lora.weights import ERROR_RATES_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the LoRA-pair families are test code
+from weight_families import measure  # noqa: E402
 
 
 def main() -> None:

@@ -76,7 +76,8 @@ def setup(smoke: bool, home: Path) -> dict:
         demo = prepare_demo(corpus=False)
         return {"source": "embedded:tiny-sd", "lora": demo["loras"]["target"], "device": "cpu", "dtype": "float32",
                 "size": 64, "steps": 2, "dtypes": ("float32",)}
-    from carlos_audit.models.fixtures import ensure_random_pipeline, write_kohya_lora
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the full-size fixtures are test code
+    from fullsize_fixtures import ensure_random_pipeline, write_kohya_lora
 
     folder = ensure_random_pipeline("sdxl")
     lora = write_kohya_lora("sdxl", home / "xl-lora.safetensors")

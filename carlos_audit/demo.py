@@ -6,12 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from carlos_audit.models.demo_loras import DEMO_VERSION, build_demo_loras, demo_dir
-from carlos_audit.models.tiny import (
-    carlos_home,
-    ensure_tiny_clip,
-    ensure_tiny_sd,
-    tree_sha256,
-)
+from carlos_audit.paths import carlos_home
+from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd
+from carlos_audit.hashing import tree_sha256
 
 DEMO_CASEFILE = Path(__file__).resolve().parent.parent / "casefiles" / "demo.toml"
 DEMO_CLAIMED_CASEFILE = DEMO_CASEFILE.with_name("demo-claimed.toml")  # [claimed_works]: demo_claimed.py
@@ -22,7 +19,7 @@ def demo_corpus_dir() -> Path:
 
 
 def prepare_demo(progress: bool = False, corpus: bool = True, claimed: bool = True) -> dict:
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
     from carlos_audit.demo_claimed import build_demo_claimed_works
 
     sd = ensure_tiny_sd()

@@ -36,7 +36,7 @@ SUFFIX = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
 def demo_claimed_dir() -> Path:
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     return carlos_home() / "demo" / f"claimed-v{CLAIMED_VERSION}"
 
@@ -56,7 +56,7 @@ def generate_works(source_lora: Path, prompts: list[str], seeds: list[int], *, s
                    scale: float = 1.0):
     """Images of the embedded tiny pipeline with ``source_lora`` at ``scale`` (DDIM, guidance 5),
     one per (prompt, seed). A pipeline of its own: the run's cached pipeline is not touched."""
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run.environment import apply_determinism
     from carlos_audit.run.generate import GenerationParams, generate_batch, set_adapter_state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -31,3 +32,26 @@ def canonical_json(obj) -> bytes:
 
 def sha256_json(obj) -> str:
     return sha256_bytes(canonical_json(obj))
+
+
+def tree_files(folder: Path, hasher=sha256_file) -> list[list[str]]:
+    """Every file under ``folder`` as sorted ``[relative path, sha256]`` pairs, following symbolic
+    links (a Hugging Face cache snapshot is links into ``blobs/``; a re-pointed link changes the
+    hash). A link cycle is refused. ``hasher``: models/filehash.file_sha256 for model folders."""
+    folder = Path(folder)
+    entries = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if any(os.path.realpath(folder / a) == real for a in Path(root).relative_to(folder).parents):
+            raise OSError(f"symbolic link cycle under {folder} at {root}")
+        dirs.sort()
+        for name in files:
+            p = Path(root) / name
+            if p.is_file():
+                entries.append([p.relative_to(folder).as_posix(), hasher(p)])
+    return sorted(entries)
+
+
+def tree_sha256(folder: Path, hasher=sha256_file) -> str:
+    """Hash of a model folder: sha256 over the sorted (relative path, file sha256) list, links followed."""
+    return sha256_json(tree_files(folder, hasher))

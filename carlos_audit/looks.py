@@ -1,7 +1,7 @@
 """Generate a case's pairs: all at once, or look by look under its pre-registered sequential rule.
 
 ``run_protocol`` is how pipeline.py has run/profile.generate_units schedule the pairs. Without ``[protocol.sequential]`` it runs
-every arm over every pair (as before). With it (case/sequential.py), look k runs the batches of
+every arm over every pair (as before). With it (case/sequential_plan.py), look k runs the batches of
 the prompts added at look k for every arm, then evaluates the stopping rule from the stored
 features of the main profile, model-free (analysis/sequential.evaluate_look), and stops when
 every target is met or the last look is done. A killed run resumes through the unit records:
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carlos_audit.case.sequential import SequentialSpec, case_plan, look_rows
-from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.case.sequential_plan import SequentialSpec, case_plan, look_rows
+from carlos_audit.casefolder.unit_store import CaseStore
 from carlos_audit.records import Manifest
 
 
@@ -26,7 +26,7 @@ def run_protocol(session, plan, pairs: list, prompts: list, corpus, lora_sha256:
     look_plan = case_plan(session.case, prompts)
     if look_plan is None:
         return pairs, {arm.name: run_arm(arm, pairs) for arm in plan.arms.values()}, None
-    from carlos_audit.analysis.sequential import LookSetting
+    from carlos_audit.analysis.sequential_intervals import LookSetting
 
     corpus, own = open_reference(corpus, lora_sha256, look_plan.rule)
     pc = session.case.protocol
@@ -55,7 +55,7 @@ def open_reference(corpus, lora_sha256: str, rule: SequentialSpec):
     """The corpus (an opened Corpus, or its path) the percentile and neighbour targets are judged
     against, and the case's own row in it (left out, as the comparison does); (None, None) when
     no target needs it."""
-    from carlos_audit.case.sequential import CORPUS_TARGETS
+    from carlos_audit.case.sequential_plan import CORPUS_TARGETS
 
     if corpus is None or all(getattr(rule, k) is None for k in CORPUS_TARGETS):
         return None, None
@@ -70,7 +70,7 @@ def evaluate_stored(store, main: tuple, ids: list[str], prompt_ids: list[str], l
     """``evaluate_look`` on the stored features of the pairs ``ids`` (the main profile's arms);
     ``setting``: analysis/sequential.LookSetting."""
     from carlos_audit.analysis.metrics import diffs
-    from carlos_audit.analysis.sequential import evaluate_look
+    from carlos_audit.analysis.sequential_intervals import evaluate_look
 
     d = diffs(store.features(main[1], ids), store.features(main[0], ids))
     return evaluate_look(d, prompt_ids, look, setting)
@@ -82,7 +82,7 @@ def recheck_looks(store: CaseStore, manifest: Manifest, corpus_path: Path | None
     intervals differ (empty: the rule was applied as pre-registered and stopped where it says)."""
     import math
 
-    from carlos_audit.analysis.sequential import LookSetting
+    from carlos_audit.analysis.sequential_intervals import LookSetting
 
     seq, rows, protocol = manifest.sequential, manifest.pairs, manifest.protocol
     looks = [r["n_prompts"] for r in seq["planned_looks"]]

@@ -20,10 +20,10 @@ from pathlib import Path
 from carlos_audit import __version__
 from carlos_audit.case.casefile import Case
 from carlos_audit.case.options import RunOptions
-from carlos_audit.case.paths import reference_corpus
+from carlos_audit.case.casefile import reference_corpus
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs, load_prompts, prompts_sha256
 from carlos_audit.casefolder import CaseFolder
-from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.casefolder.unit_store import CaseStore
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json
 from carlos_audit.records import Comparison, Manifest, Metrics, RunRecord
@@ -137,7 +137,7 @@ def finish_case(case: Case, out: Path, record: RunRecord, *, argv: list[str] | N
     ``opened``: the corpus, prompts and arm plan the run already holds (a build's finalize unit
     passes none: they are read here, once)."""
     from carlos_audit.analysis.case_analysis import analyse_case
-    from carlos_audit.casefolder.store import hash_inputs
+    from carlos_audit.casefolder.unit_store import hash_inputs
 
     out = Path(out)
     folder = CaseFolder(out)
@@ -179,7 +179,7 @@ def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list
     opened = opened or Opened()
     prompts = opened.prompts if opened.prompts is not None else load_prompts(case.protocol.prompts, case.base_dir)[0]
     pc = case.protocol
-    from carlos_audit.case.sequential import run_pairs
+    from carlos_audit.case.sequential_plan import run_pairs
 
     # a sequential case: the pairs of the looks it ran
     pairs = run_pairs(enumerate_pairs(prompts, pc.seeds, pc.batch_size), record.sequential)

@@ -381,7 +381,7 @@ class Tool(Section):
     git_commit: str | None = None
 
 
-# ---- the claimed works: manifest.json (run/claimed.py) ----------------------------------
+# ---- the claimed works: manifest.json (run/embed_works.py) ----------------------------------
 
 @dataclass(frozen=True)
 class ClaimedWork(Section):

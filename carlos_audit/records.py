@@ -169,7 +169,7 @@ class Metrics(Record):
     per_prompt: dict[str, PromptStats] = part(PromptStats, "map", required=True)
     per_pair: list[PairNorm] = part(PairNorm, "list", required=True)
     indicators: Indicators = field(default_factory=Indicators, metadata={NESTED: Indicators, "shape": "one"})
-    sequential: SequentialStop | None = part(SequentialStop, optional=True)  # analysis/sequential.py
+    sequential: SequentialStop | None = part(SequentialStop, optional=True)  # analysis/sequential_intervals.py
     claimed_works: ClaimedMeasures | None = part(ClaimedMeasures, optional=True)
     schema: str = METRICS_SCHEMA
 
@@ -217,7 +217,7 @@ class Manifest(Record):
     results: dict
     environment: Environment = part(Environment, required=True)
     label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
-    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential.py, looks.py
+    sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential_plan.py, looks.py
     claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)
     schema: str = MANIFEST_SCHEMA
 
@@ -254,5 +254,5 @@ class RunRecord(Record):
     text_features: dict | None
     label_signatures: dict | None
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # the looks run (looks.py)
-    claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)  # the claimed works embedded (run/claimed.py)
+    claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)  # the claimed works embedded (run/embed_works.py)
     schema: str = RUN_RECORD_SCHEMA

@@ -340,7 +340,7 @@ class Behaviour(Section):
 
 @dataclass(frozen=True)
 class ClassErrorRates(Section):
-    """How often generated LoRA pairs of each family get the weights reading's class (lora/families.py);
+    """How often generated LoRA pairs of each family get the weights reading's class (tests/weight_families.py);
     the key ``class`` (a Python keyword) is read as ``r["class"]``."""
     reps: int | None = None
     thresholds: Any = None
@@ -378,7 +378,7 @@ class HeadToHead(Section):
     weights: Weights | None = part(Weights)
 
 
-# ---- the claimed works: metrics.json (analysis/claimed.py) -----------------------------------
+# ---- the claimed works: metrics.json (analysis/alignment.py) -----------------------------------
 
 @dataclass(frozen=True)
 class Alignment(Section):

@@ -147,7 +147,7 @@ def check_metrics(folder: CaseFolder) -> Check:
 
 def check_sequential(folder: CaseFolder) -> Check:
     """A sequential case: every recorded look evaluated again from the stored features."""
-    from carlos_audit.case.paths import reference_corpus
+    from carlos_audit.case.casefile import reference_corpus
     from carlos_audit.looks import recheck_looks
 
     corpus = reference_corpus(folder.case)
@@ -172,7 +172,7 @@ def check_regenerated(folder: CaseFolder, sample: int, seed: int, progress: bool
 
     from carlos_audit.case.options import RunOptions
     from carlos_audit.case.signature import environment_differences
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
     from carlos_audit.run.intake import intake
     from carlos_audit.run.profile import prepare_run, regenerate
 
@@ -253,7 +253,7 @@ def verify_case(case_dir: Path, sample: int = 4, seed: int = 0, trust: list[Path
 def _verify_case(case_dir: Path, sample: int, seed: int, trust: list[Path] | None) -> dict:
     """The checks on the folder's records, each file read and hashed once. A missing or edited
     metrics.json is a failed check, not a refusal: only the manifest is required."""
-    from carlos_audit.analysis.claimed import claimed_checks
+    from carlos_audit.analysis.alignment import claimed_checks
 
     case_dir = Path(case_dir)
     folder = CaseFolder(case_dir).require_finished(Manifest)

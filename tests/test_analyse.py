@@ -57,7 +57,7 @@ def test_the_scale_1_dose_response_interval_is_the_main_interval(demo_case_dir):
     from carlos_audit.analysis.indicators import prompt_resamples
     from carlos_audit.analysis.metrics import bootstrap, diffs, draw_groups, percentile_ci, strength
     from carlos_audit.records import Manifest, Metrics
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     m, manifest = Metrics.read(demo_case_dir), Manifest.read(demo_case_dir)
     (point,) = [p for p in m.indicators["dose_response"]["points"] if p["scale"] == manifest.lora["scale"] == 1.0]

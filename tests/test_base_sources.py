@@ -131,6 +131,6 @@ def test_report_prints_the_claim_as_text_and_hints_without_count():
 
 def test_case_paths_are_normalised(tmp_path):
     """Defect 7: report paths showed as cases/../single/..."""
-    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.paths import expand_path
 
     assert expand_path("../single/x.safetensors", tmp_path / "cases") == tmp_path / "single" / "x.safetensors"

@@ -23,7 +23,7 @@ def _no_gpu(*a, **k):
 
 
 def test_a_driver_without_a_gpu_plans_a_cuda_build(lite_assets, tmp_path, monkeypatch):
-    from carlos_audit.engines.build import plan_build
+    from carlos_audit.engines.build_plan import plan_build
     from carlos_audit.engines.units import unit_threads
 
     for name in ("get_device_name", "get_device_properties", "get_device_capability", "current_device"):
@@ -41,7 +41,7 @@ def test_a_driver_without_a_gpu_plans_a_cuda_build(lite_assets, tmp_path, monkey
 
 
 def test_a_build_stores_the_base_png_bytes_once(lite_assets, carlos_home, tmp_path):
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
 
     loras = tmp_path / "loras"
     loras.mkdir()

@@ -159,7 +159,7 @@ def test_check_the_reference_case_file_on_a_machine_without_sdxl(public_corpus, 
 
 def test_reference_case_file_signature_is_the_preset():
     from carlos_audit.case.casefile import load_case
-    from carlos_audit.case.check import expected_signature
+    from carlos_audit.check import expected_signature
     from carlos_audit.case.signature import preset_signature
     from carlos_audit.models.embedders import hf_embedder_identity
 

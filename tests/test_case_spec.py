@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from carlos_audit.case.casefile import SCHEMA, SECTION_TYPES, Case, parse_case
-from carlos_audit.case.sequential import KEYS as SEQUENTIAL_KEYS, SequentialSpec
+from carlos_audit.case.sequential_plan import KEYS as SEQUENTIAL_KEYS, SequentialSpec
 
 PACKAGE = Path(__file__).resolve().parents[1] / "carlos_audit"
 SECTIONS = set(SCHEMA)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from carlos_audit.casefolder import CaseFolder
-from carlos_audit.casefolder.store import CaseStore, UnitOutput
+from carlos_audit.casefolder.unit_store import CaseStore, UnitOutput
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.records import Comparison, Manifest, Metrics

@@ -228,7 +228,7 @@ def test_case_file_table_rules(tmp_path):
 
 
 def test_check_reports_claimed_works_present_or_invalid(tmp_path):
-    from carlos_audit.case.check import check_case
+    from carlos_audit.check import check_case
 
     d = tmp_path / "w"
     d.mkdir()

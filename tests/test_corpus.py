@@ -24,7 +24,7 @@ from carlos_audit.case.signature import (
 from carlos_audit.cli import main
 from carlos_audit.corpus import search as search_module
 from carlos_audit.corpus.carlos import export_carlos_csv, import_carlos_db
-from carlos_audit.corpus.cases import add_case
+from carlos_audit.corpus.add import add_case
 from carlos_audit.corpus.search import (
     nearest,
     neighbours,

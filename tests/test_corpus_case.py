@@ -25,7 +25,7 @@ def test_demo_corpus_was_built_from_the_demo_loras(demo_assets):
 
 
 def test_corpus_build_resumes_without_generating(demo_assets, monkeypatch):
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
     from carlos_audit.demo import DEMO_CASEFILE
     from carlos_audit.models.demo_loras import demo_dir
 

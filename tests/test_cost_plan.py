@@ -140,7 +140,7 @@ def test_fastpath_compile_flag_and_off_switch():
 def test_cpu_images_identical_with_fastpath_selector_active(demo_assets, monkeypatch):
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run.generate import GenerationParams, generate_batch
-    from carlos_audit.casefolder.store import png_bytes
+    from carlos_audit.casefolder.unit_store import png_bytes
 
     params = GenerationParams(3, 5.0, 64, 64, "DDIMScheduler", "")
 

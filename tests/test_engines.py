@@ -51,7 +51,7 @@ def inputs(demo_assets, pinned_clock, tmp_path_factory):
 
 
 def _build(inputs, home: Path, label: str, **kw) -> tuple[dict, Path]:
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
 
     tmp, loras, template = inputs
     dest = tmp / "dest"
@@ -143,7 +143,7 @@ def test_build_generates_L_plus_1_times_P_times_S_images_counted_by_hooks(local_
 def test_interrupted_local_build_resumes_to_the_same_bytes(local_build, inputs, carlos_home):
     """A build stopped after a few units resumes (CLI, --engine local) without redoing any unit."""
     from carlos_audit.cli import main
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
     from carlos_audit.engines.units import run_unit
 
     tmp, loras, template = inputs
@@ -213,8 +213,8 @@ def test_a_node_with_a_different_input_file_refuses_the_unit_naming_node_and_fil
     from dataclasses import replace
 
     from carlos_audit.case.casefile import load_case
-    from carlos_audit.corpus.build import case_for_lora
-    from carlos_audit.engines.build import plan_build
+    from carlos_audit.engines.corpus_build import case_for_lora
+    from carlos_audit.engines.build_plan import plan_build
     from carlos_audit.engines.inputs import node_label
     from carlos_audit.engines.units import run_unit
     from carlos_audit.errors import AuditError

@@ -231,7 +231,7 @@ def test_interval_warning_for_few_prompts():
 
 def test_weight_reading_on_generated_families():
     from carlos_audit.fileio import read_json
-    from carlos_audit.lora.families import measure
+    from weight_families import measure
     from carlos_audit.lora.weights import ERROR_RATES_FILE, PARTIAL_COSINE, RESCALE_TOLERANCE, SAME_COSINE
 
     table = measure(reps=1)

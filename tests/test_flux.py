@@ -50,7 +50,7 @@ def _schnell_folder(tmp_path) -> Path:
 
 def test_rebuilding_the_tiny_flux_pipeline_is_byte_identical(flux_assets, tmp_path):
     from carlos_audit.models.flux import ensure_tiny_flux
-    from carlos_audit.models.tiny import tree_sha256
+    from carlos_audit.hashing import tree_sha256
 
     again = ensure_tiny_flux(home=tmp_path)
     assert tree_sha256(again) == tree_sha256(Path(flux_assets["tiny_flux"]))
@@ -182,7 +182,7 @@ def test_demo_flux_images_differ_between_the_arms(flux_demo_dir):
 
 def test_init_picks_the_flux_preset_for_a_flux_lora(flux_assets, tmp_path, monkeypatch):
     from carlos_audit.case.casefile import load_case
-    from carlos_audit.case.check import check_case
+    from carlos_audit.check import check_case
     from carlos_audit.case.init import init_case
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -234,7 +234,7 @@ def test_a_flux_transformer_file_is_recognised_hashed_and_needs_its_components(f
 
 
 def test_check_lists_the_components_a_flux_transformer_file_needs(flux_assets, tmp_path):
-    from carlos_audit.case.check import check_case
+    from carlos_audit.check import check_case
 
     _bfl_checkpoint(tmp_path / "flux1-dev.safetensors")
     (tmp_path / "x.safetensors").write_bytes(Path(flux_assets["loras"]["target"]).read_bytes())
@@ -247,7 +247,7 @@ def test_check_lists_the_components_a_flux_transformer_file_needs(flux_assets, t
 
 def test_a_case_naming_the_wrong_flux_variant_is_refused(flux_assets, tmp_path):
     from carlos_audit.case.casefile import parse_case
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
     from carlos_audit.run.load import load_models
 
     lora = Path(flux_assets["loras"]["target"])

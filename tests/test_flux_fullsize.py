@@ -52,7 +52,7 @@ def test_full_size_layout_maps_key_for_key_onto_the_meta_model(meta_models, tmp_
     from safetensors.torch import load_file
 
     from carlos_audit.lora.flux_keys import map_modules, resolve
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     transformer, te = meta_models
     options, n_modules, n_te = FULL[layout]
@@ -106,7 +106,7 @@ def test_full_size_layout_maps_key_for_key_onto_the_meta_model(meta_models, tmp_
 
 def test_full_size_kohya_fused_modules_split_as_diffusers_splits_them(meta_models, tmp_path):
     from carlos_audit.lora.flux_keys import map_modules
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     transformer, _ = meta_models
     path = tmp_path / "k.safetensors"
@@ -128,7 +128,7 @@ def test_a_full_size_module_of_the_wrong_shape_is_skipped_with_its_reason(meta_m
     from safetensors.torch import save_file
 
     from carlos_audit.lora.flux_keys import map_modules
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     transformer, _ = meta_models
     k = "lora_unet_double_blocks_0_img_attn_proj"

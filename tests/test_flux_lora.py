@@ -40,7 +40,7 @@ def _images(pipe, adapter):
 
 
 def _load(flux, path, allow_partial=False):
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
     from carlos_audit.run.load import load_lora
 
     flux.pipe.unload_lora_weights()
@@ -114,7 +114,7 @@ def test_a_module_the_base_model_lacks_is_skipped_with_its_reason(flux, tmp_path
 
 
 def test_inspect_reports_layout_rank_alpha_blocks_and_self_reported_metadata(flux, tmp_path):
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     path = tmp_path / "k.safetensors"
     write_flux_lora(path, flux.pipe.transformer, "kohya_flux", rank=8, alpha=4.0, text_encoder=flux.pipe.text_encoder,
@@ -200,7 +200,7 @@ def _case(tmp_path: Path, source: str, lora: Path):
 
 
 def _refused(case, lora: Path) -> str:
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
     from carlos_audit.run.generate import COUNTERS
     from carlos_audit.run.load import load_models
 
@@ -263,11 +263,11 @@ def test_flux_demo_derivative_reads_as_merge_like_in_weights(flux, tmp_path):
 def test_corpus_build_with_a_flux_template(flux, tmp_path):
     from carlos_audit.case.casefile import load_case
     from carlos_audit.case.signature import require_compatible
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
     from carlos_audit.corpus.store import load_corpus
     from carlos_audit.engines.inputs import model_sha256
     from carlos_audit.models.flux import ensure_tiny_flux
-    from carlos_audit.models.tiny import tree_sha256
+    from carlos_audit.hashing import tree_sha256
 
     folder = tmp_path / "loras"
     folder.mkdir()

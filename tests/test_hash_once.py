@@ -14,7 +14,7 @@ from conftest import write_case
 from carlos_audit.hashing import sha256_file
 from carlos_audit.models import filehash
 from carlos_audit.models.loading import resolve_base_source
-from carlos_audit.casefolder.store import hash_inputs
+from carlos_audit.casefolder.unit_store import hash_inputs
 
 WATCHED: list = []  # [(folder, [opened paths])] while a test counts
 _HOOKED = []

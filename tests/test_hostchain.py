@@ -20,7 +20,7 @@ from carlos_audit.hashing import sha256_file
 from carlos_audit.run import embed as embed_mod
 from carlos_audit.run import profile as profile_mod
 from carlos_audit.pipeline import run_case
-from carlos_audit.casefolder.store import CaseStore, png_bytes
+from carlos_audit.casefolder.unit_store import CaseStore, png_bytes
 
 SEEDS = "{ count = 1, start = 0 }"  # 8 pairs: 2 batches of 4 per arm
 

@@ -19,7 +19,7 @@ from carlos_audit.cli import main
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.kit.export import export_case, zip_bytes
-from carlos_audit.portable import portable_command
+from carlos_audit.paths import portable_command
 
 
 def pdftext(pdf: Path) -> str:

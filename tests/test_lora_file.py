@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from carlos_audit.cli import main
 from carlos_audit.errors import AuditError
 from carlos_audit.lora.fileformat import check_not_pickle, validate_safetensors
-from carlos_audit.lora.intake import (
+from carlos_audit.lora.inspection import (
     claimed_base_model_hash,
     compare_base_hash,
     detect_architecture,
@@ -434,7 +434,7 @@ def test_bf16_tensors_are_read_without_torch(tmp_path):
 def test_intake_does_not_import_torch(tmp_path):
     p = write_kohya(tmp_path / "k.safetensors", make_factors(), alpha=4.0)
     code = (
-        "import sys; from carlos_audit.lora.intake import inspect_lora; "
+        "import sys; from carlos_audit.lora.inspection import inspect_lora; "
         f"inspect_lora({str(p)!r}); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

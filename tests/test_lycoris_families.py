@@ -10,7 +10,7 @@ import torch
 
 from lycoris_files import FAMILIES, make_lycoris_file
 
-from carlos_audit.lora.intake import inspect_lora
+from carlos_audit.lora.inspection import inspect_lora
 from carlos_audit.run.generate import set_adapter_state
 from carlos_audit.run.load import load_lora
 from carlos_audit.run.patch import patched_layers, unload

@@ -11,14 +11,10 @@ from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.models.embedders import load_embedder
 from carlos_audit.models.loading import load_base_pipeline
-from carlos_audit.models.tiny import (
-    TINY_CLIP_CONFIG,
-    ensure_tiny_clip,
-    ensure_tiny_sd,
-    tree_sha256,
-)
+from carlos_audit.models.tiny import TINY_CLIP_CONFIG, ensure_tiny_clip, ensure_tiny_sd
+from carlos_audit.hashing import tree_sha256
 from carlos_audit.run.generate import GenerationParams, generate_batch
-from carlos_audit.casefolder.store import png_bytes
+from carlos_audit.casefolder.unit_store import png_bytes
 
 PARAMS = GenerationParams(3, 5.0, 64, 64, "DDIMScheduler", "")
 

@@ -154,7 +154,7 @@ def test_base_arm_is_bit_identical_to_a_pipeline_that_never_loaded_the_lora(refe
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run.generate import GenerationParams, generate_batch
-    from carlos_audit.casefolder.store import png_bytes
+    from carlos_audit.casefolder.unit_store import png_bytes
 
     _, out = reference_run
     m = read_json(out / "manifest.json")

@@ -98,7 +98,7 @@ def _run_and_stop_a_local_ray_with_another_token() -> None:
 
 def test_cluster_build_without_shared_folders_survives_a_killed_driver_and_a_killed_node(
         cluster, local_build, inputs, carlos_home, tmp_path):  # noqa: F811
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
 
     tmp, loras, template = inputs
     dest = tmp / "dest"  # the local build's path (the manifest records the command line, DEST included)

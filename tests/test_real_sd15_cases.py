@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from carlos_audit.models.fixtures import ensure_random_pipeline, ensure_sd15_single_file, write_kohya_lora
+from fullsize_fixtures import ensure_random_pipeline, ensure_sd15_single_file, write_kohya_lora
 from carlos_audit.run import load as load_mod
 from conftest import full_size_case, hub_layout
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from carlos_audit.errors import AuditError
-from carlos_audit.lora.intake import inspect_lora
-from carlos_audit.models.fixtures import (
+from carlos_audit.lora.inspection import inspect_lora
+from fullsize_fixtures import (
     ensure_random_pipeline,
     write_kohya_lora,
     write_lycoris_lora,
@@ -91,7 +91,7 @@ def test_fp16_variant_folder_gives_the_same_images(sd15_pipe, tmp_path):
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.models.loading import load_base_pipeline
     from carlos_audit.run.generate import GenerationParams, generate_batch
-    from carlos_audit.casefolder.store import png_bytes
+    from carlos_audit.casefolder.unit_store import png_bytes
 
     params = GenerationParams(2, 5.0, 64, 64, "PNDMScheduler", "")
     want = [sha256_bytes(png_bytes(i)) for i in generate_batch(sd15_pipe.pipe, ["a red car"], [0], params)]

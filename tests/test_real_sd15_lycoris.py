@@ -1,4 +1,4 @@
-"""Full-size SD 1.5 (published configs, random weights; carlos_audit/models/fixtures.py, built once
+"""Full-size SD 1.5 (published configs, random weights; fullsize_fixtures.py, built once
 per machine in $CARLOS_AUDIT_FIXTURES) with LoHa, LoKr and DoRA files made by the LyCORIS library
 on its UNet and text encoder: applied by weight patch exactly as the library's forward applies
 them, only the layers in the file touched, the base weights restored bit for bit. Slow (a few
@@ -13,8 +13,8 @@ import torch
 
 from lycoris_files import make_lycoris_file
 
-from carlos_audit.lora.intake import inspect_lora
-from carlos_audit.models.fixtures import ensure_random_pipeline
+from carlos_audit.lora.inspection import inspect_lora
+from fullsize_fixtures import ensure_random_pipeline
 from carlos_audit.run.generate import set_adapter_state
 from carlos_audit.run.load import load_lora
 from carlos_audit.run.patch import patched_layers, unload

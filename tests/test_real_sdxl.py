@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from carlos_audit.models.fixtures import ensure_random_pipeline, write_kohya_lora
+from fullsize_fixtures import ensure_random_pipeline, write_kohya_lora
 from carlos_audit.run import load as load_mod
 from conftest import full_size_case
 
@@ -33,7 +33,7 @@ def test_sdxl_kohya_with_both_text_encoders_is_fully_applied_and_verified(carlos
 
 
 def test_sdxl_lora_on_sd15_is_refused_before_generation(carlos_home, tmp_path):
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     lora = write_kohya_lora("sdxl", tmp_path / "xl.safetensors", only="unet")
     assert inspect_lora(lora)["architecture"] == "sdxl"

@@ -128,7 +128,7 @@ def test_demo_report_has_every_section_in_order(demo_case_dir, demo_report):
         assert row["arms"]["lora"]["image_sha256"] in raw
     # the reproducing command
     # Appendix D shows the recorded command with paths reduced to file names (portable.py)
-    from carlos_audit.portable import portable_command
+    from carlos_audit.paths import portable_command
 
     assert " ".join(portable_command(manifest["run"]["command"])) in raw
     # page X of Y on every page

@@ -34,7 +34,7 @@ def _keys(case, monkeypatch) -> tuple[dict, dict]:
     """The description the corpus build keys its shared base arm with, and the one the run keys the
     same batch with in its base-image cache."""
     from carlos_audit.case import signature
-    from carlos_audit.engines.build import shared_arm_key
+    from carlos_audit.engines.build_plan import shared_arm_key
     from carlos_audit.run.generate import GenerationParams
     from carlos_audit.run.profile import Session
 

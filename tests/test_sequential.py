@@ -1,5 +1,5 @@
 """The pre-registered sequential protocol: the case-file table, the prompt order and looks, the
-intervals for the full-protocol value (analysis/sequential.py), and a real run on the tiny models
+intervals for the full-protocol value (analysis/sequential_intervals.py), and a real run on the tiny models
 against the same case run in full."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carlos_audit.analysis import sequential as seq
+from carlos_audit.analysis import sequential_intervals as seq
 from carlos_audit.analysis.metrics import consistency, strength
 from carlos_audit.case.casefile import parse_case
 from carlos_audit.case.protocol import Prompt, enumerate_pairs, load_prompts
-from carlos_audit.case.sequential import SequentialSpec, look_rows, plan_looks, prompt_order, run_pairs
+from carlos_audit.case.sequential_plan import SequentialSpec, look_rows, plan_looks, prompt_order, run_pairs
 from carlos_audit.errors import AuditError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_table_refused(tmp_path, table, extra, message):
 def test_check_prints_the_looks(tmp_path):
     from click.testing import CliRunner
 
-    from carlos_audit.case.check import check_case
+    from carlos_audit.check import check_case
     from carlos_audit.cli import main
 
     r = check_case(SEQ_CASE)
@@ -93,7 +93,7 @@ def test_check_prints_the_looks(tmp_path):
 
 
 def test_corpus_build_refuses_a_sequential_template(tmp_path):
-    from carlos_audit.engines.build import plan_build
+    from carlos_audit.engines.build_plan import plan_build
 
     case = parse_case(case_text(GOOD), tmp_path / "c.toml")
     with pytest.raises(AuditError, match=re.escape("remove [protocol.sequential] from the template")):
@@ -339,7 +339,7 @@ def test_a_stopped_case_verifies_reanalyses_reports_and_joins_a_corpus(sequentia
     from carlos_audit.analysis.case_analysis import analyse_case, reanalyse
     from carlos_audit.case.casefile import parse_case
     from carlos_audit.casefolder import CaseFolder
-    from carlos_audit.corpus.cases import add_case
+    from carlos_audit.corpus.add import add_case
     from carlos_audit.corpus.write import create_corpus, create_empty
     from carlos_audit.records import Manifest
     from carlos_audit.verify import check_sequential

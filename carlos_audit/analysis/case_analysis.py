@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.case.casefile import Case
+from carlos_audit.paths import expand_path
 from carlos_audit.casefolder import CaseFolder
-from carlos_audit.casefolder.store import CaseStore, load_npy
+from carlos_audit.casefolder.unit_store import CaseStore, load_npy
 from carlos_audit.errors import AuditError
 from carlos_audit.records import Comparison, Manifest, Metrics
 
@@ -63,11 +64,11 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case, corpu
             case.indicators.top_labels)
     out = Metrics(**metrics, indicators=extra)
     if manifest.sequential:
-        from carlos_audit.analysis.sequential import metrics_record, stopped_look
+        from carlos_audit.analysis.sequential_intervals import metrics_record, stopped_look
 
         out.sequential = metrics_record(stopped_look(d_main, prompt_ids, manifest.sequential, p), manifest.sequential)
-    if manifest.claimed_works:  # [claimed_works]: analysis/claimed.py
-        from carlos_audit.analysis.claimed import claimed_works_metrics
+    if manifest.claimed_works:  # [claimed_works]: analysis/alignment.py
+        from carlos_audit.analysis.alignment import claimed_works_metrics
 
         out.claimed_works = claimed_works_metrics(store, manifest, case, corpus)
     return out
@@ -109,9 +110,9 @@ def _checked(path: str, sha256: str, source=None):
 
 
 def sequential_placement(store: CaseStore, manifest: Manifest, corpus) -> dict:
-    """comparison.json ``target.sequential`` of a sequential case (analysis/sequential.py), against
+    """comparison.json ``target.sequential`` of a sequential case (analysis/sequential_intervals.py), against
     the opened reference Corpus."""
-    from carlos_audit.analysis.sequential import comparison_record, stopped_look
+    from carlos_audit.analysis.sequential_intervals import comparison_record, stopped_look
     from carlos_audit.corpus.placement import own_row
 
     ids = [r["pair_id"] for r in manifest.pairs]

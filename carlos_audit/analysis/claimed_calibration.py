@@ -1,5 +1,5 @@
 """How often would an unrelated LoRA look as aligned? The false-alignment rate of the claimed-works
-alignment (analysis/claimed.py), measured against the real LoRAs of the case's reference corpus.
+alignment (analysis/alignment.py), measured against the real LoRAs of the case's reference corpus.
 
     false-alignment rate = (corpus LoRAs k with cos(D_k, u) >= cos(D, u)) / (corpus LoRAs compared)
 

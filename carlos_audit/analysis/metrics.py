@@ -125,7 +125,7 @@ def bootstrap_consistency(d: np.ndarray, groups, boots: list[np.ndarray],
     """C* (see ``bootstrap``) of resamples given as index arrays of rows (whole prompts drawn,
     as ``indicators.prompt_resamples`` makes them); None for each when C is undefined.
     ``pair_counts``: the (same-prompt, different-prompt) ordered pair counts of the protocol
-    whose Consistency is estimated (default: the one ``d`` comes from; analysis/sequential.py
+    whose Consistency is estimated (default: the one ``d`` comes from; analysis/sequential_intervals.py
     passes the full protocol's for a case that ran part of it)."""
     norms, inv, S, cnt, nz = _group_sums(d, groups)
     if not (norms > 0).any() or d.shape[0] < 2:

@@ -18,8 +18,8 @@ from pathlib import Path
 import tomllib
 
 from carlos_audit.errors import AuditError
-from carlos_audit.case.paths import expand_path  # noqa: F401  (re-exported: case files name paths)
-from carlos_audit.case.sequential import SequentialSpec
+from carlos_audit.paths import expand_path
+from carlos_audit.case.sequential_plan import SequentialSpec
 from carlos_audit.case.spec import schema_types
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -81,7 +81,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "bootstrap_seed": (_INT, False, 0),
         "scales": (_FLOATLIST, False, []),
         "seed_mode": (_STR, False, "per-image"),
-        "sequential": (_TABLE, False, None),  # [protocol.sequential]: case/sequential.py
+        "sequential": (_TABLE, False, None),  # [protocol.sequential]: case/sequential_plan.py
         "max_sequence_length": (_INT, False, None),  # T5 tokens (Flux); default per variant
     },
     "output": {
@@ -302,7 +302,7 @@ def _check_values(c: dict, where: str) -> None:
             raise AuditError(f"{where}: protocol.{k} must be a multiple of 8")
     _check_seed_mode(p, where)
     if p["sequential"] is not None:
-        from carlos_audit.case.sequential import check_table
+        from carlos_audit.case.sequential_plan import check_table
 
         p["sequential"] = check_table(p["sequential"], p, where, has_corpus=bool(c["reference"]["corpus"]))
     if c["lora"]["scale"] < 0:
@@ -325,7 +325,7 @@ def _family_defaults(c: dict, given: dict, base_dir: Path, where: str) -> None:
     """The base model's family variant (``base_model["family"]``, None for Stable Diffusion) and
     its [protocol] defaults for the keys the file leaves out (models/families.py)."""
     from carlos_audit.models.families import FAMILY_VARIANTS, protocol_defaults, variant_of_source
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     source = c["base_model"]["source"].replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
     variant = c["base_model"]["family"] or variant_of_source(source, base_dir)
@@ -482,3 +482,9 @@ def derive_case(data: dict, folder: Path) -> Case:
     if not path.is_file():
         write_text_atomic(path, text)
     return case
+
+
+def reference_corpus(case: Case) -> Path | None:
+    """The case's ``[reference] corpus`` folder resolved, or None when it names none."""
+    corpus = case.reference.corpus
+    return expand_path(corpus, case.base_dir) if corpus else None

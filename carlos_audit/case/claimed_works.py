@@ -107,7 +107,7 @@ def claimed_files(section: dict, base_dir: Path) -> tuple[list[ClaimedFile], Pat
     """The pinned works of a [claimed_works] table (paths resolved against ``base_dir``) and the
     sha256sums list when there is one. Refuses an empty folder, an unpinned file, a pinned file
     that is missing, a duplicate hash and two works with one file name."""
-    from carlos_audit.case.paths import expand_path
+    from carlos_audit.paths import expand_path
 
     listing = None
     if section.get("folder"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from carlos_audit.errors import AuditError
 
-#: what `init` writes where the expert must fill in (case/check.py refuses a case that still holds it)
+#: what `init` writes where the expert must fill in (check.py refuses a case that still holds it)
 PLACEHOLDER = "<FILL IN"
 
 #: preset -> (architecture it is for, [section] -> {key: value}) written in this order.
@@ -79,7 +79,7 @@ def case_id_from(name: str) -> str:
 
 def init_case(lora, *, preset: str | None = None, out=None, force: bool = False) -> dict:
     """Write a case file for ``lora``; returns where, the preset and the proposed trigger words."""
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     lora = Path(lora).resolve()
     if not lora.is_file():

@@ -145,7 +145,7 @@ FETCHED_HEADER = "corpus.json"
 
 
 def public_corpus_dir() -> Path:
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     return carlos_home() / "corpora" / PUBLIC_NAME
 

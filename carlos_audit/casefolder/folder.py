@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.casefolder.unit_store import CaseStore
 from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_bytes, sha256_file
 from carlos_audit.records import Comparison, Manifest, Metrics, RunRecord

@@ -8,7 +8,7 @@ another host is never guessed stale: the message says which file to delete once 
 The lock is taken once per run, by its outermost step (pipeline.run_full or run_case); the lock
 keeps no state in this process, so taking it again while held is refused like any other holder.
 A corpus build
-(corpus/build.py) holds the same lock on its DEST for the whole build, whatever the engine: two
+(engines/corpus_build.py) holds the same lock on its DEST for the whole build, whatever the engine: two
 drivers never add rows to one corpus at once, and a driver killed mid-build leaves a lock that
 the next driver on this host takes over.
 """

@@ -18,7 +18,7 @@ from carlos_audit.cli.common import (
 def _run(case, out, options: RunOptions, argv: list[str]):
     from carlos_audit.analysis.coverage import interval_warning
     from carlos_audit.case.casefile import output_dir
-    from carlos_audit.case.check import require_filled
+    from carlos_audit.check import require_filled
     from carlos_audit.pipeline import run_full
 
     require_filled(case)
@@ -119,7 +119,7 @@ def _with_comparisons(case, loras):
 
     from carlos_audit.case.casefile import absolute_paths, derive_case
     from carlos_audit.errors import AuditError
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     for p in loras:
         if not Path(p).is_file():
@@ -211,7 +211,7 @@ def check_command(casefile, as_json):
     Example:
         carlos-audit check casefiles/carlos-sdxl.toml
     """
-    from carlos_audit.case.check import check_case
+    from carlos_audit.check import check_case
 
     r = check_case(casefile)
     if as_json:

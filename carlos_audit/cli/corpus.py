@@ -224,7 +224,7 @@ def corpus_add(corpus_path, case_dir, row_id, name, allow_incompatible):
     Example:
         carlos-audit corpus add corpora/mine reports/case-001
     """
-    from carlos_audit.corpus.cases import add_case
+    from carlos_audit.corpus.add import add_case
     from carlos_audit.corpus.validate import corpus_validation
 
     row = add_case(corpus_path, case_dir, row_id=row_id, name=name, allow_incompatible=allow_incompatible)
@@ -267,7 +267,7 @@ def corpus_build(lora_dir, dest, template, no_progress, **options):
         carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --gpus-per-task 1
         carlos-audit corpus build loras/ --casefile t.toml corpora/mine --engine ray --ray-address 10.0.0.5:6379
     """
-    from carlos_audit.corpus.build import build_corpus
+    from carlos_audit.engines.corpus_build import build_corpus
 
     quiet_libraries()
     result = build_corpus(lora_dir, template, dest, progress=not no_progress, **options)  # name, engine, ray_address, ...

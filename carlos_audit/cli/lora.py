@@ -30,7 +30,7 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
         carlos-audit inspect my_lora.safetensors
         carlos-audit inspect my_lora.safetensors --json --base-sha256 31e35c80fc...
     """
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     r = inspect_lora(lora, allow_unsafe_pickle=allow_unsafe_pickle, base_model_sha256=base_sha256)
     if as_json:

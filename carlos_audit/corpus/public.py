@@ -48,7 +48,7 @@ def default_dest() -> Path:
 
 
 def wheel_cache() -> Path:
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     return carlos_home() / "wheels" / WHEEL_FILE
 

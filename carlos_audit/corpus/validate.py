@@ -334,7 +334,7 @@ def _load_from(c: Corpus, rec, folder: Path, stored: bool) -> Validation | None:
 def cache_dir(c: Corpus) -> Path:
     """Where a corpus's validation is cached in the tool's home, keyed by the corpus's file hashes."""
     from carlos_audit.hashing import sha256_json
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     key = sha256_json({k: c.meta[k] for k in ("directions_sha256", "rows_sha256")})
     return carlos_home() / "validation" / key[:32]

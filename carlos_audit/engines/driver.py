@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from carlos_audit.errors import AuditError
-from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.casefolder.unit_store import CaseStore
 
 #: What a finalize unit needs of its case folder (the images stay with the driver).
 FINALIZE_INPUTS = ("case.toml", "run.json", "units/**/*.json", "embeddings/**/*.npy")

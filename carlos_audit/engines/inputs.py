@@ -36,9 +36,10 @@ def model_sha256(case) -> dict:
     """sha256 of the base model and the embedder as the loaders compute them (tree hash of a
     folder, file hash of a file), from this machine; the case's own ``sha256`` when this machine
     does not have the model (None: not checkable, e.g. open_clip weights named by tag)."""
-    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.paths import expand_path
     from carlos_audit.models.filehash import file_sha256
-    from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd, tree_sha256
+    from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd
+    from carlos_audit.hashing import tree_sha256
 
     def of_path(p: Path) -> str | None:
         if p.is_dir():
@@ -68,7 +69,7 @@ def planned_inputs(case) -> tuple:
     """((role, path, sha256), ...) of the inputs every unit of this build checks, LoRA excepted
     (each unit carries its own LoRA's hash)."""
     from carlos_audit.run.intake import resolve_inputs
-    from carlos_audit.casefolder.store import hash_inputs
+    from carlos_audit.casefolder.unit_store import hash_inputs
 
     paths = resolve_inputs(case)
     hashed = {e["role"]: e for e in hash_inputs([{"role": r, "path": str(p)} for r, p in paths.items() if r != "lora"])}
@@ -100,7 +101,7 @@ def check_inputs(unit, intake_inputs: list[dict], loaded: dict) -> None:
 
 def scratch_root() -> Path:
     """Node-local folder for a finalize unit's working copy (never the build's destination)."""
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     root = Path(os.environ.get("CARLOS_AUDIT_SCRATCH", carlos_home() / "scratch"))
     root.mkdir(parents=True, exist_ok=True)

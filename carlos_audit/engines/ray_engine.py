@@ -38,7 +38,7 @@ def _execute(unit_fn, unit, threads, *case_files):
 
 def worker_env(local: bool) -> dict:
     """Environment variables for the build's workers (paths only for a Ray started here)."""
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     names = FORWARD_ENV + (FORWARD_PATHS if local else ())
     env = {k: os.environ[k] for k in names if os.environ.get(k)}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from carlos_audit.errors import AuditError
-from carlos_audit.casefolder.store import CaseStore
+from carlos_audit.casefolder.unit_store import CaseStore
 
 #: The pipeline session of the last unit run in this process, reused by the next unit of the same
 #: LoRA case (profile.load_models keeps the pipeline loaded across cases; only the adapter swaps).

@@ -87,7 +87,7 @@ def compare_images(orig: Path, repro: Path, rows: list[dict], arms: list[str], r
 
 def compare_diffs(orig: Path, repro: Path, rows: list[dict], profiles: dict) -> list[dict]:
     """Per pair and profile: cosine of the two (LoRA - base) differences and the relative change of its norm."""
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     out = []
     ids = [r["pair_id"] for r in rows]
@@ -118,7 +118,7 @@ def compare_metrics(orig: Path, repro: Path, rows: list[dict], profiles: dict, n
     """Per profile: the CARLoS metrics of the compared pairs on each side, and whether each
     side's value lies inside the other's 95% interval."""
     from carlos_audit.analysis.metrics import compute_metrics
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     ids = [r["pair_id"] for r in rows]
     out = {}

@@ -31,7 +31,7 @@ from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import json_dumps, write_bytes_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
-from carlos_audit.portable import PathMap, portable_command
+from carlos_audit.paths import PathMap, portable_command
 from carlos_audit.records import Comparison, Manifest, Metrics
 
 KIT_SCHEMA = "carlos-audit/kit/1"
@@ -51,7 +51,7 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
     """Write the kit of a finished case folder to ``out`` (a .zip). Returns kit.json's content."""
     from carlos_audit import __version__
     from carlos_audit.kit.envlock import installed_distributions, lock_text
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
     from carlos_audit.run.environment import git_commit
 
     folder = CaseFolder(Path(case_dir).resolve())
@@ -70,9 +70,9 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
     entries["results/" + Metrics.FILE] = folder.raw(Metrics.FILE)  # a byte copy
     if comparison is not None:
         entries["results/" + Comparison.FILE] = json_dumps(pmap.apply(comparison.to_json())).encode()
-    from carlos_audit.run.claimed import kit_files
+    from carlos_audit.run.embed_works import kit_files
 
-    for rel in _result_files(manifest, images) + kit_files(manifest, include_inputs):  # claimed works: run/claimed.py
+    for rel in _result_files(manifest, images) + kit_files(manifest, include_inputs):  # claimed works: run/embed_works.py
         entries[f"results/{rel}"] = (case_dir / rel).read_bytes()
     if include_inputs:
         for i in inputs:
@@ -217,7 +217,7 @@ def _kit_case_toml(case_dir: Path, inputs: list[dict]) -> str:
         data["comparison"]["loras"] = [by_role[f"comparison_lora_{k}"]["kit_path"]
                                        for k in range(1, len(data["comparison"].get("loras", [])) + 1)]
     if data.get("claimed_works"):
-        from carlos_audit.run.claimed import kit_table
+        from carlos_audit.run.embed_works import kit_table
 
         data["claimed_works"] = kit_table(data["claimed_works"], by_role)
     if "reference" in data and data["reference"].get("corpus") and "corpus" in by_role:

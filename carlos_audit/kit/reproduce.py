@@ -81,7 +81,7 @@ def open_kit(kit_path: Path, dest: Path) -> dict:
 def check_inputs(kit: dict, given: dict[str, Path]) -> list[dict]:
     """Each input given here against the kit's sha256, before anything is loaded: a mismatch
     is refused with the role, the file and both hashes."""
-    from carlos_audit.models.tiny import tree_sha256
+    from carlos_audit.hashing import tree_sha256
 
     by_role = {i["role"]: i for i in kit["inputs"]}
     checked, wrong = [], []
@@ -268,14 +268,14 @@ def _regenerate(case, manifest: Manifest, out: Path, sample: int | None, sample_
     from carlos_audit.case.protocol import prompts_sha256
     from carlos_audit.run.intake import utc_now
     from carlos_audit.run.profile import prepare_run, regenerate
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     partial = bool((manifest.lora.get("load") or {}).get("partial"))
     store = CaseStore(out / "case")
     prep = prepare_run(case, store, RunOptions(allow_partial=partial), prepare_folder=False)
     if prompts_sha256(prep.prompts) != manifest.protocol["prompts_sha256"]:
         raise AuditError("the kit's prompts.json does not give the prompts the case was run with (prompts_sha256 differs)")
-    from carlos_audit.case.sequential import run_pairs
+    from carlos_audit.case.sequential_plan import run_pairs
 
     # a sequential case: the looks it ran (recorded), never decided again here
     sampled, pairs = None, run_pairs(prep.pairs, manifest.sequential)

@@ -138,7 +138,7 @@ def _compare_modules(a: tuple, b: tuple, shared: list[str]) -> tuple[list, list,
 
 
 #: Thresholds of the weight-space reading; their error rates on generated LoRA pairs are measured
-#: by ``lora/families.py`` (bench/bench_weights_error.py, docs/VALIDATION.md).
+#: by ``tests/weight_families.py`` (bench/bench_weights_error.py, docs/VALIDATION.md).
 SAME_COSINE = 0.999       # cosine at or above: the same weight changes (up to a factor)
 RESCALE_TOLERANCE = 0.01  # |norm ratio - 1| above: rescaled
 PARTIAL_COSINE = 0.5      # cosine at or above (and below SAME_COSINE): partial similarity

@@ -136,6 +136,6 @@ def build_demo_loras(dest: Path, base_sha256: str | None = None) -> dict[str, Pa
 
 
 def demo_dir() -> Path:
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     return carlos_home() / "demo" / f"loras-v{DEMO_VERSION}"

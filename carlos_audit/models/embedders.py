@@ -12,7 +12,8 @@ from carlos_audit.lora.fileformat import PICKLE_EXTENSIONS
 from carlos_audit.models.filehash import file_sha256
 from carlos_audit.models.hub import hf_snapshot
 from carlos_audit.models.pinned import open_clip_cached, pinned_identity
-from carlos_audit.models.tiny import ensure_tiny_clip, tree_sha256
+from carlos_audit.models.tiny import ensure_tiny_clip
+from carlos_audit.hashing import tree_sha256
 
 
 @dataclass

@@ -24,7 +24,7 @@ STATE = {"rehash": False, "hits": 0, "misses": 0}
 
 
 def cache_dir() -> Path:
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     return carlos_home() / "hash-cache"
 

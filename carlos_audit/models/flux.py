@@ -99,7 +99,8 @@ def _build_tiny_flux(dest: Path) -> None:
 
 
 def ensure_tiny_flux(home: Path | None = None) -> Path:
-    from carlos_audit.models.tiny import build_into, carlos_home
+    from carlos_audit.models.tiny import build_into
+    from carlos_audit.paths import carlos_home
 
     home = home or carlos_home()
     return build_into(home / "models" / f"tiny-flux-v{TINY_FLUX_VERSION}", _build_tiny_flux)

@@ -35,7 +35,7 @@ def flux_target_modules(transformer_dir: Path | None = None) -> list[tuple[str, 
 
 
 def flux_demo_dir() -> Path:
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
 
     return carlos_home() / "demo" / f"flux-loras-v{FLUX_DEMO_VERSION}"
 

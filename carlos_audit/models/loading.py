@@ -106,7 +106,9 @@ def carried_config_dir(arch: str) -> Path:
     import shutil
 
     from carlos_audit.hashing import sha256_bytes, sha256_json
-    from carlos_audit.models.tiny import build_into, carlos_home, tree_files
+    from carlos_audit.models.tiny import build_into
+    from carlos_audit.paths import carlos_home
+    from carlos_audit.hashing import tree_files
 
     if arch not in CARRIED_ARCHITECTURES:
         raise AuditError(f"no carried pipeline configs for architecture {arch!r} (carried: {', '.join(CARRIED_ARCHITECTURES)})")
@@ -146,7 +148,7 @@ class BaseSource:
 def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: str | None = None,
                         config: str | None = None, allow_download: bool = False) -> BaseSource:
     """Find a base model offline and hash every file that affects its images (links followed)."""
-    from carlos_audit.models.tiny import tree_files
+    from carlos_audit.hashing import tree_files
 
     if source in ("embedded:tiny-sd", "embedded:tiny-flux"):
         path = ensure_tiny_sd() if source == "embedded:tiny-sd" else ensure_tiny_flux()
@@ -295,7 +297,7 @@ def single_file_flux_source(path: Path, config: str | None, base_dir: Path | Non
     file, the carried transformer config of its variant, and the components folder
     (``[base_model] config``), every file hashed."""
     from carlos_audit.hashing import sha256_file
-    from carlos_audit.models.tiny import tree_files
+    from carlos_audit.hashing import tree_files
 
     variant, dtypes = single_file_flux_variant(path)
     if variant is None:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from carlos_audit.hashing import sha256_file, sha256_json
+from carlos_audit.paths import carlos_home
 
 TINY_SD_VERSION = 1
 TINY_CLIP_VERSION = 1
@@ -39,33 +39,6 @@ TINY_CLIP_PREPROCESS = {
     "interpolation": "bicubic",
     "resize_mode": "shortest",
 }
-
-
-def carlos_home() -> Path:
-    return Path(os.environ.get("CARLOS_AUDIT_HOME", Path.home() / ".cache" / "carlos-audit"))
-
-
-def tree_files(folder: Path, hasher=sha256_file) -> list[list[str]]:
-    """Every file under ``folder`` as sorted ``[relative path, sha256]`` pairs, following symbolic
-    links (a Hugging Face cache snapshot is links into ``blobs/``; a re-pointed link changes the
-    hash). A link cycle is refused. ``hasher``: models/filehash.file_sha256 for model folders."""
-    folder = Path(folder)
-    entries = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if any(os.path.realpath(folder / a) == real for a in Path(root).relative_to(folder).parents):
-            raise OSError(f"symbolic link cycle under {folder} at {root}")
-        dirs.sort()
-        for name in files:
-            p = Path(root) / name
-            if p.is_file():
-                entries.append([p.relative_to(folder).as_posix(), hasher(p)])
-    return sorted(entries)
-
-
-def tree_sha256(folder: Path, hasher=sha256_file) -> str:
-    """Hash of a model folder: sha256 over the sorted (relative path, file sha256) list, links followed."""
-    return sha256_json(tree_files(folder, hasher))
 
 
 def build_into(final: Path, builder) -> Path:

@@ -18,7 +18,7 @@ from carlos_audit.result_sections import (
     TargetVsComparison,
     Weights,
 )
-from carlos_audit.report.evidence import case_file, display_src
+from carlos_audit.report.image_evidence import case_file, display_src
 from carlos_audit.report.figures import DISPLAY_MAX_PX
 from carlos_audit.report.text import clip, flatten, num_or_none, pair_ci, short
 

@@ -15,15 +15,15 @@ from pathlib import Path
 from carlos_audit import __version__
 from carlos_audit.fileio import read_json
 from carlos_audit.hashing import sha256_file
-from carlos_audit.portable import portable_command
+from carlos_audit.paths import portable_command
 from carlos_audit.records import Comparison, LoraLoad, Manifest, Metrics
-from carlos_audit.report import evidence as ev
-from carlos_audit.report.claimed import claimed_works_context
+from carlos_audit.report import image_evidence as ev
+from carlos_audit.report.claimed_section import claimed_works_context
 from carlos_audit.report.comparison import corpus_placement
 from carlos_audit.report.expert import expert_context
-from carlos_audit.report.indicators import indicators
+from carlos_audit.report.indicators_section import indicators
 from carlos_audit.report.method import arms_plan, self_reported
-from carlos_audit.report.sequential import sequential_context
+from carlos_audit.report.sequential_section import sequential_context
 from carlos_audit.report.text import ellipsis, flatten, iso, seeds_text
 
 KNOWN_ERRORS = Path(__file__).resolve().parent / "known_errors.json"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from carlos_audit.record_sections import Environment
 from carlos_audit.records import CaseInfo, Comparison, Manifest
-from carlos_audit.report.claimed import claimed_materials
+from carlos_audit.report.claimed_section import claimed_materials
 from carlos_audit.report import rules
 from carlos_audit.report.text import ellipsis
 
@@ -134,7 +134,7 @@ def materials_considered(manifest: Manifest, comparison: Comparison | None, prov
     for i in manifest.inputs:
         rows.append({"role": str(i.role if "role" in i else "?"), "source": str(i.path if "path" in i else ""),
                      "size": i.size, "sha256": i.sha256, "kind": i.kind if "kind" in i else "file", "hashed": True})
-    claimed_materials(manifest, rows)  # claimed works: role and source as stated (report/claimed.py)
+    claimed_materials(manifest, rows)  # claimed works: role and source as stated (report/claimed_section.py)
     for role, rec in (("base model", manifest.base_model), ("image embedder", manifest.embedder)):
         if rec and not any(r["sha256"] == rec.sha256 for r in rows):
             rows.append({"role": role, "source": str(rec.identity if "identity" in rec else ""), "size": None,

@@ -35,7 +35,7 @@ from carlos_audit.records import Comparison, Manifest, Metrics
 from carlos_audit.report import ARCHIVE_PDF, FILING_PDF, figures
 from carlos_audit.report.comparison import head_to_head
 from carlos_audit.report.context import ReportInputs, build_context
-from carlos_audit.report.evidence import image_evidence, select_body_pairs
+from carlos_audit.report.image_evidence import image_evidence, select_body_pairs
 from carlos_audit.report.fetcher import (
     CASE_URL,
     STYLESHEET,

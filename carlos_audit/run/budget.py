@@ -1,7 +1,7 @@
 """``carlos-audit plan``: what a corpus build from a template will compute, and how long it will
 take on this device, before starting it.
 
-Counts follow the build's structure (engines/build.py): L LoRA arms plus ONE base arm shared by
+Counts follow the build's structure (engines/build_plan.py): L LoRA arms plus ONE base arm shared by
 every LoRA, each of P prompts x S seeds, so (L + 1) x P x S images. Device time comes from a
 real, timed generation of a few images with the template's base model and protocol (its steps,
 size, guidance, scheduler and batch size) on the device the template names, their CLIP
@@ -47,7 +47,7 @@ def measure(case, n_images: int) -> dict:
     from carlos_audit.run.generate import GenerationParams, generate_batch
     from carlos_audit.run.hostchain import Produced, finish_unit
     from carlos_audit.run.profile import make_session
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     pc = case.protocol
     t0 = time.perf_counter()

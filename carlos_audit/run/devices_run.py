@@ -1,7 +1,7 @@
 """One case on N devices: ``run --devices cuda:0,cuda:1,...`` (or ``cpu,cpu`` on a machine
 without a GPU: the same code path with CPU worker processes).
 
-The units of the case ((arm, batch): the resume points of casefolder/store.py) that are not done are
+The units of the case ((arm, batch): the resume points of casefolder/unit_store.py) that are not done are
 dealt round-robin to one worker process per device. Each worker loads the models once on its
 device, with the thread count of this process, and runs the units it was dealt through the same
 batch path as a one-device run (run/profile.produce_batch and the host chain), writing them
@@ -61,7 +61,7 @@ def run_units_on_devices(case, out: Path, devices: list[str], options: RunOption
 
     from carlos_audit.run.intake import intake, prepare_case_dir
     from carlos_audit.casefolder.lock import case_lock
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     options = options or RunOptions()
     paths, inputs, _ = intake(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
@@ -97,7 +97,7 @@ def worker(case_text: str, case_path: str, out: str, device: str, threads: int, 
     from carlos_audit.run.intake import intake
     from carlos_audit.run.load import load_models
     from carlos_audit.run.profile import load_comparisons, make_session, produce_batch
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     torch.set_num_threads(int(threads))
     case = parse_case(case_text, Path(case_path))

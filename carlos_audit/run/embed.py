@@ -57,7 +57,7 @@ def store_text_features(store, embedder, prompts) -> dict:
     prompt under embeddings/text/ (the prompt-override indicator reads them). Returns
     {prompt id: {path, sha256}} for the manifest's ``text_features``."""
     from carlos_audit.hashing import sha256_bytes
-    from carlos_audit.casefolder.store import npy_bytes
+    from carlos_audit.casefolder.unit_store import npy_bytes
 
     feats = text_features(embedder, [p.text for p in prompts])
     records = {}
@@ -79,7 +79,7 @@ def store_label_signatures(store, embedder, extra_labels: list[str]) -> dict:
     from carlos_audit.case.labels import label_signatures
     from carlos_audit.case.protocol import load_prompts
     from carlos_audit.hashing import sha256_bytes
-    from carlos_audit.casefolder.store import npy_bytes
+    from carlos_audit.casefolder.unit_store import npy_bytes
 
     retrieval, _ = load_prompts("builtin:retrieval")
     words, sigs = label_signatures(lambda texts: text_features(embedder, texts), [p.text for p in retrieval],

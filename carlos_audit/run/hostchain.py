@@ -63,7 +63,7 @@ def finish_unit(s, job: Produced) -> dict:
     from carlos_audit.run import cost
     from carlos_audit.run.devices import device_record
     from carlos_audit.run.embed import image_features
-    from carlos_audit.casefolder.store import UnitOutput, png_bytes
+    from carlos_audit.casefolder.unit_store import UnitOutput, png_bytes
 
     pngs = job.pngs if job.pngs is not None else [png_bytes(im) for im in job.images]
     if job.cache_key is not None and job.source == "generated":

@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from carlos_audit.case.casefile import Case, expand_path
+from carlos_audit.case.casefile import Case
+from carlos_audit.paths import expand_path
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.records import REPORT_FILES
 from carlos_audit.casefolder.lock import LOCK_NAME
-from carlos_audit.casefolder.store import hash_inputs
+from carlos_audit.casefolder.unit_store import hash_inputs
 
 CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json",
                   "images", "embeddings", "units", "figures") + REPORT_FILES
@@ -59,7 +60,7 @@ def resolve_inputs(case: Case) -> dict:
         cp = paths[f"comparison_lora_{i}"]
         if not cp.is_file():
             raise AuditError(f"{case.path}: comparison.loras[{i - 1}] {cp} does not exist or is not a file")
-    from carlos_audit.run.claimed import claimed_inputs
+    from carlos_audit.run.embed_works import claimed_inputs
 
     paths.update(claimed_inputs(case))  # [claimed_works]: pinned, present, decodable
     return paths
@@ -96,7 +97,7 @@ def read_inputs(case: Case, *, allow_unsafe_pickle: bool = False) -> Intake:
     file read once (parsed, and hashed from the same bytes)."""
     from carlos_audit.case.protocol import load_prompts
     from carlos_audit.lora.fileformat import LoraFile
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     paths = resolve_inputs(case)
     for role, p in paths.items():

@@ -260,7 +260,7 @@ def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions |
 def claimed_base_hash_check(inspection: dict, lp) -> dict:
     """The LoRA's self-reported base-model hash against the loaded base model
     (lora/intake.base_hash_check: one vocabulary for inspect and run)."""
-    from carlos_audit.lora.intake import base_hash_check
+    from carlos_audit.lora.inspection import base_hash_check
 
     return base_hash_check(inspection.get("claimed_base_model_hash"), lp.sha256, lp.identity)
 

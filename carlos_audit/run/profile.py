@@ -32,7 +32,7 @@ from carlos_audit.run.generate import (
 from carlos_audit.run.intake import prepare_case_dir, read_inputs
 from carlos_audit.run.load import base_model_record, load_lora, load_models
 from carlos_audit.run.hostchain import HostChain, Produced, finish_unit
-from carlos_audit.casefolder.store import BaseImageCache, CaseStore
+from carlos_audit.casefolder.unit_store import BaseImageCache, CaseStore
 
 # ----------------------------------------------------------------------------- generation
 
@@ -110,7 +110,7 @@ def produce_batch(s: Session, arm: Arm, batch: list[Pair]) -> Produced:
 
 def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tuple[Session, dict]:
     """The Session a run generates with, and the environment record of its manifest."""
-    from carlos_audit.models.tiny import carlos_home
+    from carlos_audit.paths import carlos_home
     from carlos_audit.run.environment import capture
 
     pc = case.protocol
@@ -197,7 +197,7 @@ def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequenti
     text = store_text_features(s.store, s.embedder, prep.prompts) if ind.prompt_override else None
     labels = store_label_signatures(s.store, s.embedder, list(ind.labels)) if ind.effect_labels else None
     emb, case = s.embedder, prep.case
-    from carlos_audit.run.claimed import store_claimed_works
+    from carlos_audit.run.embed_works import store_claimed_works
 
     claimed = store_claimed_works(s.store, emb, case)
     return RunRecord(
@@ -243,7 +243,7 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
         if want is None or [want["adapter"], want["scale"], want["with_triggers"], want["lora_sha256"]] != \
                 [arm.adapter, arm.scale, arm.with_triggers, arm.lora_sha256]:
             raise AuditError(f"arm {name} regenerated here differs from the recorded one; the case and this carlos-audit disagree on the protocol")
-    from carlos_audit.case.sequential import run_pairs
+    from carlos_audit.case.sequential_plan import run_pairs
 
     pairs = run_pairs(prep.pairs, manifest.get("sequential"))  # a sequential case: the looks it ran, never decided again
     if [p.id for p in pairs] != [r["pair_id"] for r in manifest["pairs"]]:
@@ -261,7 +261,7 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], options: RunOptions,
     """Load each comparison LoRA as its own adapter (cmp1, cmp2, ...); one with the target's
     file hash needs no adapter (its arm is the target's arm). ``loras``: the files as intake read
     them (inspected from those bytes)."""
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     sha = {e["role"]: e["sha256"] for e in inputs}
     out = []

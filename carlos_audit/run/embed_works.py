@@ -1,6 +1,6 @@
 """The run's part of the claimed works (``[claimed_works]``, case/claimed_works.py): each pinned
 work decoded, embedded with the case's embedder and stored in the case folder, so that the
-analysis step (analysis/claimed.py) needs no model and no access to the original files.
+analysis step (analysis/alignment.py) needs no model and no access to the original files.
 
     embeddings/claimed/<id>.npy   raw image features of the work (float32, as for the pairs)
     images/claimed/<id>.png       a thumbnail (longest edge THUMB_PX) for the report's exhibit grid
@@ -43,7 +43,7 @@ def claimed_inputs(case) -> dict:
 def thumbnail_png(image) -> bytes:
     from PIL import Image
 
-    from carlos_audit.casefolder.store import png_bytes
+    from carlos_audit.casefolder.unit_store import png_bytes
 
     im = image.copy()
     if max(im.size) > THUMB_PX:
@@ -57,7 +57,7 @@ def store_claimed_works(store, embedder, case) -> dict | None:
     from carlos_audit.fileio import write_bytes_atomic
     from carlos_audit.hashing import sha256_bytes
     from carlos_audit.run.embed import image_features
-    from carlos_audit.casefolder.store import npy_bytes
+    from carlos_audit.casefolder.unit_store import npy_bytes
 
     section = case.claimed_works
     if not configured(section):
@@ -92,7 +92,7 @@ def decoder_text() -> str:
 
 def claimed_features(store, record: dict) -> np.ndarray:
     """(works x dim) float64 features of the claimed works, from the case folder."""
-    from carlos_audit.casefolder.store import load_npy
+    from carlos_audit.casefolder.unit_store import load_npy
 
     return np.stack([load_npy(store.path(w["embedding"])) for w in record["works"]]).astype(np.float64)
 
@@ -117,7 +117,7 @@ def check_items(case) -> list[dict]:
     section = case.claimed_works
     if not configured(section):
         return []
-    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.paths import expand_path
 
     where = str(expand_path(section.folder, case.base_dir)) if section.folder else f"{len(section.files)} files"
     try:

@@ -1,6 +1,6 @@
 """Toward whose work? The LoRA's effect against the works a claimant points to (metrics.json
 ``claimed_works``). numpy only: it reads the stored features of the pairs and of the claimed
-works (run/claimed.py), never a model.
+works (run/embed_works.py), never a model.
 
 With raw image features: W the claimed works (m x dim), B and L the base and LoRA images of the
 main profile (pairs x dim), D = mean(L - B) the CARLoS Direction.
@@ -110,8 +110,8 @@ def claimed_works_metrics(store, manifest, case, corpus=None) -> dict:
     """metrics.json ``claimed_works`` of a case whose manifest records claimed works; ``corpus``:
     the case's reference corpus when the caller opened it (else it is opened here)."""
     from carlos_audit.analysis.claimed_calibration import calibration, open_rater, sensitivity
-    from carlos_audit.case.paths import reference_corpus
-    from carlos_audit.run.claimed import claimed_features
+    from carlos_audit.case.casefile import reference_corpus
+    from carlos_audit.run.embed_works import claimed_features
 
     rec = manifest.claimed_works
     p, rows = manifest.protocol, manifest.pairs
@@ -148,7 +148,7 @@ def claimed_checks(folder: CaseFolder) -> list[tuple[str, bool, str]]:
     """``verify``'s checks of the claimed works of a case folder: every
     stored feature and thumbnail against its recorded sha256, and the alignment recomputed from
     the stored features. None without works."""
-    from carlos_audit.run.claimed import claimed_features
+    from carlos_audit.run.embed_works import claimed_features
 
     manifest = folder.manifest
     rec = manifest.claimed_works

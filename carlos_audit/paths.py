@@ -1,5 +1,6 @@
-"""Machine-independent records: the paths of the examiner's machine replaced by names that mean
-the same thing anywhere.
+"""Paths, the bottom of the package: the tool's home folder (``carlos_home``), a path written in a
+case file resolved (``expand_path``), and machine-independent records: the paths of the
+examiner's machine replaced by names that mean the same thing anywhere.
 
 A kit (``export.py``) and the report's reproduction appendix must not carry an absolute path of
 the machine that ran the case: it says nothing to the other side, and it may say too much (user
@@ -14,6 +15,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePath
+
+def carlos_home() -> Path:
+    """The tool's home folder: ``$CARLOS_AUDIT_HOME``, else ``~/.cache/carlos-audit`` (embedded
+    models, demo files, caches)."""
+    return Path(os.environ.get("CARLOS_AUDIT_HOME", Path.home() / ".cache" / "carlos-audit"))
+
+
+def expand_path(value: str, base_dir: Path) -> Path:
+    """A path written in a case file, resolved: ``${CARLOS_AUDIT_HOME}`` expanded, ``~`` expanded,
+    relative paths taken from the case file's folder."""
+    value = value.replace("${CARLOS_AUDIT_HOME}", str(carlos_home()))
+    p = Path(value).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
+
 
 #: options whose value is a path on the examiner's machine
 #: what an absolute path of this machine that no registered prefix covers becomes (its file name kept)

@@ -15,7 +15,7 @@ A case file's ``[protocol.sequential]`` table asks for it::
     percentile_half_width = 5.0  # percentage points, against [reference] corpus
     neighbour_stability = 0.8    # mean share of the top-k kept under the resamples
     neighbour_k = 5
-    normal_check = true          # no stop before Cochran's rule holds (analysis/sequential.py)
+    normal_check = true          # no stop before Cochran's rule holds (analysis/sequential_intervals.py)
 
 The order is a category-stratified random permutation: the prompts of each subcategory are
 shuffled with ``order_seed``, the subcategories too, and the order takes one prompt of each

@@ -1,6 +1,6 @@
 """Report context of the "Claimed works" chapter (templates/sections/claimed_works.html.j2), from
-metrics.json ``claimed_works`` (analysis/claimed.py) and the manifest's ``claimed_works``
-(run/claimed.py): the measures with their intervals, the calibration against the corpus, the
+metrics.json ``claimed_works`` (analysis/alignment.py) and the manifest's ``claimed_works``
+(run/embed_works.py): the measures with their intervals, the calibration against the corpus, the
 sensitivity to the supplier's choice of works, and the exhibit grid (claimed work, base image,
 LoRA image and their three similarities), every image hash-checked and shown as a thumbnail no
 larger than the copy's image size (``[report] filing_image_px`` in the filing copy).
@@ -14,7 +14,7 @@ from carlos_audit.hashing import sha256_bytes
 from carlos_audit.records import Manifest
 from carlos_audit.record_sections import ClaimedWorks
 from carlos_audit.result_sections import Approaches, Calibration, ClaimedMeasures, Sensitivity
-from carlos_audit.report.evidence import case_file, display_src
+from carlos_audit.report.image_evidence import case_file, display_src
 from carlos_audit.report.figures import DISPLAY_MAX_PX
 from carlos_audit.report.text import ellipsis, short
 

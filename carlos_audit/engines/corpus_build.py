@@ -65,7 +65,7 @@ def build_corpus(lora_dir: Path, template_path: Path, dest: Path, **options) -> 
     order; with the same ``threads`` the corpus bytes do not depend on the engine. Writes
     DEST/build.json."""
     from carlos_audit.corpus.store import load_corpus
-    from carlos_audit.engines.build import build_record, default_threads, plan_build, run_plan
+    from carlos_audit.engines.build_plan import build_record, default_threads, plan_build, run_plan
     from carlos_audit.fileio import write_json_atomic
     from carlos_audit.casefolder.lock import case_lock
 
@@ -124,7 +124,7 @@ def _check_ray(ray_address: str | None) -> None:
 def _add_rows(dest: Path, todo: list, run: dict, name: str) -> list[str]:
     """Each finished case added as a row, in sorted order whatever order the engine finished in;
     the corpus created with the first one; its known error rates stored once."""
-    from carlos_audit.corpus.cases import add_case
+    from carlos_audit.corpus.add import add_case
     from carlos_audit.corpus.store import BUILD_CASES_DIR
     from carlos_audit.corpus.write import create_empty
 

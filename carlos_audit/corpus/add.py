@@ -90,7 +90,7 @@ def _text(section, key: str) -> str | None:
 
 
 def _notes(comp: dict, manifest: Manifest) -> list[str]:
-    from carlos_audit.case.sequential import sequential_note
+    from carlos_audit.case.sequential_plan import sequential_note
 
     notes = []
     if comp["differing"]:

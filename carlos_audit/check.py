@@ -67,7 +67,7 @@ def _base_model_item(case) -> tuple[dict, str]:
 
 def _flux_components_item(case, base: dict) -> list[dict]:
     """A FLUX.1 transformer file needs the VAE, CLIP-L and T5-XXL from ``[base_model] config``."""
-    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.paths import expand_path
     from carlos_audit.models.families import family_of_variant, hub_files
 
     fam = family_of_variant(case.base_model.family)
@@ -89,7 +89,7 @@ def _flux_components_item(case, base: dict) -> list[dict]:
 
 
 def _embedder_item(case) -> tuple[dict, str]:
-    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.paths import expand_path
 
     model, pre = case.embedder.model, case.embedder.pretrained
     if model.startswith("embedded:"):
@@ -127,7 +127,7 @@ def _file_item(role: str, path: Path, want_sha: str | None = None) -> dict:
 
 
 def _lora_item(case) -> tuple[dict, dict | None]:
-    from carlos_audit.lora.intake import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora
 
     item = _file_item("lora", input_paths(case)["lora"], case.lora.sha256)
     if item["status"] != "present":
@@ -169,7 +169,7 @@ def expected_signature(case, prompts, base_identity: str, embedder_identity: str
 
 
 def _corpus_section(case, signature: dict) -> dict | None:
-    from carlos_audit.case.casefile import expand_path
+    from carlos_audit.paths import expand_path
     from carlos_audit.case.signature import check_compatible, unverifiable_fields
 
     if not case.reference.corpus:
@@ -235,7 +235,7 @@ def check_case(casefile) -> dict:
         items.append({"role": "prompts", "status": "missing", "source": case.protocol.prompts, "detail": str(e),
                       "supply": FETCH_COMMAND if case.protocol.prompts.startswith("builtin:carlos-") else None})
     items += [_file_item(role, p) for role, p in input_paths(case).items() if role.startswith("comparison_lora_")]
-    from carlos_audit.run.claimed import check_items
+    from carlos_audit.run.embed_works import check_items
 
     items += check_items(case)  # [claimed_works]: pinned, present, decodable
     items.append(_device_item(case))
@@ -268,7 +268,7 @@ def check_case(casefile) -> dict:
 
 def _sequential(case, prompts, problems: list, n_arms: int) -> dict | None:
     """The looks of a ``[protocol.sequential]`` case and their cumulative image counts."""
-    from carlos_audit.case.sequential import case_plan, look_rows
+    from carlos_audit.case.sequential_plan import case_plan, look_rows
 
     if case.protocol.sequential is None or not prompts:
         return None

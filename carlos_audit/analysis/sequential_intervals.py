@@ -2,7 +2,7 @@
 
 The quantity a case compares with its corpus is the **full-protocol value**: Strength,
 Consistency and Direction over all N prompts x S seeds of the protocol. A sequential case
-(case/sequential.py) runs the first n prompts of a random, subcategory-stratified order: a
+(case/sequential_plan.py) runs the first n prompts of a random, subcategory-stratified order: a
 sample drawn without replacement from the protocol's own prompts. At each look k:
 
 * the estimate: Strength and Direction of the pairs run (unbiased for the full-protocol values,
@@ -36,7 +36,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from carlos_audit.case.sequential import SequentialSpec
+from carlos_audit.case.sequential_plan import SequentialSpec
 
 CONSTRUCTION = ("repeated confidence intervals (Jennison & Turnbull 1989) for the full-protocol value: "
                 "cluster bootstrap standard error over prompts with the finite-population correction "

@@ -192,7 +192,7 @@ MODEL_ROLES = ("base_model", "embedder")
 def hash_inputs(inputs: list[dict]) -> list[dict]:
     """Add size and sha256 to each {role, path} entry (folders get a tree hash)."""
     from carlos_audit.models.filehash import file_sha256
-    from carlos_audit.models.tiny import tree_sha256
+    from carlos_audit.hashing import tree_sha256
 
     out = []
     for e in inputs:

@@ -188,7 +188,7 @@ def default_threads() -> int:
 
 def build_cost(plan: BuildPlan) -> dict:
     """Totals over the unit records of this build: each shared arm once, each LoRA arm once."""
-    from carlos_audit.casefolder.store import CaseStore
+    from carlos_audit.casefolder.unit_store import CaseStore
 
     total, by_kind = cost_mod.zero(), {"shared": cost_mod.zero(), "lora": cost_mod.zero()}
     unmeasured = 0
