@@ -23,8 +23,8 @@ from carlos_audit.records import Comparison, Manifest, Metrics
 PACKAGE = Path(__file__).resolve().parents[1] / "carlos_audit"
 #: where the result files may be parsed: the door itself and the record classes
 DOOR = ("casefolder/", "records.py")
-#: report/: converted in the report branch (report/render.load_inputs still reads them itself here)
-ALLOWED = {"report/render.py"}
+#: none: every reader goes through the door
+ALLOWED: set[str] = set()
 RESULT_NAME = re.compile(r"(?i:manifest|metrics|comparison|units?\b|unit_path|generation)|\.FILE\b")
 RECORD_CLASSES = {"Manifest", "Metrics", "Comparison", "RunRecord"}
 

@@ -171,7 +171,7 @@ def test_report_command_imports_no_torch(demo_case_dir, tmp_path):
 
 
 def test_not_a_case_folder(tmp_path):
-    with pytest.raises(AuditError, match="lacks manifest.json"):
+    with pytest.raises(AuditError, match="not a finished case folder: it has no manifest.json"):
         render_report(tmp_path)
 
 

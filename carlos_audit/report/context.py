@@ -46,6 +46,7 @@ class ReportInputs:
     companions: list[dict]       # the JSON files beside the PDF: name, size, sha256, description
     head_to_head: list[dict] = field(default_factory=list)
     body: dict = field(default_factory=dict)   # copy -> (sample, largest, smallest) pair ids
+    folder: object = None        # the casefolder.CaseFolder it was read through (each file read once)
 
 
 def prompt_tables(manifest: Manifest, metrics: Metrics) -> tuple[list[dict], list[dict]]:

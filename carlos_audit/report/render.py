@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from carlos_audit.case.casefile import parse_report_settings
+from carlos_audit.casefolder import CaseFolder
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import write_bytes_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
@@ -55,25 +56,19 @@ DESCRIPTIONS = {"manifest.json": "the run's manifest: protocol, inputs, every pa
                 "reproduction.json": "the reproduction's record: every comparison"}
 
 
-def read_results(case_dir: Path) -> tuple[Manifest, Metrics, Comparison | None]:
-    """The finished case folder's result files as records: the one place the report reads them."""
-    for name in (Manifest.FILE, Metrics.FILE):
-        if not (case_dir / name).is_file():
-            raise AuditError(f"{case_dir} is not a finished case folder: it lacks {name} (run `carlos-audit run` first)")
-    try:
-        manifest, metrics = Manifest.read(case_dir), Metrics.read(case_dir)
-        comparison = Comparison.read_optional(case_dir)
-    except OSError as e:
-        raise AuditError(f"{case_dir}: cannot read the stored results: {e}") from None
+def read_results(case_dir: Path) -> tuple[CaseFolder, Manifest, Metrics, Comparison | None]:
+    """The finished case folder (casefolder.CaseFolder, the one door) and its result records."""
+    folder = CaseFolder(case_dir).require_finished(Manifest, Metrics)
+    manifest = folder.manifest
     if "source_date_epoch" not in manifest.run:
         raise AuditError(f"{case_dir}/manifest.json lacks run.source_date_epoch")
-    return manifest, metrics, comparison
+    return folder, manifest, folder.metrics, folder.comparison
 
 
 def load_inputs(case_dir: Path) -> ReportInputs:
     """Read and check a finished case folder; draw the figures and the image evidence."""
     case_dir = Path(case_dir).resolve()
-    manifest, metrics, comparison = read_results(case_dir)
+    folder, manifest, metrics, comparison = read_results(case_dir)
 
     casefile = case_dir / "case.toml"
     text = casefile.read_text("utf-8") if casefile.is_file() else ""
@@ -91,12 +86,12 @@ def load_inputs(case_dir: Path) -> ReportInputs:
     h2h = head_to_head(case_dir, manifest, comparison, figs, prompt_text, evidence["mismatches"])
     companions = []
     for name in COMPANIONS:
-        if (case_dir / name).is_file():
-            data = (case_dir / name).read_bytes()
-            companions.append({"name": name, "size": len(data), "sha256": sha256_bytes(data), "description": DESCRIPTIONS[name]})
+        if folder.has(name):
+            companions.append({"name": name, "size": len(folder.raw(name)), "sha256": folder.digest(name),
+                               "description": DESCRIPTIONS[name]})
     return ReportInputs(case_dir=case_dir, manifest=manifest, metrics=metrics, comparison=comparison, report=report,
                         expert=expert, casefile_edited=edited, figures=figs, evidence=evidence, companions=companions,
-                        head_to_head=h2h, body=body)
+                        head_to_head=h2h, body=body, folder=folder)
 
 
 def report_html(case_dir: Path, copy: str = "archive") -> str:
@@ -114,10 +109,10 @@ def render_copies(case_dir: Path) -> dict:
     case_dir = inp.case_dir
     epoch = int(inp.manifest.run["source_date_epoch"])
     paper = inp.report["paper"]
-    ident = sha256_bytes((case_dir / "manifest.json").read_bytes())
+    ident = inp.folder.digest(Manifest.FILE)
 
     archive = write_pdf(render_html(build_context(inp, "archive")), case_dir, epoch, variant=VARIANTS["archive"], paper=paper,
-                        attachments={c["name"]: (case_dir / c["name"]).read_bytes() for c in inp.companions},
+                        attachments={c["name"]: inp.folder.raw(c["name"]) for c in inp.companions},
                         identifier=ident[:32])
     archive_sha256 = sha256_bytes(archive)
     filing = write_pdf(render_html(build_context(inp, "filing", archive_sha256)), case_dir, epoch, variant=VARIANTS["filing"],
