@@ -225,7 +225,7 @@ def _section_values(section: str, given: dict, where: str) -> dict:
     return vals
 
 
-def parse_report_settings(text: str, where: str) -> tuple[dict, dict]:
+def parse_report_settings(text: str, where: str) -> tuple[ReportSpec, ExpertSpec]:
     """The [report] and [expert] tables of a case file's text, validated like ``parse_case``
     does, without checking the rest (the report reads them from the case folder's case.toml,
     where the case's relative paths no longer resolve)."""
@@ -240,7 +240,7 @@ def parse_report_settings(text: str, where: str) -> tuple[dict, dict]:
             raise AuditError(f"{where}: {section} must be a table [{section}]")
         out[section] = _section_values(section, given or {}, where)
     _check_report_values(out, where)
-    return out["report"], out["expert"]
+    return ReportSpec.from_dict(out["report"]), ExpertSpec.from_dict(out["expert"])
 
 
 def _check_report_values(c: dict, where: str) -> None:

@@ -50,7 +50,7 @@ def _image(case_dir, rel: str, recorded: str | None, px: int, copy_rel: str, mis
 def exhibits(inp, copy: str, cw: ClaimedMeasures, rec: ClaimedWorks) -> tuple[list[dict], list[str]]:
     """One card per claimed work (up to MAX_EXHIBITS[copy]): the work, and the LoRA image nearest
     to it with its base image and the three cosine similarities."""
-    px = DISPLAY_MAX_PX if copy == "archive" else min(DISPLAY_MAX_PX, inp.report["filing_image_px"])
+    px = DISPLAY_MAX_PX if copy == "archive" else min(DISPLAY_MAX_PX, inp.report.filing_image_px)
     works = {w.id: w for w in rec.works or []}
     rows = {r.pair_id: r for r in inp.manifest.pairs}
     prompt_text = {p.id: p.text for p in inp.manifest.prompts}

@@ -38,8 +38,8 @@ class ReportInputs:
     manifest: Manifest
     metrics: Metrics
     comparison: Comparison | None
-    report: dict                 # [report] of the case folder's case.toml
-    expert: dict                 # [expert] of it
+    report: object               # [report] of the case folder's case.toml (case.casefile.ReportSpec)
+    expert: object               # [expert] of it (ExpertSpec)
     casefile_edited: bool        # case.toml differs from the case file as run
     figures: dict
     evidence: dict
@@ -167,7 +167,7 @@ SECTION_CONTEXT = [core, custody, images, comparisons, sequential_context, claim
 def build_context(inp: ReportInputs, copy: str, archive_sha256: str | None = None) -> dict:
     """The context of one copy ("filing" or "archive"); ``archive_sha256`` binds the filing copy
     to the archive copy rendered before it."""
-    ctx: dict = {"copy": copy, "paper": inp.report["paper"], "companions": inp.companions,
+    ctx: dict = {"copy": copy, "paper": inp.report.paper, "companions": inp.companions,
                  "archive_sha256": archive_sha256}
     for part in SECTION_CONTEXT:
         ctx.update(part(inp, copy))

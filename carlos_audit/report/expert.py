@@ -84,7 +84,7 @@ def hints(expert: dict, manifest: Manifest) -> dict:
     env = manifest.environment or Environment.from_json({})
     who = manifest.case.examiner if "examiner" in manifest.case else "?"
     machine = env.machine or env.platform or "the machine in the environment appendix"
-    instructions = expert.get("instructions")
+    instructions = expert.instructions
     stated = (f"The case file states these instructions: “{ellipsis(instructions, 1500)}”. " if instructions
               else "The case file states no instructions. ")
     return {
@@ -169,20 +169,21 @@ def exhibit_index(case: CaseInfo, companions: list[dict], archive_sha256: str | 
     return rows
 
 
-def expert_context(expert: dict, manifest: Manifest, comparison: Comparison | None, companions: list[dict],
+def expert_context(expert, manifest: Manifest, comparison: Comparison | None, companions: list[dict],
                    archive_sha256: str | None, n_images: int) -> dict:
-    """The ``expert`` entry of the report context: {"present": False} without [expert]."""
-    if not (expert or {}).get("name"):
+    """The ``expert`` entry of the report context (``expert``: the case's [expert] table,
+    case.casefile.ExpertSpec): {"present": False} without [expert]."""
+    if expert is None or not expert.name:
         return {"present": False}
-    jurisdiction = expert.get("jurisdiction") or "none"
+    jurisdiction = expert.jurisdiction or "none"
     return {
         "present": True,
-        "name": ellipsis(expert["name"], 200),
-        "role": ellipsis(expert.get("role") or "", 300),
-        "instructions": ellipsis(expert.get("instructions") or "", 1500),
+        "name": ellipsis(expert.name, 200),
+        "role": ellipsis(expert.role or "", 300),
+        "instructions": ellipsis(expert.instructions or "", 1500),
         "jurisdiction": jurisdiction,
         "rule": rule_context(jurisdiction, expert, manifest),
-        "materials": materials_considered(manifest, comparison, expert.get("materials_provided") or []),
+        "materials": materials_considered(manifest, comparison, expert.materials_provided or []),
         "exhibits": exhibit_index(manifest.case, companions, archive_sha256, n_images),
         "to_complete": TO_COMPLETE,
     }

@@ -77,8 +77,8 @@ def load_inputs(case_dir: Path) -> ReportInputs:
     edited = bool(text) and as_run is not None and sha256_file(casefile) != as_run
 
     body = {"archive": select_body_pairs(manifest, metrics),
-            "filing": select_body_pairs(manifest, metrics, report["max_pairs_in_body"])}
-    px = {"archive": DISPLAY_MAX_PX, "filing": min(DISPLAY_MAX_PX, report["filing_image_px"])}
+            "filing": select_body_pairs(manifest, metrics, report.max_pairs_in_body)}
+    px = {"archive": DISPLAY_MAX_PX, "filing": min(DISPLAY_MAX_PX, report.filing_image_px)}
     evidence = image_evidence(case_dir, manifest, metrics, {i for ids in body["archive"] for i in ids}, px)
     figs = figures.write_result_figures(case_dir, metrics, comparison)
     prompt_text = {p.id: p.text for p in manifest.prompts}
@@ -108,7 +108,7 @@ def render_copies(case_dir: Path) -> dict:
     inp = load_inputs(case_dir)
     case_dir = inp.case_dir
     epoch = int(inp.manifest.run["source_date_epoch"])
-    paper = inp.report["paper"]
+    paper = inp.report.paper
     ident = inp.folder.digest(Manifest.FILE)
 
     archive = write_pdf(render_html(build_context(inp, "archive")), case_dir, epoch, variant=VARIANTS["archive"], paper=paper,
@@ -122,7 +122,7 @@ def render_copies(case_dir: Path) -> dict:
         write_bytes_atomic(case_dir / name, data)
         write_text_atomic(case_dir / f"{name}.sha256", f"{sha256_bytes(data)}  {name}\n")
         out[copy], out[f"{copy}_sha256"] = case_dir / name, sha256_bytes(data)
-    out["preflight"] = preflight(case_dir / FILING_PDF, max_mb=inp.report["max_mb"], paper=paper)
+    out["preflight"] = preflight(case_dir / FILING_PDF, max_mb=inp.report.max_mb, paper=paper)
     return out
 
 
