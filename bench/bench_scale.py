@@ -99,7 +99,7 @@ def time_split(tmp: Path, assets: dict) -> dict:
     extra = "[indicators]\ntrigger_dependence = false\nprompt_override = false\neffect_labels = false\n"
     cf = write_case(tmp, assets, case_id="split", seeds="{ count = 4, start = 0 }", steps=STEPS, extra=extra)
     shutil.rmtree(HOME / "base-cache", ignore_errors=True)
-    load.LOADED.clear()
+    load.process_models().clear()
     try:
         t = time.perf_counter()
         pipeline.run_case(load_case(cf), tmp / "split", progress=False)

@@ -88,7 +88,7 @@ def setup(smoke: bool, home: Path) -> dict:
 def case_row(cfg: dict, home: Path, rows: Rows):
     """A case folder through the real batch path: one batch of 4 per arm, manifest written."""
     from carlos_audit.case.casefile import load_case
-    from carlos_audit.run.load import LOADED
+    from carlos_audit.run.load import process_models
     from carlos_audit.pipeline import run_case
 
     (home / "prompts.json").write_text('{"objects": {"vehicles": ["%s"]}}' % PROMPT)
@@ -130,7 +130,7 @@ effect_labels = false
     rows.add("case folder (real batch path)", cfg["dtype"], 4 * arms, wall, None,
              f"{arms} arms incl. load; TF32 {m['environment'].get('tf32')}; fastpath active "
              f"{(m['environment'].get('fastpath') or {}).get('active')}")
-    lp, _ = next(iter(LOADED.values()))
+    lp, _ = process_models().loaded
     return lp
 
 

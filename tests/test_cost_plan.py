@@ -22,15 +22,15 @@ NO_INDICATORS = "[indicators]\ntrigger_dependence = false\nprompt_override = fal
 
 
 def test_manifest_cost_equals_images_times_steps(demo_assets, carlos_home, tmp_path):
-    from carlos_audit.run import generate
+    from carlos_audit.run.load import process_models
     shutil.rmtree(carlos_home / "base-cache", ignore_errors=True)
     cf = write_case(tmp_path, demo_assets, case_id="cost", steps=STEPS, batch_size=BATCH, extra=NO_INDICATORS)
-    before = dict(generate.COUNTERS)
+    before = {"images_generated": process_models().cost.images_generated}
     res = run_case(load_case(cf), tmp_path / "out", progress=False)
     c = res.manifest.cost
     assert sorted(c["arms"]) == ["base", "lora"]
     images = 2 * P * S  # base + LoRA arm, nothing cached
-    assert generate.COUNTERS["images_generated"] - before["images_generated"] == images
+    assert process_models().cost.images_generated - before["images_generated"] == images
     t = c["total"]
     assert t["images_generated"] == images
     assert t["unet_forward_calls"] == 2 * (P * S // BATCH) * STEPS
@@ -60,11 +60,12 @@ def test_without_cfg_latent_evaluations_equal_image_steps(demo_assets):
 
     lp = load_base_pipeline("embedded:tiny-sd", dtype="float32", device="cpu")
     set_scheduler(lp.pipe, "DDIMScheduler")
-    cost.install_pipeline_hooks(lp.pipe)
-    cost.install_pipeline_hooks(lp.pipe)  # idempotent: counted once
-    before = cost.snapshot()
+    counter = cost.CostCounter()
+    cost.install_pipeline_hooks(lp.pipe, counter)
+    cost.install_pipeline_hooks(lp.pipe, counter)  # idempotent: counted once
+    before = counter.snapshot()
     generate_batch(lp.pipe, ["a", "b", "c"], [0, 1, 2], GenerationParams(2, 1.0, 64, 64, "DDIMScheduler", ""))
-    d = cost.delta(before)
+    d = counter.delta(before)
     assert d["unet_forward_calls"] == 2 and d["unet_latent_evaluations"] == d["unet_image_steps"] == 6
     assert d["vae_decoded_images"] == 3
 

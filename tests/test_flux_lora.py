@@ -201,13 +201,12 @@ def _case(tmp_path: Path, source: str, lora: Path):
 
 def _refused(case, lora: Path) -> str:
     from carlos_audit.lora.inspection import inspect_lora
-    from carlos_audit.run.generate import COUNTERS
-    from carlos_audit.run.load import load_models
+    from carlos_audit.run.load import load_models, process_models
 
-    before = COUNTERS["images_generated"]
+    before = process_models().cost.images_generated
     with pytest.raises(AuditError) as e:
         load_models(case, {"lora": lora}, inspect_lora(lora))
-    assert COUNTERS["images_generated"] == before
+    assert process_models().cost.images_generated == before
     return str(e.value)
 
 

@@ -148,27 +148,27 @@ def test_inspect_command_names_ia3_without_alpha(made):
 def test_merge_to_gives_alpha_over_rank_of_the_forward_weight_change(tiny, made, family):
     """lycoris 4.1.3: merge_to (get_merged_weight) applies alpha/rank twice for LoHa/LoKr; the
     forward applies it once. The tool follows the forward (alpha 2, rank 4: merge = half)."""
-    from carlos_audit.run.patch import STATES
+    from carlos_audit.run.patch import patch_state
 
     m = made[family]
     load_lora(tiny, m.path, "t", inspect_lora(m.path), allow_partial=False)
     try:
         set_adapter_state(tiny, "t", 1.0)
-        layers = {id(t.layer): t for t in STATES[tiny].adapters["t"]}
+        layers = {id(t.layer): t for t in patch_state(tiny).adapters["t"]}
         ratios = []
         originals = {k.replace("lora_unet_", ""): v for k, v in
                      ((lo.lora_name, lo) for lo in m.network.unet_loras)}
-        for t in STATES[tiny].adapters["t"]:
+        for t in patch_state(tiny).adapters["t"]:
             if t.component != "unet":
                 continue
             lo = originals[t.layer_name.replace(".", "_")]
-            w0 = STATES[tiny].originals[id(t.layer)][1]
+            w0 = patch_state(tiny).originals[id(t.layer)][1]
             with torch.no_grad():
                 merged = lo.get_merged_weight(1.0, w0.shape, w0.device)[0] - w0
             tool = t.layer.weight.detach() - w0
             ratios.append(float(merged.flatten() @ tool.flatten() / (tool.flatten() @ tool.flatten())))
         assert len(ratios) == len(layers) - len(m.network.text_encoder_loras)
-        full = sum(1 for t in STATES[tiny].adapters["t"]  # both Kronecker halves full: alpha is ignored
+        full = sum(1 for t in patch_state(tiny).adapters["t"]  # both Kronecker halves full: alpha is ignored
                    if t.component == "unet" and "lokr_w1" in t.tensors and "lokr_w2" in t.tensors)
         halves = [r for r in ratios if abs(r - 0.5) < 1e-4]
         assert len(halves) == len(ratios) - full and all(abs(r - 1) < 1e-4 or abs(r - 0.5) < 1e-4 for r in ratios)

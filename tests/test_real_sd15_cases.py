@@ -23,9 +23,9 @@ def sd15(carlos_home):
 
 @pytest.fixture
 def one_case_at_a_time():
-    load_mod.LOADED.clear()
+    load_mod.process_models().clear()
     yield
-    load_mod.LOADED.clear()
+    load_mod.process_models().clear()
 
 
 def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_home, tmp_path, monkeypatch,
@@ -55,7 +55,7 @@ def test_single_file_runs_offline_and_matches_the_hub_cache_folder(sd15, carlos_
     report = verify_case(tmp_path / "out-single", sample=1)
     assert report["ok"], report
 
-    load_mod.LOADED.clear()
+    load_mod.process_models().clear()
     hub = tmp_path / "hub"
     hub_layout(ensure_random_pipeline("sd15"), hub, "someorg/sd15")
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))

@@ -20,7 +20,7 @@ def test_sdxl_kohya_with_both_text_encoders_is_fully_applied_and_verified(carlos
 
     folder = ensure_random_pipeline("sdxl")
     lora = write_kohya_lora("sdxl", tmp_path / "kohya-xl.safetensors")
-    load_mod.LOADED.clear()
+    load_mod.process_models().clear()
     try:
         m = run_case(full_size_case(tmp_path, folder, lora), tmp_path / "out", progress=False).manifest.to_json()
         load = m["lora"]["load"]
@@ -29,7 +29,7 @@ def test_sdxl_kohya_with_both_text_encoders_is_fully_applied_and_verified(carlos
         assert m["base_model"]["architecture"] == "sdxl"
         assert verify_case(tmp_path / "out", sample=1)["ok"]
     finally:
-        load_mod.LOADED.clear()
+        load_mod.process_models().clear()
 
 
 def test_sdxl_lora_on_sd15_is_refused_before_generation(carlos_home, tmp_path):

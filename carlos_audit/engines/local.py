@@ -1,6 +1,6 @@
 """Run a build's units in this process, in plan order: shared (base) units, LoRA units, then
 the finalize unit of each LoRA, through the same driver code as the Ray engine (a unit returns
-its files; the driver writes them). The pipeline stays loaded between units (run/load.py LOADED)."""
+its files; the driver writes them). The pipeline stays loaded between units (held by the process's engines/units.UnitWorker)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ Ray's native retry loop and log lines stay out of the driver, with a timeout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -86,18 +87,20 @@ def probe(address: str, token_mode: bool) -> dict:
     return json.loads(lines[-1])
 
 
-#: (address, auth settings) -> whether token mode is needed, for what this process already checked
-CHECKED: dict = {}
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def check_cluster(address: str) -> bool:
     """Check ``address`` answers and accepts this driver; returns whether token mode must be on.
     Raises AuditError (one line) otherwise. Called before a build prepares anything."""
-    key = (address, *(os.environ.get(k) for k in AUTH_ENV))
-    if key not in CHECKED:
-        CHECKED[key] = _check(address)
-    return CHECKED[key]
+    return _checked_once(address, *(os.environ.get(k) for k in AUTH_ENV))
+
+
+@functools.cache
+def _checked_once(address: str, *auth_settings) -> bool:
+    """``_check`` once per (address, auth settings) in this process (a memo; a refusal raises, so
+    only a cluster that answered is remembered)."""
+    return _check(address)
 
 
 def _check(address: str) -> bool:

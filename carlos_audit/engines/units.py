@@ -18,15 +18,12 @@ custody) in a node-local scratch copy; it loads no model and imports no torch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from carlos_audit.errors import AuditError
 from carlos_audit.casefolder.unit_store import CaseStore
-
-#: The pipeline session of the last unit run in this process, reused by the next unit of the same
-#: LoRA case (profile.load_models keeps the pipeline loaded across cases; only the adapter swaps).
-CURRENT: dict = {}
 
 
 @dataclass(frozen=True)
@@ -86,27 +83,48 @@ class UnitContext:
     batches: dict
 
 
-def unit_context(unit: WorkUnit) -> UnitContext:
-    """The loaded run of ``unit``'s LoRA case (the previous unit's when it is the same case)."""
-    from carlos_audit.case.casefile import parse_case
-    from carlos_audit.case.options import RunOptions
-    from carlos_audit.case.protocol import batches
-    from carlos_audit.engines.inputs import check_inputs
-    from carlos_audit.hashing import sha256_bytes
-    from carlos_audit.run.arms import plan_arms
-    from carlos_audit.run.profile import prepare_run
+class UnitWorker:
+    """The state a worker process keeps across units: the loaded run of the last unit's LoRA case
+    (reused by the next unit of the same case) and the models it loaded (reused across cases of
+    one base model and embedder; only the adapter swaps). One explicit object per worker:
+    ``process_worker()`` for the engines' workers (a Ray worker process keeps its pipeline loaded
+    across tasks), or one made and passed to ``run_unit`` by a caller."""
 
-    key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial, unit.inputs)
-    ctx = CURRENT.get("ctx")
-    if ctx is not None and ctx.key == key:
-        return ctx
-    CURRENT.clear()
-    case = parse_case(unit.case_text, Path(unit.case_path))
-    prep = prepare_run(case, CaseStore(unit.store), RunOptions(allow_partial=unit.allow_partial), prepare_folder=False)
-    check_inputs(unit, prep.inputs, {"base_model": prep.session.base_info.sha256, "embedder": prep.session.embedder.sha256})
-    ctx = UnitContext(key, prep, plan_arms(case, unit.lora_sha256, []), {b[0].batch: b for b in batches(prep.pairs)})
-    CURRENT["ctx"] = ctx
-    return ctx
+    def __init__(self, models=None) -> None:
+        from carlos_audit.run.load import process_models
+
+        self.models = models if models is not None else process_models()
+        self.context: UnitContext | None = None
+
+    def context_for(self, unit: WorkUnit) -> UnitContext:
+        """The loaded run of ``unit``'s LoRA case (the previous unit's when it is the same case)."""
+        from carlos_audit.case.casefile import parse_case
+        from carlos_audit.case.options import RunOptions
+        from carlos_audit.case.protocol import batches
+        from carlos_audit.engines.inputs import check_inputs
+        from carlos_audit.hashing import sha256_bytes
+        from carlos_audit.run.arms import plan_arms
+        from carlos_audit.run.profile import prepare_run
+
+        key = (sha256_bytes(unit.case_text.encode("utf-8")), unit.case_path, unit.allow_partial, unit.inputs)
+        if self.context is not None and self.context.key == key:
+            return self.context
+        self.context = None
+        case = parse_case(unit.case_text, Path(unit.case_path))
+        prep = prepare_run(case, CaseStore(unit.store), RunOptions(allow_partial=unit.allow_partial),
+                           prepare_folder=False, models=self.models)
+        check_inputs(unit, prep.inputs, {"base_model": prep.session.base_info.sha256,
+                                         "embedder": prep.session.embedder.sha256})
+        self.context = UnitContext(key, prep, plan_arms(case, unit.lora_sha256, []),
+                                   {b[0].batch: b for b in batches(prep.pairs)})
+        return self.context
+
+
+@functools.cache
+def process_worker() -> UnitWorker:
+    """The one UnitWorker of this process (created on first use): what ``run_unit`` uses when it
+    is given none, so that the units a process runs share its loaded pipeline."""
+    return UnitWorker()
 
 
 class ReturningStore(CaseStore):
@@ -131,8 +149,10 @@ class ReturningStore(CaseStore):
         return record
 
 
-def run_unit(unit: WorkUnit, threads: int | None = None, case_files: dict | None = None) -> dict:
-    """Run one unit where it lands, writing nothing there but the node's own caches. Returns
+def run_unit(unit: WorkUnit, threads: int | None = None, case_files: dict | None = None,
+             worker: UnitWorker | None = None) -> dict:
+    """Run one unit where it lands, writing nothing there but the node's own caches (``worker``:
+    the state kept across units, ``process_worker()`` when None). Returns
     {unit, status, source, cost, node, images, files, record} for an arm unit, and for a finalize
     unit (``case_files``: the case folder's records and embeddings) {unit, status, case_id,
     signature, dim, node, files}. ``files``: [(path relative to ``unit.store``, bytes)]."""
@@ -146,19 +166,19 @@ def run_unit(unit: WorkUnit, threads: int | None = None, case_files: dict | None
     else:
         before = set_threads(unit_threads(unit, threads))  # restored after the unit: a unit never changes its process's count
         try:
-            result = run_arm_unit(unit)
+            result = run_arm_unit(unit, worker if worker is not None else process_worker())
         finally:
             set_threads(before)
     return result | {"node": node_label(), "seconds": time.perf_counter() - t0}
 
 
-def run_arm_unit(unit: WorkUnit) -> dict:
+def run_arm_unit(unit: WorkUnit, worker: UnitWorker) -> dict:
     """One arm of one batch, its files kept in memory; with ``unit.record`` also the case's run
     record and text features (written by the driver before the unit's record)."""
     from carlos_audit.fileio import json_dumps
     from carlos_audit.run.profile import run_batch, run_record
 
-    ctx = unit_context(unit)
+    ctx = worker.context_for(unit)
     arm = ctx.plan.arms.get(unit.arm)
     if arm is None or unit.batch not in ctx.batches:
         raise AuditError(f"unit {unit.key}: the case has no arm {unit.arm!r} batch {unit.batch}")

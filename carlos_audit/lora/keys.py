@@ -3,7 +3,9 @@ which role; kohya names (SD 1.5 and SDXL/LDM layouts) mapped to diffusers module
 
 from __future__ import annotations
 
+import functools
 import re
+from types import MappingProxyType
 
 from carlos_audit.errors import AuditError
 from carlos_audit.lora.flux_keys import parse_flux_key
@@ -130,17 +132,22 @@ _COMPOUND_TOKENS = sorted(
     reverse=True,
 )
 
-_COMPOUNDS_BY_FIRST: dict[str, list[tuple[str, ...]]] = {}
-for _compound in _COMPOUND_TOKENS:  # longest first within each list
-    _COMPOUNDS_BY_FIRST.setdefault(_compound[0], []).append(_compound)
+@functools.cache
+def _compounds_by_first() -> MappingProxyType:
+    """The compound names by their first token, longest first (a memo of a constant: built once)."""
+    by_first: dict[str, list[tuple[str, ...]]] = {}
+    for compound in _COMPOUND_TOKENS:
+        by_first.setdefault(compound[0], []).append(compound)
+    return MappingProxyType({first: tuple(compounds) for first, compounds in by_first.items()})
 
 
 def _split_tokens(body: str) -> list[str]:
     """Split an underscore-joined path into tokens, keeping known compound names whole."""
     parts = body.split("_")
+    compounds_by_first = _compounds_by_first()
     tokens, i = [], 0
     while i < len(parts):
-        for compound in _COMPOUNDS_BY_FIRST.get(parts[i], ()):
+        for compound in compounds_by_first.get(parts[i], ()):
             if tuple(parts[i : i + len(compound)]) == compound:
                 tokens.append("_".join(compound))
                 i += len(compound)

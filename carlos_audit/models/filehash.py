@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from carlos_audit.hashing import sha256_file, sha256_json
 
 POLICY_NAME = "stat-cache"
-STATE = {"rehash": False, "hits": 0, "misses": 0}
+#: whether model files are hashed again in the current context (set only by ``rehashing()``;
+#: a context variable, scoped to the block, not a process-wide dict)
+REHASH: ContextVar[bool] = ContextVar("carlos_audit_rehash", default=False)
 
 
 def cache_dir() -> Path:
@@ -42,19 +45,16 @@ def file_sha256(path: str | Path) -> str:
     from carlos_audit.fileio import write_json_atomic
 
     path = Path(path)
-    if STATE["rehash"]:
-        STATE["misses"] += 1
+    if REHASH.get():
         return sha256_file(path)
     key = stat_key(path)
     entry = cache_dir() / f"{sha256_json(key)}.json"
     try:
         cached = json.loads(entry.read_text("utf-8"))
         if cached.get("key") == key and len(cached.get("sha256", "")) == 64:
-            STATE["hits"] += 1
             return cached["sha256"]
     except (OSError, ValueError):
         pass
-    STATE["misses"] += 1
     digest = sha256_file(path)
     if stat_key(path) == key:  # unchanged while it was read: safe to remember
         try:
@@ -67,17 +67,16 @@ def file_sha256(path: str | Path) -> str:
 @contextmanager
 def rehashing(on: bool = True):
     """Within the block every model file is read and hashed again (``verify``, ``--rehash``)."""
-    before = STATE["rehash"]
-    STATE["rehash"] = bool(on) or before
+    token = REHASH.set(bool(on) or REHASH.get())
     try:
         yield
     finally:
-        STATE["rehash"] = before
+        REHASH.reset(token)
 
 
 def policy() -> dict:
     """The manifest's record of how the model files' hashes were obtained in this process."""
-    if STATE["rehash"]:
+    if REHASH.get():
         return {"policy": "rehash", "detail": "every model file read and hashed during this run (--rehash)"}
     return {"policy": POLICY_NAME,
             "detail": "a model file's sha256 is reused from $CARLOS_AUDIT_HOME/hash-cache only when its real path, "

@@ -57,8 +57,8 @@ def measure(case, n_images: int) -> dict:
         set_scheduler(lp.pipe, pc.scheduler)
     emb = load_embedder(case.embedder.model, case.embedder.pretrained, device=lp.device, base_dir=case.base_dir)
     load_s = time.perf_counter() - t0
-    cost.install_pipeline_hooks(lp.pipe)
-    cost.install_embedder_hooks(emb)
+    counter = cost.install_pipeline_hooks(lp.pipe, cost.CostCounter())
+    cost.install_embedder_hooks(emb, counter)
     params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     prompts, _ = load_prompts(pc.prompts, case.base_dir)
     pairs = enumerate_pairs(prompts, pc.seeds, pc.batch_size)
@@ -73,13 +73,13 @@ def measure(case, n_images: int) -> dict:
         arm = arms_for(case)[0]
         for chunk in chunks:
             prompts, seeds = [c.prompt.text for c in chunk], [c.seed for c in chunk]
-            before, t = cost.snapshot(), time.perf_counter()
+            before, t = counter.snapshot(), time.perf_counter()
             images = generate_batch(lp.pipe, prompts, seeds, params)
             gen_s += time.perf_counter() - t
             t = time.perf_counter()
             image_features(emb, images)
             clip_s += time.perf_counter() - t
-            cost.add(counted, cost.delta(before))
+            cost.add(counted, counter.delta(before))
             # the whole host chain of a unit, as a run does it: PNG encode, embed, sha256, fsync'd writes
             t = time.perf_counter()
             finish_unit(session, Produced(arm, chunk, prompts, seeds, "generated", images, None, None, None, cost.zero()))

@@ -26,8 +26,8 @@ import weakref
 FIELDS = ("images_generated", "unet_forward_calls", "unet_latent_evaluations", "unet_image_steps",
           "vae_decoder_calls", "vae_decoded_images", "clip_forward_calls", "clip_image_encodings")
 
-#: process-wide counters, advanced by the hooks; read with ``snapshot`` and ``delta``
-COUNTS = {k: 0 for k in FIELDS}
+#: the attribute of a hooked module naming the CostCounter its hook advances
+COUNTER_ATTRIBUTE = "carlos_cost_counter"
 
 COUNTING = {
     "method": "torch forward pre-hooks on pipe.unet, pipe.vae.decoder and the embedder's image tower (model.visual)",
@@ -40,12 +40,29 @@ COUNTING = {
 }
 
 
-def snapshot() -> dict:
-    return dict(COUNTS)
+class CostCounter:
+    """Counts of the work done by the models its owner loaded (run/load.ModelCache holds one),
+    advanced by the hooks; read with ``snapshot`` and ``delta``. ``images_generated``: images
+    ``generate_batch`` produced (kept apart from ``counts``, where the unit's own figure is set)."""
+
+    def __init__(self) -> None:
+        self.counts = zero()
+        self.images_generated = 0
+
+    def snapshot(self) -> dict:
+        return dict(self.counts)
+
+    def delta(self, before: dict) -> dict:
+        return {k: self.counts[k] - before.get(k, 0) for k in FIELDS}
 
 
-def delta(before: dict) -> dict:
-    return {k: COUNTS[k] - before.get(k, 0) for k in FIELDS}
+def counter_of(pipe) -> CostCounter | None:
+    """The counter the hooks of ``pipe``'s denoiser advance (None when it has no hooks)."""
+    return getattr(_denoiser(pipe), COUNTER_ATTRIBUTE, None)
+
+
+def _denoiser(pipe):
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
 
 def zero() -> dict:
@@ -64,44 +81,53 @@ def _batch_of(args, kwargs, name: str) -> int:
     return int(shape[0]) if shape else 0
 
 
-def _hook_once(module, hook) -> None:
-    """Register a counting forward pre-hook on ``module`` unless one is there (cached models keep theirs)."""
-    if module is not None and not getattr(module, "_carlos_cost_hook", False):
+def _hook_once(module, hook, counter: CostCounter) -> None:
+    """Register a counting forward pre-hook on ``module`` unless one is there (cached models keep
+    theirs); the hook advances ``counter``, the module's current one (the last install names it)."""
+    if module is None:
+        return
+    setattr(module, COUNTER_ATTRIBUTE, counter)
+    if not getattr(module, "_carlos_cost_hook", False):
         module.register_forward_pre_hook(hook, with_kwargs=True)
         module._carlos_cost_hook = True
 
 
-def install_pipeline_hooks(pipe) -> None:
-    """Count UNet and VAE-decoder work of ``pipe`` (idempotent: a cached pipeline keeps its hooks);
-    a FLUX.1 pipeline's transformer is counted as its UNet (the denoiser; no CFG batch doubling)."""
+def install_pipeline_hooks(pipe, counter: CostCounter) -> CostCounter:
+    """Count UNet and VAE-decoder work of ``pipe`` into ``counter`` (idempotent: a cached pipeline
+    keeps its hooks); a FLUX.1 pipeline's transformer is counted as its UNet (the denoiser; no CFG
+    batch doubling). Returns ``counter``."""
     ref = weakref.ref(pipe)
 
     def on_unet(module, args, kwargs):
         n = _batch_of(args, kwargs, "sample") or _batch_of(args, kwargs, "hidden_states")
         p = ref()
         cfg = bool(getattr(p, "do_classifier_free_guidance", False)) if p is not None else False
-        COUNTS["unet_forward_calls"] += 1
-        COUNTS["unet_latent_evaluations"] += n
-        COUNTS["unet_image_steps"] += n // 2 if cfg else n
+        counts = getattr(module, COUNTER_ATTRIBUTE).counts
+        counts["unet_forward_calls"] += 1
+        counts["unet_latent_evaluations"] += n
+        counts["unet_image_steps"] += n // 2 if cfg else n
 
     def on_decode(module, args, kwargs):
-        COUNTS["vae_decoder_calls"] += 1
-        COUNTS["vae_decoded_images"] += _batch_of(args, kwargs, "z")
+        counts = getattr(module, COUNTER_ATTRIBUTE).counts
+        counts["vae_decoder_calls"] += 1
+        counts["vae_decoded_images"] += _batch_of(args, kwargs, "z")
 
-    _hook_once(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None), on_unet)
-    _hook_once(getattr(getattr(pipe, "vae", None), "decoder", None), on_decode)
+    _hook_once(_denoiser(pipe), on_unet, counter)
+    _hook_once(getattr(getattr(pipe, "vae", None), "decoder", None), on_decode, counter)
+    return counter
 
 
-def install_embedder_hooks(embedder) -> None:
-    """Count image encodings of an embedder's image tower: ``model.visual`` (open_clip
-    ``encode_image``) or ``model.vision_model`` (transformers ``get_image_features``)."""
+def install_embedder_hooks(embedder, counter: CostCounter) -> None:
+    """Count image encodings of an embedder's image tower into ``counter``: ``model.visual``
+    (open_clip ``encode_image``) or ``model.vision_model`` (transformers ``get_image_features``)."""
 
     def on_visual(module, args, kwargs):
-        COUNTS["clip_forward_calls"] += 1
-        COUNTS["clip_image_encodings"] += _batch_of(args, kwargs, "x") or _batch_of(args, kwargs, "pixel_values")
+        counts = getattr(module, COUNTER_ATTRIBUTE).counts
+        counts["clip_forward_calls"] += 1
+        counts["clip_image_encodings"] += _batch_of(args, kwargs, "x") or _batch_of(args, kwargs, "pixel_values")
 
     model = getattr(embedder, "model", None)
-    _hook_once(getattr(model, "visual", None) or getattr(model, "vision_model", None), on_visual)
+    _hook_once(getattr(model, "visual", None) or getattr(model, "vision_model", None), on_visual, counter)
 
 
 # --------------------------------------------------------------------------- records -> sections

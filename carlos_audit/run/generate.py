@@ -36,10 +36,6 @@ class GenerationParams:
                    p.max_sequence_length)
 
 
-#: Counts of work actually done, by kind; tests and the bench read them (hooks, not estimates).
-COUNTERS = {"images_generated": 0}
-
-
 def set_adapter_state(pipe, adapter: str | None, scale: float = 1.0) -> None:
     """Base arm: adapters disabled. LoRA arm: only ``adapter`` active at ``scale`` (set_adapters,
     or the weight patch of run/patch.py; the base arm restores the base weights bit for bit)."""
@@ -64,6 +60,8 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], params: Generatio
     """Images (PIL, RGB) for one batch; the adapter state must already be set."""
     import torch
 
+    from carlos_audit.run.cost import counter_of
+
     if params.seed_mode == "carlos-batch":
         call = carlos_batch_call(prompts, seeds, params.negative_prompt)
     else:
@@ -80,7 +78,9 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], params: Generatio
             height=params.height,
             output_type="pil",
         )
-    COUNTERS["images_generated"] += len(prompts)
+    counter = counter_of(pipe)  # the owner's CostCounter (run/load.ModelCache.cost), when hooked
+    if counter is not None:
+        counter.images_generated += len(prompts)
     return [im.convert("RGB") for im in out.images]
 
 

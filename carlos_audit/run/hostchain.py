@@ -70,9 +70,10 @@ def finish_unit(s, job: Produced) -> dict:
         s.cache.put(job.cache_key, pngs, job.cache_desc)
     images = job.images if job.images is not None else [Image.open(io.BytesIO(b)).convert("RGB") for b in pngs]
     with EMBED_LOCK:
-        before = cost.snapshot()
+        counter = cost.counter_of(s.pipe)
+        before = counter.snapshot()
         feats = image_features(s.embedder, images)
-        host_cost = cost.delta(before)
+        host_cost = counter.delta(before)
     check_finite(job.arm.name, job.batch, images, feats)
     spent = {k: (host_cost if k in HOST_COST_FIELDS else job.device_cost).get(k, 0) for k in cost.FIELDS}
     spent["images_generated"] = len(job.batch) if job.source == "generated" else 0

@@ -12,6 +12,7 @@ applied, diffusers' own conversion (``lora_state_dict``) is run on the file to s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -193,26 +194,58 @@ def skip_reasons(pipe, path: Path, skipped: list[str], rows: dict[str, dict]) ->
     return out
 
 
-#: The last loaded (pipeline, embedder), reused by the next case in the same process with the same
-#: base model and embedder (corpus builds, comparison LoRAs): only the LoRA adapter is swapped.
-LOADED: dict = {}
+class ModelCache:
+    """The last loaded (pipeline, embedder) of its owner, reused by the owner's next case with the
+    same base model and embedder (corpus builds, the cases of one process): only the LoRA adapter
+    is swapped. Created by whoever runs cases (``process_models()``, an engines/units.UnitWorker)
+    and passed down to ``load_models``; it holds one entry at most."""
+
+    def __init__(self) -> None:
+        from carlos_audit.run.cost import CostCounter
+
+        self.key: tuple | None = None
+        self.loaded: tuple | None = None  # (LoadedPipeline, embedder)
+        self.cost = CostCounter()  # the work of every model it held (run/cost.py hooks)
+
+    def get(self, key: tuple):
+        return self.loaded if self.loaded is not None and self.key == key else None
+
+    def keep(self, key: tuple, lp, emb) -> None:
+        self.key, self.loaded = key, (lp, emb)
+
+    def clear(self) -> None:
+        self.key = self.loaded = None
 
 
-def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions | None = None):
+@functools.cache
+def process_models() -> ModelCache:
+    """The one model cache of this process, for the callers that are given none (one instance,
+    created on first use; a test or bench empties it with ``.clear()``)."""
+    return ModelCache()
+
+
+def _loaded_key(case: Case, options: RunOptions) -> tuple:
+    return (case.base_model.source, case.base_model.dtype, case.base_model.device, str(case.base_dir),
+            case.base_model.variant, case.base_model.config, case.base_model.add_watermarker,
+            case.embedder.model, case.embedder.pretrained, case.embedder.preprocess,
+            case.embedder.dtype, options.allow_download, options.allow_unsafe_pickle)
+
+
+def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions | None = None,
+                models: ModelCache | None = None):
     """Base pipeline with the target LoRA as adapter "target", and the embedder; each checked
     against the hashes the case expects, the LoRA checked for architecture and full coverage
-    (``options``: allow_partial, allow_download, allow_unsafe_pickle)."""
+    (``options``: allow_partial, allow_download, allow_unsafe_pickle). ``models``: the caller's
+    cache of loaded models (``process_models()`` when None)."""
     from carlos_audit.models.embedders import load_embedder
     from carlos_audit.models.loading import load_base_pipeline, set_scheduler
     from carlos_audit.run.environment import apply_determinism
 
     options = options or RunOptions()
+    models = models if models is not None else process_models()
     allow_download, allow_unsafe_pickle = options.allow_download, options.allow_unsafe_pickle
-    key = (case.base_model.source, case.base_model.dtype, case.base_model.device, str(case.base_dir),
-           case.base_model.variant, case.base_model.config, case.base_model.add_watermarker,
-           case.embedder.model, case.embedder.pretrained, case.embedder.preprocess,
-           case.embedder.dtype, allow_download, allow_unsafe_pickle)
-    cached = LOADED.get(key)
+    key = _loaded_key(case, options)
+    cached = models.get(key)
     if cached is not None:
         lp, emb = cached
         from carlos_audit.run.patch import unload
@@ -220,7 +253,7 @@ def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions |
         unload(lp.pipe)  # weight patches: the base weights back, bit for bit
         lp.pipe.unload_lora_weights()  # removes the adapter layers; the base weights were never touched
     else:
-        LOADED.clear()
+        models.clear()
         lp = load_base_pipeline(case.base_model.source, dtype=case.base_model.dtype, device=case.base_model.device,
                                 allow_download=allow_download, base_dir=case.base_dir,
                                 variant=case.base_model.variant, config=case.base_model.config,
@@ -244,11 +277,11 @@ def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions |
         emb = load_embedder(case.embedder.model, case.embedder.pretrained, device=lp.device,
                             preprocess=case.embedder.preprocess, dtype=case.embedder.dtype,
                             allow_download=allow_download, allow_unsafe_pickle=allow_unsafe_pickle, base_dir=case.base_dir)
-        LOADED[key] = (lp, emb)
+        models.keep(key, lp, emb)
     from carlos_audit.run.cost import install_embedder_hooks, install_pipeline_hooks
 
-    install_pipeline_hooks(lp.pipe)  # counting only (cost.py); idempotent on the cached pipeline
-    install_embedder_hooks(emb)
+    install_pipeline_hooks(lp.pipe, models.cost)  # counting only (cost.py); idempotent on the cached pipeline
+    install_embedder_hooks(emb, models.cost)
     want = case.embedder.sha256
     if want and emb.sha256 != want.lower():
         raise AuditError(f"embedder {emb.identity}: hash {emb.sha256} does not match the expected {want.lower()}")

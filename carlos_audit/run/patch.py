@@ -16,7 +16,6 @@ diffusers' loader (peft) stays the path for plain LoRA / LoCon files (``needs_pa
 from __future__ import annotations
 
 import hashlib
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,14 +50,22 @@ class PipeState:
     active: tuple | None = None
 
 
-#: the patch state of each pipeline (weakly held: a dropped pipeline drops its state)
-STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: the attribute of a pipeline that holds its patch state (kept on the pipeline object, as
+#: diffusers keeps its adapters there: a dropped pipeline drops its state)
+STATE_ATTRIBUTE = "carlos_patch_state"
+
+
+def patch_state(pipe) -> PipeState | None:
+    """The weight-patch state ``pipe`` holds, or None when no weight patch was loaded into it."""
+    return getattr(pipe, STATE_ATTRIBUTE, None)
 
 
 def _state(pipe) -> PipeState:
-    if pipe not in STATES:
-        STATES[pipe] = PipeState()
-    return STATES[pipe]
+    state = patch_state(pipe)
+    if state is None:
+        state = PipeState()
+        setattr(pipe, STATE_ATTRIBUTE, state)
+    return state
 
 
 def _layer_index(model) -> dict:
@@ -208,7 +215,7 @@ def patched_layers(pipe, adapter: str) -> list[str]:
 
 def restore(pipe) -> None:
     """Every patched layer back to its original tensors (bit for bit)."""
-    state = STATES.get(pipe)
+    state = patch_state(pipe)
     if state is None or state.active is None:
         return
     import torch
@@ -224,7 +231,7 @@ def restore(pipe) -> None:
 def activate(pipe, adapter: str | None, scale: float = 1.0) -> bool:
     """Base weights everywhere, then ``adapter``'s patch at ``scale`` if it is a weight patch.
     True when ``adapter`` is a weight patch (the caller then leaves peft adapters disabled)."""
-    state = STATES.get(pipe)
+    state = patch_state(pipe)
     if state is None:
         return False
     if state.active == (adapter, float(scale)):
@@ -253,7 +260,8 @@ def activate(pipe, adapter: str | None, scale: float = 1.0) -> bool:
 def unload(pipe) -> None:
     """Restore the base weights and forget every weight-patch adapter of ``pipe``."""
     restore(pipe)
-    STATES.pop(pipe, None)
+    if patch_state(pipe) is not None:
+        delattr(pipe, STATE_ATTRIBUTE)
 
 
 

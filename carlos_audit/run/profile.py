@@ -30,7 +30,7 @@ from carlos_audit.run.generate import (
     set_adapter_state,
 )
 from carlos_audit.run.intake import prepare_case_dir, read_inputs
-from carlos_audit.run.load import base_model_record, load_lora, load_models
+from carlos_audit.run.load import ModelCache, base_model_record, load_lora, load_models
 from carlos_audit.run.hostchain import HostChain, Produced, finish_unit
 from carlos_audit.casefolder.unit_store import BaseImageCache, CaseStore
 
@@ -91,7 +91,8 @@ def produce_batch(s: Session, arm: Arm, batch: list[Pair]) -> Produced:
     """The device side of a unit: its images generated, or its PNGs from the base-image cache."""
     from carlos_audit.run import cost
 
-    before = cost.snapshot()
+    counter = cost.counter_of(s.pipe)
+    before = counter.snapshot()
     prompts_sent = [arm.prompt_for(p.prompt.text, s.triggers) for p in batch]
     seeds = [p.seed for p in batch]
     key = desc = pngs = images = None
@@ -102,7 +103,7 @@ def produce_batch(s: Session, arm: Arm, batch: list[Pair]) -> Produced:
         set_adapter_state(s.pipe, arm.adapter, arm.scale)
         images = generate_batch(s.pipe, prompts_sent, seeds, s.params)
     return Produced(arm, batch, prompts_sent, seeds, "base-cache" if pngs is not None else "generated", images, pngs,
-                    key, desc, cost.delta(before))
+                    key, desc, counter.delta(before))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -149,17 +150,18 @@ class PreparedRun:
 
 
 def prepare_run(case: Case, store: CaseStore, options: RunOptions | None = None, *,
-                prepare_folder: bool = True) -> PreparedRun:
+                prepare_folder: bool = True, models: ModelCache | None = None) -> PreparedRun:
     """intake (every input hashed or refused), the case folder prepared (``prepare_folder``; a
-    build's worker writes into no folder), base pipeline + target LoRA + embedder loaded, and the
-    signature of the profile this run will produce."""
+    build's worker writes into no folder), base pipeline + target LoRA + embedder loaded (kept in
+    ``models``, the caller's cache; run/load.process_models() when None), and the signature of
+    the profile this run will produce."""
     options = options or RunOptions()
     got = read_inputs(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     paths, inputs, inspection = got.paths, got.inputs, got.inspection
     prompts, prompt_source = got.prompts, got.prompt_source
     if prepare_folder:
         prepare_case_dir(store.root, case, options.force)
-    lp, emb, lora_load, determinism = load_models(case, paths, inspection, options)
+    lp, emb, lora_load, determinism = load_models(case, paths, inspection, options, models)
     session, _ = make_session(case, store, lp, emb, determinism)
     signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
                                embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=session.params.scheduler)
