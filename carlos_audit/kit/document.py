@@ -71,7 +71,7 @@ def render_reproduction(out: Path) -> Path:
     report's PDF writer (report/render.write_pdf: PDF/A-3b, tagged, the record embedded) and its
     pre-flight check (every check but "no embedded files": the record is embedded on purpose)."""
     from carlos_audit.report.fetcher import templates_dir
-    from carlos_audit.report.render import write_pdf
+    from carlos_audit.report.render import PdfCopy, write_pdf
 
     out = Path(out).resolve()
     tdir = templates_dir()
@@ -80,8 +80,8 @@ def render_reproduction(out: Path) -> Path:
     data = (out / "reproduction.json").read_bytes()
     r = read_json(out / "reproduction.json")
     html = _jinja_env(tdir).get_template(TEMPLATE).render(**build_context(r))
-    pdf = write_pdf(html, out, int(r["source_date_epoch"]), variant="pdf/a-3b", paper=None,
-                    attachments={"reproduction.json": data}, identifier=sha256_bytes(data)[:32])
+    pdf = write_pdf(html, out, int(r["source_date_epoch"]),
+                    PdfCopy("pdf/a-3b", None, sha256_bytes(data)[:32], attachments={"reproduction.json": data}))
     path = out / "reproduction.pdf"
     write_bytes_atomic(path, pdf)
     write_text_atomic(out / "reproduction.pdf.sha256", f"{sha256_bytes(pdf)}  reproduction.pdf\n")

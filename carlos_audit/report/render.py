@@ -24,6 +24,7 @@ run's recorded start (manifest run.source_date_epoch), never the time of renderi
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -111,12 +112,12 @@ def render_copies(case_dir: Path) -> dict:
     paper = inp.report.paper
     ident = inp.folder.digest(Manifest.FILE)
 
-    archive = write_pdf(render_html(build_context(inp, "archive")), case_dir, epoch, variant=VARIANTS["archive"], paper=paper,
-                        attachments={c["name"]: inp.folder.raw(c["name"]) for c in inp.companions},
-                        identifier=ident[:32])
+    archive = write_pdf(render_html(build_context(inp, "archive")), case_dir, epoch,
+                        PdfCopy(VARIANTS["archive"], paper, ident[:32],
+                                attachments={c["name"]: inp.folder.raw(c["name"]) for c in inp.companions}))
     archive_sha256 = sha256_bytes(archive)
-    filing = write_pdf(render_html(build_context(inp, "filing", archive_sha256)), case_dir, epoch, variant=VARIANTS["filing"],
-                       paper=paper, attachments={}, identifier=ident[32:], declare_ua=True)
+    filing = write_pdf(render_html(build_context(inp, "filing", archive_sha256)), case_dir, epoch,
+                       PdfCopy(VARIANTS["filing"], paper, ident[32:], declare_ua=True))
     out = {}
     for copy, name, data in (("archive", ARCHIVE_PDF, archive), ("filing", FILING_PDF, filing)):
         write_bytes_atomic(case_dir / name, data)
@@ -139,14 +140,24 @@ def render_report(case_dir: Path, check: bool = True) -> Path:
     return result["filing"]
 
 
-def write_pdf(html: str, case_dir: Path, epoch: int, *, variant: str, paper: str | None, attachments: dict[str, bytes],
-              identifier: str, declare_ua: bool = False) -> bytes:
-    """HTML -> PDF bytes (tagged, the given PDF/A variant), fetching only from the case and
-    templates folders; ``attachments`` {name: bytes} are embedded (PDF/A-3 only). The one PDF
-    writer: the report's two copies and the reproduction PDF (kit/document.py). ``paper``
-    None: the stylesheet's page size. The tag tree then gets the table scopes weasyprint drops
-    and, with ``declare_ua``, the PDF/UA-1 identification when the structure checks pass
-    (pdftags.py)."""
+@dataclass(frozen=True)
+class PdfCopy:
+    """How one PDF is written: its PDF/A ``variant``, the ``paper`` (None: the stylesheet's page
+    size), the files embedded (``attachments`` {name: bytes}; PDF/A-3 only), the document
+    ``identifier`` (the /ID's first part) and whether to declare PDF/UA-1 (``declare_ua``)."""
+
+    variant: str
+    paper: str | None
+    identifier: str
+    attachments: dict = field(default_factory=dict)
+    declare_ua: bool = False
+
+
+def write_pdf(html: str, case_dir: Path, epoch: int, copy: PdfCopy) -> bytes:
+    """HTML -> PDF bytes (tagged, the copy's PDF/A variant), fetching only from the case and
+    templates folders. The one PDF writer: the report's two copies and the reproduction PDF
+    (kit/document.py). The tag tree then gets the table scopes weasyprint drops and, with
+    ``copy.declare_ua``, the PDF/UA-1 identification when the structure checks pass (pdftags.py)."""
     from carlos_audit.report.pdftags import post_process
 
     import logging
@@ -159,14 +170,14 @@ def write_pdf(html: str, case_dir: Path, epoch: int, *, variant: str, paper: str
     fetcher = make_url_fetcher(case_dir)
     when = datetime.fromtimestamp(epoch, tz=timezone.utc).replace(tzinfo=None)
     try:
-        css = [CSS(url=TEMPLATES_URL + STYLESHEET, url_fetcher=fetcher)] + ([CSS(string=PAGE_CSS[paper])] if paper else [])
+        css = [CSS(url=TEMPLATES_URL + STYLESHEET, url_fetcher=fetcher)] + ([CSS(string=PAGE_CSS[copy.paper])] if copy.paper else [])
         doc = HTML(string=html, base_url=CASE_URL, url_fetcher=fetcher)
         # a weasyprint Attachment cannot serve two write_pdf calls: new objects every time
         files = [Attachment(string=data, name=name, description=DESCRIPTIONS.get(name, name),
                             created=when, modified=when, relationship="Data", url_fetcher=fetcher)
-                 for name, data in attachments.items()]
-        data = doc.write_pdf(stylesheets=css, attachments=files, pdf_variant=variant, pdf_tags=True,
-                             pdf_identifier=identifier.encode(), uncompressed_pdf=False)
+                 for name, data in copy.attachments.items()]
+        data = doc.write_pdf(stylesheets=css, attachments=files, pdf_variant=copy.variant, pdf_tags=True,
+                             pdf_identifier=copy.identifier.encode(), uncompressed_pdf=False)
     except RefusedFetch as e:
         raise AuditError(f"report rendering stopped: {e}") from None
-    return post_process(data, html, declare_ua=declare_ua)
+    return post_process(data, html, declare_ua=copy.declare_ua)
