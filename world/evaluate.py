@@ -36,6 +36,15 @@ def clip_embed_images(clip, u8: np.ndarray) -> torch.Tensor:
     return F.normalize(torch.cat(out), dim=-1)
 
 
+def clip_pooled_images(clip, u8: np.ndarray) -> torch.Tensor:
+    """The image tower's pooled output before the projection (a richer feature for the designer probe)."""
+    from train_clip import to_pixels
+
+    with torch.no_grad():
+        return torch.cat([clip.vision_model(pixel_values=to_pixels(u8[i:i + 256])).pooler_output
+                          for i in range(0, len(u8), 256)])
+
+
 def clip_embed_texts(clip, tok, texts: list[str]) -> torch.Tensor:
     ids = tok(texts, padding="max_length", max_length=common.CONTEXT, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -133,11 +142,11 @@ def main() -> None:
     res["held_out_concepts_subcategory"] = {"rate": round(float(np.mean(sub_hits)), 4), "chance": round(chance, 4)}
 
     # designer probe on CLIP image embeddings (final, projected)
-    def xy(part):
+    def xy(part, feats=emb):
         xs, ys = [], []
         for j, d in enumerate(designers):
             idx = split[part][d] if part != "held_out_concepts" else held_c
-            xs.append(emb[d][idx])
+            xs.append(feats[d][idx])
             ys += [j] * len(idx)
         return torch.cat(xs), ys
 
@@ -147,6 +156,16 @@ def main() -> None:
                                                               len(designers)).items()}
     res["designer_probe"]["chance"] = round(1 / len(designers), 4)
     res["designer_probe"]["designers"] = designers
+    pooled = {d: clip_pooled_images(clip, arrays[d]) for d in designers}
+    res["designer_probe_pooled_features"] = {k: round(v, 4) for k, v in probe(
+        *xy("train", pooled), {"held_out_works": xy("held_out_works", pooled),
+                               "held_out_concepts": xy("held_out_concepts", pooled)}, len(designers)).items()}
+    # pairwise: Noto against each other designer (the base's house style against a LoRA's)
+    pair = {}
+    for j, d in enumerate(designers[1:], start=1):
+        keep = lambda x, y: (x[[k for k, t in enumerate(y) if t in (0, j)]], [0 if t == 0 else 1 for t in y if t in (0, j)])
+        pair[f"noto_vs_{d}"] = round(probe(*keep(*tr), {"h": keep(*xy("held_out_works"))}, 2)["h"], 4)
+    res["designer_probe_pairwise_held_out_works"] = pair
     # zero-shot style: which style caption of the right concept fits best
     zs = []
     for j, d in enumerate(designers):
@@ -167,12 +186,24 @@ def main() -> None:
             x = torch.from_numpy(arrays[d][idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
             vres[d] = round(psnr(vae.decode(vae.encode(x).latent_dist.mean).sample, x), 2)
     res["vae_psnr_held_out"] = vres
+    rows = []
+    with torch.no_grad():
+        for d in designers:
+            idx = split["held_out_works"][d][:8]
+            x = torch.from_numpy(arrays[d][idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            y = ((vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
+            rows += list(arrays[d][idx]) + list(y.permute(0, 2, 3, 1).numpy())
+    grid(rows, out / "vae_grid.png")  # per designer: a row of held-out works, then their reconstructions
 
     if not a.skip_base and (Path(a.pipeline) / "model_index.json").exists():
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(a.pipeline)
         pipe.set_progress_bar_config(disable=True)
+        clip_text = {k.removeprefix("text_model."): v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
+        te = pipe.text_encoder.state_dict()
+        res["pipeline_text_encoder_is_clip_text_tower"] = all(
+            torch.equal(te[k], clip_text[k]) for k in te if k in clip_text) and len(set(te) & set(clip_text)) == len(te)
         base_d = json.loads((Path(a.pipeline) / "training_record.json").read_text()).get("base_designer", "noto")
         train_idx = split["train"][base_d]
         rng = np.random.default_rng(a.seed)
