@@ -62,7 +62,9 @@ world-data: setup $(WORLD_EXTRA)/.installed
 world: world-data
 	cd world && { $(WORLD_RUN) train_clip.py --minutes $(WORLD_CLIP_MIN) & a=$$!; \
 	  $(WORLD_RUN) train_vae.py --minutes $(WORLD_VAE_MIN) & b=$$!; wait $$a && wait $$b; }
-	cd world && { $(WORLD_RUN) train_unet.py --minutes $(WORLD_UNET_MIN) & a=$$!; \
+	rm -rf world/build/checkpoints/clip_stage1 && mkdir -p world/build/checkpoints && \
+	  cp -r world/models/clip world/build/checkpoints/clip_stage1
+	cd world && { $(WORLD_RUN) train_unet.py --clip build/checkpoints/clip_stage1 --minutes $(WORLD_UNET_MIN) & a=$$!; \
 	  $(WORLD_RUN) train_clip.py --resume --freeze-text --batch 64 --minutes $(WORLD_CLIP_MIN) & b=$$!; \
 	  wait $$a && wait $$b; }
 	cd world && $(WORLD_RUN) evaluate.py
