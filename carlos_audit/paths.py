@@ -13,6 +13,8 @@ No heavy import here: the CLI imports this module at start.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import os
 from pathlib import Path, PurePath
 
@@ -89,7 +91,7 @@ class PathMap:
     def apply(self, obj):
         if isinstance(obj, str):
             return self.text(obj)
-        if isinstance(obj, dict):
+        if isinstance(obj, Mapping):  # a dict, or a record section
             return {k: self.apply(v) for k, v in obj.items()}
         if isinstance(obj, list):
             return [self.apply(v) for v in obj]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 from pathlib import Path
 
@@ -85,7 +87,7 @@ def add_case(corpus_path, case_dir, row_id: str | None = None, name: str | None 
 
 def _text(section, key: str) -> str | None:
     """A string field of a manifest section (None when the section or the value is not one)."""
-    value = section.get(key) if isinstance(section, dict) else None
+    value = section.get(key) if isinstance(section, Mapping) else None
     return value if isinstance(value, str) else None
 
 

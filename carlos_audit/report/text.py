@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from datetime import datetime, timezone
 
 
@@ -20,7 +22,7 @@ def seeds_text(seeds: list[int]) -> str:
 def flatten(obj, prefix: str = "") -> list[tuple[str, str]]:
     """Nested dicts as (dotted key, value text) rows, for key/value tables."""
     rows = []
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # a dict, or a record section
         for k in sorted(obj, key=str):
             rows += flatten(obj[k], f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(obj, list):
