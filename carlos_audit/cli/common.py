@@ -41,6 +41,7 @@ def route_warnings(verbose: bool) -> None:
     one line whatever versions a fresh install resolved."""
     import logging
 
+    logging.captureWarnings(False)  # undo an earlier capture (whose saved showwarning may be stale)
     logging.captureWarnings(True)
     log = logging.getLogger("py.warnings")
     log.propagate = False
