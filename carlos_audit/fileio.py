@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from carlos_audit.hashing import json_default
+
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file, fsync'd and renamed. A full disk, a
@@ -46,8 +48,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def json_dumps(obj) -> str:
-    """The one JSON layout for files a person opens: sorted keys, 2-space indent."""
-    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+    """The one JSON layout for files a person opens: sorted keys, 2-space indent. A typed record
+    section is written as the JSON it came from (its ``to_json``)."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False, default=json_default) + "\n"
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

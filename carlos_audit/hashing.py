@@ -25,9 +25,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def json_default(obj):
+    """``json.dumps``'s fallback: a typed record section (record_sections.Section) is the JSON
+    object it came from (its ``to_json``); anything else is not JSON."""
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def canonical_json(obj) -> bytes:
     """JSON bytes with sorted keys and no whitespace variance: the form that is hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=json_default).encode()
 
 
 def sha256_json(obj) -> str:
