@@ -276,6 +276,9 @@ def test_library_warnings_stay_off_the_terminal_unless_verbose(capsys):
 
     from carlos_audit.cli.common import route_warnings
 
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # what quiet_libraries() does in a command that ran before
     try:
         for verbose in (False, True):
             route_warnings(verbose)
@@ -286,3 +289,4 @@ def test_library_warnings_stay_off_the_terminal_unless_verbose(capsys):
             assert ("a library deprecation" in err) is verbose
     finally:
         logging.captureWarnings(False)
+        root.setLevel(level)

@@ -45,6 +45,7 @@ def route_warnings(verbose: bool) -> None:
     logging.captureWarnings(True)
     log = logging.getLogger("py.warnings")
     log.propagate = False
+    log.setLevel(logging.WARNING)  # its own level: quiet_libraries() raises the root logger's to ERROR
     log.handlers[:] = [logging.StreamHandler() if verbose else logging.NullHandler()]
 
 
