@@ -24,14 +24,14 @@ CARLOS_MAX_STRENGTH = 9.8
 CARLOS_MIN_CONSISTENCY = 0.041
 STRENGTH_PERCENTILE = 97.2
 CONSISTENCY_PERCENTILE = 27.6
-HF_CLIP_PREFIX = "hf-transformers:"
 
 
 def default_filters(corpus) -> dict:
     from carlos_audit.case.protocol import CARLOS_INDEXING_SHA256
+    from carlos_audit.models.embedders import HF_IDENTITY_PREFIX
 
     sig = corpus.signature or {}
-    if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256 and sig.get("embedder") == HF_CLIP_PREFIX + "openai/clip-vit-base-patch32":
+    if sig.get("prompts_sha256") == CARLOS_INDEXING_SHA256 and sig.get("embedder") == HF_IDENTITY_PREFIX + "openai/clip-vit-base-patch32":
         return {"max_strength": CARLOS_MAX_STRENGTH, "min_consistency": CARLOS_MIN_CONSISTENCY, "source": "CARLoS upstream thresholds"}
     s = np.asarray(corpus.strength, dtype=float)
     c = np.asarray(corpus.consistency, dtype=float)
