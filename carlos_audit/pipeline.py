@@ -197,7 +197,7 @@ def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list
         embedder=record.embedder,
         lora={"path": record.lora_path, "file_name": Path(record.lora_path).name, "sha256": lora_sha,
               "scale": case.lora.scale, "trigger_words": list(case.lora.trigger_words),
-              "trigger_policy": case.lora.trigger_policy, "load": record.lora_load,
+              "trigger_policy": case.lora.trigger_policy, "convention": case.lora.convention, "load": record.lora_load,
               "inspection": record.inspection},
         protocol={"prompts": pc.prompts, "prompt_source": record.prompt_source,
                   "prompts_sha256": prompts_sha256(prompts), "n_prompts": len(prompts),

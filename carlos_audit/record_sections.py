@@ -333,6 +333,7 @@ class Lora(Section):
     scale: float | None = None
     trigger_words: list | None = None
     trigger_policy: str | None = None
+    convention: str | None = None
     load: LoraLoad | None = part(LoraLoad)
     inspection: Inspection | None = part(Inspection)
 

@@ -76,7 +76,32 @@ def test_the_fixtures_name_the_comfyui_commit_and_files_they_came_from():
     assert len(m["files"]) == 15 and set(m["multipliers"]) == set(MULTIPLIERS)
 
 
-@pytest.mark.parametrize("family", sorted(name.removeprefix("sd15-lycoris-") for name in agreement.manifest()["files"]))
+FIXTURE_FAMILIES = sorted(name.removeprefix("sd15-lycoris-") for name in agreement.manifest()["files"])
+
+
+@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
+def test_comfyui_convention_reproduces_comfyui(tiny, files, family):
+    """Under ``[lora] convention = "comfyui"`` the tool's weights are ComfyUI's, every family, both
+    multipliers; what ComfyUI leaves unapplied is applied as unchanged and said so."""
+    name, path = files[family]
+    comfy = agreement.stored(name)
+    base = agreement.effective_weights(tiny)
+    state = load_lora(tiny, path, "t", inspect_lora(path), allow_partial=False, convention="comfyui")
+    try:
+        assert state["partial"] is False and state["application"]["convention"] == "comfyui"
+        unchanged = sum(f.get("unchanged", 0) for f in state["application"]["families"].values())
+        assert unchanged == COMFY_SKIPS.get(family, 0) * (family != "diag-oft_rescaled")
+        for m in MULTIPLIERS:
+            set_adapter_state(tiny, "t", m)
+            rel, n_tool, n_comfy = agreement.compare(agreement.tool_responses(tiny, base), comfy.get(m, {}))
+            assert rel <= AGREE and n_tool == n_comfy, (family, m, rel, n_tool, n_comfy)
+    finally:
+        set_adapter_state(tiny, None)
+        unload(tiny)
+        tiny.unload_lora_weights()
+
+
+@pytest.mark.parametrize("family", FIXTURE_FAMILIES)
 def test_reference_convention_against_comfyui(tiny, files, family):
     name, path = files[family]
     comfy = agreement.stored(name)

@@ -24,6 +24,8 @@ from carlos_audit.case.spec import schema_types
 
 CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TRIGGER_POLICIES = ("both", "lora_only", "none")
+#: how a LoRA file is applied: each format's reference implementation, or ComfyUI's behaviour (lora/comfyui_rules.py)
+CONVENTIONS = ("reference", "comfyui")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EMBEDDER_PREPROCESS = ("pil", "torchvision")
 EMBEDDER_DTYPES = ("float32", "float16", "bfloat16")
@@ -66,6 +68,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "scale": (_FLOAT, False, 1.0),
         "trigger_words": (_STRLIST, False, []),
         "trigger_policy": (_STR, False, "both"),
+        "convention": (_STR, False, "reference"),  # whose rule applies the file: reference | comfyui
     },
     "protocol": {
         "prompts": (_STR, True, None),
@@ -270,6 +273,8 @@ def _check_values(c: dict, where: str) -> None:
         )
     if c["lora"]["trigger_policy"] not in TRIGGER_POLICIES:
         raise AuditError(f"{where}: lora.trigger_policy {c['lora']['trigger_policy']!r}; allowed: {', '.join(TRIGGER_POLICIES)}")
+    if c["lora"]["convention"] not in CONVENTIONS:
+        raise AuditError(f"{where}: lora.convention {c['lora']['convention']!r}; allowed: {', '.join(CONVENTIONS)}")
     if c["base_model"]["dtype"] not in DTYPES:
         raise AuditError(f"{where}: base_model.dtype {c['base_model']['dtype']!r}; allowed: {', '.join(DTYPES)}")
     dev = c["base_model"]["device"]

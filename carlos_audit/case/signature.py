@@ -86,8 +86,11 @@ def case_signature(case, prompts, *, base_model: str, base_model_sha256: str | N
     }
     from carlos_audit.models.families import signature_extra
 
-    # a model family's own fields (FLUX.1: family, guidance, max_sequence_length) follow the shared ones
-    return {**{f: values[f] for f in SIGNATURE_FIELDS}, **signature_extra(case.base_model.family, pc.to_dict())}
+    # a model family's own fields (FLUX.1: family, guidance, max_sequence_length) follow the shared ones; a LoRA
+    # applied by ComfyUI's convention is another measurement: named, so it never matches a reference profile
+    convention = {} if case.lora.convention == "reference" else {"lora_convention": case.lora.convention}
+    return {**{f: values[f] for f in SIGNATURE_FIELDS}, **signature_extra(case.base_model.family, pc.to_dict()),
+            **convention}
 
 
 # --------------------------------------------------------------------------- reproducibility

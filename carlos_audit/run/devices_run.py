@@ -105,7 +105,7 @@ def worker(case_text: str, case_path: str, out: str, device: str, threads: int, 
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     lp, emb, _, determinism = load_models(case, paths, inspection, options)
     session, _ = make_session(case, CaseStore(Path(out)), lp, emb, determinism)
-    load_comparisons(lp.pipe, paths, inputs, options)
+    load_comparisons(lp.pipe, paths, inputs, options, convention=case.lora.convention)
     plan, by_batch = case_units(case, paths, inputs)
     with HostChain(session) as chain:
         for arm, b in units:

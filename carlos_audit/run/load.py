@@ -27,7 +27,7 @@ LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "
 # ----------------------------------------------------------------------------- loading
 
 
-def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: bool) -> dict:
+def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: bool, convention: str = "reference") -> dict:
     """Load through diffusers' load_lora_weights, or as a weight patch (run/patch.py) for the
     families diffusers does not load exactly, and check every module in the file was applied.
 
@@ -35,14 +35,17 @@ def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: b
     peft applied), ``in_file`` (modules in the file), ``wrapped`` (peft-wrapped modules of the
     pipeline under this adapter), ``by_component`` (applied modules per pipeline component),
     ``skipped`` (``[{"module", "reason"}]``), ``unapplied`` (the skipped module names) and
-    ``application`` (the method, and per family the modules applied; see ``patch.load_patch``).
+    ``application`` (the method, the application ``convention`` and per family the modules
+    applied; see ``patch.load_patch``). Under the ``comfyui`` convention the families ComfyUI
+    applies as the reference does (plain LoRA/LoCon) still go through diffusers.
     """
     from carlos_audit.run import patch
 
     if patch.needs_patch(inspection):  # a family diffusers does not load exactly: run/patch.py
-        state = patch.load_patch(pipe, path, adapter, inspection)
+        state = patch.load_patch(pipe, path, adapter, inspection, convention)
     else:
         state = load_with_diffusers(pipe, path, adapter, inspection)
+        state["application"]["convention"] = convention
     if state["partial"]:
         shown = "; ".join(f"{s['module']} ({s['reason']})" for s in state["skipped"][:3])
         more = f"; and {len(state['skipped']) - 3} more" if len(state["skipped"]) > 3 else ""
@@ -272,7 +275,8 @@ def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions |
     determinism = apply_determinism(lp.device, tf32=case.base_model.tf32)
     if case.protocol.scheduler:
         set_scheduler(lp.pipe, case.protocol.scheduler)
-    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, options.allow_partial)
+    load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, options.allow_partial,
+                           case.lora.convention)
     if emb is None:
         emb = load_embedder(case.embedder.model, case.embedder.pretrained, device=lp.device,
                             preprocess=case.embedder.preprocess, dtype=case.embedder.dtype,

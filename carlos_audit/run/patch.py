@@ -83,8 +83,10 @@ def _layer_index(model) -> dict:
     return out
 
 
-def resolve(pipe, rows: list[dict], source) -> tuple[list[Target], list[dict]]:
-    """The pipeline layer of each module row, with its tensors; skipped modules with reasons."""
+def resolve(pipe, rows: list[dict], source, convention: str = "reference") -> tuple[list[Target], list[dict]]:
+    """The pipeline layer of each module row, with its tensors; skipped modules with reasons.
+    ``convention``: whose rule gives the weights (``reference`` or ``comfyui``, see
+    ``lora/comfyui_rules.py``)."""
     from carlos_audit.lora.families_apply import oft_constraint
     from carlos_audit.lora.keys import parse_key
 
@@ -115,18 +117,20 @@ def resolve(pipe, rows: list[dict], source) -> tuple[list[Target], list[dict]]:
         tensors = {r: source.get_tensor(k) for r, k in roles.items()}
         tensors.pop("alpha", None)
         meta = {"scale": row.get("scale"), "constraint": oft_constraint(
-            (row.get("family_parameters") or {}).get("constraint"), hit[1].weight.shape[0])}
+            (row.get("family_parameters") or {}).get("constraint"), hit[1].weight.shape[0]), "convention": convention}
         targets.append(Target(row["name"], component, hit[0], hit[1], row["kind"], tensors, meta))
     return targets, skipped
 
 
 def patched_weight(target: Target, w0, b0, scale: float):
     """``(weight, bias)`` of the target's layer at ``scale``, cast to the layer's dtype."""
+    from carlos_audit.lora.comfyui_rules import comfyui_new_weight
     from carlos_audit.lora.families_apply import new_weight
 
+    rule = comfyui_new_weight if target.meta.get("convention") == "comfyui" else new_weight
     device = "cpu" if w0.device.type == "mps" else w0.device  # MPS has no float64
     t = {k: v.to(device=device, dtype=_f64()) for k, v in target.tensors.items()}
-    w, b = new_weight(target.kind, t, target.meta, w0.to(device, _f64()),
+    w, b = rule(target.kind, t, target.meta, w0.to(device, _f64()),
                       None if b0 is None else b0.to(device, _f64()), scale)
     return w.to(w0.device, w0.dtype), (None if b is None else b.to(b0.device, b0.dtype))
 
@@ -158,7 +162,7 @@ def tensor_bytes(t) -> bytes:
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def load_patch(pipe, path: Path, adapter: str, inspection: dict) -> dict:
+def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str = "reference") -> dict:
     """Register ``adapter`` as a weight patch of ``pipe`` from the file; the load record.
 
     The record is load_lora's (``partial``, ``applied``, ``in_file``, ``wrapped``,
@@ -166,16 +170,20 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict) -> dict:
     (``weight_patch``) and, per family, the modules applied, the Frobenius norm of their weight
     change at scale 1 and the sha256 of the patched weights at scale 1 (layers in name order,
     weight then bias bytes). Nothing stays patched: the arms apply the patch (``activate``).
+    Under the ``comfyui`` convention a family ComfyUI leaves unapplied counts its modules as
+    applied with an unchanged weight, and says so (``unchanged``, ``unchanged_reason``).
     """
     from safetensors import safe_open
 
     import torch
 
+    from carlos_audit.lora.comfyui_rules import unchanged_reason
+
     state = _state(pipe)
     restore(pipe)
     rows = inspection.get("modules") or []
     with safe_open(str(path), framework="pt") as source:
-        targets, skipped = resolve(pipe, rows, source)
+        targets, skipped = resolve(pipe, rows, source, convention)
     applied, families, seen = [], {}, {}
     with torch.no_grad():
         for t in sorted(targets, key=lambda t: (t.component, t.layer_name)):
@@ -192,6 +200,9 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict) -> dict:
             fam = families.setdefault(t.kind, {"method": "weight_patch", "modules": 0, "delta_norm_sq": 0.0,
                                                "sha": hashlib.sha256()})
             fam["modules"] += 1
+            if convention == "comfyui" and unchanged_reason(t.kind, t.tensors):
+                fam["unchanged"] = fam.get("unchanged", 0) + 1
+                fam["unchanged_reason"] = unchanged_reason(t.kind, t.tensors)
             fam["delta_norm_sq"] += float(((w.to(_f64()) - w0.to(_f64())) ** 2).sum())
             fam["sha"].update(f"{t.component}.{t.layer_name}".encode() + tensor_bytes(w) + (tensor_bytes(b) if b is not None else b""))
             applied.append(t)
@@ -203,9 +214,10 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict) -> dict:
     return {"partial": bool(skipped), "applied": len(applied), "in_file": len(rows), "wrapped": len(applied),
             "by_component": dict(sorted(by_component.items())), "skipped": skipped,
             "unapplied": [s["module"] for s in skipped],
-            "application": {"method": "weight_patch", "scale_of_hashes": 1.0, "families": {
+            "application": {"method": "weight_patch", "convention": convention, "scale_of_hashes": 1.0, "families": {
                 k: {"method": v["method"], "modules": v["modules"], "delta_norm": v["delta_norm_sq"] ** 0.5,
-                    "patched_weights_sha256": v["sha"].hexdigest()} for k, v in sorted(families.items())}}}
+                    "patched_weights_sha256": v["sha"].hexdigest(),
+                    **{x: v[x] for x in ("unchanged", "unchanged_reason") if x in v}} for k, v in sorted(families.items())}}}
 
 
 def patched_layers(pipe, adapter: str) -> list[str]:

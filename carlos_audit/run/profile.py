@@ -177,7 +177,7 @@ def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> R
     which pairs run (pipeline.py passes looks.run_protocol, which reads the stored features
     between looks); without it every arm runs over every pair."""
     s = prep.session
-    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.options, prep.loras)
+    comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.options, prep.loras, prep.case.lora.convention)
     plan = prep.plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
 
     def runner(arm, todo):
@@ -237,7 +237,8 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
         if now != then:
             raise AuditError(f"refusing to regenerate, nothing generated: the {what} here ({now[:16]}…) differs from the recorded one ({str(then)[:16]}…)")
     session = replace(prep.session, store=store, cache=NoBaseCache())
-    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.options, prep.loras)
+    comparisons = load_comparisons(session.pipe, prep.paths, prep.inputs, prep.options, prep.loras,
+                                   prep.case.lora.convention)
     plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
     recorded = manifest["protocol"]["arms"]
     for name, arm in plan.arms.items():
@@ -259,7 +260,7 @@ def regenerate(prep: PreparedRun, manifest: dict, store: CaseStore, batch_ids=No
 
 
 def load_comparisons(pipe, paths: dict, inputs: list[dict], options: RunOptions,
-                     loras: dict | None = None) -> list[dict]:
+                     loras: dict | None = None, convention: str = "reference") -> list[dict]:
     """Load each comparison LoRA as its own adapter (cmp1, cmp2, ...); one with the target's
     file hash needs no adapter (its arm is the target's arm). ``loras``: the files as intake read
     them (inspected from those bytes)."""
@@ -273,6 +274,6 @@ def load_comparisons(pipe, paths: dict, inputs: list[dict], options: RunOptions,
         entry = {"adapter": adapter, "path": str(p), "sha256": sha[role], "load": None}
         if sha[role] != sha["lora"]:
             inspection = inspect_lora((loras or {}).get(role) or p, allow_unsafe_pickle=options.allow_unsafe_pickle)
-            entry["load"] = load_lora(pipe, p, adapter, inspection, options.allow_partial)
+            entry["load"] = load_lora(pipe, p, adapter, inspection, options.allow_partial, convention)
         out.append(entry)
     return out
