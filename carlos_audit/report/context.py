@@ -22,7 +22,7 @@ from carlos_audit.report.claimed_section import claimed_works_context
 from carlos_audit.report.comparison import corpus_placement
 from carlos_audit.report.expert import expert_context
 from carlos_audit.report.indicators_section import indicators
-from carlos_audit.report.method import arms_plan, self_reported
+from carlos_audit.report.method import arms_plan, convention_rows, self_reported
 from carlos_audit.report.sequential_section import sequential_context
 from carlos_audit.report.text import ellipsis, flatten, iso, seeds_text
 
@@ -111,6 +111,7 @@ def core(inp: ReportInputs, copy: str) -> dict:
         "lora": lora,
         "lora_size": next((i.size for i in manifest.inputs if i.role == "lora"), None),
         "self_reported": self_reported(lora),
+        "convention_rows": convention_rows(lora),
         "base_model": manifest.base_model,
         "embedder": manifest.embedder,
         "protocol": proto,

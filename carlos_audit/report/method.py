@@ -41,6 +41,42 @@ def self_reported(lora: Lora) -> dict:
             "n_keys": len(meta) if isinstance(meta, dict) else 0, "facts": facts}
 
 
+def convention_rows(lora: Lora) -> list[tuple[str, str]]:
+    """The application convention the LoRA was applied by (``[lora] convention``), what it left
+    unchanged, and how the other convention would differ for this file at the case's scale."""
+    from carlos_audit.lora.comfyui_rules import COMFYUI_COMMIT
+
+    load = lora.load
+    app = (load.application if load is not None else None) or {}
+    convention = lora.convention or app.get("convention") or "reference"
+    comfy = f"ComfyUI's behaviour (Comfy-Org/ComfyUI at commit {COMFYUI_COMMIT[:8]})"
+    used = comfy if convention == "comfyui" else "each format's reference implementation (the LyCORIS library for its families, diffusers/peft for plain LoRA)"
+    rows = [("Application convention", f"{convention}: {used}")]
+    fams = app.get("families") or {}
+    unchanged = {k: f for k, f in fams.items() if f.get("unchanged")}
+    if unchanged:
+        total = sum(f.get("modules", 0) for f in fams.values())
+        n = sum(f["unchanged"] for f in unchanged.values())
+        what = "ComfyUI applies nothing of this file" if n == total else f"ComfyUI leaves {n} of {total} applied modules unchanged"
+        rows.append(("Left unchanged by the convention", f"{what}: " + "; ".join(
+            f"{k}: {f['unchanged']} ({f.get('unchanged_reason', '')})" for k, f in sorted(unchanged.items()))))
+    against = app.get("against")
+    if against:
+        other = comfy if against["convention"] == "comfyui" else "the reference implementation"
+        if not against.get("modules_differing"):
+            rows.append(("Under the other convention", f"{other} gives the same weights at scale {against['scale']:g}"))
+        else:
+            worst = ", ".join(f"{m['module']} ({m['relative_difference']:.3g})" for m in against["modules"][:3])
+            rel = against.get("relative_difference")
+            rows.append(("Under the other convention", f"{other} gives different weights at scale {against['scale']:g}: "
+                         f"{against['modules_differing']} modules differ, relative difference {rel:.3g} over all patched "
+                         f"layers (largest: {worst}); this report describes the convention above"))
+    elif fams and set(fams) == {"lora"}:
+        rows.append(("Under the other convention", "plain LoRA/LoCon modules: both conventions apply them alike "
+                     "(measured against ComfyUI's own code, tests/test_comfyui_agreement.py)"))
+    return rows
+
+
 def hints_text(hints: list) -> str:
     """The trigger-word hints taken from the file's metadata (untrusted: each read defensively)."""
     shown = []

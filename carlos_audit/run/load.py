@@ -27,7 +27,8 @@ LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "
 # ----------------------------------------------------------------------------- loading
 
 
-def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: bool, convention: str = "reference") -> dict:
+def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: bool, convention: str = "reference",
+              scale: float = 1.0) -> dict:
     """Load through diffusers' load_lora_weights, or as a weight patch (run/patch.py) for the
     families diffusers does not load exactly, and check every module in the file was applied.
 
@@ -42,7 +43,7 @@ def load_lora(pipe, path: Path, adapter: str, inspection: dict, allow_partial: b
     from carlos_audit.run import patch
 
     if patch.needs_patch(inspection):  # a family diffusers does not load exactly: run/patch.py
-        state = patch.load_patch(pipe, path, adapter, inspection, convention)
+        state = patch.load_patch(pipe, path, adapter, inspection, convention, scale)
     else:
         state = load_with_diffusers(pipe, path, adapter, inspection)
         state["application"]["convention"] = convention
@@ -276,7 +277,7 @@ def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions |
     if case.protocol.scheduler:
         set_scheduler(lp.pipe, case.protocol.scheduler)
     load_state = load_lora(lp.pipe, paths["lora"], TARGET_ADAPTER, inspection, options.allow_partial,
-                           case.lora.convention)
+                           case.lora.convention, case.lora.scale)
     if emb is None:
         emb = load_embedder(case.embedder.model, case.embedder.pretrained, device=lp.device,
                             preprocess=case.embedder.preprocess, dtype=case.embedder.dtype,

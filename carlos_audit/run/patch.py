@@ -162,7 +162,8 @@ def tensor_bytes(t) -> bytes:
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str = "reference") -> dict:
+def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str = "reference",
+               scale: float = 1.0) -> dict:
     """Register ``adapter`` as a weight patch of ``pipe`` from the file; the load record.
 
     The record is load_lora's (``partial``, ``applied``, ``in_file``, ``wrapped``,
@@ -172,6 +173,8 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
     weight then bias bytes). Nothing stays patched: the arms apply the patch (``activate``).
     Under the ``comfyui`` convention a family ComfyUI leaves unapplied counts its modules as
     applied with an unchanged weight, and says so (``unchanged``, ``unchanged_reason``).
+    ``against``: how the other convention's weights differ at the case's ``scale``
+    (``convention_difference``).
     """
     from safetensors import safe_open
 
@@ -207,6 +210,7 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
             fam["sha"].update(f"{t.component}.{t.layer_name}".encode() + tensor_bytes(w) + (tensor_bytes(b) if b is not None else b""))
             applied.append(t)
     state.adapters[adapter] = applied
+    against = convention_difference(applied, convention, scale)
     by_component: dict = {}
     for t in applied:
         by_component[t.component] = by_component.get(t.component, 0) + 1
@@ -217,7 +221,38 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
             "application": {"method": "weight_patch", "convention": convention, "scale_of_hashes": 1.0, "families": {
                 k: {"method": v["method"], "modules": v["modules"], "delta_norm": v["delta_norm_sq"] ** 0.5,
                     "patched_weights_sha256": v["sha"].hexdigest(),
-                    **{x: v[x] for x in ("unchanged", "unchanged_reason") if x in v}} for k, v in sorted(families.items())}}}
+                    **{x: v[x] for x in ("unchanged", "unchanged_reason") if x in v}} for k, v in sorted(families.items())},
+            "against": against}}
+
+
+def convention_difference(targets: list[Target], convention: str, scale: float) -> dict:
+    """How the other convention (``reference`` <-> ``comfyui``) would change the same layers at
+    ``scale``: ``{"convention", "scale", "modules_differing", "relative_difference", "modules"}``,
+    the relative difference being ||W_other - W_this||_F / ||W_this - W0||_F over all the
+    targets' layers (float64; a module differs when its own relative difference exceeds 1e-9),
+    ``modules`` the first ten that differ, largest first."""
+    import dataclasses
+
+    import torch
+
+    other = "reference" if convention == "comfyui" else "comfyui"
+    num = den = 0.0
+    per = []
+    with torch.no_grad():
+        for t in targets:
+            w0 = t.layer.weight.to(_f64())
+            b0 = getattr(t.layer, "bias", None)
+            b0 = None if b0 is None else b0.to(_f64())
+            this = patched_weight(t, w0, b0, scale)[0]
+            that = patched_weight(dataclasses.replace(t, meta={**t.meta, "convention": other}), w0, b0, scale)[0]
+            d, n = float(((that - this) ** 2).sum()), float(((this - w0) ** 2).sum())
+            num, den = num + d, den + n
+            if d > 1e-18 * n or (d > 0 and n == 0):
+                per.append(((d / n) ** 0.5 if n else float("inf"), t.module))
+    per.sort(key=lambda x: -x[0])
+    return {"convention": other, "scale": float(scale), "modules_differing": len(per),
+            "relative_difference": (num / den) ** 0.5 if den else None,
+            "modules": [{"module": m, "relative_difference": r} for r, m in per[:10]]}
 
 
 def patched_layers(pipe, adapter: str) -> list[str]:
