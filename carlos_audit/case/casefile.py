@@ -271,19 +271,15 @@ def _check_values(c: dict, where: str) -> None:
             f"{where}: case.id {c['case']['id']!r} is not allowed; use letters, digits, '.', '_' or '-' "
             "(first a letter or digit, at most 100 characters)"
         )
-    if c["lora"]["trigger_policy"] not in TRIGGER_POLICIES:
-        raise AuditError(f"{where}: lora.trigger_policy {c['lora']['trigger_policy']!r}; allowed: {', '.join(TRIGGER_POLICIES)}")
-    if c["lora"]["convention"] not in CONVENTIONS:
-        raise AuditError(f"{where}: lora.convention {c['lora']['convention']!r}; allowed: {', '.join(CONVENTIONS)}")
-    if c["base_model"]["dtype"] not in DTYPES:
-        raise AuditError(f"{where}: base_model.dtype {c['base_model']['dtype']!r}; allowed: {', '.join(DTYPES)}")
+    choices = {("lora", "trigger_policy"): TRIGGER_POLICIES, ("lora", "convention"): CONVENTIONS,
+               ("base_model", "dtype"): DTYPES, ("embedder", "preprocess"): EMBEDDER_PREPROCESS,
+               ("embedder", "dtype"): EMBEDDER_DTYPES}
+    for (sec, key), allowed in choices.items():
+        if c[sec][key] not in allowed:
+            raise AuditError(f"{where}: {sec}.{key} {c[sec][key]!r}; allowed: {', '.join(allowed)}")
     dev = c["base_model"]["device"]
     if not (dev in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", dev)):
         raise AuditError(f"{where}: base_model.device {dev!r}; allowed: auto, cpu, cuda, cuda:N")
-    if c["embedder"]["preprocess"] not in EMBEDDER_PREPROCESS:
-        raise AuditError(f"{where}: embedder.preprocess {c['embedder']['preprocess']!r}; allowed: {', '.join(EMBEDDER_PREPROCESS)}")
-    if c["embedder"]["dtype"] not in EMBEDDER_DTYPES:
-        raise AuditError(f"{where}: embedder.dtype {c['embedder']['dtype']!r}; allowed: {', '.join(EMBEDDER_DTYPES)}")
     for sec in ("base_model", "embedder", "lora"):
         h = c[sec].get("sha256")
         if h is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", h):

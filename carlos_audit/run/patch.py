@@ -180,8 +180,6 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
 
     import torch
 
-    from carlos_audit.lora.comfyui_rules import unchanged_reason
-
     state = _state(pipe)
     restore(pipe)
     rows = inspection.get("modules") or []
@@ -199,15 +197,8 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
                 skipped.append({"module": t.module, "reason": checked})
                 continue
             seen[id(t.layer)] = t.module
-            w, b = checked
-            fam = families.setdefault(t.kind, {"method": "weight_patch", "modules": 0, "delta_norm_sq": 0.0,
-                                               "sha": hashlib.sha256()})
-            fam["modules"] += 1
-            if convention == "comfyui" and unchanged_reason(t.kind, t.tensors):
-                fam["unchanged"] = fam.get("unchanged", 0) + 1
-                fam["unchanged_reason"] = unchanged_reason(t.kind, t.tensors)
-            fam["delta_norm_sq"] += float(((w.to(_f64()) - w0.to(_f64())) ** 2).sum())
-            fam["sha"].update(f"{t.component}.{t.layer_name}".encode() + tensor_bytes(w) + (tensor_bytes(b) if b is not None else b""))
+            count_applied(families.setdefault(t.kind, {"method": "weight_patch", "modules": 0, "delta_norm_sq": 0.0,
+                                                       "sha": hashlib.sha256()}), t, w0, checked)
             applied.append(t)
     state.adapters[adapter] = applied
     against = convention_difference(applied, convention, scale)
@@ -223,6 +214,22 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
                     "patched_weights_sha256": v["sha"].hexdigest(),
                     **{x: v[x] for x in ("unchanged", "unchanged_reason") if x in v}} for k, v in sorted(families.items())},
             "against": against}}
+
+
+def count_applied(fam: dict, t: Target, w0, checked: tuple) -> None:
+    """Add an applied module to its family's accounting: the count, the weight change's squared
+    norm and the patched-weight hash; under the ``comfyui`` convention, a module ComfyUI leaves
+    unchanged is counted with its reason."""
+    from carlos_audit.lora.comfyui_rules import unchanged_reason
+
+    w, b = checked
+    fam["modules"] += 1
+    reason = unchanged_reason(t.kind, t.tensors) if t.meta.get("convention") == "comfyui" else None
+    if reason:
+        fam["unchanged"] = fam.get("unchanged", 0) + 1
+        fam["unchanged_reason"] = reason
+    fam["delta_norm_sq"] += float(((w.to(_f64()) - w0.to(_f64())) ** 2).sum())
+    fam["sha"].update(f"{t.component}.{t.layer_name}".encode() + tensor_bytes(w) + (tensor_bytes(b) if b is not None else b""))
 
 
 def convention_difference(targets: list[Target], convention: str, scale: float) -> dict:
