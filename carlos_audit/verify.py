@@ -222,6 +222,74 @@ def check_regenerated(folder: CaseFolder, sample: int, seed: int, progress: bool
     return checks
 
 
+def check_unit_bindings(folder: CaseFolder) -> Check:
+    """Every unit record of the case (not a sample) against the inputs the manifest records: the
+    hashes it carries of what made it (its arm's LoRA, the prompt set, the base model, the
+    embedder: run/hostchain.finish_unit), each prompt it sent (the manifest's prompt text with the
+    arm's trigger words) and each file hash (the manifest's pair rows); the folder's
+    ``inputs.json`` (casefolder/binding.py) against the manifest's inputs. Fails naming the units."""
+    from carlos_audit.casefolder.binding import read_binding
+    from carlos_audit.run.arms import Arm
+
+    m = folder.manifest
+    text = {p.id: p.text for p in m.prompts}
+    rows: dict[int, dict] = {}
+    for row in m.pairs:
+        rows.setdefault(row.batch, {})[row.pair_id] = row
+    common = {"prompts_sha256": m.protocol.prompts_sha256, "base_model_sha256": m.base_model.sha256,
+              "embedder_sha256": m.embedder.sha256}
+    bad, unbound, n = [], 0, 0
+    for name, arm in m.protocol.arms.items():
+        send = Arm(name, arm.adapter, arm.scale, arm.with_triggers)
+        for b, batch_rows in sorted(rows.items()):
+            unit, rec = f"{name}/b{b:05d}", folder.units.unit_done(name, b)
+            if rec is None:
+                bad.append(f"{unit} (missing or unreadable)")
+                continue
+            n += 1
+            made = rec.get("inputs")
+            unbound += made is None
+            wrong = [k for k, v in dict(common, lora_sha256=arm.lora_sha256).items() if made is not None and made.get(k) != v]
+            wrong += _unit_entries_differ(rec, batch_rows, name, lambda pid: send.prompt_for(text[pid], list(m.lora.trigger_words)))
+            if wrong:
+                bad.append(f"{unit} ({', '.join(wrong[:3])})")
+    bad += _binding_record_differs(read_binding(folder.root), m)
+    if bad:
+        return Check("unit records bound to the inputs", False,
+                     "made from other inputs than the manifest records: " + "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
+    note = f"; {unbound} carry no input hashes (an earlier carlos-audit): prompts and files checked" if unbound else ""
+    return Check("unit records bound to the inputs", True,
+                 f"{n} unit records: LoRA, prompt set, base model, embedder, prompts and files as recorded{note}")
+
+
+def _unit_entries_differ(rec: dict, batch_rows: dict, arm: str, prompt_of) -> list[str]:
+    """What in a unit record's entries differs from the manifest's pair rows of its batch."""
+    entries = {e.get("pair_id"): e for e in rec["pairs"]}
+    if not set(batch_rows) <= set(entries):
+        return ["pairs"]
+    out = []
+    for pid, row in batch_rows.items():
+        e, recorded = entries[pid], row.arms.get(arm)
+        if e.get("prompt") != prompt_of(row.prompt_id):
+            out.append(f"prompt of {pid}")
+        if recorded is None or [e.get("image_sha256"), e.get("embedding_sha256")] != [recorded.image_sha256, recorded.embedding_sha256]:
+            out.append(f"files of {pid}")
+    return out
+
+
+def _binding_record_differs(binding, m: Manifest) -> list[str]:
+    """inputs.json (absent in folders of an earlier carlos-audit) against the manifest's inputs."""
+    if binding is None:
+        return []
+    recorded = {i.role: i.sha256 for i in m.inputs if i.role != "casefile"}
+    out = [f"inputs.json {role}" for role in sorted(set(recorded) | set(binding.inputs)) if recorded.get(role) != binding.inputs.get(role)]
+    if binding.prompts_sha256 != m.protocol.prompts_sha256:
+        out.append("inputs.json prompt set")
+    if binding.models is not None and binding.models != {"base_model": m.base_model.sha256, "embedder": m.embedder.sha256}:
+        out.append("inputs.json models")
+    return out
+
+
 def check_base_files(case, manifest: Manifest) -> Check:
     """Every file that affects the images (weights, configs, scheduler, tokenizer) against the
     sha256 the manifest recorded; a changed, missing or added one is named."""
@@ -262,6 +330,7 @@ def _verify_case(case_dir: Path, sample: int, seed: int, trust: list[Path] | Non
                     "matches manifest.json.sha256" if intact else "manifest.json was modified after the run")]
     manifest = folder.manifest
     checks += check_files(folder, trust)
+    checks.append(check_unit_bindings(folder))
     checks.append(check_metrics(folder))
     if manifest.sequential:
         checks.append(check_sequential(folder))

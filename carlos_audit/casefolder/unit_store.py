@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,9 @@ class UnitOutput:
     """What one (arm, batch) unit produced, image by image: the images (PNG bytes or PIL images),
     their features, pair ids, the prompts as sent, the seeds; where the images came from
     (``source``: generated, cached, shared); the hook-counted work (run/cost.py) and the device
-    record (run/devices.device_record), each None when not known."""
+    record (run/devices.device_record), each None when not known; ``inputs``: the hashes of what
+    made the unit (its LoRA, None for the base weights; the prompt set; the base model; the
+    embedder), checked by ``verify`` against the manifest."""
 
     images: list
     features: np.ndarray
@@ -55,6 +58,7 @@ class UnitOutput:
     source: str
     cost: dict | None = None
     device: dict | None = None
+    inputs: dict | None = None
 
 
 class CaseStore:
@@ -66,6 +70,7 @@ class CaseStore:
         self.root = Path(root)
         self._units: dict[tuple[str, int], dict] = {}
         self._features: dict[str, np.ndarray] = {}  # by relative path
+        self.unreadable: list[Path] = []  # unit records found unreadable (counted as not done)
 
     # paths -------------------------------------------------------------
     def image_rel(self, arm: str, pair_id: str) -> str:
@@ -87,13 +92,22 @@ class CaseStore:
 
     # units -------------------------------------------------------------
     def unit_done(self, arm: str, batch: int) -> dict | None:
-        """The unit's record, or None while it is not written (a missing record is looked for again)."""
+        """The unit's record, or None while it is not written (a missing record is looked for
+        again). An unreadable record (truncated, not JSON, not a unit record) counts as not done:
+        one line is noted on stderr and the unit is generated again on resume."""
         key = (arm, batch)
         if key not in self._units:
             p = self.unit_path(arm, batch)
             if not p.is_file():
                 return None
-            self._units[key] = read_json(p)
+            record = read_unit_record(p)
+            if record is None:
+                if p not in self.unreadable:
+                    self.unreadable.append(p)
+                    print(f"Note: unit record {p} is unreadable (truncated?); the unit counts as not done and is "
+                          "generated again", file=sys.stderr)
+                return None
+            self._units[key] = record
         return self._units[key]
 
     def unit_files(self, arm: str, batch: int, out: "UnitOutput") -> tuple[list, dict]:
@@ -115,6 +129,8 @@ class CaseStore:
             record["cost"] = out.cost  # hook-counted work that produced this unit (cost.py)
         if out.device is not None:
             record["device"] = out.device  # where it ran and its device class (run/devices.device_record)
+        if out.inputs is not None:
+            record["inputs"] = out.inputs  # the hashes of what made it (verify checks them)
         return files, record
 
     def write_unit_files(self, arm: str, batch: int, files: list, record: dict) -> dict:
@@ -145,6 +161,17 @@ class CaseStore:
             self._features[rel] = load_npy(self.path(rel))
             self._features[rel].setflags(write=False)
         return self._features[rel]
+
+
+def read_unit_record(path: Path) -> dict | None:
+    """A unit record as written (a JSON object with its ``pairs`` list), or None when the file
+    cannot be read as one."""
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("pairs"), list) and all(isinstance(e, dict) for e in record["pairs"])
+    return record if ok else None
 
 
 class BaseImageCache:

@@ -63,6 +63,29 @@ def main(verbose: bool):
     route_warnings(verbose)
 
 
+def case_folder_lock(writes: bool):
+    """Decorator of a command on ``CASE_DIR``: a command that writes into the case folder holds its
+    lock for its whole body (casefolder/lock.case_lock; a second holder refused in one line naming
+    it); one that only reads is refused while a live run holds it (``refuse_if_held``)."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            from pathlib import Path
+
+            from carlos_audit.casefolder.lock import case_lock, refuse_if_held
+
+            out = Path(kwargs["case_dir"])
+            if not writes:
+                refuse_if_held(out)
+                return fn(*args, **kwargs)
+            with case_lock(out):
+                return fn(*args, **kwargs)
+        return command
+    return wrap
+
+
 def print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 

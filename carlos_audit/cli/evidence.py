@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from carlos_audit.cli.common import echo_checks, main, print_json, quiet_libraries
+from carlos_audit.cli.common import case_folder_lock, echo_checks, main, print_json, quiet_libraries
 
 
 @main.command()
 @click.argument("case_dir", type=click.Path(file_okay=False))
+@case_folder_lock(writes=True)
 def report(case_dir):
     """Re-render both copies of the report from a case's stored results (generates nothing).
 
@@ -74,6 +75,7 @@ def preflight(pdf, max_mb, paper, as_json):
               "(an encrypted key reads its passphrase from $CARLOS_AUDIT_KEY_PASSPHRASE).")
 @click.option("--cert", required=True, type=click.Path(dir_okay=False), help="The signer's certificate, PEM or DER.")
 @click.option("--tsa", default=None, help="URL of an RFC 3161 time-stamping authority (uses the network); default: no timestamp.")
+@case_folder_lock(writes=True)
 def sign(case_dir, key, cert, tsa):
     """Sign the archive copy (PAdES): writes report-archive-signed.pdf. The filing copy stays unsigned.
 
@@ -94,6 +96,7 @@ def sign(case_dir, key, cert, tsa):
               help="Folder to write the recomputed metrics.json / comparison.json into (the case folder is never written).")
 @click.option("--allow-incompatible", is_flag=True, help="Compare with a reference corpus profiled differently.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@case_folder_lock(writes=False)
 def analyse(case_dir, out, allow_incompatible, as_json):
     """Run the analysis step again on a finished case (no model): metrics and comparison from the
     stored features, compared byte for byte with the recorded results.
@@ -129,6 +132,7 @@ def analyse(case_dir, out, allow_incompatible, as_json):
 @click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
               help="Certificate (PEM or DER) the signature of a signed archive copy must chain to; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@case_folder_lock(writes=False)
 def verify(case_dir, sample, seed, trust, as_json):
     """Check a finished case: stored files, both report copies and a signature, recomputed metrics, a regenerated sample.
 

@@ -38,16 +38,18 @@ def parse_devices(spec: str) -> list[str]:
 
 
 def case_units(case, paths: dict, inputs: list[dict]):
-    """(arm plan, {batch: pairs}) of a case, from the case and its hashed inputs (no model loaded)."""
+    """(arm plan, {batch: pairs}, the folder's binding of the inputs: run/intake.input_binding) of
+    a case, from the case and its hashed inputs (no model loaded)."""
     from carlos_audit.case.protocol import batches, enumerate_pairs, load_prompts
     from carlos_audit.run.arms import plan_arms
+    from carlos_audit.run.intake import input_binding
 
     sha = {e["role"]: e["sha256"] for e in inputs}
     comparisons = [{"adapter": "cmp" + r.rsplit("_", 1)[1], "sha256": sha[r]}
                    for r in sorted((r for r in paths if r.startswith("comparison_lora_")), key=lambda r: int(r.rsplit("_", 1)[1]))]
     prompts, _ = load_prompts(case.protocol.prompts, case.base_dir)
     pairs = enumerate_pairs(prompts, case.protocol.seeds, case.protocol.batch_size)
-    return plan_arms(case, sha["lora"], comparisons), {b[0].batch: b for b in batches(pairs)}
+    return plan_arms(case, sha["lora"], comparisons), {b[0].batch: b for b in batches(pairs)}, input_binding(inputs, prompts)
 
 
 def run_units_on_devices(case, out: Path, devices: list[str], options: RunOptions | None = None) -> dict:
@@ -59,7 +61,7 @@ def run_units_on_devices(case, out: Path, devices: list[str], options: RunOption
 
     import torch
 
-    from carlos_audit.run.intake import intake, prepare_case_dir
+    from carlos_audit.run.intake import bind_run, intake, prepare_case_dir
     from carlos_audit.casefolder.lock import case_lock
     from carlos_audit.casefolder.unit_store import CaseStore
 
@@ -67,7 +69,8 @@ def run_units_on_devices(case, out: Path, devices: list[str], options: RunOption
     paths, inputs, _ = intake(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     with case_lock(out):
         prepare_case_dir(out, case, options.force)
-        plan, by_batch = case_units(case, paths, inputs)
+        plan, by_batch, files = case_units(case, paths, inputs)
+        bind_run(out, case, files, options.force)  # a resume with other inputs refused
         store = CaseStore(out)
         todo = [(a.name, b) for a in plan.arms.values() for b in sorted(by_batch) if store.unit_done(a.name, b) is None]
         dealt = [(d, todo[i::len(devices)]) for i, d in enumerate(devices)]
@@ -94,7 +97,7 @@ def worker(case_text: str, case_path: str, out: str, device: str, threads: int, 
 
     from carlos_audit.case.casefile import parse_case
     from carlos_audit.run.hostchain import HostChain
-    from carlos_audit.run.intake import intake
+    from carlos_audit.run.intake import bind_run, intake
     from carlos_audit.run.load import load_models
     from carlos_audit.run.profile import load_comparisons, make_session, produce_batch
     from carlos_audit.casefolder.unit_store import CaseStore
@@ -104,9 +107,10 @@ def worker(case_text: str, case_path: str, out: str, device: str, threads: int, 
     case = replace(case, base_model=replace(case.base_model, device=device))
     paths, inputs, inspection = intake(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     lp, emb, _, determinism = load_models(case, paths, inspection, options)
-    session, _ = make_session(case, CaseStore(Path(out)), lp, emb, determinism)
+    plan, by_batch, files = case_units(case, paths, inputs)
+    session, _ = make_session(case, CaseStore(Path(out)), lp, emb, determinism, files.prompts_sha256)
+    bind_run(Path(out), case, session.binding(files), force=False)  # the models part, before any unit
     load_comparisons(lp.pipe, paths, inputs, options, convention=case.lora.convention)
-    plan, by_batch = case_units(case, paths, inputs)
     with HostChain(session) as chain:
         for arm, b in units:
             chain.submit(produce_batch(session, plan.arms[arm], by_batch[b]))

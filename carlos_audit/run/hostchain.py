@@ -77,9 +77,12 @@ def finish_unit(s, job: Produced) -> dict:
     check_finite(job.arm.name, job.batch, images, feats)
     spent = {k: (host_cost if k in HOST_COST_FIELDS else job.device_cost).get(k, 0) for k in cost.FIELDS}
     spent["images_generated"] = len(job.batch) if job.source == "generated" else 0
+    made_from = {"lora_sha256": job.arm.lora_sha256, "prompts_sha256": s.prompts_sha256,
+                 "base_model_sha256": s.base_info.sha256, "embedder_sha256": s.embedder.sha256}
     return s.store.write_unit(job.arm.name, job.batch[0].batch,
                               UnitOutput(pngs, feats, [p.id for p in job.batch], job.prompts_sent, job.seeds,
-                                         job.source, cost=spent, device=device_record(s.environment)))
+                                         job.source, cost=spent, device=device_record(s.environment),
+                                         inputs=made_from))
 
 
 def check_finite(arm: str, batch: list, images, feats: np.ndarray) -> None:

@@ -15,10 +15,11 @@ from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_json_atomic, write_text_atomic
 from carlos_audit.hashing import sha256_bytes
 from carlos_audit.records import REPORT_FILES
+from carlos_audit.casefolder.binding import InputBinding, bind
 from carlos_audit.casefolder.lock import LOCK_NAME
 from carlos_audit.casefolder.unit_store import hash_inputs
 
-CASE_ARTIFACTS = ("case.toml", "run.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json",
+CASE_ARTIFACTS = ("case.toml", "run.json", "inputs.json", "manifest.json", "manifest.json.sha256", "metrics.json", "comparison.json",
                   "images", "embeddings", "units", "figures") + REPORT_FILES
 
 # ----------------------------------------------------------------------------- intake
@@ -145,6 +146,31 @@ def prepare_case_dir(out: Path, case: Case, force: bool) -> None:
         write_json_atomic(run, {"casefile_sha256": casefile_sha, "case_id": case.id, "started_utc": utc_now(),
                                 "started_epoch": _now_epoch()})
         write_text_atomic(out / "case.toml", case.raw_text)
+
+
+def input_binding(inputs: list[dict], prompts: list) -> InputBinding:
+    """What a run reads, as its case folder records it (casefolder/binding.py): every input's
+    sha256 from the intake (the case file is bound by run.json) and the prompt set's hash."""
+    from carlos_audit.case.protocol import prompts_sha256
+
+    return InputBinding(inputs={e["role"]: e["sha256"] for e in inputs if e["role"] != "casefile"},
+                        prompts_sha256=prompts_sha256(prompts))
+
+
+def bind_run(out: Path, case: Case, now: InputBinding, force: bool) -> None:
+    """The case folder ``out`` bound to the inputs ``now`` (recorded by the first attempt); a
+    resume whose inputs differ is refused in one line naming the input, or with ``force``
+    starts over (what carlos-audit wrote is cleared, the folder prepared afresh)."""
+    diffs = bind(out, now)
+    if not diffs:
+        return
+    if not force:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise AuditError(f"refusing to resume {out}: its units were made from other inputs ({diffs[0]}{more}); "
+                         "restore them, or pass --force to start the run over")
+    clear_artifacts(out, CASE_ARTIFACTS)
+    prepare_case_dir(out, case, force=False)
+    bind(out, now)
 
 
 def clear_artifacts(out: Path, artifacts) -> None:

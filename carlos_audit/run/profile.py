@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from carlos_audit.case.casefile import Case
 from carlos_audit.case.options import RunOptions
 from carlos_audit.case.protocol import Pair, batches, enumerate_pairs
-from carlos_audit.case.signature import case_signature, key_params, reproducibility_key
+from carlos_audit.case.signature import bits_environment, case_signature, key_params, reproducibility_key
+from carlos_audit.casefolder.binding import InputBinding
 from carlos_audit.errors import AuditError
 from carlos_audit.records import RunRecord
 from carlos_audit.run.arms import Arm, plan_arms
@@ -29,7 +30,7 @@ from carlos_audit.run.generate import (
     generate_batch,
     set_adapter_state,
 )
-from carlos_audit.run.intake import prepare_case_dir, read_inputs
+from carlos_audit.run.intake import bind_run, input_binding, prepare_case_dir, read_inputs
 from carlos_audit.run.load import ModelCache, base_model_record, load_lora, load_models
 from carlos_audit.run.hostchain import HostChain, Produced, finish_unit
 from carlos_audit.casefolder.unit_store import BaseImageCache, CaseStore
@@ -51,13 +52,25 @@ class Session:
     cache: BaseImageCache
     environment: dict  # the run's environment record (environment.capture + fast path)
     batch_size: int
+    prompts_sha256: str | None = None  # the prompt set's hash, recorded in every unit (its inputs)
 
     def cache_key(self, prompts_sent: list[str], seeds: list[int]) -> tuple[str, dict]:
         """The base-image cache key of one batch: the reproducibility key (case/signature.py)."""
-        marked = (getattr(self.base_info, "watermarker", None) or {}).get("applied")  # keyed only when on
+        marked = self.watermarked()  # keyed only when on
         return reproducibility_key(base_model=self.base_info.sha256, params=key_params(self.params.as_dict(), self.params.scheduler),
                                    batch_size=self.batch_size, prompts_sent=prompts_sent, seeds=seeds,
                                    environment=self.environment, extra={"watermarker": True} if marked else None)
+
+    def watermarked(self) -> bool:
+        return bool((getattr(self.base_info, "watermarker", None) or {}).get("applied"))
+
+    def binding(self, files: InputBinding) -> InputBinding:
+        """``files`` (the intake's part, run/intake.input_binding) with what loading decided: the
+        base model's and embedder's sha256 and the run-wide parts of the reproducibility key."""
+        return replace(files, models={"base_model": self.base_info.sha256, "embedder": self.embedder.sha256},
+                       key={"params": key_params(self.params.as_dict(), self.params.scheduler),
+                            "batch_size": self.batch_size, "environment": bits_environment(self.environment),
+                            "watermarker": self.watermarked()})
 
 
 def run_arm(s: Session, arm: Arm, pairs: list[Pair], progress: bool = True) -> dict:
@@ -109,7 +122,8 @@ def produce_batch(s: Session, arm: Arm, batch: list[Pair]) -> Produced:
 # ----------------------------------------------------------------------------- the run
 
 
-def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tuple[Session, dict]:
+def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict,
+                 prompts_sha256: str | None = None) -> tuple[Session, dict]:
     """The Session a run generates with, and the environment record of its manifest."""
     from carlos_audit.paths import carlos_home
     from carlos_audit.run.environment import capture
@@ -118,7 +132,7 @@ def make_session(case: Case, store: CaseStore, lp, emb, determinism: dict) -> tu
     params = GenerationParams.from_protocol(pc, type(lp.pipe.scheduler).__name__)
     env = capture(lp.device, lp.dtype, determinism, fastpath=lp.fastpath)
     session = Session(case, store, lp.pipe, lp, emb, params, list(case.lora.trigger_words),
-                      BaseImageCache(carlos_home() / "base-cache"), env, pc.batch_size)
+                      BaseImageCache(carlos_home() / "base-cache"), env, pc.batch_size, prompts_sha256)
     return session, env
 
 
@@ -154,15 +168,20 @@ def prepare_run(case: Case, store: CaseStore, options: RunOptions | None = None,
     """intake (every input hashed or refused), the case folder prepared (``prepare_folder``; a
     build's worker writes into no folder), base pipeline + target LoRA + embedder loaded (kept in
     ``models``, the caller's cache; run/load.process_models() when None), and the signature of
-    the profile this run will produce."""
+    the profile this run will produce. A prepared folder is bound to the inputs read (a resume
+    with other inputs refused before any model is loaded, run/intake.bind_run)."""
     options = options or RunOptions()
     got = read_inputs(case, allow_unsafe_pickle=options.allow_unsafe_pickle)
     paths, inputs, inspection = got.paths, got.inputs, got.inspection
     prompts, prompt_source = got.prompts, got.prompt_source
+    files = input_binding(inputs, prompts)
     if prepare_folder:
         prepare_case_dir(store.root, case, options.force)
+        bind_run(store.root, case, files, options.force)
     lp, emb, lora_load, determinism = load_models(case, paths, inspection, options, models)
-    session, _ = make_session(case, store, lp, emb, determinism)
+    session, _ = make_session(case, store, lp, emb, determinism, files.prompts_sha256)
+    if prepare_folder:
+        bind_run(store.root, case, session.binding(files), options.force)
     signature = case_signature(case, prompts, base_model=lp.identity, base_model_sha256=lp.sha256,
                                embedder=emb.identity, embedder_sha256=emb.sha256, scheduler=session.params.scheduler)
     return PreparedRun(case, paths, inputs, inspection, prompts, prompt_source, session, lora_load, signature,
