@@ -68,10 +68,7 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
     claim = r["claimed_base_model_hash"]
     claim_text = "none" if claim is None else f"{safe_text(claim['value'], 70)} ({claim['source']})"
     click.echo(f"base model hash claimed {claim_text}; check: {r['base_model_hash_check']}")
-    for fault in faults:
-        click.echo(f"WARNING         {safe_text(fault, 200)}")
-    if faults:
-        click.echo(f"WARNING         {len(faults)} weight fault(s): `run` and `check` refuse this file")
+    _echo_faults(faults)
     click.echo("")
     click.echo("SELF-REPORTED metadata (unverified)")
     if not r["metadata"]:
@@ -84,6 +81,14 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
         for hint in r["trigger_word_hints"]:
             count = f", {hint['count']}x" if "count" in hint else ""
             click.echo(f"  {safe_text(hint['text'], 60)}  ({hint['source']}{count})")
+
+
+def _echo_faults(faults: list[str]) -> None:
+    """inspect's warnings for weights that are no trained weights (lora/inspection.weight_faults)."""
+    for fault in faults:
+        click.echo(f"WARNING         {safe_text(fault, 200)}")
+    if faults:
+        click.echo(f"WARNING         {len(faults)} weight fault(s): `run` and `check` refuse this file")
 
 
 @main.command("compare-weights")
