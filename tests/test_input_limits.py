@@ -45,6 +45,7 @@ def one_line_error(args) -> str:
     ("guidance_scale = 5.0", "guidance_scale = 1e30", ["protocol.guidance_scale", "0..100"]),
     ("scales = [0.5, 2.0]", "scales = [0.5, nan]", ["protocol.scales", "finite numbers"]),
     ("scales = [0.5, 2.0]", "scales = [0.5, 1e30]", ["protocol.scales", "0..100"]),
+    ("steps = 10", "steps = 1001", ["protocol.steps", "1..1000"]),
     ("seeds = { count = 4, start = 0 }", f"seeds = [{2 ** 64 + 1}]", ["protocol.seeds", "2**64-1", str(2 ** 64 + 1)]),
     ("seeds = { count = 4, start = 0 }", f"seeds = {{ count = 2, start = {2 ** 64 - 1} }}", ["protocol.seeds", str(2 ** 64)]),
 ])
@@ -64,8 +65,10 @@ def test_case_numbers_out_of_range_are_refused_at_check_and_run(tmp_path, old, n
 def test_the_largest_seed_and_the_range_bounds_are_accepted(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text(GOOD.replace("seeds = { count = 4, start = 0 }", f"seeds = [0, {SEED_LIMIT - 1}]")
-                 .replace("scale = 1.0", "scale = 100").replace("guidance_scale = 5.0", "guidance_scale = 0"))
+                 .replace("scale = 1.0", "scale = 100").replace("guidance_scale = 5.0", "guidance_scale = 0")
+                 .replace("steps = 10", "steps = 1000"))
     case = load_case(p)
+    assert case.protocol.steps == 1000
     assert case.protocol.seeds == [0, SEED_LIMIT - 1] and case.lora.scale == 100.0
     assert case.protocol.guidance_scale == 0.0
 

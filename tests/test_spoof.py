@@ -80,3 +80,15 @@ def test_inspect_and_error_lines_show_hidden_characters(tmp_path):
     assert result.exit_code != 0
     assert "gnp<U+202E>exe" in result.output and RLO not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_demo_report_has_no_marker(demo_case_dir):
+    """The demo's strings are ordinary text: nothing in its report is changed by the rule."""
+    from carlos_audit.report.context import build_context
+    from carlos_audit.report.render import load_inputs
+    from carlos_audit.report.templating import render_html
+
+    html = render_html(build_context(load_inputs(demo_case_dir), "filing"))
+    assert "&lt;U+" not in html and "<U+" not in html
+    text = pdftext_raw(demo_case_dir / "report.pdf")
+    assert "<U+" not in text and "tgtstyle" in text

@@ -308,7 +308,7 @@ def _check_values(c: dict, where: str) -> None:
         from carlos_audit.case.sequential_plan import check_table
 
         p["sequential"] = check_table(p["sequential"], p, where, has_corpus=bool(c["reference"]["corpus"]))
-    check_ranges(c["lora"]["scale"], p["scales"], p["guidance_scale"], seeds, where)
+    check_ranges(c["lora"]["scale"], p, seeds, where)
     if len(set(p["scales"])) != len(p["scales"]):
         raise AuditError(f"{where}: protocol.scales has duplicates")
     if c["indicators"]["top_labels"] < 1:

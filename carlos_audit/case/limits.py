@@ -12,6 +12,9 @@ as a type error). The ranges, and why:
   diffusers sets none, and a larger value saturates every latent.
 - each seed: 0 <= seed < 2**64, what ``torch.Generator.manual_seed`` takes without wrapping
   (larger values raise inside the generation step; negative ones alias other seeds).
+- ``protocol.steps``: at most 1000, the timesteps the supported models' schedulers are trained
+  on (``num_train_timesteps``); diffusers refuses more inference steps than that, but only when
+  the first batch is generated.
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ from carlos_audit.errors import AuditError
 MAX_SCALE = 100.0
 MAX_GUIDANCE = 100.0
 SEED_LIMIT = 2 ** 64
+MAX_STEPS = 1000
 
 
-def check_ranges(lora_scale: float, scales: list[float], guidance_scale: float, seeds: list[int], where: str) -> None:
-    """AuditError (one line, naming the key) for the first value outside its range."""
-    for key, values, top in (("lora.scale", [lora_scale], MAX_SCALE), ("protocol.scales", scales, MAX_SCALE),
-                             ("protocol.guidance_scale", [guidance_scale], MAX_GUIDANCE)):
+def check_ranges(lora_scale: float, protocol: dict, seeds: list[int], where: str) -> None:
+    """AuditError (one line, naming the key) for the first value outside its range (``protocol``:
+    the [protocol] table's values)."""
+    for key, values, lo, top in (("lora.scale", [lora_scale], 0, MAX_SCALE),
+                                 ("protocol.scales", protocol["scales"], 0, MAX_SCALE),
+                                 ("protocol.guidance_scale", [protocol["guidance_scale"]], 0, MAX_GUIDANCE),
+                                 ("protocol.steps", [protocol["steps"]], 1, MAX_STEPS)):
         for v in values:
-            if not 0 <= v <= top:
-                raise AuditError(f"{where}: {key} must be in 0..{top:g}, got {v!r}")
+            if not lo <= v <= top:
+                raise AuditError(f"{where}: {key} must be in {lo}..{top:g}, got {v!r}")
     bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
     if bad:
         raise AuditError(f"{where}: protocol.seeds must be in 0..2**64-1 (a torch generator seed), got {bad[0]}")

@@ -124,4 +124,4 @@ def echo_checks(checks: list[dict]) -> None:
     """A list of {check, ok, detail} as PASS/FAIL lines, names aligned."""
     width = max((len(c["check"]) for c in checks), default=0)
     for c in checks:
-        click.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<{width}}  {c['detail']}")
+        click.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<{width}}  {visible(c['detail'])}")
