@@ -13,8 +13,9 @@ as a type error). The ranges, and why:
 - each seed: 0 <= seed < 2**64, what ``torch.Generator.manual_seed`` takes without wrapping
   (larger values raise inside the generation step; negative ones alias other seeds).
 - ``protocol.steps``: at most 1000, the timesteps the supported models' schedulers are trained
-  on (``num_train_timesteps``); diffusers refuses more inference steps than that, but only when
-  the first batch is generated.
+  on (``num_train_timesteps``). diffusers' DDIM and DDPM schedulers refuse more inference steps
+  than that (a ValueError at the first batch, after the models are loaded); the others would
+  visit the same trained timesteps more than once, which no published protocol does.
 """
 
 from __future__ import annotations
