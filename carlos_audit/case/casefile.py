@@ -170,7 +170,7 @@ def _type_ok(kind: str, v) -> bool:
     if kind == _INT:
         return isinstance(v, int) and not isinstance(v, bool)
     if kind == _FLOAT:  # finite (no nan, inf), and no integer too big for a float (TOML integers have no bound)
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e300 and math.isfinite(v)
+        return math.isfinite(v) if isinstance(v, float) else isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2 ** 1023
     if kind == _BOOL:
         return isinstance(v, bool)
     if kind == _STRLIST:
