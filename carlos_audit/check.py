@@ -127,7 +127,8 @@ def _file_item(role: str, path: Path, want_sha: str | None = None) -> dict:
 
 
 def _lora_item(case) -> tuple[dict, dict | None]:
-    from carlos_audit.lora.inspection import inspect_lora
+    from carlos_audit.lora.fileformat import LoraFile
+    from carlos_audit.lora.inspection import inspect_lora, weight_faults, weight_refusal
 
     item = _file_item("lora", input_paths(case)["lora"], case.lora.sha256)
     if item["status"] != "present":
@@ -135,9 +136,14 @@ def _lora_item(case) -> tuple[dict, dict | None]:
             item["supply"] = "put the disputed LoRA there, or point lora.path at it (`carlos-audit init LORA` writes a case for it)"
         return item, None
     try:
-        inspection = inspect_lora(item["path"])
+        source = LoraFile(item["path"])
+        inspection = inspect_lora(source)
+        faults = weight_faults(source)  # what run refuses before generating (run/intake)
     except AuditError as e:
-        item.update(status="invalid", detail=str(e))
+        item.update(status="invalid", detail=str(e).removeprefix(f"{item['path']}: "))  # the path is on the line
+        return item, None
+    if faults:
+        item.update(status="invalid", detail=weight_refusal(faults))
         return item, None
     item["architecture"] = inspection["architecture"]
     return item, inspection

@@ -11,6 +11,7 @@ and must stay inside ``reports/``.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import tomllib
 
 from carlos_audit.errors import AuditError
 from carlos_audit.paths import expand_path
+from carlos_audit.case.limits import check_ranges
 from carlos_audit.case.sequential_plan import SequentialSpec
 from carlos_audit.case.spec import schema_types
 
@@ -170,14 +172,14 @@ def _type_ok(kind: str, v) -> bool:
         return isinstance(v, str)
     if kind == _INT:
         return isinstance(v, int) and not isinstance(v, bool)
-    if kind == _FLOAT:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == _FLOAT:  # finite (no nan, inf), and no integer too big for a float (TOML integers have no bound)
+        return math.isfinite(v) if isinstance(v, float) else isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2 ** 1023
     if kind == _BOOL:
         return isinstance(v, bool)
     if kind == _STRLIST:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
     if kind == _FLOATLIST:
-        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        return isinstance(v, list) and all(_type_ok(_FLOAT, x) for x in v)
     if kind == _TABLE:
         return isinstance(v, dict)
     if kind == _SEEDS:
@@ -222,7 +224,8 @@ def _section_values(section: str, given: dict, where: str) -> dict:
             continue
         v = given[k]
         if not _type_ok(kind, v):
-            what = "a non-empty list of non-negative integers or {count = N, start = S}" if kind == _SEEDS else f"a {kind}"
+            what = {_SEEDS: "a non-empty list of non-negative integers or {count = N, start = S}", _FLOAT: "a finite number",
+                    _FLOATLIST: "a list of finite numbers"}.get(kind, f"a {kind}")
             raise AuditError(f"{where}: {section}.{k} must be {what}, got {type(v).__name__} {v!r}"[:300])
         vals[k] = float(v) if kind == _FLOAT else [float(x) for x in v] if kind == _FLOATLIST else v
     return vals
@@ -306,10 +309,7 @@ def _check_values(c: dict, where: str) -> None:
         from carlos_audit.case.sequential_plan import check_table
 
         p["sequential"] = check_table(p["sequential"], p, where, has_corpus=bool(c["reference"]["corpus"]))
-    if c["lora"]["scale"] < 0:
-        raise AuditError(f"{where}: lora.scale must be >= 0")
-    if any(x < 0 for x in p["scales"]):
-        raise AuditError(f"{where}: protocol.scales must be non-negative numbers")
+    check_ranges(c["lora"]["scale"], p, seeds, where)
     if len(set(p["scales"])) != len(p["scales"]):
         raise AuditError(f"{where}: protocol.scales has duplicates")
     if c["indicators"]["top_labels"] < 1:

@@ -13,6 +13,7 @@ import click
 
 from carlos_audit import __version__
 from carlos_audit.errors import AuditError, write_fault
+from carlos_audit.report.text import visible
 
 
 class AuditGroup(click.Group):
@@ -22,7 +23,7 @@ class AuditGroup(click.Group):
         try:
             return super().invoke(ctx)
         except AuditError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {visible(e)}", err=True)  # a file name or value quoted in it: one visible line
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("Error: interrupted; run the same command again to resume.", err=True)
@@ -92,8 +93,9 @@ def print_json(obj) -> None:
 
 def safe_text(text, width: int = 40, *, show_length: bool = False) -> str:
     """Untrusted text (self-reported metadata, corpus names) made safe for one terminal line:
-    control and format characters replaced, cut to width (the full text is in --json)."""
-    s = "".join(ch if ch.isprintable() else "?" for ch in str(text if text is not None else ""))
+    control, format and other hidden characters shown as their code point (``<U+202E>``: the
+    rule the PDF follows, report/text.visible), cut to width (the full text is in --json)."""
+    s = visible("" if text is None else text)
     if len(s) <= width:
         return s
     return s[: width - 1] + (f"… ({len(s)} chars; see --json)" if show_length else "…")
@@ -145,4 +147,4 @@ def echo_checks(checks: list[dict]) -> None:
     """A list of {check, ok, detail} as PASS/FAIL lines, names aligned."""
     width = max((len(c["check"]) for c in checks), default=0)
     for c in checks:
-        click.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<{width}}  {c['detail']}")
+        click.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<{width}}  {visible(c['detail'])}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from carlos_audit.cli.common import case_folder_lock, echo_checks, main, print_json, quiet_libraries
+from carlos_audit.cli.common import case_folder_lock, echo_checks, main, print_json, quiet_libraries, safe_text
 
 
 @main.command()
@@ -61,7 +61,7 @@ def preflight(pdf, max_mb, paper, as_json):
     else:
         echo_checks(result["checks"])
         for s in (result.get("sections") or [])[:5]:
-            click.echo(f"      {s['bytes'] / 1e6:8.2f} MB  {s['title']}")
+            click.echo(f"      {s['bytes'] / 1e6:8.2f} MB  {safe_text(s['title'], 100)}")  # the PDF's own outline
         if result.get("advice"):
             click.echo(result["advice"])
     if not result["ok"]:

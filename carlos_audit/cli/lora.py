@@ -30,11 +30,14 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
         carlos-audit inspect my_lora.safetensors
         carlos-audit inspect my_lora.safetensors --json --base-sha256 31e35c80fc...
     """
-    from carlos_audit.lora.inspection import inspect_lora
+    from carlos_audit.lora.fileformat import LoraFile
+    from carlos_audit.lora.inspection import inspect_lora, weight_faults
 
-    r = inspect_lora(lora, allow_unsafe_pickle=allow_unsafe_pickle, base_model_sha256=base_sha256)
+    source = LoraFile(lora, allow_unsafe_pickle)
+    r = inspect_lora(source, base_model_sha256=base_sha256)
+    faults = weight_faults(source)
     if as_json:
-        print_json(r)
+        print_json({**r, "weight_faults": faults})
         return
     ranks, alphas = r["rank_summary"], r["alpha_summary"]
     evidence = r["architecture_evidence"]
@@ -65,6 +68,7 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
     claim = r["claimed_base_model_hash"]
     claim_text = "none" if claim is None else f"{safe_text(claim['value'], 70)} ({claim['source']})"
     click.echo(f"base model hash claimed {claim_text}; check: {r['base_model_hash_check']}")
+    _echo_faults(faults)
     click.echo("")
     click.echo("SELF-REPORTED metadata (unverified)")
     if not r["metadata"]:
@@ -77,6 +81,14 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
         for hint in r["trigger_word_hints"]:
             count = f", {hint['count']}x" if "count" in hint else ""
             click.echo(f"  {safe_text(hint['text'], 60)}  ({hint['source']}{count})")
+
+
+def _echo_faults(faults: list[str]) -> None:
+    """inspect's warnings for weights that are no trained weights (lora/inspection.weight_faults)."""
+    for fault in faults:
+        click.echo(f"WARNING         {safe_text(fault, 200)}")
+    if faults:
+        click.echo(f"WARNING         {len(faults)} weight fault(s): `run` and `check` refuse this file")
 
 
 @main.command("compare-weights")

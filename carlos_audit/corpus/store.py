@@ -66,6 +66,47 @@ AUTO_VERIFY_BYTES = 256 << 20
 CHUNK_ELEMENTS = 1 << 24
 # Bound on |cosine computed in the storage dtype - cosine computed in float64| (see CORPUS.md).
 PREFILTER_TOL = {"float32": 2e-4, "float64": 1e-9}
+# A consistency is a mean of cosines: in [-1, 1], up to this rounding slack.
+CONSISTENCY_SLACK = 1e-9
+
+# --------------------------------------------------------------------------- row values
+
+
+def direction_fault(block: np.ndarray, squares: np.ndarray | None = None) -> tuple[int, str] | None:
+    """The first row of a block of directions that is no direction (index in the block, why), or
+    None: every row finite with a non-zero norm in its own dtype (``squares``: the rows' squared
+    norms, when the caller has them). One pass over the block; only a faulty row is looked at again."""
+    if squares is None:
+        squares = np.einsum("ij,ij->i", block, block)
+    ok = np.isfinite(squares) & (squares > 0)
+    if ok.all():
+        return None
+    i = int(np.argmin(ok))
+    row = np.asarray(block[i])
+    if not np.isfinite(row).all():
+        return i, "has non-finite values (NaN or Inf)"
+    if not row.any():
+        return i, "is all zero (cosine similarity is undefined)"
+    if not np.isfinite(squares[i]):
+        return i, f"is too large for {row.dtype} arithmetic (its squared norm overflows)"
+    return i, f"is too small for {row.dtype} arithmetic (its squared norm underflows to zero)"
+
+
+def value_fault(strength: np.ndarray, consistency: np.ndarray | None) -> tuple[int, str] | None:
+    """The first row whose strength is not a finite number >= 0, or whose consistency is neither
+    undefined (NaN) nor in [-1, 1] (index, why); None when every row is valid."""
+    bad = ~(np.isfinite(strength) & (strength >= 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        return i, f"strength {float(strength[i])!r} is not a finite number >= 0"
+    if consistency is not None:
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.isnan(consistency) | (np.abs(consistency) <= 1 + CONSISTENCY_SLACK))
+        if bad.any():
+            i = int(np.argmax(bad))
+            return i, f"consistency {float(consistency[i])!r} is outside [-1, 1]"
+    return None
+
 
 # --------------------------------------------------------------------------- the store
 
@@ -127,6 +168,25 @@ class Corpus:
         self.strength = column_array(self.column("strength"))
         self.consistency = column_array(self.column("consistency"))
 
+    def check_values(self) -> None:
+        """Every row's values valid (``value_fault``) and every direction a direction
+        (``direction_fault``), read in chunks of CHUNK_ELEMENTS values; the row norms computed on
+        the way are the ones search uses (``storage_norms``). AuditError naming the first bad row."""
+        fault = value_fault(self.strength, self.consistency)
+        if fault is not None:
+            raise AuditError(f"corpus {self.path}: row {self.ids[fault[0]]!r} (row {fault[0]}): {fault[1]}")
+        out = np.empty(self.n, dtype=self.directions.dtype)
+        step = max(1, CHUNK_ELEMENTS // max(self.dim or 1, 1))
+        for s in range(0, self.n, step):
+            blk = self.directions[s:s + step]
+            squares = np.einsum("ij,ij->i", blk, blk)
+            fault = direction_fault(blk, squares)
+            if fault is not None:
+                i = s + fault[0]
+                raise AuditError(f"corpus {self.path}: the direction of row {self.ids[i]!r} (row {i}) {fault[1]}")
+            out[s:s + step] = np.sqrt(squares)
+        self._norms = out
+
     # ---- opening
 
     @classmethod
@@ -160,6 +220,7 @@ class Corpus:
         c = cls(p, meta, directions)
         if verify:
             c.verify({DIRECTIONS_FILE: digest})
+        c.check_values()
         return c
 
     def verify(self, digests: dict | None = None) -> None:

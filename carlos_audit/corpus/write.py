@@ -28,7 +28,9 @@ from carlos_audit.corpus.store import (
     ROWS_FILE,
     SCHEMA,
     Corpus,
+    direction_fault,
     dupes,
+    value_fault,
 )
 from carlos_audit.errors import AuditError
 from carlos_audit.fileio import write_json_atomic
@@ -188,14 +190,9 @@ def _prepare_dest(dest: Path, overwrite: bool, protect: Path | None = None) -> N
 
 
 def _check_block(block: np.ndarray, first_row: int, ids) -> None:
-    finite = np.isfinite(block).all(axis=1)
-    if not finite.all():
-        bad = first_row + int(np.argmin(finite))
-        raise AuditError(f"direction of row {_id_at(ids, bad)} has non-finite values")
-    zero = ~np.any(block != 0, axis=1)
-    if zero.any():
-        bad = first_row + int(np.argmax(zero))
-        raise AuditError(f"direction of row {_id_at(ids, bad)} is all zero (cosine similarity is undefined)")
+    fault = direction_fault(block)
+    if fault is not None:
+        raise AuditError(f"direction of row {_id_at(ids, first_row + fault[0])} {fault[1]}")
 
 
 def _id_at(ids, i: int) -> str:
@@ -277,18 +274,17 @@ def _direction_shape(directions, how: CorpusWrite, n_rows: int) -> tuple:
 
 
 def _checked_columns(rows: dict, ids) -> dict:
-    """The strength column as float64 (every value finite) and, when given, consistency as
-    float64 (None as nan; never infinite)."""
+    """The strength column as float64 and, when given, consistency as float64 (None as nan),
+    every value valid (store.value_fault: the rule a corpus is opened with)."""
     strength = np.asarray(rows["strength"], dtype=np.float64)
-    if not np.isfinite(strength).all():
-        raise AuditError(f"strength of row {_id_at(ids, int(np.argmin(np.isfinite(strength))))} is missing or not finite")
-    if rows.get("consistency") is None:
-        return {"strength": strength}
-    cons = np.array([np.nan if x is None else x for x in rows["consistency"]], dtype=np.float64) \
-        if not isinstance(rows["consistency"], np.ndarray) else rows["consistency"].astype(np.float64)
-    if np.isinf(cons).any():
-        raise AuditError(f"consistency of row {_id_at(ids, int(np.argmax(np.isinf(cons))))} is infinite")
-    return {"strength": strength, "consistency": cons}
+    cons = None
+    if rows.get("consistency") is not None:
+        cons = np.array([np.nan if x is None else x for x in rows["consistency"]], dtype=np.float64) \
+            if not isinstance(rows["consistency"], np.ndarray) else rows["consistency"].astype(np.float64)
+    fault = value_fault(strength, cons)
+    if fault is not None:
+        raise AuditError(f"row {_id_at(ids, fault[0])}: {fault[1]}")
+    return {"strength": strength} if cons is None else {"strength": strength, "consistency": cons}
 
 
 def _row_blocks(directions, n: int, dim: int):

@@ -58,8 +58,11 @@ def build_context(r: dict) -> dict:
 def _jinja_env(templates_dir: Path):
     import jinja2
 
+    from carlos_audit.report.templating import shown  # hidden characters made visible, as in the report
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir)), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             finalize=shown)
     env.filters["f"] = _fmt
     env.filters["cos"] = lambda x: "n/a" if x is None else f"{float(x):.10f}"
     env.filters["json"] = lambda x: json.dumps(x, sort_keys=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carlos_audit.errors import AuditError
 from carlos_audit.lora.families_apply import LOW_RANK, family_summary
 from carlos_audit.lora.fileformat import LoraFile
 from carlos_audit.lora.flux_keys import blocks_touched, is_flux, layout
@@ -265,6 +266,7 @@ def inspect_lora(path: str | Path | LoraFile, *, allow_unsafe_pickle: bool = Fal
     metadata = dict(header.get("__metadata__") or {})
     _, _, unrecognised = group_modules(header, str(path))
     modules = read_modules(path, header, payload_start)
+    refuse_empty_modules(path, header, modules)
     architecture, evidence = detect_architecture(modules)
     rows, weight_norm_total = _module_rows(path, header, payload_start, modules)
     claim = claimed_base_model_hash(metadata)
@@ -326,3 +328,80 @@ def _module_row(reader: TensorReader, name: str, m: dict) -> dict:
             "up_norm": up_norm, "delta_norm": delta_norm, "tensors": sorted(m["keys"].values()),
             "weight_decompose": m["weight_decompose"], "family_parameters": m["family_parameters"],
             "parameter_norm": parameter_norm}
+
+
+# --------------------------------------------------------------------------------------------
+# Weights that are no trained weights
+# --------------------------------------------------------------------------------------------
+
+#: A stored weight of magnitude above this is implausible: the weights of the base models
+#: (SD 1.5, SDXL, FLUX.1) and the factors trainers produce (Kaiming-initialised down factors,
+#: zero-initialised up factors, a few thousand steps) lie well within |w| < 100, and one product
+#: of two factors above it (1e8) already overflows float16 (largest value 65504), the dtype most
+#: LoRAs are applied in. The file is then no trained LoRA (or a crafted one), and its measured
+#: effect would be overflow, not behaviour.
+MAX_PLAUSIBLE_WEIGHT = 1e4
+#: safetensors dtypes that hold no fractional values: a "weight" stored so is a count or a mask
+#: read as a number (the readers convert it silently).
+INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
+NOT_WEIGHTS = ("alpha", "on_input")  # tensor roles that are settings, not weights
+
+
+def refuse_empty_modules(path: Path, header: dict, modules: dict) -> None:
+    """AuditError (one line) for a module with a tensor of zero size (a rank-0 LoRA: its factors
+    are empty, it changes no weight, and the libraries that apply it fail on it)."""
+    for name, m in modules.items():
+        for role, key in m["keys"].items():
+            shape = header[key]["shape"]
+            if role not in NOT_WEIGHTS and 0 in shape:
+                what = "rank 0" if m.get("rank") == 0 else "an empty tensor"
+                raise AuditError(f"{path}: {what} in module {name} (tensor {key} has shape {shape}): "
+                                 "it changes no weight; not a LoRA that can be examined")
+
+
+def weight_faults(source: LoraFile) -> list[str]:
+    """What makes a LoRA file's weights no trained weights, one sentence each (empty: none):
+    a non-finite value, a magnitude above MAX_PLAUSIBLE_WEIGHT, an integer dtype where weights
+    are stored, a negative or NaN alpha. ``inspect`` prints them as warnings; ``check`` and
+    intake refuse a file that has any, before generation (``weight_refusal``)."""
+    if source.is_pickle:
+        return []
+    header, payload_start, _ = source.header()
+    modules = read_modules(source.path, header, payload_start)
+    refuse_empty_modules(source.path, header, modules)
+    faults = []
+    with TensorReader(source.path, header, payload_start) as reader:
+        for name, m in modules.items():
+            alpha = m["alpha"]
+            if alpha is not None and not alpha >= 0:
+                faults.append(f"alpha {alpha!r} is {'negative' if alpha < 0 else 'not a number'}, in module {name}")
+            for role, key in m["keys"].items():
+                if role not in NOT_WEIGHTS:
+                    faults += _tensor_faults(reader, key)
+    return faults
+
+
+def _tensor_faults(reader: TensorReader, key: str) -> list[str]:
+    dtype = reader.header[key]["dtype"]
+    if dtype in INTEGER_DTYPES:
+        return [f"integer dtype {dtype} where weights are stored, in tensor {key} (read as numbers, not weights)"]
+    x = reader.get(key)
+    if not np.isfinite(x).all():
+        return [f"{int(np.size(x) - np.isfinite(x).sum())} non-finite value(s) (NaN or Inf) in tensor {key}"]
+    top = float(np.abs(x).max()) if x.size else 0.0
+    if top > MAX_PLAUSIBLE_WEIGHT:
+        return [f"a weight of magnitude {top:.3g} (above the plausible {MAX_PLAUSIBLE_WEIGHT:g}) in tensor {key}"]
+    return []
+
+
+def weight_refusal(faults: list[str]) -> str:
+    """The one line that refuses a file with ``weight_faults``: the first, and how many more."""
+    more = f" (and {len(faults) - 1} more; `carlos-audit inspect` lists them)" if len(faults) > 1 else ""
+    return f"{faults[0]}{more}; refused: these are no trained LoRA weights"
+
+
+def refuse_weight_faults(source: LoraFile, role: str = "lora") -> None:
+    """AuditError in one line when ``weight_faults`` finds anything: before any generation."""
+    faults = weight_faults(source)
+    if faults:
+        raise AuditError(f"{role} {source.path}: {weight_refusal(faults)}")

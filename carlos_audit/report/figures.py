@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from carlos_audit.fileio import write_bytes_atomic  # noqa: E402
 from carlos_audit.records import Comparison, Metrics  # noqa: E402
+from carlos_audit.report.text import visible  # noqa: E402
 from carlos_audit.result_sections import CategoryStats, CorpusPoints, DoseResponse  # noqa: E402
 
 RC = {
@@ -54,7 +55,8 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 
 
 def _label(text: str, limit: int = 28) -> str:
-    text = " ".join(str(text).split())
+    """A category name as a tick label: one line, hidden characters made visible (text.visible)."""
+    text = visible(" ".join(str(text).split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -1,8 +1,11 @@
 """Jinja2 for the report: the environment (autoescape, strict), its number filters, and the
 two-pass rendering that lets the outline number every heading (see outline.py).
 
-Every value the templates print is escaped. Never mark text from a LoRA file, a prompt suite, a
-corpus or a case file as safe.
+Every value the templates print is escaped, and made visible first (``shown``, the environment's
+``finalize``): a hidden or bidirectional format character in any printed value (a title, a prompt,
+a trigger word, a label, LoRA metadata, a file name) is printed as its code point, ``<U+202E>``,
+so no value can change what the text around it appears to say. Never mark text from a LoRA file,
+a prompt suite, a corpus or a case file as safe.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from pathlib import Path
 
 from carlos_audit.report.fetcher import MAIN_TEMPLATE, templates_dir
 from carlos_audit.report.outline import Outline, check_same
-from carlos_audit.report.text import short
+from carlos_audit.report.text import hidden, marker, short, visible
+
+#: What the PDF lays out itself: a newline or tab in a printed value is whitespace to HTML (it
+#: cannot reorder or hide text), and the expert's paragraphs keep their breaks.
+LAYOUT_KEEP = "\n\t"
 
 
 def num(x, digits: int = 4):
@@ -71,12 +78,30 @@ def size(n) -> str:
 FILTERS = {"num": num, "g": g, "sig": sig, "percent": percent, "share": share, "pct": pct, "trim": trim, "short": short, "size": size}
 
 
+def shown(value):
+    """Every value a template prints, before it is escaped: its text with the hidden characters
+    made visible (``text.visible``). Markup (a heading, a joined list: already escaped) gets the
+    markers escaped, so that they print as text and are not read as tags."""
+    from markupsafe import Markup, escape
+
+    if hasattr(value, "__html__"):
+        s = str(value.__html__())
+        if not any(hidden(ch) and ch not in LAYOUT_KEEP for ch in s):
+            return value
+        return Markup("".join(str(escape(marker(ch))) if hidden(ch) and ch not in LAYOUT_KEEP else ch for ch in s))
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    return visible(value, keep=LAYOUT_KEEP)
+
+
 def jinja_env(folder: Path | None = None):
-    """The report's Jinja2 environment over the templates folder (checkout or wheel)."""
+    """The report's Jinja2 environment over the templates folder (checkout or wheel): autoescaped,
+    strict, and every printed value passed through ``shown``."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder or templates_dir())), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             finalize=shown)
     env.filters.update(FILTERS)
     return env
 

@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
-
 from datetime import datetime, timezone
+
+# Characters shown as a marker (``<U+202E>``) wherever text we did not write is printed, on the
+# terminal and in the PDF: by category, every control (Cc: C0, DEL, C1), format character (Cf:
+# the bidirectional embeddings, overrides and isolates U+202A-202E and U+2066-2069, the marks
+# U+200E/U+200F/U+061C, zero-width space/joiners U+200B-200D, word joiner, BOM, soft hyphen, tag
+# characters), line and paragraph separator (Zl, Zp), surrogate (Cs: undecodable bytes), private
+# use (Co) and unassigned code point (Cn); and the other default-ignorable code points Unicode
+# lists outside Cf (combining grapheme joiner, Hangul fillers, Mongolian and other variation
+# selectors, Khmer inherent vowels): each draws nothing or reorders what follows.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+HIDDEN_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
+                 (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF))
+
+
+def hidden(ch: str) -> bool:
+    """Whether one character is drawn as nothing, or changes how the text around it is drawn."""
+    o = ord(ch)
+    return unicodedata.category(ch) in HIDDEN_CATEGORIES or any(lo <= o <= hi for lo, hi in HIDDEN_RANGES)
+
+
+def marker(ch: str) -> str:
+    return f"<U+{ord(ch):04X}>"
+
+
+def visible(text, keep: str = "") -> str:
+    """``text`` with every hidden character (``hidden``) replaced by its code point in a visible
+    marker, e.g. ``"tgt\\u202eelyts"`` -> ``"tgt<U+202E>elyts"``; the characters in ``keep`` (say
+    newline and tab where the context lays text out) are left as they are. The one rule of the
+    terminal (cli/common.safe_text) and the PDF (report/templating: every printed value)."""
+    s = str(text)
+    if s.isascii() and s.isprintable():
+        return s
+    return "".join(marker(ch) if hidden(ch) and ch not in keep else ch for ch in s)
 
 
 def iso(epoch: int) -> str:

@@ -98,7 +98,7 @@ def read_inputs(case: Case, *, allow_unsafe_pickle: bool = False) -> Intake:
     file read once (parsed, and hashed from the same bytes)."""
     from carlos_audit.case.protocol import load_prompts
     from carlos_audit.lora.fileformat import LoraFile
-    from carlos_audit.lora.inspection import inspect_lora
+    from carlos_audit.lora.inspection import inspect_lora, refuse_weight_faults
 
     paths = resolve_inputs(case)
     for role, p in paths.items():
@@ -121,6 +121,9 @@ def read_inputs(case: Case, *, allow_unsafe_pickle: bool = False) -> Intake:
         if want and role in by_role and by_role[role]["sha256"] != want.lower():
             raise AuditError(f"{role} {by_role[role]['path']}: sha256 {by_role[role]['sha256']} does not match the expected {want.lower()} in the case file")
     inspection = inspect_lora(loras["lora"], allow_unsafe_pickle=allow_unsafe_pickle)
+    for role, f in loras.items():  # weights that are no trained weights: refused before any model is loaded
+        if not f.is_pickle and f.path.suffix.lower() == ".safetensors":
+            refuse_weight_faults(f, role)
     return Intake(paths, inputs, inspection, loras, prompts, prompt_source)
 
 
