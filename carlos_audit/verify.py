@@ -165,11 +165,14 @@ def integrity_checks(folder: CaseFolder, recompute: bool = True) -> list[Check]:
     """What ``report`` and ``analyse`` check before they use a case folder's results, with
     verify's own checks (no model): the manifest's own hash (check_manifest), every stored file
     and result file against the manifest (check_stored) and, with ``recompute``, metrics.json
-    recomputed from the stored embeddings (check_metrics: an edit whose hashes were fixed up too)."""
+    recomputed from the stored embeddings (check_metrics: an edit whose hashes were fixed up too);
+    with ``[claimed_works]``, their stored features and thumbnails and the alignment recomputed."""
+    from carlos_audit.analysis.alignment import claimed_checks
+
     checks = [check_manifest(folder), *check_stored(folder)]
     if recompute:
         checks.append(check_metrics(folder))
-    return checks
+    return checks + [Check(*c) for c in claimed_checks(folder)]
 
 
 def integrity_failures(checks: list[Check]) -> list[str]:

@@ -152,3 +152,30 @@ def test_a_deleted_feature_file_is_one_line_at_analyse(demo_case_dir, tmp_path, 
     (case / rel).write_bytes(b"garbage")
     line = _one_line_refusal(_analyse(case), rel)
     assert "cannot be read" in line
+
+
+def test_a_truncated_png_is_refused_even_after_weasyprint_allowed_them(tmp_path):
+    """weasyprint sets Pillow's LOAD_TRUNCATED_IMAGES when imported (any earlier rendering in the
+    process): the report's image reading refuses a truncated file all the same, and leaves the
+    global as it was."""
+    import io
+
+    from PIL import Image, ImageFile
+
+    from carlos_audit.errors import AuditError
+    from carlos_audit.report.figures import contact_sheet, display_copy
+
+    buf = io.BytesIO()
+    Image.effect_noise((300, 300), 64).convert("RGB").save(buf, format="PNG")
+    good, cut = buf.getvalue(), buf.getvalue()[: len(buf.getvalue()) // 2]
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        assert display_copy(good, 256, "images/lora/x.png") is not None
+        with pytest.raises(AuditError, match=r"images/lora/x\.png cannot be decoded as an image \(OSError"):
+            display_copy(cut, 256, "images/lora/x.png")
+        with pytest.raises(AuditError, match=r"images/base/y\.png cannot be decoded"):
+            contact_sheet([(cut, good)], [("images/base/y.png", "images/lora/y.png")])
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved

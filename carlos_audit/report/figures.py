@@ -264,12 +264,16 @@ DISPLAY_MAX_PX = 256    # body images larger than this are shown as a downscaled
 
 
 def _open_rgb(data: bytes, name: str):
-    """The image of ``data`` in RGB; AuditError in one line naming ``name`` when it does not decode."""
+    """The image of ``data`` in RGB; AuditError in one line naming ``name`` when it does not decode
+    (a truncated file too, whatever weasyprint told Pillow: claimed_works.strict_decoding)."""
     from PIL import Image
 
+    from carlos_audit.case.claimed_works import strict_decoding
+
     try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        with strict_decoding():
+            im = Image.open(io.BytesIO(data))
+            im.load()
         return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL.UnidentifiedImageError is an OSError
         why = "not an image format Pillow reads" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
