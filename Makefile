@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
+# The environment is locked: exact versions with their sha256 (requirements.lock, compiled from
+# pyproject.toml's dependencies and extras and requirements.in's pins: torch 2.14.1, torchvision 0.29.1).
+LOCK   := requirements.lock
+LOCKTOOL ?= /tmp/carlos-audit-locktool
+UV     := uv==0.13.10
 
-.PHONY: setup system-deps demo test test-real bench clean world world-data
+.PHONY: setup system-deps demo test test-real bench clean world world-data lock
 
 setup: system-deps $(STAMP)
 
@@ -25,12 +29,23 @@ system-deps:
 	  echo "install them as root: apt-get install$$missing" >&2; exit 1; \
 	fi
 
-$(STAMP): pyproject.toml
+# Every distribution from the lock, each checked against its recorded sha256; then this package alone.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[test,ray]'
+	$(PIP) install -q --require-hashes -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# Refresh the lock deliberately (README "A locked environment"): the newest versions that satisfy
+# pyproject.toml's floors, or with LOCK_CONSTRAINTS=FILE (`pip freeze` of a tested environment) those.
+# Then run the suite on a fresh .venv (make clean test) before committing the new lock.
+lock:
+	@test -x $(LOCKTOOL)/bin/uv || $(PYTHON) -m pip install -q --target $(LOCKTOOL) $(UV)
+	$(LOCKTOOL)/bin/uv pip compile pyproject.toml requirements.in --extra test --extra ray --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+	  --custom-compile-command "make lock$(if $(LOCK_CONSTRAINTS), LOCK_CONSTRAINTS=<pip freeze of the tested .venv>)" \
+	  $(if $(LOCK_CONSTRAINTS),-c $(LOCK_CONSTRAINTS)) -o $(LOCK)
+	sed -i '/^    #   -c /d' $(LOCK)
 
 demo: setup
 	$(VENV)/bin/carlos-audit demo

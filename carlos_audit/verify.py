@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 from carlos_audit.casefolder import CaseFolder
-from carlos_audit.errors import AuditError
+from carlos_audit.errors import AuditError, VerificationFailed
 from carlos_audit.records import Manifest
 from carlos_audit.vectors import cosine
 
@@ -62,7 +62,16 @@ def _close(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def check_files(folder: CaseFolder, trust: list[Path] | None = None) -> list[Check]:
+def check_manifest(folder: CaseFolder) -> Check:
+    """manifest.json against manifest.json.sha256, which the run writes last."""
+    intact = folder.manifest_intact()
+    return Check("manifest.json", bool(intact), "manifest.json.sha256 is missing" if intact is None else
+                 "matches manifest.json.sha256" if intact else "manifest.json was modified after the run")
+
+
+def check_stored(folder: CaseFolder) -> list[Check]:
+    """Every stored image, embedding, text feature and label signature, and every result file
+    (metrics.json, comparison.json), against the sha256 the manifest records for it."""
     checks = []
     manifest = folder.manifest
     stored = [(e[kind], e[f"{kind}_sha256"]) for row in manifest.pairs for e in row["arms"].values()
@@ -83,6 +92,13 @@ def check_files(folder: CaseFolder, trust: list[Path] | None = None) -> list[Che
     # (text features of the prompts and the label signatures are included in the count above)
     for rel, ok in folder.results_intact().items():
         checks.append(Check(rel, ok, "matches its recorded sha256" if ok else f"{rel} was modified or is missing"))
+    return checks
+
+
+def check_files(folder: CaseFolder, trust: list[Path] | None = None) -> list[Check]:
+    """check_stored, the case file copy, and both report copies (check_reports)."""
+    checks = check_stored(folder)
+    manifest = folder.manifest
     casefile = next((i for i in manifest.inputs if i["role"] == "casefile"), None)
     if casefile and folder.has("case.toml"):
         ok = folder.digest("case.toml") == casefile["sha256"]
@@ -143,6 +159,38 @@ def check_metrics(folder: CaseFolder) -> Check:
     if diffs:
         return Check(name, False, "metrics.json differs: " + "; ".join(diffs[:3]))
     return Check(name, True, f"strength {again.strength:.6g}, consistency {again.consistency} reproduced")
+
+
+def integrity_checks(folder: CaseFolder, recompute: bool = True) -> list[Check]:
+    """What ``report`` and ``analyse`` check before they use a case folder's results, with
+    verify's own checks (no model): the manifest's own hash (check_manifest), every stored file
+    and result file against the manifest (check_stored) and, with ``recompute``, metrics.json
+    recomputed from the stored embeddings (check_metrics: an edit whose hashes were fixed up too);
+    with ``[claimed_works]``, their stored features and thumbnails and the alignment recomputed."""
+    from carlos_audit.analysis.alignment import claimed_checks
+
+    checks = [check_manifest(folder), *check_stored(folder)]
+    if recompute:
+        checks.append(check_metrics(folder))
+    return checks + [Check(*c) for c in claimed_checks(folder)]
+
+
+def integrity_failures(checks: list[Check]) -> list[str]:
+    """One sentence per failed check, naming the file it concerns."""
+    return [c.detail if c.name in c.detail else f"{c.name}: {c.detail}" for c in checks if not c.ok]
+
+
+def require_intact(folder: CaseFolder, *, despite: bool = False) -> list[str]:
+    """Before ``report`` renders: the integrity failures of a finished case folder
+    (integrity_checks); VerificationFailed in one line naming the first failed file, unless
+    ``despite`` (the report then prints them on its cover)."""
+    failures = integrity_failures(integrity_checks(folder.require_finished()))
+    if failures and not despite:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise VerificationFailed(f"{folder.root} fails the integrity check, report not rendered: {failures[0]}{more}; "
+                                 "`carlos-audit verify` lists every check; --render-despite-integrity-failure renders "
+                                 "it with the failure on the cover")
+    return failures
 
 
 def check_sequential(folder: CaseFolder) -> Check:
@@ -325,9 +373,7 @@ def _verify_case(case_dir: Path, sample: int, seed: int, trust: list[Path] | Non
 
     case_dir = Path(case_dir)
     folder = CaseFolder(case_dir).require_finished(Manifest)
-    intact = folder.manifest_intact()
-    checks = [Check("manifest.json", bool(intact), "manifest.json.sha256 is missing" if intact is None else
-                    "matches manifest.json.sha256" if intact else "manifest.json was modified after the run")]
+    checks = [check_manifest(folder)]
     manifest = folder.manifest
     checks += check_files(folder, trust)
     checks.append(check_unit_bindings(folder))

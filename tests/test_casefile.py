@@ -105,8 +105,8 @@ def test_prompt_file_formats(tmp_path):
     assert len(demo) == 8 and {p.text for p in demo} <= {p.text for p in std}
 
 
-def test_carlos_prompts_json_loads_indexing_set(shared_dir):
-    prompts, _ = load_prompts(str(shared_dir / "reference" / "carlos_prompts.json"))
+def test_carlos_prompts_json_loads_indexing_set(carlos_reference):
+    prompts, _ = load_prompts(str(carlos_reference / "carlos_prompts.json"))
     assert len(prompts) == 280
     assert len({p.category for p in prompts}) == 10
     assert len({(p.category, p.subcategory) for p in prompts}) == 35

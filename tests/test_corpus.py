@@ -39,8 +39,6 @@ from carlos_audit.errors import AuditError
 from carlos_audit.hashing import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-CARLOS = SHARED / "reference" / "carlos_sdxl_vitb32_metrics.parquet"
 
 HOSTILE = [
     '<script>alert("x")</script><img src=x onerror=alert(1)>',
@@ -55,24 +53,17 @@ HOSTILE = [
 ]
 
 
-def needs_carlos():
-    if not CARLOS.is_file():
-        pytest.fail(f"shared CARLoS reference file absent ({CARLOS}); CI and `make test` have ../shared")
+@pytest.fixture(scope="module")
+def carlos_src(carlos_parquet):
+    return pd.read_parquet(carlos_parquet)
 
 
 @pytest.fixture(scope="module")
-def carlos_src():
-    needs_carlos()
-    return pd.read_parquet(CARLOS)
-
-
-@pytest.fixture(scope="module")
-def carlos_corpus(tmp_path_factory):
-    needs_carlos()
+def carlos_corpus(carlos_parquet, tmp_path_factory):
     dest = tmp_path_factory.mktemp("carlos") / "corpus"
-    before = sha256_file(CARLOS)
-    c = import_carlos_db(CARLOS, dest)
-    assert sha256_file(CARLOS) == before, "import modified its source file"
+    before = sha256_file(carlos_parquet)
+    c = import_carlos_db(carlos_parquet, dest)
+    assert sha256_file(carlos_parquet) == before, "import modified its source file"
     return c
 
 
@@ -96,10 +87,10 @@ def _synthetic_parquet(path: Path, n=12, dim=8, seed=0, descriptions=None, dtype
     return t
 
 
-# ------------------------------------------------------------------ the shared CARLoS file
+# ------------------------------------------------------------------ the public CARLoS file (the pinned wheel's)
 
 
-def test_import_keeps_every_row_and_value_exactly(carlos_corpus, carlos_src):
+def test_import_keeps_every_row_and_value_exactly(carlos_corpus, carlos_src, carlos_parquet):
     c, src = carlos_corpus, carlos_src
     assert c.n == len(src) == 740 and c.dim == 512
     rows = pq.read_table(c.path / "rows.parquet").to_pandas()
@@ -119,7 +110,7 @@ def test_import_keeps_every_row_and_value_exactly(carlos_corpus, carlos_src):
     # the published float64 column holds float32 values, so float32 storage is exact
     assert c.dtype == "float32"
     np.testing.assert_array_equal(np.asarray(c.directions, dtype=np.float64), source_dirs)
-    assert c.meta["created_from"]["sha256"] == sha256_file(CARLOS)
+    assert c.meta["created_from"]["sha256"] == sha256_file(carlos_parquet)
     assert c.signature == preset_signature("carlos-sdxl-vitb32")
     assert c.signature["seeds"] == list(range(42, 58)) and c.signature["steps"] == 25
     assert c.signature["seed_mode"] == "carlos-batch/4"
@@ -231,15 +222,14 @@ def test_cli_table_and_stats(carlos_corpus):
     assert r.exit_code == 0 and "rows 740" in r.stdout
 
 
-def test_cli_import(tmp_path):
-    needs_carlos()
+def test_cli_import(carlos_parquet, tmp_path):
     dest = tmp_path / "c"
-    r = CliRunner().invoke(main, ["corpus", "import", str(CARLOS), str(dest)])
+    r = CliRunner().invoke(main, ["corpus", "import", str(carlos_parquet), str(dest)])
     assert r.exit_code == 0, r.output
     assert "740 rows" in r.stdout
-    r = CliRunner().invoke(main, ["corpus", "import", str(CARLOS), str(dest)])
+    r = CliRunner().invoke(main, ["corpus", "import", str(carlos_parquet), str(dest)])
     assert r.exit_code != 0 and "--overwrite" in r.stderr
-    r = CliRunner().invoke(main, ["corpus", "import", str(CARLOS), str(dest), "--overwrite", "--preset", "none"])
+    r = CliRunner().invoke(main, ["corpus", "import", str(carlos_parquet), str(dest), "--overwrite", "--preset", "none"])
     assert r.exit_code == 0, r.output
     assert all(v is None for v in Corpus.open(dest).signature.values())
 

@@ -97,14 +97,14 @@ def test_text_retrieval_end_to_end(demo_assets):
     assert json.loads(r2.output)["filters"]["source"].startswith("corpus percentiles")
 
 
-def test_retrieval_on_the_carlos_preset_says_what_is_missing(shared_dir, tmp_path, monkeypatch):
+def test_retrieval_on_the_carlos_preset_says_what_is_missing(carlos_reference, tmp_path, monkeypatch):
     from carlos_audit.corpus.carlos import import_carlos_db
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    import_carlos_db(shared_dir / "reference" / "carlos_sdxl_vitb32_metrics.parquet", tmp_path / "c")
+    import_carlos_db(carlos_reference / "carlos_sdxl_vitb32_metrics.parquet", tmp_path / "c")
     r = CliRunner().invoke(main, ["retrieve", str(tmp_path / "c"), "anime", "--prompts",
-                                  str(shared_dir / "reference" / "carlos_prompts.json")])
+                                  str(carlos_reference / "carlos_prompts.json")])
     assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1
     assert "openai/clip-vit-base-patch32" in r.output and "not in the local Hugging Face cache" in r.output
     r = CliRunner().invoke(main, ["retrieve", str(tmp_path / "c"), "anime"])

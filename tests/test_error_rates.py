@@ -27,7 +27,6 @@ from carlos_audit.corpus.write import create_corpus
 from carlos_audit.hashing import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-CARLOS = REPO.parent / "shared" / "reference" / "carlos_sdxl_vitb32_metrics.parquet"
 
 
 def cli(*args):
@@ -164,11 +163,9 @@ def test_whitened_similarity_is_a_cosine_after_the_fitted_map():
 
 
 @pytest.fixture(scope="module")
-def public_corpus(tmp_path_factory):
-    if not CARLOS.is_file():
-        pytest.fail(f"shared CARLoS reference file absent ({CARLOS}); CI and `make test` have ../shared")
+def public_corpus(carlos_parquet, tmp_path_factory):
     dest = tmp_path_factory.mktemp("public") / "carlos"
-    r = cli("corpus", "import", CARLOS, dest)
+    r = cli("corpus", "import", carlos_parquet, dest)
     assert r.returncode == 0, r.stderr
     assert "stored its known error rates" in r.stdout
     return dest

@@ -1,84 +1,63 @@
-"""The case-folder lock (casefolder/lock.py): a second run on a folder in use is refused, naming the holder."""
+"""A locked environment (issue 33, item 10): `make setup` installs exact versions with hashes from
+requirements.lock; pyproject.toml keeps its floors, which every locked version satisfies; the
+kit's environment record names the lock by its sha256."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
+import re
+import tomllib
 
-import pytest
-from click.testing import CliRunner
-from conftest import write_case
+from conftest import REPO
+from packaging.requirements import Requirement
 
-from carlos_audit.cli import main
-from carlos_audit.errors import AuditError
-from carlos_audit.casefolder.lock import LOCK_NAME, case_lock
+from carlos_audit.hashing import sha256_file
+from carlos_audit.kit.envlock import INSTALL_LOCK, install_lock, normalise, parse_lock
+
+LOCK = REPO / INSTALL_LOCK
 
 
-def _hold(folder, pid: int, host: str | None = None):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
-                                                "started_utc": "2026-01-02T03:04:05Z"}))
+def _entries() -> dict[str, list[str]]:
+    """{name: [hashes]} of each requirement of the lock (its continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", LOCK.read_text("utf-8"))
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name = re.split(r"[=<>!~ ;\[]", line.strip(), 1)[0]
+            out[normalise(name)] = re.findall(r"--hash=sha256:([0-9a-f]{64})", line)
+            assert re.match(r"^[A-Za-z0-9_.-]+==[^ ]+ ", line), f"not an exact version: {line[:80]}"
+    return out
 
 
-def test_a_held_folder_is_refused_and_the_holder_named(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        _hold(tmp_path / "case", sleeper.pid)
-        with pytest.raises(AuditError, match=rf"pid {sleeper.pid} on host {socket.gethostname()}, since 2026-01-02T03:04:05Z"):
-            with case_lock(tmp_path / "case"):
-                pass
-        assert (tmp_path / "case" / LOCK_NAME).is_file()  # the holder's lock is left alone
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+def test_every_locked_distribution_is_exact_and_hashed():
+    entries = _entries()
+    assert len(entries) > 100
+    assert [n for n, hashes in entries.items() if not hashes] == []
+    pins = parse_lock(LOCK.read_text("utf-8"))
+    assert set(pins) == set(entries)
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    _hold(tmp_path / "case", dead.pid)
-    with case_lock(tmp_path / "case"):
-        held = json.loads((tmp_path / "case" / LOCK_NAME).read_text())
-        assert held["pid"] == os.getpid()
-        # no process-global state: a second taking in the same (live) process is refused like any
-        # other holder, and the first holder's lock stays
-        with pytest.raises(AuditError, match=rf"pid {os.getpid()} on host"):
-            with case_lock(tmp_path / "case"):
-                pass
-        assert json.loads((tmp_path / "case" / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert not (tmp_path / "case" / LOCK_NAME).exists()
-    _hold(tmp_path / "other", dead.pid, host="elsewhere")  # another host's lock is never guessed stale
-    with pytest.raises(AuditError, match="on host elsewhere"):
-        with case_lock(tmp_path / "other"):
-            pass
+def test_the_lock_satisfies_the_floors_and_covers_every_dependency():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = parse_lock(LOCK.read_text("utf-8"))
+    wanted = project["dependencies"] + [r for extra in ("test", "ray") for r in project["optional-dependencies"][extra]]
+    for spec in wanted:
+        req = Requirement(spec)
+        name = normalise(req.name)
+        assert name in pins, f"{name} is not in {INSTALL_LOCK}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name} {pins[name]} does not satisfy {spec}"
+    assert all(">=" in d or "==" in d for d in project["dependencies"])  # pyproject keeps floors, not the lock
 
 
-def test_a_second_run_says_who_holds_the_folder(demo_assets, tmp_path):
-    cf = write_case(tmp_path, demo_assets, case_id="locked")
-    _hold(tmp_path / "out", os.getppid())
-    r = CliRunner().invoke(main, ["run", str(cf), "--out", str(tmp_path / "out"), "--no-progress"])
-    assert r.exit_code == 1 and r.output.startswith("Error: case folder") and f"pid {os.getppid()}" in r.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_NAME]
+def test_setup_installs_from_the_lock_with_hashes():
+    make = (REPO / "Makefile").read_text()
+    setup = make[make.index("$(STAMP):"):].split("\n\n")[0]
+    assert "--require-hashes -r $(LOCK)" in setup and "LOCK   := requirements.lock" in make
+    installs = [line for line in setup.splitlines() if "pip install" in line.replace("$(PIP)", "pip install")]
+    assert all("--require-hashes" in line or "--no-deps" in line for line in installs), installs
 
 
-def test_a_corpus_build_into_a_held_folder_is_refused_before_any_work(demo_assets, tmp_path):
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    shutil.copy(demo_assets["loras"]["target"], loras / "target.safetensors")
-    template = write_case(tmp_path, demo_assets, case_id="tmpl")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        _hold(tmp_path / "corpus", sleeper.pid)
-        r = CliRunner().invoke(main, ["corpus", "build", str(loras), "--casefile", str(template),
-                                      str(tmp_path / "corpus"), "--no-progress"])
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert r.exit_code == 1 and len(lines) == 1, r.output
-    assert lines[0].startswith("Error: corpus folder") and f"pid {sleeper.pid}" in lines[0]
-    assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == [LOCK_NAME]  # nothing planned or written
+def test_the_kit_names_the_lock_by_its_sha256():
+    rec = install_lock(REPO)
+    assert rec["file"] == INSTALL_LOCK and rec["sha256"] == sha256_file(LOCK)
+    assert rec["matches"] == (rec["differing"] == [])

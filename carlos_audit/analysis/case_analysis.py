@@ -167,8 +167,9 @@ def analyse_case(case_dir: Path, manifest: Manifest, case: Case, *, allow_incomp
 def reanalyse(case_dir: Path, *, allow_incompatible: bool = False, out: Path | None = None) -> dict:
     """``carlos-audit analyse CASE_DIR``: the analysis of a finished case folder run again from
     its manifest, case file copy and stored features, compared byte for byte with the recorded
-    results (sha256 in the manifest's ``results``). The case folder is never written; the
-    recomputed files go to ``out`` when given."""
+    results (sha256 in the manifest's ``results``) and with the files on disk (result_status:
+    an edited file is named EDITED). The case folder is never written; the recomputed files go
+    to ``out`` when given."""
     from carlos_audit.fileio import json_dumps
     from carlos_audit.hashing import sha256_bytes
 
@@ -179,12 +180,29 @@ def reanalyse(case_dir: Path, *, allow_incompatible: bool = False, out: Path | N
                                        store=folder.units) if r is not None]
     results = {}
     for r in records:
-        recorded = manifest.results.get(r.FILE)
         now = sha256_bytes(json_dumps(r.to_json()).encode("utf-8"))
-        results[r.FILE] = {"recorded": recorded, "now": now, "identical": now == recorded}
+        results[r.FILE] = result_status(folder, r.FILE, now)
         if out is not None:
             r.write(out)
     for name in set(manifest.results) - set(results):
-        results[name] = {"recorded": manifest.results[name], "now": None, "identical": False}
+        results[name] = result_status(folder, name, None)
     return {"case_dir": str(case_dir), "out": str(out) if out else None, "results": results,
             "identical": all(r["identical"] for r in results.values())}
+
+
+def result_status(folder: CaseFolder, name: str, now: str | None) -> dict:
+    """One result file: the sha256 of the recomputation (``now``), the one the manifest records
+    and the file's on disk, and what they say (``status``): SAME (all three equal), MISSING (no
+    file), EDITED (the file on disk is not the recomputation, and neither its recorded hash in
+    an intact manifest vouches for it), DIFF (the analysis does not reproduce the file the run
+    wrote, or the manifest's record of it)."""
+    recorded, disk = folder.manifest.results.get(name), folder.digest(name)
+    if disk is None:
+        status = "MISSING"
+    elif now == disk == recorded:
+        status = "SAME"
+    elif now != disk and (disk != recorded or not folder.manifest_intact()):
+        status = "EDITED"
+    else:
+        status = "DIFF"
+    return {"recorded": recorded, "now": now, "on_disk": disk, "identical": status == "SAME", "status": status}

@@ -20,6 +20,7 @@ read, never written.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
@@ -165,12 +166,20 @@ def decode(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     file. The size is checked against ``max_pixels`` from the header, before any pixel is read.
     A truncated file is refused even when another library has told Pillow to accept them
     (weasyprint sets ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` when it is imported)."""
+    with strict_decoding():
+        return _decode(data, name, max_pixels)
+
+
+@contextlib.contextmanager
+def strict_decoding():
+    """Within the block Pillow refuses a truncated image file, whatever another library set
+    (``ImageFile.LOAD_TRUNCATED_IMAGES``, restored after)."""
     from PIL import ImageFile
 
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        return _decode(data, name, max_pixels)
+        yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 

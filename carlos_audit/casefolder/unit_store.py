@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carlos_audit.errors import AuditError
 from carlos_audit.fileio import read_json, write_bytes_atomic, write_json_atomic
 from carlos_audit.hashing import sha256_bytes, sha256_file
 
@@ -38,7 +39,14 @@ def npy_bytes(vec: np.ndarray, dtype: str = "<f4") -> bytes:
 
 
 def load_npy(path: Path) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
+    """A stored .npy file; AuditError in one line naming it when it is missing or unreadable."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        what = ("is missing" if isinstance(e, FileNotFoundError) else
+                "cannot be read (not a .npy array of numbers)" if isinstance(e, ValueError) else
+                f"cannot be read ({type(e).__name__}: {e})")
+        raise AuditError(f"{path} {what}; `carlos-audit verify` compares the case folder with its manifest") from None
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,18 @@ from carlos_audit.cli.common import case_folder_lock, echo_checks, main, print_j
 
 @main.command()
 @click.argument("case_dir", type=click.Path(file_okay=False))
+@click.option("--render-despite-integrity-failure", "despite", is_flag=True,
+              help="Render even when the case folder fails the integrity check, with the failure printed on the cover.")
 @case_folder_lock(writes=True)
-def report(case_dir):
+def report(case_dir, despite):
     """Re-render both copies of the report from a case's stored results (generates nothing).
 
     report.pdf is the filing copy (PDF/A-2u, tagged, nothing embedded); report-archive.pdf the
     archive copy (PDF/A-3b with manifest.json, metrics.json, comparison.json embedded). The
     filing copy is pre-flight checked; a failure exits non-zero after writing the files.
+    verify's integrity checks run first (the manifest's own hash, every stored and result file
+    against the manifest, metrics recomputed from the embeddings): a folder that fails them is
+    refused, unless --render-despite-integrity-failure.
 
     \b
     Example:
@@ -23,11 +28,16 @@ def report(case_dir):
     """
     from pathlib import Path
 
+    from carlos_audit.casefolder import CaseFolder
     from carlos_audit.errors import AuditError
     from carlos_audit.report.preflight import summary
     from carlos_audit.report.render import render_copies
+    from carlos_audit.verify import require_intact
 
-    r = render_copies(Path(case_dir))
+    failures = require_intact(CaseFolder(case_dir), despite=despite)
+    r = render_copies(Path(case_dir), tuple(failures))
+    for f in failures:
+        click.echo(f"warning: integrity check failed, rendered on request with the failure on the cover: {f}", err=True)
     click.echo(f"wrote {r['filing']} (filing copy)")
     click.echo(f"  sha256 {r['filing_sha256']}")
     click.echo(f"wrote {r['archive']} (archive copy)")
@@ -99,9 +109,12 @@ def sign(case_dir, key, cert, tsa):
 @case_folder_lock(writes=False)
 def analyse(case_dir, out, allow_incompatible, as_json):
     """Run the analysis step again on a finished case (no model): metrics and comparison from the
-    stored features, compared byte for byte with the recorded results.
+    stored features, compared byte for byte with the recorded results and the files on disk.
 
-    Exits non-zero when a result differs.
+    verify's integrity checks run first (the manifest's own hash, every stored and result file
+    against the manifest). Each result file is SAME, EDITED (the file on disk is not what the
+    analysis computes, and no intact record vouches for it), DIFF (the analysis does not
+    reproduce it) or MISSING. Exits non-zero when a check fails or a result is not SAME.
 
     \b
     Example:
@@ -110,16 +123,26 @@ def analyse(case_dir, out, allow_incompatible, as_json):
     from pathlib import Path
 
     from carlos_audit.analysis.case_analysis import reanalyse
+    from carlos_audit.casefolder import CaseFolder
     from carlos_audit.errors import VerificationFailed
+    from carlos_audit.verify import integrity_checks, integrity_failures
 
+    checks = integrity_checks(CaseFolder(case_dir).require_finished(), recompute=False)
     result = reanalyse(Path(case_dir), allow_incompatible=allow_incompatible, out=Path(out) if out else None)
+    result["integrity"] = [c.as_dict() for c in checks]
     if as_json:
         print_json(result)
     else:
+        echo_checks([c.as_dict() for c in checks if not c.ok])
         for name, r in sorted(result["results"].items()):
-            click.echo(f"{'SAME' if r['identical'] else 'DIFF'}  {name}  sha256 {r['now']} (recorded {r['recorded']})")
-    if not result["identical"]:
-        raise VerificationFailed("the analysis does not reproduce the recorded results")
+            click.echo(f"{r['status']}  {name}  sha256 {r['now']} (recorded {r['recorded']}, on disk {r['on_disk']})")
+    problems = [f"{r['status'].lower()}: {name}" for name, r in sorted(result["results"].items()) if not r["identical"]]
+    problems += [f"integrity check failed: {f}" for f in integrity_failures(checks)]
+    if problems:
+        statuses = {r["status"] for r in result["results"].values()}
+        what = ("the analysis does not reproduce the recorded results" if "DIFF" in statuses else
+                "result files on disk are not the ones the run wrote" if statuses - {"SAME"} else "the case folder is not intact")
+        raise VerificationFailed(f"{what} ({'; '.join(problems[:4])})")
 
 
 # --- verification (verify.py) ---

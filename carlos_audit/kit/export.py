@@ -50,7 +50,7 @@ def kit_input_path(role: str, name: str) -> str:
 def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, images: bool = True) -> dict:
     """Write the kit of a finished case folder to ``out`` (a .zip). Returns kit.json's content."""
     from carlos_audit import __version__
-    from carlos_audit.kit.envlock import installed_distributions, lock_text
+    from carlos_audit.kit.envlock import install_lock, installed_distributions, lock_text
     from carlos_audit.paths import carlos_home
     from carlos_audit.run.environment import git_commit
 
@@ -91,7 +91,7 @@ def export_case(case_dir: Path, out: Path, *, include_inputs: bool = False, imag
                    for i in inputs],
         "images_included": images,
         "signature": manifest.signature,
-        "environment": {"lock": "environment.lock", "run": pmap.apply(manifest.environment)},
+        "environment": {"lock": "environment.lock", "install_lock": install_lock(), "run": pmap.apply(manifest.environment)},
         "paths": {"replaced": sorted(set(pmap.prefixes.values())),
                   "note": "absolute paths of the examiner's machine are replaced by these names in every file of the kit"},
         "files": {name: sha256_bytes(data) for name, data in sorted(entries.items())},

@@ -47,6 +47,7 @@ class ReportInputs:
     head_to_head: list[dict] = field(default_factory=list)
     body: dict = field(default_factory=dict)   # copy -> (sample, largest, smallest) pair ids
     folder: object = None        # the casefolder.CaseFolder it was read through (each file read once)
+    integrity_failures: tuple = ()  # verify's integrity checks that failed (rendered despite them, on request)
 
 
 def prompt_tables(manifest: Manifest, metrics: Metrics) -> tuple[list[dict], list[dict]]:
@@ -73,7 +74,9 @@ def custody(inp: ReportInputs, copy: str) -> dict:
     metrics_recorded = (manifest.results or {}).get(Metrics.FILE)
     metrics_actual = sha256_file(case_dir / Metrics.FILE)
     load = manifest.lora.load or LoraLoad()
-    warnings = []
+    warnings = [f"INTEGRITY CHECK FAILED: {f}. This report was rendered on request despite the failure "
+                "(report --render-despite-integrity-failure); what it states may not be what the run measured."
+                for f in inp.integrity_failures]
     if not custody_ok:
         changed = [f"{i['role']} ({Path(str(i['path'])).name})" for i in inputs if not i["unchanged"]]
         warnings.append("CHAIN OF CUSTODY FAILED: input file(s) changed while the run was in progress: "

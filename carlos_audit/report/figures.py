@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 from carlos_audit.fileio import write_bytes_atomic  # noqa: E402
+from carlos_audit.errors import AuditError  # noqa: E402
 from carlos_audit.records import Comparison, Metrics  # noqa: E402
 from carlos_audit.report.text import visible  # noqa: E402
 from carlos_audit.result_sections import CategoryStats, CorpusPoints, DoseResponse  # noqa: E402
@@ -264,18 +265,28 @@ SHEET_GAP = 4
 DISPLAY_MAX_PX = 256    # body images larger than this are shown as a downscaled copy
 
 
-def _open_rgb(data: bytes):
+def _open_rgb(data: bytes, name: str):
+    """The image of ``data`` in RGB; AuditError in one line naming ``name`` when it does not decode
+    (a truncated file too, whatever weasyprint told Pillow: claimed_works.strict_decoding)."""
     from PIL import Image
 
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im.convert("RGB")
+    from carlos_audit.case.claimed_works import strict_decoding
+
+    try:
+        with strict_decoding():
+            im = Image.open(io.BytesIO(data))
+            im.load()
+        return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL.UnidentifiedImageError is an OSError
+        why = "not an image format Pillow reads" if isinstance(e, Image.UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise AuditError(f"{name} cannot be decoded as an image ({why}); "
+                         "the report cannot show it (`carlos-audit verify` checks it against the manifest)") from None
 
 
-def thumbnail(data: bytes, px: int = THUMB_PX):
+def thumbnail(data: bytes, px: int = THUMB_PX, name: str = "an image"):
     from PIL import Image
 
-    im = _open_rgb(data)
+    im = _open_rgb(data, name)
     if im.width == px and im.height == px:
         return im
     im.thumbnail((px, px), Image.Resampling.BICUBIC, reducing_gap=2.0)
@@ -284,28 +295,30 @@ def thumbnail(data: bytes, px: int = THUMB_PX):
     return canvas
 
 
-def contact_sheet(columns: list[tuple[bytes, bytes]]) -> bytes:
-    """One JPEG: a column per seed, base thumbnail on top, LoRA thumbnail below."""
+def contact_sheet(columns: list[tuple[bytes, bytes]], names: list[tuple[str, str]] | None = None) -> bytes:
+    """One JPEG: a column per seed, base thumbnail on top, LoRA thumbnail below (``names``: the
+    images' names, for an image that does not decode)."""
     from PIL import Image
 
     n = len(columns)
     w = n * THUMB_PX + (n - 1) * SHEET_GAP
     h = 2 * THUMB_PX + SHEET_GAP
     sheet = Image.new("RGB", (w, h), "white")
+    names = names or [("a base image", "a LoRA image")] * n
     for i, (base, lora) in enumerate(columns):
         x = i * (THUMB_PX + SHEET_GAP)
-        sheet.paste(thumbnail(base), (x, 0))
-        sheet.paste(thumbnail(lora), (x, THUMB_PX + SHEET_GAP))
+        sheet.paste(thumbnail(base, name=names[i][0]), (x, 0))
+        sheet.paste(thumbnail(lora, name=names[i][1]), (x, THUMB_PX + SHEET_GAP))
     buf = io.BytesIO()
     sheet.save(buf, format="JPEG", quality=85, optimize=False, progressive=False, subsampling=0)
     return buf.getvalue()
 
 
-def display_copy(data: bytes, px: int = DISPLAY_MAX_PX) -> bytes | None:
+def display_copy(data: bytes, px: int = DISPLAY_MAX_PX, name: str = "an image") -> bytes | None:
     """A downscaled PNG for the body when the original is larger than ``px``; else None."""
     from PIL import Image
 
-    im = _open_rgb(data)
+    im = _open_rgb(data, name)
     if max(im.size) <= px:
         return None
     im.thumbnail((px, px), Image.Resampling.LANCZOS)

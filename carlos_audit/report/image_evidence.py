@@ -63,7 +63,7 @@ def image_evidence(case_dir: Path, manifest: Manifest, metrics: Metrics, body_id
         sheets = []
         for start in range(0, len(rows), figures.SHEET_MAX_COLUMNS):
             chunk = rows[start:start + figures.SHEET_MAX_COLUMNS]
-            columns = []
+            columns, names = [], []
             for row in chunk:
                 data = {}
                 for arm in ("base", "lora"):
@@ -81,10 +81,11 @@ def image_evidence(case_dir: Path, manifest: Manifest, metrics: Metrics, body_id
                             display[copy][(row.pair_id, arm)] = display_src(case_dir, data[arm], rec.image, px,
                                                                                f"figures/display/{px}/{n_display:05d}_{arm}.png")
                 columns.append((data["base"], data["lora"]))
+                names.append((row.arms["base"].image, row.arms["lora"].image))
                 n_display += row.pair_id in body_ids
             sheet_no += 1
             rel = f"figures/sheets/sheet_{sheet_no:05d}.jpg"
-            write_bytes_atomic(case_dir / rel, figures.contact_sheet(columns))
+            write_bytes_atomic(case_dir / rel, figures.contact_sheet(columns, names))
             width_mm = min(178.0, len(chunk) * 22.0)
             sheets.append({"src": rel, "width_mm": f"{width_mm:.1f}", "seeds": [r.seed for r in chunk]})
         sheets_by_prompt[prompt_id] = sheets
@@ -96,7 +97,7 @@ def image_evidence(case_dir: Path, manifest: Manifest, metrics: Metrics, body_id
 def display_src(case_dir: Path, data: bytes, rel: str, px: int, copy_rel: str) -> str:
     """The URL of an image as the body shows it: the original, or a downscaled copy (written to
     ``copy_rel``) when it is larger than ``px``."""
-    copy = figures.display_copy(data, px)
+    copy = figures.display_copy(data, px, rel)
     if copy is not None:
         rel = copy_rel
         write_bytes_atomic(case_dir / rel, copy)

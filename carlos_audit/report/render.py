@@ -66,8 +66,10 @@ def read_results(case_dir: Path) -> tuple[CaseFolder, Manifest, Metrics, Compari
     return folder, manifest, folder.metrics, folder.comparison
 
 
-def load_inputs(case_dir: Path) -> ReportInputs:
-    """Read and check a finished case folder; draw the figures and the image evidence."""
+def load_inputs(case_dir: Path, integrity_failures: tuple[str, ...] = ()) -> ReportInputs:
+    """Read and check a finished case folder; draw the figures and the image evidence.
+    ``integrity_failures``: what verify's integrity checks found (``report
+    --render-despite-integrity-failure``), printed on the cover."""
     case_dir = Path(case_dir).resolve()
     folder, manifest, metrics, comparison = read_results(case_dir)
 
@@ -92,7 +94,7 @@ def load_inputs(case_dir: Path) -> ReportInputs:
                                "description": DESCRIPTIONS[name]})
     return ReportInputs(case_dir=case_dir, manifest=manifest, metrics=metrics, comparison=comparison, report=report,
                         expert=expert, casefile_edited=edited, figures=figs, evidence=evidence, companions=companions,
-                        head_to_head=h2h, body=body, folder=folder)
+                        head_to_head=h2h, body=body, folder=folder, integrity_failures=tuple(integrity_failures))
 
 
 def report_html(case_dir: Path, copy: str = "archive") -> str:
@@ -100,13 +102,14 @@ def report_html(case_dir: Path, copy: str = "archive") -> str:
     return render_html(build_context(load_inputs(case_dir), copy))
 
 
-def render_copies(case_dir: Path) -> dict:
-    """Render both copies and run the pre-flight check on the filing copy.
+def render_copies(case_dir: Path, integrity_failures: tuple[str, ...] = ()) -> dict:
+    """Render both copies and run the pre-flight check on the filing copy; ``integrity_failures``
+    (verify.require_intact's, rendered despite them) go on the cover of both.
 
     Returns {"filing": Path, "archive": Path, "filing_sha256", "archive_sha256", "preflight": dict}."""
     from carlos_audit.report.preflight import preflight
 
-    inp = load_inputs(case_dir)
+    inp = load_inputs(case_dir, integrity_failures)
     case_dir = inp.case_dir
     epoch = int(inp.manifest.run["source_date_epoch"])
     paper = inp.report.paper
