@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from carlos_audit.run.near_copy_arms import off_subspace_energy
+
 from carlos_audit.analysis.near_copies import (
     block_of,
     calibrate,
-    off_subspace_energy,
     pixels,
     tiled_distance,
     weight_indicator,
@@ -95,7 +96,7 @@ def test_weight_indicator_separates_aligned_from_orthogonal_changes():
     total, _ = off_subspace_energy(w0, up, down, 2.0, k=8)
     assert total == pytest.approx(float(((2.0 * up @ down) ** 2).sum()))
     ind = weight_indicator({"unet.down_blocks.0.a": inside, "unet.down_blocks.0.b": outside,
-                            "unet.mid_block.attn": outside}, k=8)
+                            "unet.mid_block.attn": outside}, 8)
     assert [b["block"] for b in ind["blocks"]] == ["unet.down_blocks.0", "unet.mid_block"]
     assert ind["blocks"][1]["share"] == pytest.approx(1.0) and ind["exploratory"]
     assert block_of("text_encoder.text_model.encoder.layers.3.mlp.fc1") == "text_encoder.text_model"

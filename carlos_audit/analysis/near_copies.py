@@ -34,12 +34,13 @@ import math
 
 import numpy as np
 
-PIXEL_SIZE = 64
+from carlos_audit.errors import AuditError
+from carlos_audit.record_sections import plain
+from carlos_audit.case.near_copies import BLANK_STD, PIXEL_SIZE, is_blank, pixels  # noqa: F401  (pixels: re-exported)
+
 TILES = 4
 MAX_SHIFT = 2
 ALPHA = 0.01
-#: a work whose resized pixels have a standard deviation under this is blank (no content to copy)
-BLANK_STD = 2.0 / 255.0
 #: two works closer than this (pixel measure) are the same picture
 IDENTICAL = 1e-3
 #: at most this many main-protocol base images serve as non-copies (evenly spaced over the pairs)
@@ -57,16 +58,6 @@ DEFINITION = {
     "reading": "similarity under two stated measures, with the base model as control; not a legal finding of "
                "reproduction or of substantial similarity",
 }
-
-
-def pixels(image, size: int = PIXEL_SIZE) -> np.ndarray:
-    """A PIL image as (size, size, 3) float64 RGB in [0, 1], resized with Lanczos."""
-    from PIL import Image
-
-    im = image.convert("RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.float64) / 255.0
 
 
 def tile_bounds(length: int, tiles: int) -> list[tuple[int, int]]:
@@ -141,7 +132,7 @@ def calibrate(noncopy: np.ndarray, alpha: float = ALPHA) -> dict:
 
 def work_warnings(work_px: np.ndarray, ids: list[str]) -> tuple[list[str], list[tuple[int, int]], list[str]]:
     """(blank work ids, pairs (i, j) of works that are the same picture, warnings as sentences)."""
-    blank = [ids[i] for i in range(len(ids)) if float(work_px[i].std()) < BLANK_STD]
+    blank = [ids[i] for i in range(len(ids)) if is_blank(work_px[i])]
     d = tiled_distance(work_px, work_px)
     same = [(i, j) for i in range(len(ids)) for j in range(i + 1, len(ids)) if d[i, j] < IDENTICAL]
     notes = [f"work {w} is blank (pixel standard deviation under {BLANK_STD:.4f}): left out of the search"
@@ -208,24 +199,10 @@ def search(d: dict, thresholds: dict, keep: np.ndarray) -> tuple[list[dict], dic
 
 # ----------------------------------------------------------------------------- the weight indicator
 
-WEIGHT_K = 8
-WEIGHT_DEFINITION = (f"per module, the share of the weight change's energy ||dW||_F^2 (dW = scale * up @ down) "
-                     f"outside the span of the top-{WEIGHT_K} left singular vectors of the base weight W0: "
+WEIGHT_DEFINITION = ("per module, the share of the weight change's energy ||dW||_F^2 (dW = scale * up @ down) "
+                     "outside the span of the top-k left singular vectors of the base weight W0: "
                      "1 - ||U_k^T dW||_F^2 / ||dW||_F^2; per block, the energy-weighted mean of its modules. "
                      "In the spirit of BAF (arXiv 2605.10439). EXPLORATORY: not validated against known memorisation")
-
-
-def off_subspace_energy(w0: np.ndarray, up: np.ndarray, down: np.ndarray, scale: float, k: int = WEIGHT_K) -> tuple[float, float]:
-    """(energy of dW, energy of dW outside the top-k left singular subspace of w0) of one module;
-    w0 (out, in), up (out, r), down (r, in); dW = scale * up @ down is never formed."""
-    w0 = np.asarray(w0, np.float64).reshape(w0.shape[0], -1)
-    up, down = np.asarray(up, np.float64) * float(scale), np.asarray(down, np.float64)
-    u = np.linalg.svd(w0, full_matrices=False)[0][:, :min(k, min(w0.shape))]
-    gram = down @ down.T                        # r x r
-    total = float(np.einsum("ij,jk,ik->", up, gram, up))   # tr(up gram up^T) = ||up @ down||^2
-    proj = u.T @ up                              # k x r
-    inside = float(np.einsum("ij,jk,ik->", proj, gram, proj))
-    return total, max(0.0, total - inside)
 
 
 def block_of(module: str) -> str:
@@ -238,7 +215,7 @@ def block_of(module: str) -> str:
     return ".".join(parts[:2])
 
 
-def weight_indicator(energies: dict[str, tuple[float, float]], k: int = WEIGHT_K) -> dict:
+def weight_indicator(energies: dict[str, tuple[float, float]], k: int) -> dict:
     """Per block and overall, the share of weight-change energy off the base weights' principal
     subspace, from {module: (energy, off-subspace energy)}."""
     blocks: dict[str, list[float]] = {}
@@ -251,3 +228,109 @@ def weight_indicator(energies: dict[str, tuple[float, float]], k: int = WEIGHT_K
             "share": off / total if total > 0 else None,
             "blocks": [{"block": b, "n_modules": int(v[2]), "energy": v[0], "share": v[1] / v[0] if v[0] > 0 else None}
                        for b, v in blocks.items()]}
+
+
+# ----------------------------------------------------------------------------- the case folder
+
+CORPUS_REFUSAL = ("not computed: a reference corpus holds one profile (Direction and the other measures) per LoRA, "
+                  "not its images, so the rate of corpus LoRAs under these prompts would have to be generated; it "
+                  "is refused rather than approximated from their profiles")
+
+
+def read_pixels(store, rels: list[str]) -> np.ndarray:
+    """(n, PIXEL_SIZE, PIXEL_SIZE, 3) pixel readings of the case folder's PNGs ``rels``."""
+    from PIL import Image
+
+    out = []
+    for rel in rels:
+        with Image.open(store.path(rel)) as im:
+            out.append(pixels(im))
+    return np.stack(out) if out else np.zeros((0, PIXEL_SIZE, PIXEL_SIZE, 3))
+
+
+def calibration_rows(manifest) -> list[dict]:
+    """The main protocol's pairs whose base-arm images serve as non-copies (evenly spaced, at
+    most MAX_CALIBRATION_IMAGES)."""
+    rows = list(manifest.pairs)
+    if len(rows) <= MAX_CALIBRATION_IMAGES:
+        return rows
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, MAX_CALIBRATION_IMAGES).round().astype(int)]
+
+
+def distances(store, manifest) -> tuple[dict, list[str], list[dict]]:
+    """Both measures between the works and: each other, the calibration images, the two
+    extraction arms; the work ids and the extraction pair rows."""
+    from carlos_audit.run.embed_works import claimed_features
+
+    rec, works = manifest.near_copies, manifest.claimed_works
+    ids = [w["id"] for w in works["works"]]
+    rows, cal = rec["pairs"], calibration_rows(manifest)
+    b_arm = manifest.protocol["profiles"]["main"][0]
+    arm = {"lora": rec["arms"]["lora"], "base": rec["arms"]["base"]}
+    w_px, w_emb = read_pixels(store, [w["thumbnail"] for w in works["works"]]), claimed_features(store, works)
+    sets = {"works": (w_px, w_emb),
+            "calibration": (read_pixels(store, [r["arms"][b_arm]["image"] for r in cal]),
+                            store.features(b_arm, [r["pair_id"] for r in cal]).astype(np.float64))}
+    for k, name in arm.items():
+        sets[k] = (read_pixels(store, [r["arms"][name]["image"] for r in rows]),
+                   store.features(name, [r["pair_id"] for r in rows]).astype(np.float64))
+    d = {"pixel": {k: tiled_distance(w_px, px) for k, (px, _) in sets.items()},
+         "embedding": {k: embedding_distance(w_emb, f) for k, (_, f) in sets.items()}}
+    return d, ids, rows
+
+
+def near_copy_metrics(store, manifest) -> dict:
+    """metrics.json ``near_copies`` of a case whose manifest records the extraction arms."""
+    rec = manifest.near_copies
+    alpha = float(rec["alpha"])
+    d, ids, rows = distances(store, manifest)
+    w_px = read_pixels(store, [w["thumbnail"] for w in manifest.claimed_works["works"]])
+    blank, same, warnings = work_warnings(w_px, ids)
+    keep = np.array([i not in blank for i in ids])
+    calib = {m: calibrate(noncopy_distances(d[m]["calibration"], d[m]["works"], keep, same), alpha) for m in MEASURES}
+    found, share = search(d, {m: calib[m]["threshold"] for m in MEASURES}, keep)
+    works = []
+    for wid, row in zip(ids, found):
+        pair = rows[row.pop("index")]
+        for m in MEASURES:
+            row[m]["nearest_base_pair"] = rows[row[m].pop("nearest_base_index")]["pair_id"]
+        works.append({"work": wid, "pair_id": pair["pair_id"], "prompt_id": pair["prompt_id"], "seed": pair["seed"], **row})
+    weights = rec["weights"]
+    indicator = weight_indicator({n: tuple(e) for n, e in weights["modules"].items()}, weights["k"])
+    indicator["modules_left_out"] = len(weights["modules_left_out"])
+    indicator["corpus"] = "not available: a reference corpus holds no LoRA weights, so no distribution to compare with"
+    return {
+        "definition": DEFINITION, "alpha": alpha, "n_works": len(ids), "n_kept": int(keep.sum()),
+        "warnings": warnings, "prompts": rec["prompts"], "seeds": rec["seeds"],
+        "samples_per_prompt": rec["samples_per_prompt"], "n_images_per_arm": len(rows), "arms": rec["arms"],
+        "calibration": {**calib, "n_images": len(calibration_rows(manifest)),
+                        "sources": "the works against the main protocol's base-arm images and against each other"},
+        "works": works, "shares": share, "corpus": {"available": False, "refused": CORPUS_REFUSAL},
+        "weight_indicator": indicator,
+    }
+
+
+def near_copy_checks(folder) -> list[tuple[str, bool, str]]:
+    """``verify``'s checks of the extraction arms: every image and feature against its recorded
+    sha256, and the near-copy measures recomputed from them. None without [near_copies]."""
+    from carlos_audit.fileio import json_dumps
+
+    manifest = folder.manifest
+    rec = manifest.near_copies
+    if not rec:
+        return []
+    files = [(e[k], e[f"{k}_sha256"]) for r in rec["pairs"] for e in r["arms"].values() for k in ("image", "embedding")]
+    bad = [rel for rel, sha in files if not folder.has(rel) or folder.digest(rel) != sha]
+    out = [("near copies: extraction-arm images and features", not bad,
+            f"modified or missing: {', '.join(bad[:6])}" if bad else f"{len(files)} files match their recorded sha256")]
+    if bad:
+        return out
+    again = json_dumps(near_copy_metrics(folder.units, manifest))
+    try:
+        stored = folder.metrics.near_copies
+    except AuditError:
+        stored = None
+    ok = stored is not None and json_dumps(plain(stored)) == again
+    out.append(("near copies: measures recomputed", ok, "thresholds, distances and shares reproduced" if ok
+                else "metrics.json's near_copies differs from the measures recomputed from the stored images"))
+    return out
