@@ -100,3 +100,4 @@ def test_weight_indicator_separates_aligned_from_orthogonal_changes():
     assert [b["block"] for b in ind["blocks"]] == ["unet.down_blocks.0", "unet.mid_block"]
     assert ind["blocks"][1]["share"] == pytest.approx(1.0) and ind["exploratory"]
     assert block_of("text_encoder.text_model.encoder.layers.3.mlp.fc1") == "text_encoder.text_model"
+    assert block_of("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q") == "unet.mid_block"

@@ -206,10 +206,12 @@ WEIGHT_DEFINITION = ("per module, the share of the weight change's energy ||dW||
 
 
 def block_of(module: str) -> str:
-    """The block a module belongs to: its name up to the block index (``unet.down_blocks.1``),
-    else its first two parts."""
+    """The block a module belongs to: its name up to the block index (``unet.down_blocks.1``) or
+    ``mid_block``, else its first two parts."""
     parts = module.split(".")
     for n, p in enumerate(parts):
+        if p == "mid_block":
+            return ".".join(parts[:n + 1])
         if p.endswith("blocks") and n + 1 < len(parts) and parts[n + 1].isdigit():
             return ".".join(parts[:n + 2])
     return ".".join(parts[:2])
