@@ -211,6 +211,7 @@ def build_manifest(case: Case, folder: CaseFolder, record: RunRecord, argv: list
         text_features=record.text_features,
         label_signatures=record.label_signatures,
         claimed_works=record.claimed_works,
+        near_copies=near_copy_part(case, store, record, lora_sha),
         cost=case_cost(store, plan, pairs),
         signature=record.signature,
         prompts=[{"id": p.id, "category": p.category, "subcategory": p.subcategory, "text": p.text} for p in prompts],
@@ -234,6 +235,17 @@ def collect_pairs(store: CaseStore, pairs: list[Pair], arms) -> list[dict]:
     return [{"pair_id": p.id, "prompt_id": p.prompt.id, "category": p.prompt.category,
              "subcategory": p.prompt.subcategory, "seed": p.seed, "batch": p.batch, "position": p.position,
              "arms": recs[p.id]} for p in pairs]
+
+
+def near_copy_part(case: Case, store: CaseStore, record: RunRecord, lora_sha: str) -> dict | None:
+    """The manifest's ``near_copies``: the run record's, with the pair rows of the two extraction
+    arms (run/near_copy_arms.py) read from their unit records. None without [near_copies]."""
+    if record.near_copies is None:
+        return None
+    from carlos_audit.case.near_copies import pairs
+    from carlos_audit.run.near_copy_arms import arms
+
+    return {**record.near_copies, "pairs": collect_pairs(store, pairs(case), arms(case, lora_sha))}
 
 
 def custody_failed(out: Path) -> bool:

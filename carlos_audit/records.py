@@ -59,6 +59,7 @@ from carlos_audit.result_sections import (
     CorpusRef,
     HeadToHead,
     Indicators,
+    NearCopies,
     PairNorm,
     PromptStats,
     SequentialStop,
@@ -69,7 +70,7 @@ from carlos_audit.result_sections import (
 __all__ = ["Record", "Manifest", "Metrics", "Comparison", "RunRecord", "Section", "Interval", "Arm", "BaseModel",
            "CaseInfo", "ClaimedWorks", "ComparisonLora", "Embedder", "Environment", "Input", "Inspection", "Lora",
            "LoraLoad", "Pair", "PairArm", "Prompt", "Protocol", "Tool", "CI", "CategoryStats", "ClaimedMeasures",
-           "CorpusPoints", "CorpusRef", "HeadToHead", "Indicators", "PairNorm", "PromptStats", "SequentialStop",
+           "CorpusPoints", "CorpusRef", "HeadToHead", "Indicators", "NearCopies", "PairNorm", "PromptStats", "SequentialStop",
            "Target"]
 
 MANIFEST_SCHEMA = "carlos-audit/manifest/1"
@@ -171,6 +172,7 @@ class Metrics(Record):
     indicators: Indicators = field(default_factory=Indicators, metadata={NESTED: Indicators, "shape": "one"})
     sequential: SequentialStop | None = part(SequentialStop, optional=True)  # analysis/sequential_intervals.py
     claimed_works: ClaimedMeasures | None = part(ClaimedMeasures, optional=True)
+    near_copies: NearCopies | None = part(NearCopies, optional=True)  # analysis/near_copies.py
     schema: str = METRICS_SCHEMA
 
 
@@ -219,6 +221,7 @@ class Manifest(Record):
     label_signatures: dict | None = field(default=None, metadata=OPTIONAL)
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # case/sequential_plan.py, looks.py
     claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)
+    near_copies: dict | None = field(default=None, metadata=OPTIONAL)  # [near_copies]: run/near_copy_arms.py, its pairs
     schema: str = MANIFEST_SCHEMA
 
     def write(self, case_dir: str | Path) -> Path:
@@ -255,4 +258,5 @@ class RunRecord(Record):
     label_signatures: dict | None
     sequential: dict | None = field(default=None, metadata=OPTIONAL)  # the looks run (looks.py)
     claimed_works: ClaimedWorks | None = part(ClaimedWorks, optional=True)  # the claimed works embedded (run/embed_works.py)
+    near_copies: dict | None = field(default=None, metadata=OPTIONAL)  # the extraction arms (run/near_copy_arms.py)
     schema: str = RUN_RECORD_SCHEMA

@@ -471,3 +471,23 @@ class ClaimedMeasures(Section):
     calibration: Calibration | None = part(Calibration)
     sensitivity: Sensitivity | None = part(Sensitivity)
 
+
+
+@dataclass(frozen=True)
+class NearCopies(Section):
+    """metrics ``near_copies``: the near-copy search (analysis/near_copies.py); its parts plain."""
+    definition: dict | None = None
+    alpha: float | None = None
+    n_works: int | None = None
+    n_kept: int | None = None
+    warnings: list | None = None
+    prompts: list | None = None
+    seeds: list | None = None
+    samples_per_prompt: int | None = None
+    n_images_per_arm: int | None = None
+    arms: dict | None = None
+    calibration: dict | None = None
+    works: list | None = None
+    shares: dict | None = None
+    corpus: dict | None = None
+    weight_indicator: dict | None = None

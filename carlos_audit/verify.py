@@ -370,6 +370,7 @@ def _verify_case(case_dir: Path, sample: int, seed: int, trust: list[Path] | Non
     """The checks on the folder's records, each file read and hashed once. A missing or edited
     metrics.json is a failed check, not a refusal: only the manifest is required."""
     from carlos_audit.analysis.alignment import claimed_checks
+    from carlos_audit.analysis.near_copies import near_copy_checks
 
     case_dir = Path(case_dir)
     folder = CaseFolder(case_dir).require_finished(Manifest)
@@ -381,6 +382,7 @@ def _verify_case(case_dir: Path, sample: int, seed: int, trust: list[Path] | Non
     if manifest.sequential:
         checks.append(check_sequential(folder))
     checks += [Check(*c) for c in claimed_checks(folder)]  # [claimed_works]
+    checks += [Check(*c) for c in near_copy_checks(folder)]  # [near_copies]
     checks.append(Check("chain of custody", bool(manifest.custody_ok),
                         "inputs unchanged during the run" if manifest.custody_ok else "an input changed during the run"))
     if sample > 0:

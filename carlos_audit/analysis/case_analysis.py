@@ -71,6 +71,10 @@ def compute_case_metrics(store: CaseStore, manifest: Manifest, case: Case, corpu
         from carlos_audit.analysis.alignment import claimed_works_metrics
 
         out.claimed_works = claimed_works_metrics(store, manifest, case, corpus)
+    if manifest.near_copies:  # [near_copies]: analysis/near_copies.py
+        from carlos_audit.analysis.near_copies import near_copy_metrics
+
+        out.near_copies = near_copy_metrics(store, manifest)
     return out
 
 

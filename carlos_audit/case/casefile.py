@@ -132,13 +132,20 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "max_pixels": (_INT, False, 50_000_000),
         "nearest": (_INT, False, 3),
     },
+    "near_copies": {  # case/near_copies.py: the opt-in extraction protocol (analysis/near_copies.py)
+        "samples_per_prompt": (_INT, False, None),
+        "seed_start": (_INT, False, 0),
+        "captions": (_STRLIST, False, []),
+        "trigger_words": (_BOOL, False, True),
+        "alpha": (_FLOAT, False, 0.01),
+    },
 }
 REQUIRED_SECTIONS = ("case", "base_model", "embedder", "lora", "protocol")
 
 #: one frozen, typed section class per table of SCHEMA (case/spec.py): ``case.protocol.steps``
 SECTION_TYPES: dict[str, type] = schema_types(SCHEMA, {"protocol": {"sequential": SequentialSpec}}, __name__)
 (CaseSpec, BaseModelSpec, EmbedderSpec, LoraSpec, ProtocolSpec, OutputSpec, ReferenceSpec, IndicatorsSpec,
- ComparisonSpec, ReportSpec, ExpertSpec, ClaimedWorksSpec) = SECTION_TYPES.values()
+ ComparisonSpec, ReportSpec, ExpertSpec, ClaimedWorksSpec, NearCopiesSpec) = SECTION_TYPES.values()
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,7 @@ class Case:
     report: ReportSpec = field(default_factory=ReportSpec)
     expert: ExpertSpec = field(default_factory=ExpertSpec)
     claimed_works: ClaimedWorksSpec = field(default_factory=ClaimedWorksSpec)
+    near_copies: NearCopiesSpec = field(default_factory=NearCopiesSpec)
     raw_text: str = field(repr=False, default="")
 
     @property
@@ -317,9 +325,10 @@ def _check_values(c: dict, where: str) -> None:
     if c["reference"]["top_k"] < 1:
         raise AuditError(f"{where}: reference.top_k must be >= 1")
     _check_report_values(c, where)
-    from carlos_audit.case.claimed_works import check_section
+    from carlos_audit.case import claimed_works, near_copies
 
-    check_section(c["claimed_works"], where)
+    claimed_works.check_section(c["claimed_works"], where)
+    near_copies.check_section(c, where)  # [near_copies] needs [claimed_works]
 
 
 def _family_defaults(c: dict, given: dict, base_dir: Path, where: str) -> None:

@@ -230,7 +230,8 @@ def _kit_case_toml(case_dir: Path, inputs: list[dict]) -> str:
 
 def _result_files(manifest: Manifest, images: bool) -> list[str]:
     rels = set()
-    for row in manifest.pairs:
+    near = manifest.near_copies["pairs"] if manifest.near_copies else []  # [near_copies]: the extraction arms too
+    for row in list(manifest.pairs) + list(near):
         for e in row["arms"].values():
             rels.add(e["embedding"])
             if images:

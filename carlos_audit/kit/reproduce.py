@@ -174,6 +174,7 @@ def _case_text(kit_dir: Path, kit: dict, given: dict[str, Path], base: str | Non
         data.pop("comparison", None)
     data.pop("reference", None)  # the corpus placement is recomputed from stored numbers (compare.py)
     data.pop("claimed_works", None)  # not regenerated: their features are stored (results/embeddings/claimed)
+    data.pop("near_copies", None)  # nor the extraction arms: their images and features are stored (export)
     return dump_case(data)
 
 

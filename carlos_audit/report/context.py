@@ -19,6 +19,7 @@ from carlos_audit.paths import portable_command
 from carlos_audit.records import Comparison, LoraLoad, Manifest, Metrics
 from carlos_audit.report import image_evidence as ev
 from carlos_audit.report.claimed_section import claimed_works_context
+from carlos_audit.report.near_copy_section import near_copy_context
 from carlos_audit.report.comparison import corpus_placement
 from carlos_audit.report.expert import expert_context
 from carlos_audit.report.indicators_section import indicators
@@ -165,7 +166,7 @@ def expert(inp: ReportInputs, copy: str, archive_sha256: str | None) -> dict:
                                      archive_sha256, inp.evidence["n_images"])}
 
 
-SECTION_CONTEXT = [core, custody, images, comparisons, sequential_context, claimed_works_context]
+SECTION_CONTEXT = [core, custody, images, comparisons, sequential_context, claimed_works_context, near_copy_context]
 
 
 def build_context(inp: ReportInputs, copy: str, archive_sha256: str | None = None) -> dict:

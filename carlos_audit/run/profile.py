@@ -195,7 +195,10 @@ def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> R
     ``protocol(session, plan, pairs, run_arm) -> (pairs run, stats, sequential record)`` decides
     which pairs run (pipeline.py passes looks.run_protocol, which reads the stored features
     between looks); without it every arm runs over every pair."""
+    from carlos_audit.run import near_copy_arms
+
     s = prep.session
+    near_copy_arms.check(prep.case)  # [near_copies]: refused before any generation when every work is blank
     comparisons = load_comparisons(s.pipe, prep.paths, prep.inputs, prep.options, prep.loras, prep.case.lora.convention)
     plan = prep.plan = plan_arms(prep.case, prep.lora_sha256, comparisons)
 
@@ -206,6 +209,7 @@ def generate_units(prep: PreparedRun, progress: bool = True, protocol=None) -> R
         stats, sequential = {arm.name: runner(arm, prep.pairs) for arm in plan.arms.values()}, None
     else:
         _, stats, sequential = protocol(s, plan, prep.pairs, runner)
+    stats.update(near_copy_arms.generate(s, prep.case, prep.lora_sha256, runner))  # [near_copies]: its two arms
     record = run_record(prep, stats, comparisons, sequential)
     record.write(s.store.root)
     return record
@@ -220,6 +224,8 @@ def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequenti
     emb, case = s.embedder, prep.case
     from carlos_audit.run.embed_works import store_claimed_works
 
+    from carlos_audit.run.near_copy_arms import record as near_copy_record
+
     claimed = store_claimed_works(s.store, emb, case)
     return RunRecord(
         inputs=prep.inputs, inspection=prep.inspection, lora_path=str(prep.paths["lora"]), lora_load=prep.lora_load,
@@ -231,7 +237,7 @@ def run_record(prep: PreparedRun, stats: dict, comparisons: list[dict], sequenti
                   "features": "raw image features (encode_image, normalize=False)",
                   "preprocess": emb.preprocess_description},
         environment=s.environment, signature=prep.signature, text_features=text, label_signatures=labels,
-        sequential=sequential, claimed_works=claimed)
+        sequential=sequential, claimed_works=claimed, near_copies=near_copy_record(s, case, prep.paths["lora"]))
 
 
 class NoBaseCache:
