@@ -23,16 +23,31 @@ SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="module")
-def world():
+def loaded():
     import torch
 
     from carlos_audit.models.embedders import load_embedder
     from carlos_audit.models.loading import load_base_pipeline
 
     torch.set_num_threads(1)
-    pipe = load_base_pipeline("embedded:world-sd", dtype="float32", device="cpu").pipe
-    emb = load_embedder("embedded:world-clip", None)
-    return pipe, emb
+    return load_base_pipeline("embedded:world-sd", dtype="float32", device="cpu"), load_embedder("embedded:world-clip", None)
+
+
+@pytest.fixture(scope="module")
+def world(loaded):
+    return loaded[0].pipe, loaded[1]
+
+
+def test_the_world_models_load_by_name_from_the_package_with_their_pinned_hashes(loaded):
+    from carlos_audit.models.world_registry import WORLD_MODELS
+
+    lp, emb = loaded
+    assert (lp.identity, lp.sha256) == ("embedded:world-sd", WORLD_MODELS["embedded:world-sd"][1])
+    assert type(lp.pipe).__name__ == "StableDiffusionPipeline"
+    assert any(f["name"] == "unet/diffusion_pytorch_model.safetensors" for f in lp.files)
+    assert (emb.identity, emb.sha256, emb.kind) == ("embedded:world-clip", WORLD_MODELS["embedded:world-clip"][1],
+                                                   "hf-transformers")
+    assert emb.feature_dim == 128
 
 
 def images(pipe, lora: str | None):
