@@ -7,10 +7,10 @@ models/embedders.py); LoRAs from ``world/loras/`` (world/train_lora.py) loaded w
 Protocol: P concept names (training concepts of the base's and of every LoRA designer's set, ``a NAME emoji``) x S
 seeds, DDIM 20 steps, CFG 4, 32x32, one CPU generator per image; the base arm once, then each LoRA arm.
 
-1. **Designer probe**: an independent probe, a softmax regression on pixel features (8x8 pooled RGB, saturation and luminance histograms, standardised), trained on
-   the real training works of all four designers (no generated image, no CLIP); its accuracy on held-out works is
-   printed. Gate: a style LoRA's images are recognised as its designer's in >= 80% of LoRA-arm images and <= 20% of
-   base-arm images.
+1. **Designer probes**: softmax regressions trained on the real training works of all four designers (no generated
+   image): on pixel features (8x8 pooled RGB, saturation and luminance histograms; independent of the embedder) and
+   on world-CLIP image features; their accuracy on held-out works is printed. Gate: a style LoRA's images are
+   recognised as its designer's in >= 80% of LoRA-arm images and <= 20% of base-arm images.
 2. **Trained vs random LoRA**: the CARLoS strength and consistency (analysis/metrics.py, world-clip features, 95%
    cluster-bootstrap intervals over prompts) of each style LoRA and of a random LoRA of the same weight norm
    (every A and B tensor replaced by Gaussian noise scaled to the trained tensor's Frobenius norm). Gate: the
@@ -62,12 +62,21 @@ def pixels(arr: np.ndarray) -> np.ndarray:
     return np.concatenate([pooled, *hist], 1).astype(np.float32)
 
 
-def train_probe(split: dict, arrays: dict, seed: int = 0):
-    """Softmax regression on standardised pixels of the designers' real training works; (predict, held-out acc)."""
+def clip_features(emb):
+    """World-CLIP image features (run/embed.image_features), the second probe's features."""
+    from PIL import Image
+
+    from carlos_audit.run.embed import image_features
+
+    return lambda arr: image_features(emb, [Image.fromarray(a) for a in arr]).astype(np.float32)
+
+
+def train_probe(split: dict, arrays: dict, feats=pixels, seed: int = 0):
+    """Softmax regression on standardised features of the designers' real training works; (predict, held-out acc)."""
     import torch
 
     designers = list(split["designers"])
-    x = np.concatenate([pixels(arrays[d][split["train"][d]]) for d in designers])
+    x = np.concatenate([feats(arrays[d][split["train"][d]]) for d in designers])
     y = np.concatenate([np.full(len(split["train"][d]), k) for k, d in enumerate(designers)])
     mu, sd = x.mean(0), x.std(0) + 1e-3
     torch.manual_seed(seed)
@@ -81,7 +90,7 @@ def train_probe(split: dict, arrays: dict, seed: int = 0):
 
     def predict(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return lin(torch.from_numpy((pixels(images) - mu) / sd)).argmax(1).numpy()
+            return lin(torch.from_numpy((feats(images) - mu) / sd)).argmax(1).numpy()
 
     held = {d: float((predict(arrays[d][split["held_out_works"][d]]) == k).mean()) for k, d in enumerate(designers)}
     return predict, held
@@ -152,17 +161,17 @@ def run(args) -> dict:
     from carlos_audit.models.loading import load_base_pipeline
 
     split, arrays = world_data.load(world_data.DEFAULT_OUT)
-    predict, held = train_probe(split, arrays)
+    emb = load_embedder("embedded:world-clip", None)
+    probes = {"pixels": train_probe(split, arrays), "world-clip": train_probe(split, arrays, clip_features(emb))}
     concepts = prompt_concepts(split, args.prompts)
     prompts = [world_data.caption(split["concepts"][i]["name"], None) for i in concepts]
     seeds = list(range(args.seeds))
     pipe = load_base_pipeline("embedded:world-sd", dtype="float32", device="cpu").pipe
-    emb = load_embedder("embedded:world-clip", None)
     t0 = time.time()
     base = generate(pipe, prompts, seeds)
     designers = list(split["designers"])
     res = {"protocol": {"prompts": prompts, "seeds": seeds, "steps": 20, "guidance_scale": 4.0, "size": 32},
-           "probe_heldout_accuracy": held, "loras": {}}
+           "probe_heldout_accuracy": {p: held for p, (_, held) in probes.items()}, "loras": {}}
     for name, designer in STYLE_LORAS.items():
         if not (REPO / "world" / "loras" / name).is_dir():
             print(f"{name}: not trained (world/loras/{name} missing), skipped", flush=True)
@@ -171,9 +180,9 @@ def run(args) -> dict:
         layers = lora_layers(name)
         imgs = with_lora(pipe, layers, prompts, seeds)
         rand = with_lora(pipe, random_like(layers, args.random_seed), prompts, seeds)
-        row = {"designer": designer, "probe_lora_arm": float((predict(imgs) == k).mean()),
-               "probe_base_arm": float((predict(base) == k).mean()),
-               "probe_random_arm": float((predict(rand) == k).mean()),
+        row = {"designer": designer, "probe": {p: {arm: float((predict(a) == k).mean()) for arm, a in
+                                                    (("lora", imgs), ("base", base), ("random", rand))}
+                                                for p, (predict, _) in probes.items()},
                "trained": profile(emb, base, imgs, len(prompts), len(seeds), args.resamples),
                "random_same_norm": profile(emb, base, rand, len(prompts), len(seeds), args.resamples)}
         res["loras"][name] = row
@@ -192,14 +201,15 @@ def save_grid(base, lora, rand, path: Path) -> None:
 
 
 def report(res: dict) -> None:
-    print("designer probe (pixels, trained on real training works), held-out works accuracy: "
-          + ", ".join(f"{d} {v:.2f}" for d, v in res["probe_heldout_accuracy"].items()))
-    print("| LoRA | probe: LoRA arm | base arm | random-LoRA arm | gate (>=0.8 / <=0.2) |")
-    print("|---|---|---|---|---|")
+    for p, held in res["probe_heldout_accuracy"].items():
+        print(f"designer probe on {p} (trained on real training works), held-out works accuracy: "
+              + ", ".join(f"{d} {v:.2f}" for d, v in held.items()))
+    print("| LoRA | probe | LoRA arm | base arm | random-LoRA arm | gate (>=0.8 / <=0.2) |")
+    print("|---|---|---|---|---|---|")
     for name, r in res["loras"].items():
-        ok = r["probe_lora_arm"] >= 0.8 and r["probe_base_arm"] <= 0.2
-        print(f"| {name} | {r['probe_lora_arm']:.3f} | {r['probe_base_arm']:.3f} | {r['probe_random_arm']:.3f} | "
-              f"{'met' if ok else 'not met'} |")
+        for p, v in r["probe"].items():
+            ok = v["lora"] >= 0.8 and v["base"] <= 0.2
+            print(f"| {name} | {p} | {v['lora']:.3f} | {v['base']:.3f} | {v['random']:.3f} | {'met' if ok else 'not met'} |")
     print("| LoRA | strength trained [95% CI] | random same norm | consistency trained | random same norm | gate |")
     print("|---|---|---|---|---|---|")
     for name, r in res["loras"].items():
