@@ -10,7 +10,7 @@ LOCK   := requirements.lock
 LOCKTOOL ?= /tmp/carlos-audit-locktool
 UV     := uv==0.13.10
 
-.PHONY: setup system-deps demo test test-real bench clean world world-data lock
+.PHONY: setup system-deps demo test test-real bench clean world world-data world-loras world-bench lock
 
 setup: system-deps $(STAMP)
 
@@ -78,11 +78,19 @@ world: world-data
 	cd world && { $(WORLD_RUN) train_clip.py --minutes $(WORLD_CLIP_MIN) & a=$$!; \
 	  $(WORLD_RUN) train_vae.py --minutes $(WORLD_VAE_MIN) & b=$$!; wait $$a && wait $$b; }
 	rm -rf world/build/checkpoints/clip_stage1 && mkdir -p world/build/checkpoints && \
-	  cp -r world/models/clip world/build/checkpoints/clip_stage1
+	  cp -r carlos_audit/models/world/clip world/build/checkpoints/clip_stage1
 	cd world && { $(WORLD_RUN) train_unet.py --clip build/checkpoints/clip_stage1 --minutes $(WORLD_UNET_MIN) & a=$$!; \
 	  $(WORLD_RUN) train_clip.py --resume --freeze-text --batch 64 --minutes $(WORLD_CLIP_MIN) & b=$$!; \
 	  wait $$a && wait $$b; }
 	cd world && $(WORLD_RUN) evaluate.py
+
+# The world's LoRAs with known truth (world/train_loras.sh: style per designer, with and without trigger,
+# memorising, another seed, continued training, rescale 0.5, SVD rank 2) into world/loras/, then the LoRA gates.
+world-loras: world-data
+	cd world && PYTHON=$(CURDIR)/$(PY) OMP_NUM_THREADS=1 WORLD_THREADS=1 PYTHONPATH=$(CURDIR)/$(WORLD_EXTRA) nice -n 19 sh train_loras.sh
+
+world-bench: world-data
+	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) nice -n 19 $(CURDIR)/$(PY) bench/bench_world.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

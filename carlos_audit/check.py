@@ -43,10 +43,16 @@ def _hub_item(role: str, repo: str, files: tuple, what: str) -> dict:
                       f"models--{repo.replace('/', '--')} into {hf_hub_cache()} here), or run with --allow-download"}
 
 
+def _embedded_detail(name: str) -> str:
+    from carlos_audit.models.world_registry import is_world_model
+
+    return "package data, sha256-pinned (the trained world)" if is_world_model(name) else "built from code on first use"
+
+
 def _base_model_item(case) -> tuple[dict, str]:
     src = case.base_model.source
     if src.startswith("embedded:"):
-        return {"role": "base_model", "status": "present", "source": src, "detail": "built from code on first use"}, src
+        return {"role": "base_model", "status": "present", "source": src, "detail": _embedded_detail(src)}, src
     p = input_paths(case)["base_model"]
     if p.exists():
         ok = p.is_file() and p.suffix.lower() == ".safetensors" or (p / "model_index.json").is_file()
@@ -93,7 +99,7 @@ def _embedder_item(case) -> tuple[dict, str]:
 
     model, pre = case.embedder.model, case.embedder.pretrained
     if model.startswith("embedded:"):
-        return {"role": "embedder", "status": "present", "source": model, "detail": "built from code on first use"}, model
+        return {"role": "embedder", "status": "present", "source": model, "detail": _embedded_detail(model)}, model
     if model.startswith("hf:"):
         ref = model[3:]
         folder = expand_path(ref, case.base_dir)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 import data as world_data  # noqa: E402
 
 BUILD = HERE / "build"
-MODELS = HERE / "models"          # committed (small) weights
+MODELS = HERE.parent / "carlos_audit" / "models" / "world"  # committed (small) weights, shipped with the package
 CKPT = BUILD / "checkpoints"      # large / intermediate checkpoints, outside git
 CONTEXT = 24                      # text context length (tokens, with start and end)
 

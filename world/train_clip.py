@@ -5,8 +5,8 @@ name the concept only ("a cat face emoji"), half the concept and the designer's 
 so the embedding carries both what is drawn and whose hand drew it. Contrastive loss with every same-caption pair
 in a batch counted as a positive.
 
-Writes world/models/clip (CLIPModel + CLIPTokenizer + CLIPImageProcessor, save_pretrained) and its training record
-world/models/clip/training_record.json.
+Writes carlos_audit/models/world/clip (CLIPModel + CLIPTokenizer + CLIPImageProcessor, save_pretrained) and its training record
+carlos_audit/models/world/clip/training_record.json.
 """
 from __future__ import annotations
 

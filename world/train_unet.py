@@ -6,7 +6,7 @@ prediction), min-SNR-5 loss weighting, 10% caption dropout (for classifier-free 
 Captions: half "a NAME emoji", half "a NAME emoji in noto style".
 
 Every --checkpoint-minutes the EMA weights are assembled with the VAE, text encoder, tokenizer and a DDIM scheduler
-into a diffusers StableDiffusionPipeline saved at world/models/pipeline (save_pretrained), and the full training
+into a diffusers StableDiffusionPipeline saved at carlos_audit/models/world/pipeline (save_pretrained), and the full training
 state goes to world/build/checkpoints/unet.pt (--resume continues from it).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train the world's small VAE (diffusers AutoencoderKL) from scratch on every designer's training works.
 
 32x32 RGB images -> 8x8x8 latents. Loss: L1 + MSE on the reconstruction from a sampled latent, plus a small KL
-term. Writes world/models/vae (save_pretrained, with the latents' scaling_factor measured on the training set) and
+term. Writes carlos_audit/models/world/vae (save_pretrained, with the latents' scaling_factor measured on the training set) and
 its training record.
 """
 from __future__ import annotations

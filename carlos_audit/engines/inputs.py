@@ -39,6 +39,7 @@ def model_sha256(case) -> dict:
     from carlos_audit.paths import expand_path
     from carlos_audit.models.filehash import file_sha256
     from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd
+    from carlos_audit.models.world_registry import is_world_model, world_model_dir
     from carlos_audit.hashing import tree_sha256
 
     def of_path(p: Path) -> str | None:
@@ -51,11 +52,15 @@ def model_sha256(case) -> dict:
         from carlos_audit.models.flux import ensure_tiny_flux
 
         base = of_path(ensure_tiny_sd() if src == "embedded:tiny-sd" else ensure_tiny_flux())
+    elif is_world_model(src):
+        base = of_path(world_model_dir(src))
     else:
         base = of_path(expand_path(src, case.base_dir))
     pre = case.embedder.pretrained
     if case.embedder.model == "embedded:tiny-clip":
         emb = of_path(ensure_tiny_clip())
+    elif is_world_model(case.embedder.model):
+        emb = of_path(world_model_dir(case.embedder.model))
     else:
         emb = of_path(expand_path(pre, case.base_dir)) if pre else None
     return {"base_model": base or _lower(case.base_model.sha256), "embedder": emb or _lower(case.embedder.sha256)}

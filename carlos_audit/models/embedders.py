@@ -13,6 +13,7 @@ from carlos_audit.models.filehash import file_sha256
 from carlos_audit.models.hub import hf_snapshot
 from carlos_audit.models.pinned import open_clip_cached, pinned_identity
 from carlos_audit.models.tiny import ensure_tiny_clip
+from carlos_audit.models.world_registry import WORLD_CLIP, world_model_dir
 from carlos_audit.hashing import tree_sha256
 
 
@@ -107,13 +108,13 @@ TINY_HF_CLIP = "embedded:tiny-hf-clip"
 
 
 def is_hf_embedder(model: str) -> bool:
-    return model.startswith(HF_EMBEDDER_PREFIX) or model == TINY_HF_CLIP
+    return model.startswith(HF_EMBEDDER_PREFIX) or model in (TINY_HF_CLIP, WORLD_CLIP)
 
 
 def hf_embedder_identity(model: str, base_dir: Path | None = None) -> str:
     """The signature identity of ``[embedder] model`` (no weights loaded): ``hf-transformers:<hub id>``
     (what the CARLoS preset records), ``hf-transformers:dir:<folder name>``, or the embedded name."""
-    if model == TINY_HF_CLIP:
+    if model in (TINY_HF_CLIP, WORLD_CLIP):
         return model
     ref = model[len(HF_EMBEDDER_PREFIX):]
     folder = hf_local_folder(ref, base_dir)
@@ -139,6 +140,8 @@ def load_hf_embedder(model: str, *, device: str = "cpu", allow_download: bool = 
 
     if model == TINY_HF_CLIP:
         folder = ensure_tiny_hf_clip()
+    elif model == WORLD_CLIP:  # the trained world's CLIP, package data (models/world_registry.py)
+        folder = world_model_dir(model)
     else:
         ref = model[len(HF_EMBEDDER_PREFIX):]
         folder = hf_local_folder(ref, base_dir)

@@ -32,6 +32,7 @@ from carlos_audit.models.hub import hf_snapshot
 from carlos_audit.models.filehash import file_sha256
 from carlos_audit.models.pinned import watermark_kwargs, watermark_record
 from carlos_audit.models.tiny import ensure_tiny_sd
+from carlos_audit.models.world_registry import WORLD_SD, world_model_dir
 
 
 @dataclass
@@ -153,6 +154,9 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
     if source in ("embedded:tiny-sd", "embedded:tiny-flux"):
         path = ensure_tiny_sd() if source == "embedded:tiny-sd" else ensure_tiny_flux()
         return _folder_source("embedded", path, source, variant, tree_files(path, file_sha256))
+    if source == WORLD_SD:  # the trained world's pipeline, package data (models/world_registry.py)
+        path = world_model_dir(source)
+        return _folder_source("embedded", path, source, variant, tree_files(path, file_sha256))
     p = Path(source).expanduser()
     if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
         p = base_dir / p
@@ -191,7 +195,7 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
                              hint="download them (huggingface-cli download, or pass --allow-download)")
         return _folder_source("hf", snap, f"hf:{source}", variant, tree_files(snap, file_sha256))
     raise AuditError(
-        f"base model {source!r} not found; allowed: embedded:tiny-sd, embedded:tiny-flux, a diffusers folder, "
+        f"base model {source!r} not found; allowed: embedded:tiny-sd, embedded:tiny-flux, embedded:world-sd, a diffusers folder, "
         "a .safetensors file, or a hub id in the local Hugging Face cache"
     )
 
@@ -361,6 +365,7 @@ def load_base_pipeline(source: str, **options) -> LoadedPipeline:
     fastpath = apply_fastpath(pipe, dev, dtype_name, arch)  # a no-op on the CPU
     # the embedded model is built from code on each machine: no machine path recorded
     path = f"$CARLOS_AUDIT_HOME/models/{src.path.name}" if src.kind == "embedded" else str(src.path)
+    path = "carlos_audit/models/world/pipeline" if src.identity == WORLD_SD else path  # package data
     return LoadedPipeline(pipe, src.identity, src.sha256, arch, path, dev, dtype_name, fastpath,
                           variant, src.config_source, src.files, family_variant, src.stored_dtypes,
                           watermark_record(pipe, add_watermarker))

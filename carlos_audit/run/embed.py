@@ -94,7 +94,7 @@ def text_encoder_for(identity: str, *, checkpoint: str | None = None, allow_down
     (its signature identity): what text retrieval (corpus/retrieval.retrieve) is given."""
     from carlos_audit.models.embedders import HF_IDENTITY_PREFIX, load_embedder
 
-    if identity == "embedded:tiny-hf-clip":
+    if identity in ("embedded:tiny-hf-clip", "embedded:world-clip"):
         return _hf_text_encoder(identity, allow_download)
     if identity == "embedded:tiny-clip":
         emb = load_embedder("embedded:tiny-clip", None)
