@@ -271,6 +271,8 @@ def inspect_lora(path: str | Path | LoraFile, *, allow_unsafe_pickle: bool = Fal
     _, _, unrecognised = group_modules(header, str(path))
     modules = read_modules(path, header, payload_start)
     architecture, evidence = detect_architecture(modules)
+    if architecture == "zimage":  # Turbo or Base, as the file's metadata names it (SELF-REPORTED)
+        evidence.update(zimage_keys.declared_variant(metadata))
     rows, weight_norm_total = _module_rows(path, header, payload_start, modules)
     claim = claimed_base_model_hash(metadata)
     return {

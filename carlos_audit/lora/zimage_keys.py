@@ -19,8 +19,8 @@ Layouts (``layout``):
 * ``comfyui``: the original names, ``diffusion_model.<native>`` or, as musubi-tuner's
   ``convert_z_image_lora_to_comfy.py`` writes, ``lora_unet_<flattened native>`` with a fused
   ``attention_qkv`` (block-sparse up factor, alpha x 3);
-* ``diffusers_peft``: ``transformer.<module>.lora_A/B.weight`` (``save_lora_weights``), or a peft
-  ``base_model.model.<module>`` state dict;
+* ``diffusers_peft``: ``transformer.<module>.lora_A/B.weight`` (``save_lora_weights``);
+* ``peft``: a peft model's state dict, ``base_model.model.<module>.lora_A/B.weight``;
 * ``diffsynth``: DiffSynth-Studio's peft names without prefix, with peft's adapter level
   (``layers.0.attention.to_q.lora_A.default.weight``);
 * ``lycoris``: SimpleTuner / LyCORIS ``lycoris_<flattened>`` with LoRA, LoKr (``lokr_w1/w2``),
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 
-LAYOUTS = ("ai_toolkit", "kohya_zimage", "comfyui", "diffusers_peft", "diffsynth", "lycoris")
+LAYOUTS = ("ai_toolkit", "kohya_zimage", "comfyui", "diffusers_peft", "peft", "diffsynth", "lycoris")
 
 _BLOCK_SUB = r"attention\.(?:to_q|to_k|to_v|to_out\.0|qkv|out)|feed_forward\.w[123]|adaLN_modulation\.0"
 _MODULE = (rf"(?:layers|noise_refiner|context_refiner|siglip_refiner)\.\d+\.(?:{_BLOCK_SUB})|t_embedder\.mlp\.[02]"
@@ -142,7 +142,9 @@ def layout(header: dict) -> str | None:
         return "comfyui" if native else "ai_toolkit"
     if any(".default." in k for k in keys):
         return "diffsynth"
-    if any(k.startswith(("transformer.", "base_model.model.")) for k in keys):
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if any(k.startswith("transformer.") for k in keys):
         return "diffusers_peft"
     return None
 
@@ -169,3 +171,29 @@ def transformer_linears(config: dict) -> dict[str, tuple[int, int]]:
         model = ZImageTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     return {f"transformer.{n}": (m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear)}
+
+
+#: metadata keys trainers write the base model into: kohya/musubi (``ss_dit``: the DiT file
+#: trained on; ``modelspec.*``), ai-toolkit (``ss_base_model_version`` is "zimage" for both
+#: variants; its ``config`` / ``training_info`` JSON names the model path), others
+_VARIANT_KEYS = ("ss_dit", "ss_base_model_version", "modelspec.architecture", "modelspec.title", "ss_sd_model_name",
+                 "base_model", "config", "training_info", "modelspec.description")
+_TURBO = re.compile(r"z[-_ ]?image[-_ ]?(?:de[-_ ]?)?turbo", re.IGNORECASE)
+_BASE = re.compile(r"z[-_ ]?image[-_ ]?base|tongyi-mai/z-image(?![-\w])", re.IGNORECASE)
+
+
+def declared_variant(metadata: dict) -> dict:
+    """The Z-Image variant a LoRA's metadata names (SELF-REPORTED): ``{"declared_variant":
+    "zimage-turbo" | "zimage-base", "declared_by": key}``, or {} when it names neither. Turbo
+    wins within one value (ostris' "de-turbo" training adapter is for Turbo)."""
+    if not isinstance(metadata, dict):
+        return {}
+    for key in (*_VARIANT_KEYS, *sorted(k for k in metadata if k not in _VARIANT_KEYS)):
+        value = metadata.get(key)
+        if not isinstance(value, str):
+            continue
+        if _TURBO.search(value):
+            return {"declared_variant": "zimage-turbo", "declared_by": key}
+        if _BASE.search(value):
+            return {"declared_variant": "zimage-base", "declared_by": key}
+    return {}

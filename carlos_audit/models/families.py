@@ -82,7 +82,7 @@ FAMILIES = {
         },
         "embedded:tiny-zimage", "zimage-turbo",
         protocol_keys=("max_sequence_length",),
-        lora_layouts=("diffusers_peft", "ai_toolkit", "kohya_zimage", "diffsynth", "comfyui", "lycoris"),
+        lora_layouts=("diffusers_peft", "peft", "ai_toolkit", "kohya_zimage", "diffsynth", "comfyui", "lycoris"),
         signature_keys=("family", "guidance", "max_sequence_length"),
         hub_files=("model_index.json", "transformer/config.json", "transformer/*.safetensors", "vae/*.safetensors",
                    "text_encoder/*.safetensors", "tokenizer/*"),
