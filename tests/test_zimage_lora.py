@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from zimage_lora_writers import PEFT_LAYOUTS, layout_alpha, lycoris_file, peft_weight_changes, write_layout
+from zimage_lora_writers import (PEFT_LAYOUTS, diffusers_changes, layout_alpha, library_forward_error, lycoris_file,
+                                peft_weight_changes, rel_error, tool_changes, write_layout)
 
 from carlos_audit.errors import AuditError
 
@@ -23,52 +24,6 @@ def tiny(carlos_home):
     from carlos_audit.models.loading import load_base_pipeline
 
     return load_base_pipeline("embedded:tiny-zimage", dtype="float32", device="cpu")
-
-
-def _linears(pipe) -> dict:
-    return {f"transformer.{n}": m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-def tool_changes(pipe, path: Path) -> tuple[dict, dict, dict]:
-    """The tool's load record, inspection and ``{module: dW}`` (float64) at scale 1, through
-    run/load.load_lora (the run's path) and the weight patch; the pipeline is restored after."""
-    from carlos_audit.lora.inspection import inspect_lora
-    from carlos_audit.run import patch
-    from carlos_audit.run.load import load_lora
-
-    inspection = inspect_lora(path)
-    state = load_lora(pipe, path, "t", inspection, allow_partial=True)
-    before = {n: m.weight.detach().double().clone() for n, m in _linears(pipe).items()}
-    patch.activate(pipe, "t", 1.0)
-    changes = {n: m.weight.detach().double() - before[n] for n, m in _linears(pipe).items()
-               if not torch.equal(m.weight.detach().double(), before[n])}
-    patch.unload(pipe)
-    assert all(torch.equal(m.weight.detach().double(), before[n]) for n, m in _linears(pipe).items())
-    return state, inspection, changes
-
-
-def diffusers_changes(path: Path) -> dict | str:
-    """``{module: dW}`` as diffusers' own loader applies the file (peft scaling x B @ A of each
-    wrapped layer), or the one-line error it raises."""
-    from carlos_audit.models.loading import load_base_pipeline
-
-    pipe = load_base_pipeline("embedded:tiny-zimage", dtype="float32", device="cpu").pipe
-    try:
-        pipe.load_lora_weights(str(path), adapter_name="d")
-    except Exception as e:  # the oracle is absent for a file diffusers cannot load: recorded, not hidden
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
-    out = {}
-    for name, module in pipe.transformer.named_modules():
-        if hasattr(module, "lora_A") and "d" in module.lora_A:
-            a, b = module.lora_A["d"].weight.detach().double(), module.lora_B["d"].weight.detach().double()
-            out[f"transformer.{name}"] = module.scaling["d"] * (b @ a)
-    return out
-
-
-def rel_error(got: dict, want: dict) -> float:
-    assert set(got) == set(want), sorted(set(got) ^ set(want))[:4]
-    scale = max(float(w.abs().max()) for w in want.values())
-    return max(float((got[n] - want[n]).abs().max()) for n in want) / scale
 
 
 @pytest.mark.parametrize("layout", PEFT_LAYOUTS)
@@ -102,20 +57,7 @@ def test_lycoris_families_on_the_z_image_transformer_equal_the_library_forward(t
     assert inspection["architecture"] == "zimage" and inspection["layout"] == "lycoris"
     assert (state["partial"], state["skipped"]) == (False, [])
     assert state["applied"] == inspection["module_count"] == len(net.loras)
-    layers, base = dict(model.named_modules()), _linears(tiny.pipe)
-    worst, scale = 0.0, 0.0
-    for lora in net.loras:
-        target = next(n for n in base if n.replace(".", "_") == "transformer_" + lora.lora_name.removeprefix("lycoris_"))
-        module = layers[target.removeprefix("transformer.")]
-        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            want = module(x).double()  # the library's own forward
-            w0 = base[target].weight.detach().double()
-            got = torch.nn.functional.linear(x.double(), w0 + changes.get(target, 0 * w0),
-                                             None if module.bias is None else module.bias.detach().double())
-        worst = max(worst, float((got - want).abs().max()))
-        scale = max(scale, float(want.abs().max()))
-    assert worst / scale < TOL
+    assert library_forward_error(net, model, tiny.pipe, changes) < TOL
 
 
 def test_full_size_key_maps_cover_every_targetable_module_of_the_meta_transformer():

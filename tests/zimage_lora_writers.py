@@ -128,8 +128,11 @@ def write_layout(path: Path, transformer, layout: str, *, rank: int = 4, seed: i
     path = Path(path)
     if layout in ("diffusers_peft", "ai_toolkit"):
         tmp = path.parent / f".{path.stem}-diffusers"
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS).to_dict()  # the adapter's own config
         ZImagePipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name="w.safetensors",
-                                         transformer_lora_adapter_metadata={"r": rank, "lora_alpha": alpha})
+                                         transformer_lora_adapter_metadata=config)
         saved = load_file(str(tmp / "w.safetensors"))
         if layout == "diffusers_peft":
             from safetensors import safe_open
@@ -195,3 +198,75 @@ def _fill_lycoris(net, seed: int) -> None:
                 continue
             fan = p[0].numel() if p.dim() > 1 else p.numel()
             p.copy_(torch.randn(p.shape, generator=g) * 0.5 / max(fan, 1) ** 0.5)
+
+
+# ----------------------------------------------------------------------------- the tool and the references
+
+
+def linears(pipe) -> dict:
+    return {f"transformer.{n}": m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def tool_changes(pipe, path: Path) -> tuple[dict, dict, dict]:
+    """The tool's load record, inspection and ``{module: dW}`` (float64) at scale 1, through
+    run/load.load_lora (the run's path) and the weight patch; the pipeline is restored after."""
+    from carlos_audit.lora.inspection import inspect_lora
+    from carlos_audit.run import patch
+    from carlos_audit.run.load import load_lora
+
+    inspection = inspect_lora(path)
+    state = load_lora(pipe, path, "t", inspection, allow_partial=True)
+    before = {n: m.weight.detach().double().clone() for n, m in linears(pipe).items()}
+    patch.activate(pipe, "t", 1.0)
+    changes = {n: m.weight.detach().double() - before[n] for n, m in linears(pipe).items()
+               if not torch.equal(m.weight.detach().double(), before[n])}
+    patch.unload(pipe)
+    if not all(torch.equal(m.weight.detach().double(), before[n]) for n, m in linears(pipe).items()):
+        raise AssertionError("the base weights did not come back bit for bit")
+    return state, inspection, changes
+
+
+def diffusers_changes(path: Path) -> dict | str:
+    """``{module: dW}`` as diffusers' own loader applies the file (peft scaling x B @ A of each
+    wrapped layer), or the one-line error it raises."""
+    from carlos_audit.models.loading import load_base_pipeline
+
+    pipe = load_base_pipeline("embedded:tiny-zimage", dtype="float32", device="cpu").pipe
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="d")
+    except Exception as e:  # the oracle is absent for a file diffusers cannot load: recorded, not hidden
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+    out = {}
+    for name, module in pipe.transformer.named_modules():
+        if hasattr(module, "lora_A") and "d" in module.lora_A:
+            a, b = module.lora_A["d"].weight.detach().double(), module.lora_B["d"].weight.detach().double()
+            out[f"transformer.{name}"] = module.scaling["d"] * (b @ a)
+    return out
+
+
+def rel_error(got: dict, want: dict) -> float:
+    """max |got - want| over the largest |want|, module by module; the module sets must agree."""
+    if set(got) != set(want):
+        raise AssertionError(f"modules differ: {sorted(set(got) ^ set(want))[:4]}")
+    scale = max(float(w.abs().max()) for w in want.values())
+    return max(float((got[n] - want[n]).abs().max()) for n in want) / scale
+
+
+def library_forward_error(net, model, pipe, changes: dict) -> float:
+    """max |tool - library| / max |library| over the outputs of every module of a LyCORIS
+    network, on seeded inputs: the library's own forward (``net`` applied to ``model``) against
+    the layer with the tool's weight change (``changes``, from ``tool_changes``)."""
+    layers, base = dict(model.named_modules()), linears(pipe)
+    worst, scale = 0.0, 0.0
+    for lora in net.loras:
+        target = next(n for n in base if n.replace(".", "_") == "transformer_" + lora.lora_name.removeprefix("lycoris_"))
+        module = layers[target.removeprefix("transformer.")]
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want = module(x).double()
+            w0 = base[target].weight.detach().double()
+            got = torch.nn.functional.linear(x.double(), w0 + changes.get(target, 0 * w0),
+                                             None if module.bias is None else module.bias.detach().double())
+        worst = max(worst, float((got - want).abs().max()))
+        scale = max(scale, float(want.abs().max()))
+    return worst / scale

@@ -249,7 +249,7 @@ def check_command(casefile, as_json):
 
 @main.command("init")
 @click.argument("lora", type=click.Path(dir_okay=False))
-@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15", "flux-dev"]), default=None,
+@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15", "flux-dev", "zimage-turbo", "zimage-base"]), default=None,
               help="Protocol (default: from the detected architecture; refused for other or mixed LoRAs).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Case file to write (default: ./<LoRA name>.toml).")
 @click.option("--force", is_flag=True, help="Replace an existing case file.")
