@@ -92,6 +92,20 @@ def test_tiny_zimage_loads_as_turbo_and_its_qwen_tokenizer_works_offline(zimage_
             "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"} <= {f["name"] for f in lp.files}
 
 
+def test_a_zimage_hub_id_resolves_from_the_local_cache_with_its_variant(zimage_assets, tmp_path, monkeypatch):
+    from conftest import hub_layout
+
+    from carlos_audit.models.loading import load_base_pipeline
+
+    hub_layout(Path(zimage_assets["tiny_zimage"]), tmp_path / "hub", repo="someorg/tiny-zimage")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    case = _parse(tmp_path, flux_case_text("someorg/tiny-zimage"))
+    assert case.base_model["family"] == "zimage-turbo" and case.protocol["steps"] == 9
+    lp = load_base_pipeline("someorg/tiny-zimage", dtype="float32", device="cpu")
+    assert (lp.identity, lp.architecture, lp.variant_family) == ("hf:someorg/tiny-zimage", "zimage", "zimage-turbo")
+
+
 def test_zimage_protocol_defaults_follow_the_variant(zimage_assets, tmp_path):
     keys = ("steps", "guidance_scale", "width", "height", "max_sequence_length", "scheduler")
     turbo = _parse(tmp_path, flux_case_text("embedded:tiny-zimage"))

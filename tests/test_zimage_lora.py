@@ -114,17 +114,25 @@ def test_a_flux_lora_on_z_image_and_a_z_image_lora_on_flux_are_refused_in_one_li
 
 
 def test_a_z_image_lora_wider_than_the_base_is_refused_naming_both(tiny, tmp_path):
-    """A full-width (3840) Z-Image module on the tiny (32) transformer: refused with the shapes."""
+    """A full-width (3840) Z-Image LoRA on the tiny (32) transformer: refused before any generation
+    with both named; the weight patch alone would refuse it too, with the layer's shape."""
     from safetensors.torch import save_file
 
+    from carlos_audit.case.casefile import load_case
     from carlos_audit.lora.inspection import inspect_lora
-    from carlos_audit.run.load import load_lora
+    from carlos_audit.run.load import load_lora, load_models
 
     path = tmp_path / "wide.safetensors"
     save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.ones(4, 3840),
                "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.ones(3840, 4)}, str(path))
     inspection = inspect_lora(path)
     assert inspection["architecture_evidence"]["width"] == 3840
+    with pytest.raises(AuditError) as e:
+        load_models(load_case(_case(tmp_path, "embedded:tiny-zimage", path)), {"lora": path}, inspect_lora(path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert ("LoRA wide.safetensors is a Z-Image LoRA of width 3840 but the base model embedded:tiny-zimage "
+            "(zimage-turbo) has width 32; refusing before any generation") == msg
     with pytest.raises(AuditError) as e:
         load_lora(tiny.pipe, path, "w", inspection, allow_partial=False)
     msg = str(e.value)
