@@ -36,15 +36,25 @@ def prepare_demo(progress: bool = False, corpus: bool = True, claimed: bool = Tr
 
 
 DEMO_FLUX_CASEFILE = DEMO_CASEFILE.with_name("demo-flux.toml")
+DEMO_ZIMAGE_CASEFILE = DEMO_CASEFILE.with_name("demo-zimage.toml")
+
+
+def prepare_family_demo(source: str) -> dict | None:
+    """For a case on a family's embedded tiny pipeline that has demo LoRAs (``demo-flux.toml``,
+    ``demo-zimage.toml``): that pipeline, the tiny CLIP embedder and the family's demo LoRAs,
+    built once; None for any other base model (models/families.py)."""
+    from carlos_audit.models.families import build_demo_loras, ensure_embedded, family_of_embedded
+
+    fam = family_of_embedded(source)
+    if fam is None or not fam.demo_loras:
+        return None
+    pipe, clip = ensure_embedded(source), ensure_tiny_clip()
+    loras = build_demo_loras(fam)
+    return {"home": str(carlos_home()), f"tiny_{fam.name}": str(pipe), "tiny_clip": str(clip),
+            "loras": {k: str(v) for k, v in loras.items()}}
 
 
 def prepare_flux_demo() -> dict:
     """The embedded tiny Flux pipeline, the tiny CLIP embedder and the Flux demo LoRAs
     (``casefiles/demo-flux.toml``)."""
-    from carlos_audit.models.flux import ensure_tiny_flux
-    from carlos_audit.models.flux_demo import build_flux_demo_loras
-
-    flux, clip = ensure_tiny_flux(), ensure_tiny_clip()
-    loras = build_flux_demo_loras()
-    return {"home": str(carlos_home()), "tiny_flux": str(flux), "tiny_clip": str(clip),
-            "loras": {k: str(v) for k, v in loras.items()}}
+    return prepare_family_demo("embedded:tiny-flux")

@@ -53,7 +53,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "device": (_STR, False, "auto"),
         "variant": (_STR, False, None),
         "config": (_STR, False, None),
-        "family": (_STR, False, None),  # "flux-dev", "flux-schnell", "sd15", "sdxl"; default: from the source
+        "family": (_STR, False, None),  # "flux-dev", "flux-schnell", "zimage-turbo", "zimage-base"; default: from the source
         "add_watermarker": (_BOOL, False, False),  # SDXL's invisible watermark (diffusers' default: on when installed)
         "tf32": (_BOOL, False, False),  # TF32 for float32 work on CUDA (torch's cuDNN default: on)
     },
@@ -87,7 +87,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "scales": (_FLOATLIST, False, []),
         "seed_mode": (_STR, False, "per-image"),
         "sequential": (_TABLE, False, None),  # [protocol.sequential]: case/sequential_plan.py
-        "max_sequence_length": (_INT, False, None),  # T5 tokens (Flux); default per variant
+        "max_sequence_length": (_INT, False, None),  # T5 tokens (Flux), Qwen tokens (Z-Image); default per variant
     },
     "output": {
         "dir": (_STR, False, None),
@@ -348,17 +348,20 @@ def _family_defaults(c: dict, given: dict, base_dir: Path, where: str) -> None:
             p[k] = v
     if variant is None:
         if p["max_sequence_length"] is not None:
-            raise AuditError(f"{where}: protocol.max_sequence_length applies to FLUX.1 base models only")
+            raise AuditError(f"{where}: protocol.max_sequence_length (a long text encoder's length) applies to FLUX.1 "
+                              "base models only, and to Z-Image; not to Stable Diffusion")
         return
+    name = "Z-Image" if variant.startswith("zimage") else "FLUX.1"  # the families with [protocol] fields
     if not 1 <= p["max_sequence_length"] <= 512:
-        raise AuditError(f"{where}: protocol.max_sequence_length must be 1..512 (T5 tokens)")
+        raise AuditError(f"{where}: protocol.max_sequence_length must be 1..512 ({'Qwen' if name == 'Z-Image' else 'T5'} tokens)")
     if variant == "flux-schnell" and p["guidance_scale"] != 0.0:
         raise AuditError(f"{where}: protocol.guidance_scale must be 0 for FLUX.1-schnell (it has no guidance input)")
-    if p["negative_prompt"]:
-        raise AuditError(f"{where}: protocol.negative_prompt is not used by FLUX.1 (no classifier-free guidance)")
+    if p["negative_prompt"] and (name == "FLUX.1" or p["guidance_scale"] == 0.0):  # Z-Image: CFG when guidance > 0
+        raise AuditError(f"{where}: protocol.negative_prompt is not used by {name} "
+                         f"({'no' if name == 'FLUX.1' else 'guidance_scale 0: no'} classifier-free guidance)")
     for k in ("width", "height"):
         if p[k] % 16:
-            raise AuditError(f"{where}: protocol.{k} must be a multiple of 16 for FLUX.1")
+            raise AuditError(f"{where}: protocol.{k} must be a multiple of 16 for {name}")
 
 
 def _check_seed_mode(p: dict, where: str) -> None:

@@ -2,7 +2,8 @@
 
 The file's sha256 is pinned; the preset follows the detected architecture (``sdxl`` ->
 ``carlos-sdxl``, the CARLoS reference protocol against the public corpus; ``sd15`` -> ``sd15``; ``flux`` ->
-``flux-dev``, most Flux LoRAs being trained on FLUX.1-dev),
+``flux-dev``, most Flux LoRAs being trained on FLUX.1-dev; ``zimage`` -> ``zimage-turbo``, or
+``zimage-base`` when the file's metadata names Base),
 and the tool refuses to guess for anything else. Trigger words found in the file's self-reported
 metadata are proposed as a commented list marked SELF-REPORTED (never enabled: an examiner decides);
 the examiner and question are placeholders that ``run`` refuses until filled in.
@@ -54,7 +55,28 @@ PRESETS = {
                      "bootstrap_resamples": 1000, "bootstrap_seed": 0},
         "indicators": {"trigger_dependence": True, "prompt_override": True, "effect_labels": True},
     }),
+    # Z-Image with the CARLoS indexing prompts and seed layout; each variant's defaults
+    # (models/families.py): Base 50 steps with CFG 4.0; Turbo 9 steps without CFG; Qwen length 512
+    "zimage-base": ("zimage", {
+        "base_model": {"source": "Tongyi-MAI/Z-Image", "family": "zimage-base", "dtype": "bfloat16", "device": "cuda"},
+        "embedder": {"model": "hf:openai/clip-vit-base-patch32"},
+        "protocol": {"prompts": "builtin:carlos-indexing", "seeds": {"count": 16, "start": 42}, "seed_mode": "carlos-batch",
+                     "batch_size": 4, "steps": 50, "guidance_scale": 4.0, "max_sequence_length": 512,
+                     "width": 1024, "height": 1024, "scheduler": "FlowMatchEulerDiscreteScheduler",
+                     "bootstrap_resamples": 1000, "bootstrap_seed": 0},
+        "indicators": {"trigger_dependence": True, "prompt_override": True, "effect_labels": True},
+    }),
+    "zimage-turbo": ("zimage", {
+        "base_model": {"source": "Tongyi-MAI/Z-Image-Turbo", "family": "zimage-turbo", "dtype": "bfloat16", "device": "cuda"},
+        "embedder": {"model": "hf:openai/clip-vit-base-patch32"},
+        "protocol": {"prompts": "builtin:carlos-indexing", "seeds": {"count": 16, "start": 42}, "seed_mode": "carlos-batch",
+                     "batch_size": 4, "steps": 9, "guidance_scale": 0.0, "max_sequence_length": 512,
+                     "width": 1024, "height": 1024, "scheduler": "FlowMatchEulerDiscreteScheduler",
+                     "bootstrap_resamples": 1000, "bootstrap_seed": 0},
+        "indicators": {"trigger_dependence": True, "prompt_override": True, "effect_labels": True},
+    }),
 }
+#: architecture -> its default preset (the last one listed: Z-Image Turbo, the variant most LoRAs are for)
 ARCH_PRESET = {arch: name for name, (arch, _) in PRESETS.items()}
 
 
@@ -90,7 +112,8 @@ def init_case(lora, *, preset: str | None = None, out=None, force: bool = False)
         if arch not in ARCH_PRESET:
             raise AuditError(f"{lora.name}: architecture detected as {arch!r}; refusing to guess a preset. "
                              f"Choose one with --preset ({', '.join(PRESETS)}) if you know the base model")
-        preset = ARCH_PRESET[arch]
+        # a Z-Image LoRA whose metadata names its variant (SELF-REPORTED) gets that variant's preset
+        preset = (info["architecture_evidence"] or {}).get("declared_variant") or ARCH_PRESET[arch]
     if preset not in PRESETS:
         raise AuditError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     want = PRESETS[preset][0]

@@ -142,13 +142,13 @@ def demo(casefile, out, **flags):
         carlos-audit demo
     """
     from carlos_audit.case.casefile import load_case
-    from carlos_audit.demo import DEMO_CASEFILE, prepare_demo, prepare_flux_demo
+    from carlos_audit.demo import DEMO_CASEFILE, prepare_demo, prepare_family_demo
 
     quiet_libraries()
     casefile = casefile or str(DEMO_CASEFILE)
-    flux = load_case(casefile).base_model.source == "embedded:tiny-flux"  # casefiles/demo-flux.toml
     options = RunOptions.from_cli(**flags)
-    info = prepare_flux_demo() if flux else prepare_demo(progress=options.progress)
+    # a family's demo (casefiles/demo-flux.toml, demo-zimage.toml: the registry says which), else the SD demo
+    info = prepare_family_demo(load_case(casefile).base_model.source) or prepare_demo(progress=options.progress)
     click.echo(f"demo models, LoRAs{' and reference corpus' if 'corpus' in info else ''} ready in {info['home']}")
     argv = _argv("run", casefile, [], out, options)
     _run(load_case(casefile), out, options, argv)
@@ -249,7 +249,7 @@ def check_command(casefile, as_json):
 
 @main.command("init")
 @click.argument("lora", type=click.Path(dir_okay=False))
-@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15", "flux-dev"]), default=None,
+@click.option("--preset", type=click.Choice(["carlos-sdxl", "sd15", "flux-dev", "zimage-turbo", "zimage-base"]), default=None,
               help="Protocol (default: from the detected architecture; refused for other or mixed LoRAs).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Case file to write (default: ./<LoRA name>.toml).")
 @click.option("--force", is_flag=True, help="Replace an existing case file.")

@@ -48,10 +48,8 @@ def inspect_command(lora, as_json, allow_unsafe_pickle, base_sha256):
     click.echo(f"payload sha256  {r['payload_sha256'] or '—'}  (AutoV3; unchanged by metadata edits)")
     click.echo(f"format          {r['format']}")
     click.echo(f"architecture    {r['architecture']}  ({evidence.get('rule')})")
-    if r.get("layout"):  # FLUX.1
-        click.echo(f"Flux layout     {r['layout']}; double-stream blocks {_blocks(evidence.get('double'))}, "
-                   f"single-stream blocks {_blocks(evidence.get('single'))}"
-                   + (f"; also {', '.join(evidence['other'])}" if evidence.get("other") else ""))
+    if r.get("layout"):  # FLUX.1, Z-Image: the family's key-map layout
+        click.echo(_layout_line(r, evidence))
     click.echo(f"modules         {r['module_count']} ({r['parameter_count']} parameters)")
     for kind, f in r.get("families", {}).items():
         wd = f", {f['weight_decompose']} with weight decomposition" if f["weight_decompose"] and kind != "dora" else ""
@@ -120,6 +118,19 @@ def compare_weights_command(lora_a, lora_b, as_json):
     click.echo(f"norm ratio |B|/|A| {fmt(r['norm_ratio'], '.6f')}")
     click.echo(f"reading            {reading}")
     click.echo("                   (an indicator from the weights alone, not a conclusion)")
+
+
+def _layout_line(r: dict, evidence: dict) -> str:
+    """The inspect line of a family layout: which trainer's names, and the blocks they touch."""
+    if r["architecture"] == "zimage":
+        declared = (f"; declared base {evidence['declared_variant']} (SELF-REPORTED, metadata {evidence['declared_by']})"
+                    if evidence.get("declared_variant") else "; no base variant declared in its metadata")
+        return (f"Z-Image layout  {r['layout']}; width {evidence.get('width')}; layers {_blocks(evidence.get('layers'))}, "
+                f"noise refiner {_blocks(evidence.get('noise_refiner'))}, context refiner "
+                f"{_blocks(evidence.get('context_refiner'))}{declared}")
+    return (f"Flux layout     {r['layout']}; double-stream blocks {_blocks(evidence.get('double'))}, "
+            f"single-stream blocks {_blocks(evidence.get('single'))}"
+            + (f"; also {', '.join(evidence['other'])}" if evidence.get("other") else ""))
 
 
 def _blocks(indices) -> str:

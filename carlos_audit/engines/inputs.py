@@ -38,7 +38,8 @@ def model_sha256(case) -> dict:
     does not have the model (None: not checkable, e.g. open_clip weights named by tag)."""
     from carlos_audit.paths import expand_path
     from carlos_audit.models.filehash import file_sha256
-    from carlos_audit.models.tiny import ensure_tiny_clip, ensure_tiny_sd
+    from carlos_audit.models.families import ensure_embedded
+    from carlos_audit.models.tiny import ensure_tiny_clip
     from carlos_audit.models.world_registry import is_world_model, world_model_dir
     from carlos_audit.hashing import tree_sha256
 
@@ -48,10 +49,9 @@ def model_sha256(case) -> dict:
         return file_sha256(p) if p.is_file() else None
 
     src = case.base_model.source
-    if src in ("embedded:tiny-sd", "embedded:tiny-flux"):
-        from carlos_audit.models.flux import ensure_tiny_flux
-
-        base = of_path(ensure_tiny_sd() if src == "embedded:tiny-sd" else ensure_tiny_flux())
+    embedded = ensure_embedded(src)  # a family's embedded tiny model
+    if embedded is not None:
+        base = of_path(embedded)
     elif is_world_model(src):
         base = of_path(world_model_dir(src))
     else:

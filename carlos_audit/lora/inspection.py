@@ -16,6 +16,7 @@ from carlos_audit.errors import AuditError
 from carlos_audit.lora.families_apply import LOW_RANK, family_summary
 from carlos_audit.lora.fileformat import LoraFile
 from carlos_audit.lora.flux_keys import blocks_touched, is_flux, layout
+from carlos_audit.lora import zimage_keys
 from carlos_audit.lora.modules import (
     TensorReader,
     delta_inner,
@@ -34,9 +35,10 @@ _TRANSFORMER_INDEX = re.compile(r"^unet\..*\.transformer_blocks\.(\d+)\.")
 
 
 def detect_architecture(modules: dict[str, dict]) -> tuple[str, dict]:
-    """Guess the base-model family a LoRA was trained for: ``flux``, ``sdxl``, ``sd15`` or ``other``.
+    """Guess the base-model family a LoRA was trained for: ``flux``, ``zimage``, ``sdxl``, ``sd15`` or ``other``.
 
-    First ``flux`` by ``flux_keys.is_flux`` (evidence then lists the blocks touched). Then the
+    First ``flux`` by ``flux_keys.is_flux``, then ``zimage`` by ``zimage_keys.is_zimage`` (evidence
+    then lists the blocks touched, and for Z-Image the width). Then the
     rule, first match wins (canonical diffusers names are used, so kohya SDXL
     ``input_blocks`` names count as the diffusers blocks they map to):
 
@@ -56,6 +58,9 @@ def detect_architecture(modules: dict[str, dict]) -> tuple[str, dict]:
     flux_rule = is_flux(modules)
     if flux_rule:
         return "flux", {"rule": flux_rule, **blocks_touched(modules)}
+    zimage_rule = zimage_keys.is_zimage(modules)
+    if zimage_rule:
+        return "zimage", {"rule": zimage_rule, **zimage_keys.blocks_touched(modules)}
     dims = sorted({m["in_features"] for n, m in modules.items() if _ATTN2_KV.match(n) and m["in_features"]})
     has_te2 = any(n.startswith("text_encoder_2.") for n in modules)
     has_db0_attn = any(n.startswith("unet.down_blocks.0.attentions.") for n in modules)
@@ -268,6 +273,8 @@ def inspect_lora(path: str | Path | LoraFile, *, allow_unsafe_pickle: bool = Fal
     modules = read_modules(path, header, payload_start)
     refuse_empty_modules(path, header, modules)
     architecture, evidence = detect_architecture(modules)
+    if architecture == "zimage":  # Turbo or Base, as the file's metadata names it (SELF-REPORTED)
+        evidence.update(zimage_keys.declared_variant(metadata))
     rows, weight_norm_total = _module_rows(path, header, payload_start, modules)
     claim = claimed_base_model_hash(metadata)
     return {
@@ -278,7 +285,7 @@ def inspect_lora(path: str | Path | LoraFile, *, allow_unsafe_pickle: bool = Fal
         "autov2": source.sha256[:10],
         "payload_sha256": source.payload_sha256(),
         "format": detect_format(header),
-        "layout": layout(header) if architecture == "flux" else None,
+        "layout": {"flux": layout, "zimage": zimage_keys.layout}.get(architecture, lambda h: None)(header),
         "architecture": architecture,
         "architecture_evidence": evidence,
         "module_count": len(rows),

@@ -9,6 +9,7 @@ from types import MappingProxyType
 
 from carlos_audit.errors import AuditError
 from carlos_audit.lora.flux_keys import parse_flux_key
+from carlos_audit.lora.zimage_keys import parse_zimage_key
 
 # --------------------------------------------------------------------------------------------
 # Key parsing: tensor name -> (style, canonical module name, role)
@@ -79,11 +80,12 @@ def _diffusers_canonical(module: str) -> str:
 def parse_key(key: str) -> tuple[str, str, str] | None:
     """``(style, canonical module name, role)`` for a LoRA tensor name, or None if unrecognised.
 
-    style is ``"kohya"``, ``"peft"``, ``"legacy"`` or ``"xlabs"`` (FLUX.1 names: ``flux_keys``).
+    style is ``"kohya"``, ``"peft"``, ``"legacy"`` or ``"xlabs"`` (FLUX.1 names: ``flux_keys``; Z-Image
+    names in every trainer's layout: ``zimage_keys``).
     """
-    flux = parse_flux_key(key)
-    if flux is not None:
-        return flux
+    family_key = parse_flux_key(key) or parse_zimage_key(key)  # FLUX.1 and Z-Image names: their key maps
+    if family_key is not None:
+        return family_key
     for prefix, _ in _KOHYA_PREFIXES:
         if key.startswith(prefix) and "." in key:
             module, suffix = key.split(".", 1)

@@ -26,12 +26,11 @@ from pathlib import Path
 
 from carlos_audit.errors import AuditError
 from carlos_audit.lora.fileformat import PICKLE_EXTENSIONS
-from carlos_audit.models.families import pipeline_family
-from carlos_audit.models.flux import ensure_tiny_flux, load_single_file_flux, single_file_flux_variant
+from carlos_audit.models.families import EMBEDDED_SOURCES, ensure_embedded, pipeline_family
+from carlos_audit.models.flux import load_single_file_flux, single_file_flux_variant
 from carlos_audit.models.hub import hf_snapshot
 from carlos_audit.models.filehash import file_sha256
 from carlos_audit.models.pinned import watermark_kwargs, watermark_record
-from carlos_audit.models.tiny import ensure_tiny_sd
 from carlos_audit.models.world_registry import WORLD_SD, world_model_dir
 
 
@@ -151,8 +150,8 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
     """Find a base model offline and hash every file that affects its images (links followed)."""
     from carlos_audit.hashing import tree_files
 
-    if source in ("embedded:tiny-sd", "embedded:tiny-flux"):
-        path = ensure_tiny_sd() if source == "embedded:tiny-sd" else ensure_tiny_flux()
+    path = ensure_embedded(source)  # a family's embedded tiny model (models/families.py)
+    if path is not None:
         return _folder_source("embedded", path, source, variant, tree_files(path, file_sha256))
     if source == WORLD_SD:  # the trained world's pipeline, package data (models/world_registry.py)
         path = world_model_dir(source)
@@ -195,7 +194,7 @@ def resolve_base_source(source: str, *, base_dir: Path | None = None, variant: s
                              hint="download them (huggingface-cli download, or pass --allow-download)")
         return _folder_source("hf", snap, f"hf:{source}", variant, tree_files(snap, file_sha256))
     raise AuditError(
-        f"base model {source!r} not found; allowed: embedded:tiny-sd, embedded:tiny-flux, embedded:world-sd, a diffusers folder, "
+        f"base model {source!r} not found; allowed: {', '.join(EMBEDDED_SOURCES)}, {WORLD_SD}, a diffusers folder, "
         "a .safetensors file, or a hub id in the local Hugging Face cache"
     )
 

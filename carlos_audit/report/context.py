@@ -114,7 +114,7 @@ def core(inp: ReportInputs, copy: str) -> dict:
         "command": shlex.join(portable_command(run["command"] if "command" in run else [])),
         "lora": lora,
         "lora_size": next((i.size for i in manifest.inputs if i.role == "lora"), None),
-        "self_reported": self_reported(lora),
+        "self_reported": self_reported(lora, (manifest.signature or {}).get("family")),
         "convention_rows": convention_rows(lora),
         "base_model": manifest.base_model,
         "embedder": manifest.embedder,

@@ -14,9 +14,11 @@ METADATA_MAX_KEYS = 60    # self-reported metadata shown in the body (all of it 
 METADATA_MAX_CHARS = 400
 
 
-def self_reported(lora: Lora) -> dict:
+def self_reported(lora: Lora, base_family: str | None = None) -> dict:
     """What the LoRA file says about itself (``lora.inspection``): its metadata, read defensively
-    (a dict of the file's own values), and the facts of the inspection."""
+    (a dict of the file's own values), and the facts of the inspection; ``base_family``: the
+    base model's family variant as run (the signature's ``family``), set against the variant the
+    file declares (Z-Image Turbo vs Base)."""
     inspection = lora.inspection
     if inspection is None:
         return {"present": False, "has_metadata": False, "rows": [], "n_keys": 0, "facts": []}
@@ -28,10 +30,11 @@ def self_reported(lora: Lora) -> dict:
             value, cut = clip(meta[k] if isinstance(meta[k], str) else json.dumps(meta[k], ensure_ascii=False), METADATA_MAX_CHARS)
             rows.append({"key": key, "value": value, "truncated": cut})
     facts = [(label, getattr(inspection, key)) for label, key in (
-        ("format", "format"), ("FLUX.1 layout", "layout"), ("detected architecture", "architecture"), ("modules", "module_count"),
+        ("format", "format"), (LAYOUT_LABELS.get(inspection.architecture, "layout"), "layout"),
+        ("detected architecture", "architecture"), ("modules", "module_count"),
         ("parameters", "parameter_count"), ("payload sha256 (tensors only)", "payload_sha256"),
         ("AutoV2 short hash", "autov2")) if getattr(inspection, key) is not None]
-    facts += base_hash_facts(inspection)
+    facts += base_hash_facts(inspection) + declared_variant_facts(inspection, base_family)
     ranks = inspection.rank_summary.distinct if inspection.rank_summary is not None else None
     if ranks:
         facts.append(("ranks", ", ".join(str(r) for r in ranks)))
@@ -75,6 +78,26 @@ def convention_rows(lora: Lora) -> list[tuple[str, str]]:
         rows.append(("Under the other convention", "plain LoRA/LoCon modules: both conventions apply them alike "
                      "(measured against ComfyUI's own code, tests/test_comfyui_agreement.py)"))
     return rows
+
+
+#: the label of a family's key-map layout in the facts
+LAYOUT_LABELS = {"flux": "FLUX.1 layout", "zimage": "Z-Image layout"}
+
+
+def declared_variant_facts(inspection: Inspection, base_family: str | None) -> list[tuple[str, str]]:
+    """The base variant the file's metadata declares (lora/zimage_keys.declared_variant), and
+    whether the base model as run is that variant or its sibling."""
+    evidence = inspection.architecture_evidence
+    if not isinstance(evidence, dict) or "declared_variant" not in evidence:
+        return []
+    declared = evidence["declared_variant"]
+    text = f"{declared} (metadata {evidence['declared_by']})"
+    if base_family and base_family != declared:
+        text += (f"; the base model as run is {base_family}: the LoRA was trained for the sibling variant, which "
+                 "loads without error (same modules and shapes) but generates differently")
+    elif base_family:
+        text += "; the base model as run is that variant"
+    return [("declared base variant (SELF-REPORTED)", text)]
 
 
 def hints_text(hints: list) -> str:

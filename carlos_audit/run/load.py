@@ -273,6 +273,7 @@ def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions |
     arch = inspection.get("architecture")
     if arch and arch != lp.architecture:
         raise AuditError(f"LoRA {paths['lora'].name} targets {arch} but the base model {lp.identity} is {lp.architecture}; refusing before any generation")
+    refuse_misfit(inspection, lp, paths["lora"].name)
     determinism = apply_determinism(lp.device, tf32=case.base_model.tf32)
     if case.protocol.scheduler:
         set_scheduler(lp.pipe, case.protocol.scheduler)
@@ -293,6 +294,16 @@ def load_models(case: Case, paths: dict, inspection: dict, options: RunOptions |
     return lp, emb, load_state, determinism
 
 
+
+
+def refuse_misfit(inspection: dict, lp, lora_name: str) -> None:
+    """A Z-Image LoRA whose width (its attention projections' in-features) is not the base
+    transformer's is refused in one line naming both, before any generation."""
+    evidence = inspection.get("architecture_evidence") or {}
+    width, pipe = evidence.get("width"), lp.pipe
+    if lp.architecture == "zimage" and width and width != pipe.transformer.config.dim:
+        raise AuditError(f"LoRA {lora_name} is a Z-Image LoRA of width {width} but the base model {lp.identity} "
+                         f"({lp.variant_family or 'zimage'}) has width {pipe.transformer.config.dim}; refusing before any generation")
 
 
 def claimed_base_hash_check(inspection: dict, lp) -> dict:

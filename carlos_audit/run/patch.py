@@ -26,6 +26,8 @@ PATCH_KINDS = ("lora", "lora_tucker", "dora", "loha", "lokr", "full", "ia3", "gl
 def needs_patch(inspection: dict) -> bool:
     """A kohya/LyCORIS-layout file with any module diffusers does not load exactly: every
     family but plain LoRA, and any weight decomposition (``dora_scale``)."""
+    if inspection.get("architecture") == "zimage":  # every Z-Image layout is applied natively (lora/zimage_keys.py)
+        return True
     if inspection.get("format") in ("diffusers_peft", "diffusers_legacy"):
         return False
     return any((r["kind"] not in ("lora", "incomplete")) or r.get("weight_decompose")
@@ -104,9 +106,8 @@ def resolve(pipe, rows: list[dict], source, convention: str = "reference") -> tu
         if not isinstance(model, torch.nn.Module):
             skipped.append({"module": row["name"], "reason": f"the base model has no {component}"})
             continue
-        index = indexes.setdefault(component, _layer_index(model))
-        hit = index.get(body.replace(".", "_"))
-        if hit is None:
+        hits = layer_hits(indexes.setdefault(component, _layer_index(model)), component, body, row)
+        if not hits:
             skipped.append({"module": row["name"], "reason": f"no weight layer of the base model's {component} is named {body}"})
             continue
         roles = {parse_key(k)[2]: k for k in row["tensors"]}
@@ -116,22 +117,49 @@ def resolve(pipe, rows: list[dict], source, convention: str = "reference") -> tu
             continue
         tensors = {r: source.get_tensor(k) for r, k in roles.items()}
         tensors.pop("alpha", None)
-        meta = {"scale": row.get("scale"), "constraint": oft_constraint(
-            (row.get("family_parameters") or {}).get("constraint"), hit[1].weight.shape[0]), "convention": convention}
-        targets.append(Target(row["name"], component, hit[0], hit[1], row["kind"], tensors, meta))
+        for name, layer, rows in hits:
+            meta = {"scale": row.get("scale"), "rows": rows, "constraint": oft_constraint(
+                (row.get("family_parameters") or {}).get("constraint"), layer.weight.shape[0]), "convention": convention}
+            targets.append(Target(row["name"], component, name, layer, row["kind"], tensors, meta))
     return targets, skipped
+
+
+def layer_hits(index: dict, component: str, body: str, row: dict) -> list[tuple]:
+    """``[(layer name, layer, rows)]`` a module of the file lands on: its own layer (rows None),
+    or for a fused projection (Z-Image's ``attention.qkv``) each layer with its row range
+    ``(start, end, fused out-features)`` of the weight change (lora/zimage_keys.targets)."""
+    from carlos_audit.lora.zimage_keys import targets as fused_targets
+
+    if component == "transformer" and body.endswith(".attention.qkv"):
+        parts = fused_targets(f"{component}.{body}", row.get("out_features"))
+        found = [index.get(name.split(".", 1)[1].replace(".", "_")) for name, _, _ in parts]
+        if any(f is None for f in found):
+            return []
+        return [(f[0], f[1], (a, b, row["out_features"])) for f, (_, a, b) in zip(found, parts)]
+    hit = index.get(body.replace(".", "_"))
+    return [] if hit is None else [(hit[0], hit[1], None)]
 
 
 def patched_weight(target: Target, w0, b0, scale: float):
     """``(weight, bias)`` of the target's layer at ``scale``, cast to the layer's dtype."""
     from carlos_audit.lora.comfyui_rules import comfyui_new_weight
-    from carlos_audit.lora.families_apply import new_weight
+    from carlos_audit.lora.families_apply import base_free_delta, new_weight
 
     rule = comfyui_new_weight if target.meta.get("convention") == "comfyui" else new_weight
     device = "cpu" if w0.device.type == "mps" else w0.device  # MPS has no float64
     t = {k: v.to(device=device, dtype=_f64()) for k, v in target.tensors.items()}
+    rows = target.meta.get("rows")
+    if rows is not None:  # a slice of a fused projection: its rows of the fused weight change
+        if "dora_scale" in t:
+            raise ValueError("weight decomposition (DoRA) of a fused projection cannot be split per slice")
+        start, end, fused = rows
+        delta = base_free_delta(target.kind, t, target.meta, (fused, *w0.shape[1:]))
+        if delta is None:
+            raise ValueError(f"no rule for splitting a fused {target.kind} module")
+        w = w0.to(device, _f64()) + scale * delta[start:end]
+        return w.to(w0.device, w0.dtype), b0
     w, b = rule(target.kind, t, target.meta, w0.to(device, _f64()),
-                      None if b0 is None else b0.to(device, _f64()), scale)
+                None if b0 is None else b0.to(device, _f64()), scale)
     return w.to(w0.device, w0.dtype), (None if b is None else b.to(b0.device, b0.dtype))
 
 
@@ -171,10 +199,8 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
     (``weight_patch``) and, per family, the modules applied, the Frobenius norm of their weight
     change at scale 1 and the sha256 of the patched weights at scale 1 (layers in name order,
     weight then bias bytes). Nothing stays patched: the arms apply the patch (``activate``).
-    Under the ``comfyui`` convention a family ComfyUI leaves unapplied counts its modules as
-    applied with an unchanged weight, and says so (``unchanged``, ``unchanged_reason``).
-    ``against``: how the other convention's weights differ at the case's ``scale``
-    (``convention_difference``).
+    ``convention``: whose rule (``count_applied``: what ComfyUI leaves unchanged); ``against``:
+    how the other convention differs at the case's ``scale`` (``convention_difference``).
     """
     from safetensors import safe_open
 
@@ -185,7 +211,7 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
     rows = inspection.get("modules") or []
     with safe_open(str(path), framework="pt") as source:
         targets, skipped = resolve(pipe, rows, source, convention)
-    applied, families, seen = [], {}, {}
+    applied, families, seen, checked_weights, counted = [], {}, {}, [], set()
     with torch.no_grad():
         for t in sorted(targets, key=lambda t: (t.component, t.layer_name)):
             if id(t.layer) in seen:
@@ -197,16 +223,23 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
                 skipped.append({"module": t.module, "reason": checked})
                 continue
             seen[id(t.layer)] = t.module
+            checked_weights.append((t, w0, checked))
+        failed = {s["module"] for s in skipped}  # a fused module applies whole or not at all
+        for t, w0, checked in checked_weights:
+            if t.module in failed:
+                continue
             count_applied(families.setdefault(t.kind, {"method": "weight_patch", "modules": 0, "delta_norm_sq": 0.0,
-                                                       "sha": hashlib.sha256()}), t, w0, checked)
+                                                       "sha": hashlib.sha256()}), t, w0, checked, t.module not in counted)
+            counted.add(t.module)  # a fused module's slices count once
             applied.append(t)
     state.adapters[adapter] = applied
     against = convention_difference(applied, convention, scale)
     by_component: dict = {}
-    for t in applied:
-        by_component[t.component] = by_component.get(t.component, 0) + 1
+    modules = {t.module: t.component for t in applied}  # a fused module's slices count once
+    for component in modules.values():
+        by_component[component] = by_component.get(component, 0) + 1
     skipped.sort(key=lambda s: s["module"])
-    return {"partial": bool(skipped), "applied": len(applied), "in_file": len(rows), "wrapped": len(applied),
+    return {"partial": bool(skipped), "applied": len(modules), "in_file": len(rows), "wrapped": len(applied),
             "by_component": dict(sorted(by_component.items())), "skipped": skipped,
             "unapplied": [s["module"] for s in skipped],
             "application": {"method": "weight_patch", "convention": convention, "scale_of_hashes": 1.0, "families": {
@@ -216,16 +249,17 @@ def load_patch(pipe, path: Path, adapter: str, inspection: dict, convention: str
             "against": against}}
 
 
-def count_applied(fam: dict, t: Target, w0, checked: tuple) -> None:
+def count_applied(fam: dict, t: Target, w0, checked: tuple, first: bool = True) -> None:
     """Add an applied module to its family's accounting: the count, the weight change's squared
     norm and the patched-weight hash; under the ``comfyui`` convention, a module ComfyUI leaves
-    unchanged is counted with its reason."""
+    unchanged is counted with its reason. ``first``: the module's first layer (a fused module's
+    slices count once)."""
     from carlos_audit.lora.comfyui_rules import unchanged_reason
 
     w, b = checked
-    fam["modules"] += 1
+    fam["modules"] += first
     reason = unchanged_reason(t.kind, t.tensors) if t.meta.get("convention") == "comfyui" else None
-    if reason:
+    if reason and first:
         fam["unchanged"] = fam.get("unchanged", 0) + 1
         fam["unchanged_reason"] = reason
     fam["delta_norm_sq"] += float(((w.to(_f64()) - w0.to(_f64())) ** 2).sum())
