@@ -431,31 +431,6 @@ def output_dir(case: Case, out: str | None = None, reports_root: Path | None = N
 # ----------------------------------------------------------------------------- derived case files
 
 
-def dump_case(data: dict) -> str:
-    """A small TOML writer for case files (tables of scalars, lists and inline seed tables)."""
-    import json
-
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
-        raise TypeError(type(v))
-
-    out = []
-    for section, table in data.items():
-        out.append(f"[{section}]")
-        out += [f"{k} = {val(v)}" for k, v in table.items()]
-        out.append("")
-    return "\n".join(out)
-
-
 def absolute_paths(case: Case) -> dict:
     """The case file's tables with every relative input path made absolute against the case
     file's folder, so that the text means the same case wherever it is stored."""
@@ -488,6 +463,8 @@ def derive_case(data: dict, folder: Path) -> Case:
     ``folder`` (never beside the user's case file; the same tables give the same file)."""
     from carlos_audit.fileio import write_text_atomic
     from carlos_audit.hashing import sha256_bytes
+
+    from carlos_audit.case.case_toml import dump_case
 
     text = dump_case(data)
     path = Path(folder) / f"{sha256_bytes(text.encode('utf-8'))[:24]}.toml"

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from carlos_audit.case.casefile import Case, dump_case, load_case, parse_case
+from carlos_audit.case.case_toml import dump_case
+from carlos_audit.case.casefile import Case, load_case, parse_case
 from carlos_audit.errors import AuditError
 
 LORA_SUFFIXES = (".safetensors",)

@@ -197,7 +197,7 @@ def _kit_case_toml(case_dir: Path, inputs: list[dict]) -> str:
     """The case file as run, its paths pointing into the kit and the input hashes pinned."""
     import tomllib
 
-    from carlos_audit.case.casefile import dump_case
+    from carlos_audit.case.case_toml import dump_case
 
     data = tomllib.loads((case_dir / "case.toml").read_text("utf-8"))
     by_role = {i["role"]: i for i in inputs}

@@ -156,7 +156,7 @@ def _case_text(kit_dir: Path, kit: dict, given: dict[str, Path], base: str | Non
     """The kit's case file with its paths pointing at the inputs on this machine."""
     import tomllib
 
-    from carlos_audit.case.casefile import dump_case
+    from carlos_audit.case.case_toml import dump_case
 
     data = tomllib.loads((kit_dir / "case.toml").read_text("utf-8"))
     data["lora"]["path"] = str(given["lora"])
