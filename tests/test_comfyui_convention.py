@@ -57,6 +57,8 @@ def test_ia3_under_comfyui_applies_nothing_and_says_so(tiny, made):
     rows = dict(convention_rows(Lora.from_json({"convention": "comfyui", "load": state})))
     assert rows["Left unchanged by the convention"].startswith("ComfyUI applies nothing of this file")
     assert "comfyui: ComfyUI's behaviour (Comfy-Org/ComfyUI at commit a125cd84)" == rows["Application convention"]
+    assert rows["Under the other convention"] == (f"the reference implementation changes {fam['modules']} modules at scale 1 "
+                                                  "that the convention above leaves unchanged")
 
 
 def test_loha_conventions_agree_and_the_report_says_so(tiny, made):

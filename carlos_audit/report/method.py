@@ -68,6 +68,9 @@ def convention_rows(lora: Lora) -> list[tuple[str, str]]:
         other = comfy if against["convention"] == "comfyui" else "the reference implementation"
         if not against.get("modules_differing"):
             rows.append(("Under the other convention", f"{other} gives the same weights at scale {against['scale']:g}"))
+        elif against.get("relative_difference") is None:  # this convention leaves every weight as it was
+            rows.append(("Under the other convention", f"{other} changes {against['modules_differing']} modules at scale "
+                         f"{against['scale']:g} that the convention above leaves unchanged"))
         else:
             worst = ", ".join(f"{m['module']} ({m['relative_difference']:.3g})" for m in against["modules"][:3])
             rel = against.get("relative_difference")
