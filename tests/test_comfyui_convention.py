@@ -93,7 +93,7 @@ def test_a_dora_case_under_comfyui_runs_verifies_and_reports(demo_assets, made, 
     assert checks["LoRA application"]["ok"] and all(c["ok"] for n, c in checks.items() if n.startswith("regenerate"))
     r = CliRunner().invoke(main, ["report", str(out)])
     assert r.exit_code == 0, r.output
-    pdf = next(out.glob("report/*.pdf"))
+    pdf = out / "report.pdf"
     text = " ".join(subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout.split())
     assert "Application convention comfyui: ComfyUI's behaviour (Comfy-Org/ComfyUI at commit a125cd84)" in text
     assert "Under the other convention the reference implementation gives different weights at scale 0.5: 151 modules differ" in text
