@@ -29,8 +29,10 @@ def loaded():
     from carlos_audit.models.embedders import load_embedder
     from carlos_audit.models.loading import load_base_pipeline
 
-    torch.set_num_threads(1)
-    return load_base_pipeline("embedded:world-sd", dtype="float32", device="cpu"), load_embedder("embedded:world-clip", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the figures below as the bench measured them; the session's count back after
+    yield load_base_pipeline("embedded:world-sd", dtype="float32", device="cpu"), load_embedder("embedded:world-clip", None)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
