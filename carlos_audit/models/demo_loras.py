@@ -62,10 +62,12 @@ def lora_factors(seed: int, effect: float, modules) -> dict[str, tuple[np.ndarra
     return out
 
 
-def merged_factors(modules) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """0.7 x target + 0.3 x unrelated as one rank-8 LoRA: up @ down = sum of the scaled updates."""
-    t = lora_factors(DEMO_LORAS["target"][0], DEMO_LORAS["target"][1], modules)
-    u = lora_factors(DEMO_LORAS["unrelated"][0], DEMO_LORAS["unrelated"][1], modules)
+def merged_factors(modules, loras: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """0.7 x target + 0.3 x unrelated as one rank-8 LoRA: up @ down = sum of the scaled updates.
+    ``loras``: a family's demo table (name -> (seed, effect, ...)), the SD one by default."""
+    loras = loras or DEMO_LORAS
+    t = lora_factors(loras["target"][0], loras["target"][1], modules)
+    u = lora_factors(loras["unrelated"][0], loras["unrelated"][1], modules)
     return {name: (np.concatenate([t[name][0], u[name][0]]), np.concatenate([0.7 * t[name][1], 0.3 * u[name][1]], axis=1))
             for name in t}
 

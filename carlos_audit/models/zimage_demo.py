@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carlos_audit.models.demo_loras import RANK, lora_factors, write_lora
+from carlos_audit.models.demo_loras import RANK, lora_factors, merged_factors, write_lora
 
 ZIMAGE_DEMO_VERSION = 1
 _TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
@@ -50,13 +50,7 @@ def build_zimage_demo_loras(dest: Path | None = None) -> dict[str, Path]:
         p = paths[name] = dest / f"{name}.safetensors"
         if p.is_file():
             continue
-        if seed is None:
-            t = lora_factors(ZIMAGE_DEMO_LORAS["target"][0], 1.0, modules)
-            u = lora_factors(ZIMAGE_DEMO_LORAS["unrelated"][0], 1.0, modules)
-            factors = {m: (np.concatenate([t[m][0], u[m][0]]), np.concatenate([0.7 * t[m][1], 0.3 * u[m][1]], axis=1))
-                       for m in t}
-        else:
-            factors = lora_factors(seed, effect, modules)
+        factors = merged_factors(modules, ZIMAGE_DEMO_LORAS) if seed is None else lora_factors(seed, effect, modules)
         state = {}
         for module, (down, up) in factors.items():
             state[f"diffusion_model.{module}.lora_A.weight"] = down.astype(np.float32)
